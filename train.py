@@ -1,0 +1,523 @@
+"""train.py: the training loop, the last stage, which calls every other file.
+
+    python train.py --det_header yolox_s -d path/to/coco      # a COCO-format folder
+    python train.py -d shapes                                  # the built-in shapes set
+
+The flow of one step, each line of which is a file of this project:
+
+    batch (uint8 images + padded boxes)  <- data.make_loader   (decode in worker processes)
+    batch on the device, augmented        <- data.augment       (crop, flip, RandAugment, mosaic)
+    raw per-level outputs                 <- models.Detector    (backbone -> neck -> head)
+    assignment + named loss parts         <- assign.detection_loss
+    backward, optimizer, EMA update       <- here
+    COCO AP of the EMA weights each epoch <- eval.run_coco_evaluation
+
+Around the loop: the recipe (optimizer, learning-rate schedule, weight decay only on weights),
+AMP, EMA, backbone freezing, checkpoints that resume exactly, a CSV + PNG history, and DDP via
+torchrun. Defaults follow keras_cv_attention_models' COCO script (EfficientDet-D0 at 256,
+batch 64, mosaic 0.5, RandAugment magnitude 6, backbone frozen for the first 32 of 105 epochs),
+except that a `yolox_*` header switches to the YOLOX recipe (SGD, mosaic always, L1 loss and no
+mosaic for the last 15 epochs, EMA).
+"""
+import argparse
+import csv
+import json
+import math
+import os
+import sys
+import time
+
+import torch
+import torch.distributed as dist
+from PIL import Image, ImageDraw
+
+import assign
+import data
+import eval as evaluation  # "eval" would shadow the builtin
+import models
+
+# The two recipes. A flag left unset on the command line takes its value from the recipe of the
+# chosen detector family; a flag that is given always wins.
+EFFICIENTDET_RECIPE = dict(
+    input_shape="256", batch_size=64, epochs=105, optimizer="adamw", lr_base_512=8e-3,
+    weight_decay=0.02, lr_decay_steps="100", lr_warmup_steps=3.0, lr_cooldown_steps=5,
+    lr_min=1e-6, freeze_backbone_epochs=32, mosaic_mix_prob=0.5, random_crop_mode=1.0,
+    magnitude=6, close_mosaic_epochs=0, ema_decay=0.0,
+)
+YOLOX_RECIPE = dict(  # Megvii YOLOX: lr 0.01 per 64 images with SGD, 300 epochs, 15 without mosaic
+    input_shape="640", batch_size=64, epochs=300, optimizer="sgd", lr_base_512=0.08,
+    weight_decay=5e-4, lr_decay_steps="285", lr_warmup_steps=5.0, lr_cooldown_steps=15,
+    lr_min=0.004, freeze_backbone_epochs=0, mosaic_mix_prob=1.0, random_crop_mode=2.0,
+    magnitude=6, close_mosaic_epochs=15, ema_decay=0.9998,
+)
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(
+        description="Train an EfficientDet / YOLOX detector on COCO-format data.",
+        epilog="Flags shown with default None take the recipe's value: the EfficientDet recipe, "
+        "or the YOLOX recipe when --det_header is yolox_*.")
+    a = p.add_argument
+    a("-d", "--data", default="shapes", help="'shapes' (built-in set, made on first use), a COCO "
+      "folder (annotations/instances_{train,val}.json + images), a COCO json, or a YOLO folder")
+    a("-i", "--input_shape", default=None, help="model input 'S' or 'H,W'; divisible by the largest stride")
+    a("-b", "--batch_size", type=int, default=None, help="images per step on each process")
+    a("-e", "--epochs", type=int, default=None, help="total epochs")
+    a("-p", "--optimizer", default=None, help="sgd | adam | adamw")
+    a("--lr_base_512", type=float, default=None, help="learning rate for a total batch of 512; scaled linearly")
+    a("--weight_decay", type=float, default=None, help="decay on conv / linear weights only (never norms or biases)")
+    a("--lr_decay_steps", default=None, help="one number: cosine decay over that many epochs; "
+      "a list like 30,60,90: multiply by 0.1 at each of those epochs")
+    a("--lr_warmup_steps", type=float, default=None, help="epochs of linear warm-up from 0")
+    a("--lr_cooldown_steps", type=int, default=None, help="epochs at lr_min after the decay")
+    a("--lr_min", type=float, default=None, help="learning rate at the end of the decay")
+    a("--det_header", default="efficientdet_d0", help="preset: efficientdet_d0..d7, yolox_nano..yolox_x")
+    a("--backbone", default=None, help="swap the backbone: cspdarknet, efficientnet_b0..b6, "
+      "efficientnetv2_b0, resnet50, timm:NAME")
+    mode = p.add_mutually_exclusive_group()
+    mode.add_argument("--use_anchor_free_mode", action="store_const", dest="anchors_mode",
+                      const="anchor_free", help="YOLOX grid points + SimOTA, whatever the header")
+    mode.add_argument("--use_anchors_mode", action="store_const", dest="anchors_mode",
+                      const="efficientdet", help="EfficientDet anchors + max-IoU, whatever the header")
+    a("--freeze_backbone_epochs", type=int, default=None, help="train with the backbone frozen for these first epochs")
+    a("--mosaic_mix_prob", type=float, default=None, help="probability that a batch is mosaicked")
+    a("--random_crop_mode", type=float, default=None, help="0 letterbox; (0,1) random resized crop; "
+      "1 random largest crop; >1 random scale in [0.1, mode]")
+    a("--magnitude", type=float, default=None, help="RandAugment magnitude (0 = off)")
+    a("--num_layers", type=int, default=2, help="RandAugment ops per image")
+    a("--close_mosaic_epochs", type=int, default=None, help="last epochs without mosaic (and with L1 loss when anchor-free)")
+    a("--ema_decay", type=float, default=None, help="EMA of the weights (0 = off); ramped up over the first steps")
+    a("--amp", choices=["bf16", "fp16", "off"], default=None, help="mixed precision (default bf16 on CUDA, off on CPU)")
+    a("--compile", action="store_true", help="torch.compile the model")
+    a("--sync_bn", action="store_true", help="SyncBatchNorm under DDP")
+    a("--workers", type=int, default=2, help="DataLoader decode workers per process")
+    a("--seed", type=int, default=0, help="same seed, same batches, same weights")
+    a("--eval_start_epoch", type=int, default=1, help="evaluate COCO AP from this epoch (1-based) on")
+    a("--eval_batch_size", type=int, default=16, help="batch size of the per-epoch evaluation")
+    a("--resume", default=None, help="a last.pt to continue from, exactly where it stopped")
+    a("--pretrained", default=None, help="a checkpoint whose matching weights initialise the model")
+    a("--out", default="runs/train", help="run folder: checkpoints, history.csv, history.png, config.json")
+    return p.parse_args(argv)
+
+
+def fail(message):
+    """One clear line for the user instead of a traceback, exit status 2 like argparse."""
+    print(f"train.py: error: {message}", file=sys.stderr)
+    sys.exit(2)
+
+
+def resolve_config(args):
+    """Merge the command line with the recipe of the chosen family into one plain dict."""
+    recipe = YOLOX_RECIPE if args.det_header.startswith("yolox") else EFFICIENTDET_RECIPE
+    cfg = {k: (recipe[k] if getattr(args, k, None) is None and k in recipe else getattr(args, k))
+           for k in vars(args)}
+    for k, v in recipe.items():
+        if cfg.get(k) is None:
+            cfg[k] = v
+    size = [int(s) for s in str(cfg["input_shape"]).replace("x", ",").split(",") if s]
+    if len(size) == 1:
+        size = size * 2
+    if len(size) != 2 or min(size) <= 0:
+        fail(f"--input_shape {cfg['input_shape']!r}: give one size like 256 or H,W like 256,320")
+    cfg["input_shape"] = size
+    cfg["lr_decay_steps"] = [float(s) for s in str(cfg["lr_decay_steps"]).split(",") if s]
+    if cfg["optimizer"] not in ("sgd", "adam", "adamw"):
+        fail(f"--optimizer {cfg['optimizer']!r} is unknown: choose sgd, adam or adamw")
+    if cfg["amp"] is None:
+        cfg["amp"] = "bf16" if torch.cuda.is_available() else "off"
+    return cfg
+
+
+# ----------------------------------------------------------------------------------------------
+# The recipe: optimizer, learning rate, EMA
+# ----------------------------------------------------------------------------------------------
+def build_optimizer(model, name, lr, weight_decay):
+    """Weight decay pulls weights towards 0; on a norm's scale / shift or a bias it only fights
+    the normalisation, so those (every parameter with fewer than 2 dims) get none."""
+    decay = [p for p in model.parameters() if p.ndim > 1]
+    no_decay = [p for p in model.parameters() if p.ndim <= 1]
+    groups = [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    if name == "sgd":
+        return torch.optim.SGD(groups, lr=lr, momentum=0.9, nesterov=True)
+    if name == "adam":  # Adam's weight_decay is L2 in the gradient, as torch defines it
+        return torch.optim.Adam(groups, lr=lr)
+    return torch.optim.AdamW(groups, lr=lr)
+
+
+def learning_rate(epoch_float, cfg, lr_max):
+    """The learning rate at a (fractional) epoch: linear warm-up, then cosine to lr_min over
+    lr_decay_steps epochs (or x0.1 at each listed epoch), then lr_min for the cooldown epochs."""
+    warmup = cfg["lr_warmup_steps"]
+    if epoch_float < warmup:
+        return lr_max * epoch_float / warmup
+    steps = cfg["lr_decay_steps"]
+    if len(steps) > 1:  # step decay at the listed epochs
+        return lr_max * 0.1 ** sum(epoch_float >= s for s in steps)
+    span = max(steps[0] - warmup, 1e-8)
+    progress = min((epoch_float - warmup) / span, 1.0)  # past the decay: the cooldown at lr_min
+    return cfg["lr_min"] + 0.5 * (lr_max - cfg["lr_min"]) * (1 + math.cos(math.pi * progress))
+
+
+class ModelEMA:
+    """An exponential moving average of the weights, the copy that is evaluated and kept.
+
+    The decay ramps up as decay * (1 - exp(-updates / 2000)), as YOLOX does: early on the
+    average follows the fast-changing weights closely instead of remembering the random init.
+    Buffers (BatchNorm statistics) are copied, not averaged."""
+
+    def __init__(self, model, decay):
+        import copy
+        self.module = copy.deepcopy(model).eval().requires_grad_(False)
+        self.decay, self.updates = decay, 0
+
+    @torch.no_grad()
+    def update(self, model):
+        self.updates += 1
+        d = self.decay * (1 - math.exp(-self.updates / 2000))
+        for ema_t, t in zip(self.module.state_dict().values(), model.state_dict().values()):
+            if ema_t.dtype.is_floating_point:
+                ema_t.mul_(d).add_(t.detach(), alpha=1 - d)
+            else:
+                ema_t.copy_(t)
+
+
+# ----------------------------------------------------------------------------------------------
+# Checkpoints and history
+# ----------------------------------------------------------------------------------------------
+def save_atomic(obj, path):
+    """torch.save to a temp name, then rename: a crash mid-write never leaves a broken last.pt."""
+    tmp = path + ".tmp"
+    torch.save(obj, tmp)
+    os.replace(tmp, path)
+
+
+def write_text_atomic(path, text):
+    tmp = path + ".tmp"
+    with open(tmp, "w") as f:
+        f.write(text)
+    os.replace(tmp, path)
+
+
+def plot_history(rows, path):
+    """Loss parts, learning rate and AP per epoch as one PNG, drawn with PIL (no matplotlib)."""
+    panels = [("loss parts", [k for k in rows[0] if k.startswith("loss_")]), ("lr", ["lr"]),
+              ("COCO AP (EMA)", ["AP", "AP50"])]
+    colours = [(31, 119, 180), (255, 127, 14), (44, 160, 44), (214, 39, 40), (148, 103, 189), (140, 86, 75)]
+    w, h, pad = 420, 300, 40
+    img = Image.new("RGB", (w * len(panels), h), "white")
+    draw = ImageDraw.Draw(img)
+    for i, (title, keys) in enumerate(panels):
+        x0 = i * w
+        series = {k: [(int(r["epoch"]), float(r[k])) for r in rows if r.get(k) not in (None, "")] for k in keys}
+        points = [v for s in series.values() for _, v in s]
+        draw.text((x0 + pad, 8), title, fill="black")
+        draw.rectangle([x0 + pad, pad, x0 + w - 10, h - pad], outline="grey")
+        if not points:
+            continue
+        lo, hi = min(points + [0.0]), max(points)
+        hi = hi if hi > lo else lo + 1.0
+        n = max(len(rows), 2)
+        draw.text((x0 + 2, pad - 4), f"{hi:.3g}", fill="black")
+        draw.text((x0 + 2, h - pad - 8), f"{lo:.3g}", fill="black")
+        draw.text((x0 + w // 2, h - pad + 8), "epoch", fill="black")
+        for j, (k, s) in enumerate(series.items()):
+            xy = [(x0 + pad + (e - 1) / (n - 1) * (w - pad - 10), h - pad - (v - lo) / (hi - lo) * (h - 2 * pad))
+                  for e, v in s]
+            colour = colours[j % len(colours)]
+            if len(xy) > 1:
+                draw.line(xy, fill=colour, width=2)
+            for x, y in xy:
+                draw.ellipse([x - 2, y - 2, x + 2, y + 2], fill=colour)
+            draw.text((x0 + pad + 6, pad + 4 + 12 * j), k, fill=colour)
+    tmp = path + ".tmp.png"
+    img.save(tmp)
+    os.replace(tmp, path)
+
+
+def append_history(path, row):
+    """history.csv: one row per epoch, header from the first row."""
+    new = not os.path.exists(path)
+    with open(path, "a", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=list(row))
+        if new:
+            writer.writeheader()
+        writer.writerow(row)
+
+
+def read_history(path):
+    if not os.path.exists(path):
+        return []
+    with open(path) as f:
+        return list(csv.DictReader(f))
+
+
+# ----------------------------------------------------------------------------------------------
+# Distributed set-up (torchrun sets RANK / WORLD_SIZE / LOCAL_RANK)
+# ----------------------------------------------------------------------------------------------
+def setup_distributed():
+    """Returns (rank, world_size, device). A plain `python train.py` is rank 0 of 1."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world > 1:
+        local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+        if torch.cuda.is_available():
+            torch.cuda.set_device(local_rank)
+            dist.init_process_group("nccl")
+            device = torch.device("cuda", local_rank)
+        else:
+            dist.init_process_group("gloo")
+            device = torch.device("cpu")
+        return dist.get_rank(), world, device
+    return 0, 1, torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def set_backbone_frozen(model, frozen):
+    """Freezing = no gradient for the backbone's weights, and its BatchNorm statistics held too
+    (eval mode), so a pretrained backbone is not disturbed while the new head settles. The
+    optimizer keeps every parameter from the start: a parameter without a gradient is skipped,
+    so unfreezing later in the same run needs no new optimizer and loses no state."""
+    model.backbone.requires_grad_(not frozen)
+    model.backbone.train(not frozen)
+
+
+# ----------------------------------------------------------------------------------------------
+# The loop
+# ----------------------------------------------------------------------------------------------
+def main(argv=None):
+    args = parse_args(argv)
+    cfg = resolve_config(args)
+    rank, world, device = setup_distributed()
+    is_main = rank == 0
+    log = print if is_main else (lambda *a, **k: None)
+
+    # ---- data: both splits open (and the shapes set is built) before any model work
+    try:
+        train_set = data.open_dataset(cfg["data"], "train")
+        val_set = data.open_dataset(cfg["data"], "val")
+    except (FileNotFoundError, ValueError) as e:
+        fail(f"--data {cfg['data']}: {e}")
+
+    # ---- model, priors, optimizer
+    torch.manual_seed(cfg["seed"])  # same seed -> same initial weights
+    try:
+        model = models.build_model(cfg["det_header"], backbone=cfg["backbone"], anchors_mode=cfg["anchors_mode"],
+                                   num_classes=len(train_set.class_names), input_shape=tuple(cfg["input_shape"]))
+    except ValueError as e:
+        fail(str(e))
+    stride = max(model.strides)
+    if cfg["input_shape"][0] % stride or cfg["input_shape"][1] % stride:
+        fail(f"--input_shape {cfg['input_shape']}: each side must be divisible by {stride}, the "
+             f"largest stride of {cfg['det_header']} (e.g. {stride * max(1, round(cfg['input_shape'][0] / stride))})")
+    if cfg["pretrained"]:
+        load_pretrained(model, cfg["pretrained"], log)
+    model.to(device)
+    if world > 1 and cfg["sync_bn"]:
+        model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
+    priors = models.make_priors(tuple(cfg["input_shape"]), model.strides, model.anchors_mode, device=device)
+
+    total_batch = cfg["batch_size"] * world
+    lr_max = cfg["lr_base_512"] * total_batch / 512
+    optimizer = build_optimizer(model, cfg["optimizer"], lr_max, cfg["weight_decay"])
+    ema = ModelEMA(model, cfg["ema_decay"]) if cfg["ema_decay"] > 0 else None
+    # fp16 needs loss scaling (its exponent range is small); bf16 has fp32's range and does not.
+    scaler = torch.amp.GradScaler(device.type, enabled=cfg["amp"] == "fp16")
+    amp_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(cfg["amp"])
+
+    start_epoch, best_ap = 0, -1.0
+    os.makedirs(cfg["out"], exist_ok=True)
+    if cfg["resume"]:
+        start_epoch, best_ap = load_resume(cfg["resume"], model, ema, optimizer, scaler)
+        log(f"resumed from {cfg['resume']} at epoch {start_epoch + 1}")
+    elif is_main and os.path.exists(os.path.join(cfg["out"], "history.csv")):
+        os.remove(os.path.join(cfg["out"], "history.csv"))  # a fresh run starts a fresh history
+
+    run_config = dict(cfg, num_classes=model.num_classes, model_config=model.config,
+                      class_names=train_set.class_names, cat_ids=train_set.cat_ids)
+    if is_main:
+        write_text_atomic(os.path.join(cfg["out"], "config.json"), json.dumps(run_config, indent=2) + "\n")
+
+    train_model = model
+    if cfg["compile"]:
+        train_model = torch.compile(model)
+    if world > 1:
+        train_model = torch.nn.parallel.DistributedDataParallel(
+            train_model, device_ids=[device.index] if device.type == "cuda" else None)
+
+    n_params = sum(p.numel() for p in model.parameters())
+    log(f"{cfg['det_header']} ({model.anchors_mode}, {n_params / 1e6:.2f}M params) on {device}, "
+        f"{len(train_set)} train / {len(val_set)} val images, input {cfg['input_shape']}, "
+        f"batch {cfg['batch_size']} x {world}, lr {lr_max:.3g}, amp {cfg['amp']}")
+
+    epochs = cfg["epochs"]
+    last_good = None
+    for epoch in range(start_epoch, epochs):
+        # The schedule of this epoch: backbone frozen first; no mosaic (and L1) at the end.
+        frozen = epoch < cfg["freeze_backbone_epochs"]
+        closing = epoch >= epochs - cfg["close_mosaic_epochs"]
+        mosaic = 0.0 if closing else cfg["mosaic_mix_prob"]
+        model.train()
+        set_backbone_frozen(model, frozen)
+
+        # A new loader and generator per epoch, both seeded by (seed, epoch): an epoch's batches
+        # depend on nothing but those two numbers, which is what makes resume exact.
+        loader = data.make_loader(train_set, cfg["batch_size"], shuffle=True, workers=cfg["workers"],
+                                  seed=cfg["seed"] * 1000 + epoch, drop_last=True, distributed=world > 1)
+        gen = torch.Generator(device).manual_seed(cfg["seed"] * 1000 + epoch)
+        steps = len(loader)
+        if steps == 0:
+            fail(f"--batch_size {cfg['batch_size']} is larger than the {len(train_set)} training images of {cfg['data']}")
+        sums, seen, t0, wait = {}, 0, time.time(), 0.0
+        try:
+            t_data = time.time()
+            for i, batch in enumerate(loader):
+                wait += time.time() - t_data
+                lr = learning_rate(epoch + i / steps, cfg, lr_max)
+                for group in optimizer.param_groups:
+                    group["lr"] = lr
+                batch = {k: v.to(device, non_blocking=True) for k, v in batch.items()}
+                batch = data.augment(batch, tuple(cfg["input_shape"]), random_crop_mode=cfg["random_crop_mode"],
+                                     magnitude=cfg["magnitude"], num_layers=cfg["num_layers"],
+                                     mosaic_mix_prob=mosaic, generator=gen)
+                targets = {k: batch[k] for k in ("boxes", "labels", "valid")}
+
+                with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
+                    outputs = train_model(batch["images"])
+                # The loss in float32: focal terms and IoUs lose too much in half precision.
+                outputs = [o.float() for o in outputs]
+                losses = assign.detection_loss(outputs, priors, targets, model.anchors_mode,
+                                               use_l1=closing and model.anchors_mode == "anchor_free")
+                if not torch.isfinite(losses["total"]):
+                    bad = {k: float(v) for k, v in losses.items()}
+                    fail(f"the loss became {bad} at epoch {epoch + 1}, step {i + 1}; stopped. "
+                         f"{last_good or 'No checkpoint was written yet'} is the last good one: lower "
+                         f"--lr_base_512 (now {cfg['lr_base_512']}) or try --amp off, then --resume it")
+
+                optimizer.zero_grad(set_to_none=True)
+                scaler.scale(losses["total"]).backward()
+                scaler.step(optimizer)
+                scaler.update()
+                if ema is not None:
+                    ema.update(model)
+
+                seen += batch["images"].shape[0] * world
+                for k, v in losses.items():
+                    sums[k] = sums.get(k, 0.0) + float(v)
+                if is_main:
+                    elapsed = time.time() - t0
+                    ips = seen / max(elapsed, 1e-9)
+                    eta = (steps - i - 1) * elapsed / (i + 1)
+                    parts = " ".join(f"{k} {sums[k] / (i + 1):.4f}" for k in losses)
+                    line = (f"epoch {epoch + 1}/{epochs} {i + 1}/{steps} {parts} lr {lr:.2e} "
+                            f"{ips:.1f} img/s eta {eta:.0f}s{' [frozen backbone]' if frozen else ''}")
+                    # On a terminal the line updates in place; in a log file it is written a few times an epoch.
+                    if sys.stdout.isatty():
+                        print("\r" + line, end="", flush=True)
+                    elif (i + 1) % max(1, steps // 4) == 0 or i + 1 == steps:
+                        print(line, flush=True)
+                t_data = time.time()
+        except KeyboardInterrupt:
+            if is_main:
+                # The interrupted epoch is redone on resume, starting from the weights reached so far.
+                save_atomic(checkpoint_state(model, ema, optimizer, scaler, epoch, best_ap, run_config),
+                            os.path.join(cfg["out"], "last.pt"))
+                print(f"\ninterrupted: {os.path.join(cfg['out'], 'last.pt')} holds the state; "
+                      f"continue with --resume {os.path.join(cfg['out'], 'last.pt')}")
+            sys.exit(130)
+        if is_main and sys.stdout.isatty():
+            print()
+
+        # ---- end of epoch: evaluate (rank 0), history, checkpoints
+        row = {"epoch": epoch + 1, "lr": lr, "images_per_s": round(seen / (time.time() - t0), 2),
+               "data_wait_frac": round(wait / max(time.time() - t0, 1e-9), 4)}
+        row.update({f"loss_{k}": round(v / steps, 6) for k, v in sums.items()})
+        stats = None
+        if is_main and epoch + 1 >= cfg["eval_start_epoch"]:
+            eval_model = ema.module if ema is not None else model
+            stats = evaluation.run_coco_evaluation(eval_model, val_set, input_shape=tuple(cfg["input_shape"]),
+                                                   batch_size=cfg["eval_batch_size"], verbose=epoch + 1 == epochs)
+            log(f"epoch {epoch + 1}: AP {stats['AP']:.4f} AP50 {stats['AP50']:.4f} AR100 {stats['AR100']:.4f}")
+        row["AP"] = round(stats["AP"], 6) if stats else ""
+        row["AP50"] = round(stats["AP50"], 6) if stats else ""
+        if is_main:
+            state = checkpoint_state(model, ema, optimizer, scaler, epoch + 1, best_ap, run_config)
+            last_good = os.path.join(cfg["out"], "last.pt")
+            if stats is not None and stats["AP"] > best_ap:
+                best_ap = state["best_ap"] = stats["AP"]
+                save_atomic(state, os.path.join(cfg["out"], "best.pt"))
+            save_atomic(state, last_good)
+            history = os.path.join(cfg["out"], "history.csv")
+            append_history(history, row)
+            plot_history(read_history(history), os.path.join(cfg["out"], "history.png"))
+        if world > 1:
+            dist.barrier()  # the others wait while rank 0 evaluates and writes
+
+    if is_main:
+        log(f"done: {cfg['out']}/last.pt, best.pt (AP {best_ap:.4f}), history.csv, history.png")
+    if world > 1:
+        dist.destroy_process_group()
+    return best_ap
+
+
+def checkpoint_state(model, ema, optimizer, scaler, epoch, best_ap, run_config):
+    """Everything needed to continue exactly: the weights, the EMA, the optimizer's moments, the
+    loss scaler, the next epoch and the RNG states. The config lets eval.py rebuild the model."""
+    return {
+        "config": dict(run_config["model_config"], class_names=run_config["class_names"],
+                       cat_ids=run_config["cat_ids"]),
+        "train_config": run_config,
+        "model": model.state_dict(),
+        "ema": ema.module.state_dict() if ema is not None else None,
+        "ema_updates": ema.updates if ema is not None else 0,
+        "optimizer": optimizer.state_dict(),
+        "scaler": scaler.state_dict(),
+        "epoch": epoch,
+        "best_ap": best_ap,
+        "rng_cpu": torch.get_rng_state(),
+        "rng_cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None,
+    }
+
+
+def load_checkpoint_file(path):
+    if not os.path.isfile(path):
+        fail(f"{path} does not exist: give the last.pt / best.pt of an earlier run")
+    try:
+        return torch.load(path, map_location="cpu", weights_only=False)
+    except Exception as e:  # a truncated or foreign file
+        fail(f"{path} is not a readable plaindet checkpoint ({type(e).__name__}: {e})")
+
+
+def load_resume(path, model, ema, optimizer, scaler):
+    ckpt = load_checkpoint_file(path)
+    if "optimizer" not in ckpt or "model" not in ckpt:
+        fail(f"{path} holds weights only, not a training state: use --pretrained {path} instead")
+    try:
+        model.load_state_dict(ckpt["model"])
+    except RuntimeError:
+        fail(f"{path} was trained as {ckpt['config'].get('det_header')} with {ckpt['config'].get('num_classes')} "
+             f"classes ({ckpt['config'].get('anchors_mode')}); resume it with the same --det_header, "
+             f"--backbone, mode and data")
+    if ema is not None and ckpt.get("ema") is not None:
+        ema.module.load_state_dict(ckpt["ema"])
+        ema.updates = ckpt.get("ema_updates", 0)
+    optimizer.load_state_dict(ckpt["optimizer"])
+    scaler.load_state_dict(ckpt["scaler"])
+    torch.set_rng_state(ckpt["rng_cpu"])
+    if ckpt.get("rng_cuda") is not None and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(ckpt["rng_cuda"])
+    return ckpt["epoch"], ckpt.get("best_ap", -1.0)
+
+
+def load_pretrained(model, path, log):
+    """Copy every tensor whose name and shape match (EMA weights when present): a detector
+    trained on other classes still gives its backbone and neck, and the head starts fresh."""
+    ckpt = load_checkpoint_file(path)
+    state = ckpt.get("ema") or ckpt.get("model") or ckpt
+    own = model.state_dict()
+    matched = {k: v for k, v in state.items() if k in own and own[k].shape == v.shape}
+    if not matched:
+        fail(f"--pretrained {path}: no tensor matches this model's names and shapes")
+    model.load_state_dict(matched, strict=False)
+    log(f"--pretrained: {len(matched)}/{len(own)} tensors loaded from {path}")
+
+
+if __name__ == "__main__":
+    main()
