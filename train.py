@@ -47,7 +47,7 @@ EFFICIENTDET_RECIPE = dict(
 YOLOX_RECIPE = dict(  # Megvii YOLOX: lr 0.01 per 64 images with SGD, 300 epochs, 15 without mosaic
     input_shape="640", batch_size=64, epochs=300, optimizer="sgd", lr_base_512=0.08,
     weight_decay=5e-4, lr_decay_steps="285", lr_warmup_steps=5.0, lr_cooldown_steps=15,
-    lr_min=0.004, freeze_backbone_epochs=0, mosaic_mix_prob=1.0, random_crop_mode=2.0,
+    lr_min=5e-4, freeze_backbone_epochs=0, mosaic_mix_prob=1.0, random_crop_mode=2.0,
     magnitude=6, close_mosaic_epochs=15, ema_decay=0.9998,
 )
 
@@ -289,12 +289,17 @@ def main(argv=None):
     is_main = rank == 0
     log = print if is_main else (lambda *a, **k: None)
 
-    # ---- data: both splits open (and the shapes set is built) before any model work
+    # ---- data: both splits open (and the shapes set is built) before any model work. Under
+    # DDP rank 0 goes first, so the built-in set is generated once, not by every process at once.
+    if world > 1 and not is_main:
+        dist.barrier()
     try:
         train_set = data.open_dataset(cfg["data"], "train")
         val_set = data.open_dataset(cfg["data"], "val")
     except (FileNotFoundError, ValueError) as e:
         fail(f"--data {cfg['data']}: {e}")
+    if world > 1 and is_main:
+        dist.barrier()
 
     # ---- model, priors, optimizer
     torch.manual_seed(cfg["seed"])  # same seed -> same initial weights
@@ -400,7 +405,7 @@ def main(argv=None):
 
                 seen += batch["images"].shape[0] * world
                 for k, v in losses.items():
-                    sums[k] = sums.get(k, 0.0) + float(v)
+                    sums[k] = sums.get(k, 0.0) + float(v.detach())
                 if is_main:
                     elapsed = time.time() - t0
                     ips = seen / max(elapsed, 1e-9)
@@ -432,9 +437,11 @@ def main(argv=None):
         stats = None
         if is_main and epoch + 1 >= cfg["eval_start_epoch"]:
             eval_model = ema.module if ema is not None else model
+            t_eval = time.time()
             stats = evaluation.run_coco_evaluation(eval_model, val_set, input_shape=tuple(cfg["input_shape"]),
                                                    batch_size=cfg["eval_batch_size"], verbose=epoch + 1 == epochs)
-            log(f"epoch {epoch + 1}: AP {stats['AP']:.4f} AP50 {stats['AP50']:.4f} AR100 {stats['AR100']:.4f}")
+            log(f"epoch {epoch + 1}: AP {stats['AP']:.4f} AP50 {stats['AP50']:.4f} AR100 {stats['AR100']:.4f} "
+                f"(evaluated {len(val_set)} images in {time.time() - t_eval:.0f}s)")
         row["AP"] = round(stats["AP"], 6) if stats else ""
         row["AP50"] = round(stats["AP50"], 6) if stats else ""
         if is_main:

@@ -1,0 +1,992 @@
+"""data.py: the first stage of plaindet, from files on disk to augmented batches.
+
+Where it sits in the flow:
+
+    Dataset (COCO json / YOLO txt / built-in shapes set)
+      -> make_loader: DataLoader workers decode JPEGs with PIL and pad each batch into one canvas
+      -> augment: on the batch's device, one affine warp per image (crop mode x flip x RandAugment
+         geometry), mosaic, colour; boxes follow the same matrices
+      -> model / losses (train.py), or letterbox -> model -> eval.py (which undoes it with `matrices`)
+
+Conventions (see DESIGN.md): boxes are xyxy float32 in absolute pixels, with continuous pixel
+coordinates (pixel i covers [i, i + 1]); labels are contiguous int64 0..C-1 and label -1 marks a
+crowd / ignore region that is carried along with the boxes but is never a training target.
+
+Reading order: readers (COCO, YOLO, the Dataset) -> the built-in shapes set -> the loader ->
+augmentation (matrices, boxes, warp, mosaic, colour) -> pictures -> CLI.
+"""
+import argparse
+import json
+import math
+import os
+import shutil
+import sys
+import tempfile
+import warnings
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from PIL import Image, ImageDraw
+
+ROOT = os.path.dirname(os.path.abspath(__file__))
+PAD_VALUE = 114  # grey used for every pixel that has no source pixel (canvas padding, letterbox bars)
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp")
+
+
+# ----------------------------------------------------------------------------------------------
+# Readers
+# ----------------------------------------------------------------------------------------------
+class Dataset(torch.utils.data.Dataset):
+    """One split of a detection dataset; decoding happens lazily, per item, with PIL.
+
+    ds[i] -> dict(image=uint8 [H, W, 3] RGB, boxes=float32 [N, 4] xyxy px, labels=int64 [N]
+    (-1 = crowd / ignore region), image_id=int).
+    Attributes: class_names, cat_ids (label -> COCO category id), image_ids, files, source.
+    """
+
+    def __init__(self, records, class_names, cat_ids, source, coco=None):
+        self.records = records  # list of dict(file, image_id, width, height, boxes, labels)
+        self.class_names = list(class_names)
+        self.cat_ids = [int(c) for c in cat_ids]
+        self.image_ids = [r["image_id"] for r in records]
+        self.files = [r["file"] for r in records]
+        self.source = source
+        self._coco = coco
+
+    def __len__(self):
+        return len(self.records)
+
+    def __getitem__(self, i):
+        image, boxes, labels, image_id, _ = self.load(i)
+        return dict(image=image, boxes=boxes, labels=labels, image_id=image_id)
+
+    def load(self, i, max_side=None):
+        """Decode item i; if max_side is given and the longer side is above it, shrink the image
+        (JPEG draft mode makes this nearly free). Returns (image, boxes, labels, image_id, scale)
+        where scale = output px per original px."""
+        r = self.records[i]
+        image, scale = decode_image(r["file"], max_side)
+        return image, r["boxes"] * np.float32(scale), r["labels"], r["image_id"], scale
+
+    def coco_gt(self):
+        """COCO-format ground truth of this split (images, annotations incl. iscrowd, categories)."""
+        if self._coco is not None:
+            return self._coco
+        images, annotations = [], []
+        for r in self.records:
+            images.append(dict(id=r["image_id"], file_name=os.path.basename(r["file"]),
+                               width=r["width"], height=r["height"]))
+            for box, label in zip(r["boxes"].tolist(), r["labels"].tolist()):
+                w, h = box[2] - box[0], box[3] - box[1]
+                annotations.append(dict(id=len(annotations) + 1, image_id=r["image_id"], bbox=[box[0], box[1], w, h],
+                                        area=w * h, iscrowd=int(label < 0), category_id=self.cat_ids[max(label, 0)]))
+        categories = [dict(id=c, name=n) for c, n in zip(self.cat_ids, self.class_names)]
+        self._coco = dict(images=images, annotations=annotations, categories=categories)
+        return self._coco
+
+
+def decode_image(path, max_side=None):
+    """PIL decode to uint8 [H, W, 3] RGB. Returns (image, scale)."""
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"image {path} is missing: restore the file, or remove its entry from the annotations")
+    try:
+        with Image.open(path) as im:
+            scale = 1.0
+            if max_side and max(im.size) > max_side:
+                width = im.size[0]
+                shrink = max_side / max(im.size)
+                target = (max(1, round(width * shrink)), max(1, round(im.size[1] * shrink)))
+                im.draft("RGB", target)  # JPEG: decode at 1/2, 1/4 or 1/8 size directly, far cheaper
+                im = im.convert("RGB").resize(target, Image.BILINEAR)
+                scale = target[0] / width
+            image = np.array(im.convert("RGB"))  # writable, so torch.from_numpy is safe
+    except (OSError, SyntaxError, ValueError) as e:
+        raise ValueError(f"image {path} cannot be decoded ({e}): replace it with a valid JPEG/PNG "
+                         f"or remove its entry") from None
+    return image, scale
+
+
+def _clean_boxes(boxes_xyxy, widths, heights, where, file_name):
+    """Clip slightly-outside boxes; drop (and count) NaN, non-positive-size or far-outside ones.
+    boxes_xyxy: float64 [N, 4]; widths / heights: [N] size of each box's image. Returns a keep mask."""
+    w_img, h_img = np.asarray(widths, np.float64), np.asarray(heights, np.float64)
+    finite = np.isfinite(boxes_xyxy).all(1)
+    b = np.where(finite[:, None], boxes_xyxy, 0)
+    positive = (b[:, 2] > b[:, 0]) & (b[:, 3] > b[:, 1])
+    margin = 0.1 * np.maximum(w_img, h_img)  # a few pixels outside is annotation noise, more is a bug
+    inside = (b[:, 0] > -margin) & (b[:, 1] > -margin) & (b[:, 2] < w_img + margin) & (b[:, 3] < h_img + margin)
+    keep = finite & positive & inside
+    if not keep.all():
+        bad = np.nonzero(~keep)[0]
+        examples = "; ".join(f"{where[j]} box {boxes_xyxy[j].round(1).tolist()}" for j in bad[:3])
+        warnings.warn(f"{file_name}: skipped {len(bad)} bad boxes (NaN, negative size or far outside the image), "
+                      f"e.g. {examples}. Fix those annotations to use them.")
+    np.clip(boxes_xyxy[:, 0::2], 0, w_img[:, None], out=boxes_xyxy[:, 0::2])
+    np.clip(boxes_xyxy[:, 1::2], 0, h_img[:, None], out=boxes_xyxy[:, 1::2])
+    return keep
+
+
+def _find_image_dir(candidates, file_name, what):
+    for d in candidates:
+        if os.path.exists(os.path.join(d, file_name)):
+            return d
+    raise FileNotFoundError(f"{what}: cannot find image {file_name} in any of {candidates}: put the images in one "
+                            f"of those folders (or pass images_dir)")
+
+
+def read_coco(json_path, images_dir=None, split=None):
+    """COCO instances json -> Dataset. iscrowd objects become label -1; images without
+    annotations stay (background images); category ids map to contiguous labels by sorted id."""
+    if not os.path.exists(json_path):
+        raise FileNotFoundError(f"{json_path} does not exist: give a COCO folder with "
+                                f"annotations/instances_<split>.json, a COCO json file, a YOLO folder, or 'shapes'")
+    try:
+        with open(json_path) as f:
+            coco = json.load(f)
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ValueError(f"{json_path} is not valid JSON ({e}): re-export or re-download it") from None
+    if not isinstance(coco, dict) or not all(k in coco for k in ("images", "annotations", "categories")):
+        raise ValueError(f"{json_path} is not a COCO instances file (needs 'images', 'annotations' and 'categories' "
+                         f"lists): convert it to COCO format")
+    if not coco["images"]:
+        raise ValueError(f"{json_path} has no images (empty split): point to a split that has images")
+    cats = sorted(coco["categories"], key=lambda c: c["id"])
+    cat_ids = [c["id"] for c in cats]
+    label_of = {c: i for i, c in enumerate(cat_ids)}
+    json_dir = os.path.dirname(os.path.abspath(json_path))
+    if images_dir is None:
+        root = os.path.dirname(json_dir)
+        names = [json_dir, os.path.join(json_dir, "images")]
+        if split:
+            names += [os.path.join(root, split), os.path.join(root, "images", split),
+                      os.path.join(root, f"{split}2017"), os.path.join(root, f"{split}2014")]
+        names += [os.path.join(root, "images"), root]
+        images_dir = _find_image_dir(names, coco["images"][0]["file_name"], json_path)
+
+    per_image = {im["id"]: [] for im in coco["images"]}
+    for a in coco["annotations"]:
+        if a.get("image_id") in per_image and a.get("category_id") in label_of:
+            per_image[a["image_id"]].append(a)
+        elif a.get("category_id") not in label_of:
+            raise ValueError(f"{json_path}: annotation {a.get('id')} has category_id {a.get('category_id')} "
+                             f"that is not in 'categories': add the category or fix the annotation")
+    anns = [a for im in coco["images"] for a in per_image[im["id"]]]
+    size_of = {im["id"]: (im.get("width"), im.get("height")) for im in coco["images"]}
+    for im in coco["images"]:
+        if not im.get("width") or not im.get("height"):  # read only the header for a missing size
+            with Image.open(os.path.join(images_dir, im["file_name"])) as pim:
+                size_of[im["id"]] = pim.size
+    xywh = np.array([a["bbox"] for a in anns], np.float64).reshape(-1, 4)
+    xyxy = np.concatenate([xywh[:, :2], xywh[:, :2] + xywh[:, 2:]], 1)
+    keep = _clean_boxes(xyxy, [size_of[a["image_id"]][0] for a in anns], [size_of[a["image_id"]][1] for a in anns],
+                        [f"annotation {a.get('id')}" for a in anns], json_path)
+    records, k = [], 0
+    for im in coco["images"]:
+        n = len(per_image[im["id"]])
+        sel = keep[k:k + n]
+        labels = np.array([-1 if a.get("iscrowd", 0) else label_of[a["category_id"]]
+                           for a in per_image[im["id"]]], np.int64)
+        records.append(dict(file=os.path.join(images_dir, im["file_name"]), image_id=im["id"],
+                            width=size_of[im["id"]][0], height=size_of[im["id"]][1],
+                            boxes=xyxy[k:k + n][sel].astype(np.float32).reshape(-1, 4), labels=labels.reshape(-1)[sel]))
+        k += n
+    names = [c.get("name", str(c["id"])) for c in cats]
+    return Dataset(records, names, cat_ids, json_path, coco)
+
+
+def _yolo_names(folder):
+    for name in sorted(os.listdir(folder)):
+        if name.endswith(".names") or name in ("classes.txt", "names.txt"):
+            with open(os.path.join(folder, name)) as f:
+                return [line.strip() for line in f if line.strip()]
+    if os.path.exists(os.path.join(folder, "data.yaml")):  # the tiny subset of YAML YOLO uses: `names: [a, b]`
+        for line in open(os.path.join(folder, "data.yaml")):
+            if line.strip().startswith("names:") and "[" in line:
+                return [n.strip().strip("'\"") for n in line.split("[", 1)[1].rsplit("]", 1)[0].split(",")]
+    raise FileNotFoundError(f"{folder}: no class-names file (obj.names, classes.txt, names.txt or data.yaml "
+                            f"`names: [...]`): add one with a class name per line")
+
+
+def read_yolo(folder, split="train", images_dir=None):
+    """YOLO txt layout -> Dataset. Labels are `class cx cy w h` normalized, one file per image, in
+    labels/<split>/, labels/, or (darknet export) obj_<split>_data/; images in images/<split>/,
+    images/, beside the txt files, or images_dir. Image ids are positions in sorted file order."""
+    names = _yolo_names(folder)
+    label_dir = None
+    for d in (os.path.join(folder, "labels", split), os.path.join(folder, "labels"),
+              os.path.join(folder, f"obj_{split}_data"), os.path.join(folder, "obj_train_data")):
+        if os.path.isdir(d) and any(f.endswith(".txt") for f in os.listdir(d)):
+            label_dir = d
+            break
+    if label_dir is None:
+        raise ValueError(f"{folder}: no YOLO label files, an empty split '{split}' (looked in labels/{split}/, "
+                         f"labels/, obj_{split}_data/): put one `class cx cy w h` txt per image there")
+    stems = sorted(f[:-4] for f in os.listdir(label_dir) if f.endswith(".txt"))
+    candidates = [images_dir] if images_dir else [
+        os.path.join(folder, "images", split), os.path.join(folder, "images"), label_dir,
+        os.path.join(os.path.dirname(os.path.abspath(folder)), "images")]
+    records = []
+    for image_id, stem in enumerate(stems):
+        file = next((os.path.join(d, stem + e) for d in candidates for e in IMAGE_EXTENSIONS
+                     if os.path.exists(os.path.join(d, stem + e))), None)
+        if file is None:
+            raise FileNotFoundError(f"{os.path.join(label_dir, stem + '.txt')}: no image {stem}.jpg/.png in "
+                                    f"{candidates}: add the image or pass images_dir")
+        with Image.open(file) as im:
+            width, height = im.size
+        path = os.path.join(label_dir, stem + ".txt")
+        try:
+            rows = np.loadtxt(path, ndmin=2, dtype=np.float64).reshape(-1, 5)
+        except ValueError as e:
+            raise ValueError(f"{path} is not YOLO txt ({e}): each line must be `class cx cy w h`") from None
+        cls = rows[:, 0].astype(np.int64)
+        if ((cls < 0) | (cls >= len(names))).any():
+            raise ValueError(f"{path}: class index outside 0..{len(names) - 1}: fix the file or the names file")
+        cxcywh = rows[:, 1:] * np.array([width, height, width, height])
+        xyxy = np.concatenate([cxcywh[:, :2] - cxcywh[:, 2:] / 2, cxcywh[:, :2] + cxcywh[:, 2:] / 2], 1)
+        keep = _clean_boxes(xyxy, [width] * len(cls), [height] * len(cls),
+                            [f"line {j + 1}" for j in range(len(cls))], path)
+        records.append(dict(file=file, image_id=image_id, width=width, height=height,
+                            boxes=xyxy[keep].astype(np.float32), labels=cls[keep]))
+    if not records:
+        raise ValueError(f"{folder}: split '{split}' is empty: add images and labels")
+    return Dataset(records, names, list(range(len(names))), folder)
+
+
+def open_dataset(path, split, images_dir=None):
+    """path: "shapes" (built-in set, generated into data_cache/shapes on first use), a COCO folder
+    (annotations/instances_<split>.json + images), a COCO json file, or a YOLO folder."""
+    if split not in ("train", "val"):
+        raise ValueError(f"split must be 'train' or 'val', got {split!r}")
+    if path == "shapes":
+        path = os.path.join(ROOT, "data_cache", "shapes")
+        if not os.path.exists(os.path.join(path, "annotations", f"instances_{split}.json")):
+            make_shapes(path)
+    if os.path.isfile(path):
+        return read_coco(path, images_dir, split)
+    if not os.path.isdir(path):
+        raise FileNotFoundError(f"dataset {path} does not exist: give 'shapes', a COCO folder, a COCO json "
+                                f"or a YOLO folder")
+    coco_json = os.path.join(path, "annotations", f"instances_{split}.json")
+    if os.path.exists(coco_json):
+        return read_coco(coco_json, images_dir, split)
+    if os.path.isdir(os.path.join(path, "annotations")):
+        raise FileNotFoundError(f"{coco_json} is missing: this COCO folder has no '{split}' split; add it")
+    return read_yolo(path, split, images_dir)
+
+
+# ----------------------------------------------------------------------------------------------
+# The built-in shapes set
+# ----------------------------------------------------------------------------------------------
+SHAPE_NAMES = ["circle", "square", "triangle", "star", "cross", "ring"]
+SHAPE_CAT_IDS = [1, 3, 5, 7, 9, 11]  # not contiguous on purpose: exercises the id <-> label map
+
+
+def _shape_polygon(kind, cx, cy, r, angle, aspect):
+    """Outline points of a shape of radius r (None for circle / ring, drawn as ellipses)."""
+    if kind == "square":
+        t = np.array([45, 135, 225, 315]) * math.pi / 180
+        rad = np.full(4, r)
+    elif kind == "triangle":
+        t = np.array([90, 210, 330]) * math.pi / 180
+        rad = np.full(3, r)
+    elif kind == "star":
+        t = np.arange(10) * math.pi / 5 + math.pi / 2
+        rad = np.where(np.arange(10) % 2 == 0, r, r * 0.45)
+    elif kind == "cross":  # a plus sign with arms of width 0.36 r
+        a = 0.36
+        x = np.array([a, a, 1, 1, a, a, -a, -a, -1, -1, -a, -a])
+        y = np.array([1, a, a, -a, -a, -1, -1, -a, -a, a, a, 1])
+        t, rad = np.arctan2(y, x), np.hypot(x, y) * r / math.sqrt(2) * 1.3
+    else:
+        return None
+    t = t + angle
+    return list(zip((cx + rad * np.cos(t) * aspect).tolist(), (cy - rad * np.sin(t)).tolist()))
+
+
+def _draw_shape(draws, kind, cx, cy, r, angle, aspect, colour, instance):
+    """Draw one shape into the picture and into the instance mask (same geometry)."""
+    for draw, fill in zip(draws, (colour, instance)):
+        if kind in ("circle", "ring"):
+            box = [cx - r * aspect, cy - r, cx + r * aspect, cy + r]
+            if kind == "ring":
+                draw.ellipse(box, outline=fill, width=max(2, int(r * 0.3)))
+            else:
+                draw.ellipse(box, fill=fill)
+        else:
+            draw.polygon(_shape_polygon(kind, cx, cy, r, angle, aspect), fill=fill)
+
+
+def _background(rng, h, w):
+    """Textured background: a colour gradient + blotchy low-frequency noise + pixel noise + lines."""
+    base = rng.uniform(30, 225, 3)
+    ramp = rng.uniform(-60, 60, 3)
+    t = np.linspace(0, 1, w)[None, :, None] if rng.random() < 0.5 else np.linspace(0, 1, h)[:, None, None]
+    low = rng.normal(0, rng.uniform(5, 25), (h // 32 + 2, w // 32 + 2, 3)).astype(np.float32)
+    low = np.asarray(Image.fromarray(low[..., 0]).resize((w, h), Image.BILINEAR))[..., None] + \
+        np.asarray(Image.fromarray(low[..., 1]).resize((w, h), Image.BILINEAR))[..., None] * np.array([0, 1, 0.5])
+    img = base + ramp * t + low + rng.normal(0, rng.uniform(2, 10), (h, w, 3))
+    img = Image.fromarray(np.clip(img, 0, 255).astype(np.uint8))
+    draw = ImageDraw.Draw(img)
+    for _ in range(rng.integers(0, 6)):  # distractor lines: edges that are not objects
+        xy = rng.uniform(0, 1, 4) * [w, h, w, h]
+        draw.line(xy.tolist(), fill=tuple(rng.integers(0, 256, 3).tolist()), width=int(rng.integers(1, 4)))
+    return img, base
+
+
+def _shapes_image(rng, h, w):
+    """One picture and its COCO annotations (bbox xywh from the *visible* pixels, so occlusion counts)."""
+    img, base = _background(rng, h, w)
+    mask = Image.new("L", (w, h), 0)
+    draws = (ImageDraw.Draw(img), ImageDraw.Draw(mask))
+    objects = []  # (kind index, is_crowd)
+    n = 0 if rng.random() < 0.05 else int(rng.integers(1, 9))
+    for _ in range(n):
+        r = math.exp(rng.uniform(math.log(7), math.log(min(100, 0.45 * min(h, w)))))  # 14..200 px wide
+        aspect = rng.uniform(0.8, 1.25)
+        cx, cy = rng.uniform(-0.2 * r, w + 0.2 * r), rng.uniform(-0.2 * r, h + 0.2 * r)  # may be cut by the border
+        colour = rng.integers(0, 256, 3)
+        while np.abs(colour - base).sum() < 120:  # keep enough contrast with the background
+            colour = rng.integers(0, 256, 3)
+        kind = int(rng.integers(0, 6))
+        objects.append((kind, False))
+        _draw_shape(draws, SHAPE_NAMES[kind], cx, cy, r, rng.uniform(0, 2 * math.pi), aspect,
+                    tuple(colour.tolist()), len(objects))
+    if rng.random() < 0.06:  # a crowd: a tight cluster of tiny shapes of one class, one iscrowd box
+        kind = int(rng.integers(0, 6))
+        gx, gy = rng.uniform(0.1, 0.7) * w, rng.uniform(0.1, 0.7) * h
+        colour = tuple(rng.integers(0, 256, 3).tolist())
+        objects.append((kind, True))
+        for _ in range(int(rng.integers(8, 16))):
+            _draw_shape(draws, SHAPE_NAMES[kind], gx + rng.uniform(0, 0.25 * w), gy + rng.uniform(0, 0.25 * h),
+                        rng.uniform(3, 5), rng.uniform(0, 6.3), 1.0, colour, len(objects))
+    m = np.asarray(mask)
+    anns = []
+    for k, (kind, crowd) in enumerate(objects, 1):
+        ys, xs = np.nonzero(m == k)
+        if len(xs) < 25:  # fully hidden or cut away
+            continue
+        x0, y0, x1, y1 = int(xs.min()), int(ys.min()), int(xs.max()) + 1, int(ys.max()) + 1
+        if x1 - x0 < 4 or y1 - y0 < 4:
+            continue
+        anns.append(dict(bbox=[x0, y0, x1 - x0, y1 - y0], area=float(len(xs)), iscrowd=int(crowd),
+                         category_id=SHAPE_CAT_IDS[kind], segmentation=[[x0, y0, x1, y0, x1, y1, x0, y1]]))
+    return img, anns
+
+
+def make_shapes(out, num_train=1000, num_val=200, seed=0):
+    """Write the built-in shapes set (COCO layout) to `out`: annotations/instances_{train,val}.json,
+    train/*.jpg, val/*.jpg. Deterministic in `seed`. Built in a temp folder and renamed, so a
+    half-built set is never seen; if another process finished first, its copy is kept."""
+    out = os.path.abspath(out)
+    if os.path.exists(os.path.join(out, "annotations", "instances_val.json")):
+        return out
+    if os.path.exists(out) and os.listdir(out):
+        raise ValueError(f"{out} exists but is not a complete shapes set: delete it and run again")
+    os.makedirs(os.path.dirname(out), exist_ok=True)
+    tmp = tempfile.mkdtemp(prefix=".shapes-", dir=os.path.dirname(out))
+    try:
+        os.makedirs(os.path.join(tmp, "annotations"))
+        categories = [dict(id=c, name=n, supercategory="shape") for c, n in zip(SHAPE_CAT_IDS, SHAPE_NAMES)]
+        for split, count, split_seed in (("train", num_train, seed), ("val", num_val, seed + 1_000_003)):
+            rng = np.random.default_rng(split_seed)
+            os.makedirs(os.path.join(tmp, split))
+            images, annotations = [], []
+            for i in range(count):
+                w, h = int(rng.integers(8, 13)) * 32, int(rng.integers(7, 10)) * 32  # 256..384 x 224..288
+                img, anns = _shapes_image(rng, h, w)
+                name = f"{i:06d}.jpg"
+                img.save(os.path.join(tmp, split, name), quality=int(rng.integers(75, 95)))
+                images.append(dict(id=i + 1, file_name=name, width=w, height=h))
+                for a in anns:
+                    annotations.append(dict(id=len(annotations) + 1, image_id=i + 1, **a))
+            with open(os.path.join(tmp, "annotations", f"instances_{split}.json"), "w") as f:
+                json.dump(dict(info=dict(description=f"plaindet shapes, seed {seed}"), images=images,
+                               annotations=annotations, categories=categories), f)
+        if os.path.exists(out):
+            os.rmdir(out)  # empty (checked above)
+        try:
+            os.rename(tmp, out)
+        except OSError:
+            if not os.path.exists(os.path.join(out, "annotations", "instances_val.json")):
+                raise
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return out
+
+
+# ----------------------------------------------------------------------------------------------
+# The loader
+# ----------------------------------------------------------------------------------------------
+class _Decoded(torch.utils.data.Dataset):
+    """What the workers run: decode (optionally shrink) one item."""
+
+    def __init__(self, dataset, max_side):
+        self.dataset, self.max_side = dataset, max_side
+
+    def __len__(self):
+        return len(self.dataset)
+
+    def __getitem__(self, i):
+        if hasattr(self.dataset, "load"):
+            return self.dataset.load(i, self.max_side)
+        d = self.dataset[i]
+        return d["image"], d["boxes"], d["labels"], d["image_id"], 1.0
+
+
+class _Collate:
+    """Pads a list of decoded items into one batch: images top-left in a grey (114) canvas,
+    targets padded to max_boxes with a validity mask (a class, so workers can pickle it)."""
+
+    def __init__(self, max_boxes):
+        self.max_boxes = max_boxes
+
+    def __call__(self, items):
+        b, m = len(items), self.max_boxes
+        hc, wc = max(it[0].shape[0] for it in items), max(it[0].shape[1] for it in items)
+        images = torch.full((b, 3, hc, wc), PAD_VALUE, dtype=torch.uint8)  # planar, as the warp reads it
+        boxes, labels = torch.zeros(b, m, 4), torch.full((b, m), -1, dtype=torch.int64)
+        valid = torch.zeros(b, m, dtype=torch.bool)
+        for i, (image, bx, lb, _, _) in enumerate(items):
+            images[i, :, :image.shape[0], :image.shape[1]] = torch.from_numpy(image).permute(2, 0, 1)  # HWC -> CHW
+            order = np.argsort(lb < 0, kind="stable")[:m]  # if too many, keep real objects before crowd regions
+            n = len(order)
+            boxes[i, :n] = torch.from_numpy(bx[order])
+            labels[i, :n] = torch.from_numpy(lb[order])
+            valid[i, :n] = True
+        return dict(images=images,
+                    sizes=torch.tensor([it[0].shape[:2] for it in items], dtype=torch.int64).reshape(b, 2),
+                    boxes=boxes, labels=labels, valid=valid,
+                    image_ids=torch.tensor([int(it[3]) for it in items], dtype=torch.int64),
+                    scales=torch.tensor([it[4] for it in items], dtype=torch.float32))
+
+
+def _seed_worker(worker_id):
+    # torch seeds each worker from the loader's generator; numpy gets the same seed so any numpy
+    # randomness a user adds in a dataset is reproducible too.
+    np.random.seed(torch.initial_seed() % 2**32)
+
+
+def make_loader(dataset, batch_size, shuffle, workers, seed, max_boxes=100, drop_last=False, distributed=False,
+                max_side=None, pin_memory=False):
+    """DataLoader whose batches are dicts of CPU tensors:
+    images uint8 [B, 3, Hc, Wc] (each image top-left in a canvas filled with 114), sizes int64 [B, 2]
+    (h, w), boxes float32 [B, M, 4] xyxy canvas px, labels int64 [B, M] (-1 ignore), valid bool
+    [B, M], image_ids int64 [B], scales float32 [B] (canvas px per original px; != 1 only when a
+    worker shrank an image whose longer side was above max_side). M = max_boxes.
+    Same seed -> same order. Under torchrun (distributed=True) a DistributedSampler splits the data;
+    call loader.sampler.set_epoch(epoch) each epoch."""
+    generator = torch.Generator().manual_seed(seed)
+    sampler = None
+    if distributed:
+        sampler = torch.utils.data.distributed.DistributedSampler(dataset, shuffle=shuffle, seed=seed,
+                                                                  drop_last=drop_last)
+        shuffle = False
+    return torch.utils.data.DataLoader(
+        _Decoded(dataset, max_side), batch_size=batch_size, shuffle=shuffle, sampler=sampler, num_workers=workers,
+        collate_fn=_Collate(max_boxes), drop_last=drop_last, generator=generator, worker_init_fn=_seed_worker,
+        pin_memory=pin_memory, persistent_workers=workers > 0)
+
+
+# ----------------------------------------------------------------------------------------------
+# Augmentation: geometry as one 3x3 matrix per image (source px -> output px)
+# ----------------------------------------------------------------------------------------------
+def _where(generator):
+    """Random draws happen on the generator's device (a CUDA generator draws on the GPU) and the
+    small results come back to the CPU, where the matrices are built in float64."""
+    return generator.device if generator is not None else None
+
+
+def _eye(b):
+    return torch.eye(3, dtype=torch.float64).repeat(b, 1, 1)
+
+
+def crop_matrices(sizes, input_shape, random_crop_mode, generator):
+    """Scale + translate per image for a crop mode. sizes: [B, 2] (h, w) of the real images.
+    Returns [B, 3, 3] float64 mapping source px -> output px.
+      0       letterbox: aspect-preserving resize to fit, top-left, pad right / bottom
+      (0, 1)  random resized crop: area fraction in (mode, 1), aspect ratio in (3/4, 4/3), stretched to fit
+      1       random largest crop: short side covers the target, random position
+      > 1     random scale: factor in [0.1, mode] of the letterbox size, random crop or pad."""
+    hh, ww = float(input_shape[0]), float(input_shape[1])
+    h, w = sizes[:, 0].double().cpu(), sizes[:, 1].double().cpu()
+    b = len(sizes)
+    m = _eye(b)
+    u = torch.rand(b, 4, generator=generator, dtype=torch.float64, device=_where(generator)).cpu()
+    if random_crop_mode == 0:
+        s = torch.minimum(hh / h, ww / w)
+        sx = sy = s
+        tx = ty = torch.zeros(b, dtype=torch.float64)
+    elif random_crop_mode < 1:
+        area = h * w * (random_crop_mode + (1 - random_crop_mode) * u[:, 0])
+        ratio = torch.exp(math.log(3 / 4) + u[:, 1] * math.log(16 / 9)) * (ww / hh)  # crop w / h, around the target's
+        cw = torch.sqrt(area * ratio).clamp(max=w)
+        ch = (area / cw).clamp(max=h)
+        x0, y0 = u[:, 2] * (w - cw), u[:, 3] * (h - ch)
+        sx, sy = ww / cw, hh / ch
+        tx, ty = -x0 * sx, -y0 * sy
+    else:
+        s = torch.maximum(hh / h, ww / w) if random_crop_mode == 1 else \
+            torch.minimum(hh / h, ww / w) * (0.1 + u[:, 0] * (random_crop_mode - 0.1))
+        sx = sy = s
+        # one formula for crop (negative room) and pad (positive room): offset uniform in [0, room]
+        tx, ty = u[:, 2] * (ww - s * w), u[:, 3] * (hh - s * h)
+    m[:, 0, 0], m[:, 1, 1], m[:, 0, 2], m[:, 1, 2] = sx, sy, tx, ty
+    return m
+
+
+def flip_matrices(flip, width):
+    """Horizontal flip in output px: x -> W - x where flip is True. flip: bool [B]."""
+    m = _eye(len(flip))
+    m[flip, 0, 0] = -1
+    m[flip, 0, 2] = float(width)
+    return m
+
+
+GEOMETRIC_OPS = ["rotate", "shear_x", "shear_y", "translate_x", "translate_y", "scale"]
+COLOUR_OPS = ["contrast", "brightness", "color", "sharpness", "posterize", "solarize", "equalize", "autocontrast"]
+RANDAUGMENT_OPS = ["identity"] + GEOMETRIC_OPS + COLOUR_OPS
+
+
+def randaugment_matrices(ops, signs, magnitude, input_shape):
+    """RandAugment's positional ops as [B, 3, 3] matrices about the output centre.
+    ops: int64 [B, L] indices into RANDAUGMENT_OPS; signs: [B, L] of +-1. Magnitude m gives
+    rotate 3m deg, shear 0.03m, translate 0.045m of the size, scale 1 +- 0.05m."""
+    hh, ww = float(input_shape[0]), float(input_shape[1])
+    b, n_layers = ops.shape
+    m = _eye(b)
+    centre, uncentre = _eye(1), _eye(1)
+    centre[0, :2, 2] = torch.tensor([-ww / 2, -hh / 2], dtype=torch.float64)
+    uncentre[0, :2, 2] = torch.tensor([ww / 2, hh / 2], dtype=torch.float64)
+    for layer in range(n_layers):  # a loop over the (2) layers, never over images
+        op, v = ops[:, layer], signs[:, layer].double() * magnitude
+        a = _eye(b)
+        rot = (op == RANDAUGMENT_OPS.index("rotate"))
+        angle = v * 3 * math.pi / 180
+        a[rot, 0, 0], a[rot, 0, 1] = torch.cos(angle[rot]), -torch.sin(angle[rot])
+        a[rot, 1, 0], a[rot, 1, 1] = torch.sin(angle[rot]), torch.cos(angle[rot])
+        sel = op == RANDAUGMENT_OPS.index("shear_x")
+        a[sel, 0, 1] = 0.03 * v[sel]
+        sel = op == RANDAUGMENT_OPS.index("shear_y")
+        a[sel, 1, 0] = 0.03 * v[sel]
+        sel = op == RANDAUGMENT_OPS.index("translate_x")
+        a[sel, 0, 2] = 0.045 * v[sel] * ww
+        sel = op == RANDAUGMENT_OPS.index("translate_y")
+        a[sel, 1, 2] = 0.045 * v[sel] * hh
+        sel = op == RANDAUGMENT_OPS.index("scale")
+        a[sel, 0, 0] = a[sel, 1, 1] = 1 + 0.05 * v[sel]
+        m = uncentre @ a @ centre @ m
+    return m
+
+
+def transform_boxes(boxes, valid, matrices, input_shape, min_size=2.0, max_aspect=20.0, min_area_kept=0.15,
+                    clip_to=None):
+    """Move boxes by their 4 corners -> enclosing box -> clip -> drop degenerate ones.
+    boxes: [B, M, 4] xyxy; matrices: [B, 3, 3] (or [B, 2, 3]) source px -> output px;
+    clip_to: optional [B, M, 4] xyxy region per box (default the whole output).
+    Drops boxes under min_size px a side, thinner than 1:max_aspect, or with less than
+    min_area_kept of their transformed area left inside. Returns (boxes [B, M, 4], valid [B, M])."""
+    mat = matrices[:, :2].to(boxes.dtype)
+    x0, y0, x1, y1 = boxes.unbind(-1)
+    corners = torch.stack([torch.stack([x0, y0], -1), torch.stack([x1, y0], -1), torch.stack([x0, y1], -1),
+                           torch.stack([x1, y1], -1)], -2)  # [B, M, 4, 2]
+    moved = torch.einsum("bij,bmkj->bmki", mat[:, :, :2], corners) + mat[:, None, None, :, 2]
+    lo, hi = moved.min(-2).values, moved.max(-2).values  # [B, M, 2]
+    full_area = (hi - lo).prod(-1)
+    if clip_to is None:
+        limit = torch.tensor([float(input_shape[1]), float(input_shape[0])], dtype=boxes.dtype, device=boxes.device)
+        lo_c, hi_c = lo.clamp(min=0), torch.minimum(hi, limit)
+    else:
+        lo_c, hi_c = torch.maximum(lo, clip_to[..., :2]), torch.minimum(hi, clip_to[..., 2:])
+    wh = hi_c - lo_c
+    keep = valid & (wh >= min_size).all(-1) & (wh.max(-1).values <= max_aspect * wh.min(-1).values) & \
+        (wh.clamp(min=0).prod(-1) >= min_area_kept * full_area)
+    out = torch.cat([lo_c, hi_c], -1) * keep[..., None]
+    return out, keep
+
+
+def _to_theta(matrices, canvas_hw, input_shape):
+    """Output px -> source px matrices [B, 3, 3] as affine_grid's normalized theta [B, 2, 3]
+    (align_corners=False: normalized -1..1 spans the pixel edges 0..size)."""
+    hc, wc = canvas_hw
+    hh, ww = input_shape
+    to_norm = torch.tensor([[2 / wc, 0, -1], [0, 2 / hc, -1], [0, 0, 1]], dtype=torch.float64)
+    from_norm = torch.tensor([[ww / 2, 0, ww / 2], [0, hh / 2, hh / 2], [0, 0, 1]], dtype=torch.float64)
+    return (to_norm @ matrices @ from_norm)[:, :2].float()
+
+
+def warp(images, theta, input_shape, mode="bilinear"):
+    """grid_sample for a batch (or a chunk of one). images uint8 [n, 3, Hc, Wc] (canvas padding 114);
+    theta: [n, 2, 3] normalized output -> input coordinates (see _to_theta). Returns float32
+    [n, 3, H, W] in 0..255 MINUS 114, so that zero padding is the grey pad value once 114 is added
+    back (folded into the colour step)."""
+    hh, ww = int(input_shape[0]), int(input_shape[1])
+    # The sampling grid is exactly F.affine_grid(theta, (n, 3, H, W), align_corners=False), i.e.
+    # theta @ (x_n, y_n, 1) at every output pixel centre; written as two broadcast terms because
+    # affine_grid's batched matmul over a [n, H*W, 3] base grid costs more than the sampling on a CPU.
+    xs = (torch.arange(ww, device=images.device, dtype=torch.float32) * 2 + 1) / ww - 1  # pixel centres
+    ys = (torch.arange(hh, device=images.device, dtype=torch.float32) * 2 + 1) / hh - 1
+    row = xs[None, :, None] * theta[:, None, :, 0] + theta[:, None, :, 2]  # [n, W, 2]
+    col = ys[None, :, None] * theta[:, None, :, 1]  # [n, H, 2]
+    grid = row[:, None] + col[:, :, None]  # [n, H, W, 2], one write
+    x = images.float().sub_(PAD_VALUE)
+    return F.grid_sample(x, grid, mode=mode, padding_mode="zeros", align_corners=False)
+
+
+def warp_region(images, inverse, region, rows, mode="bilinear"):
+    """Output pixels region = (y0, y1, x0, x1) of images[rows]: the canvas rectangle those pixels can
+    read (their corners through `inverse`, +2 px for the interpolation taps) is cropped first, so
+    only it is converted to float. images uint8 [B, 3, Hc, Wc]; inverse [B, 3, 3] float64 output
+    px -> canvas px; rows: a slice or index tensor. Returns float32 [n, 3, y1 - y0, x1 - x0], minus 114."""
+    y0, y1, x0, x1 = region
+    hc, wc = images.shape[-2:]
+    inv = inverse[rows]
+    corners = torch.tensor([[x0, x1, x0, x1], [y0, y0, y1, y1], [1, 1, 1, 1]], dtype=torch.float64)
+    src = inv[:, :2] @ corners  # [n, 2, 4] canvas px
+    lo, hi = src.amin((0, 2)).floor() - 2, src.amax((0, 2)).ceil() + 2
+    cx0, cy0 = min(max(int(lo[0]), 0), wc - 1), min(max(int(lo[1]), 0), hc - 1)
+    cx1, cy1 = min(max(int(hi[0]), cx0 + 1), wc), min(max(int(hi[1]), cy0 + 1), hc)
+    shift_in, shift_out = _eye(1), _eye(1)
+    shift_in[0, :2, 2] = torch.tensor([-cx0, -cy0], dtype=torch.float64)
+    shift_out[0, :2, 2] = torch.tensor([x0, y0], dtype=torch.float64)
+    theta = _to_theta(shift_in @ inv @ shift_out, (cy1 - cy0, cx1 - cx0), (y1 - y0, x1 - x0)).to(images.device)
+    if isinstance(rows, torch.Tensor):
+        rows = rows.to(images.device)
+    return warp(images[:, :, cy0:cy1, cx0:cx1][rows], theta, (y1 - y0, x1 - x0), mode)
+
+
+# ----------------------------------------------------------------------------------------------
+# Mosaic, per batch: a plan (split point + which image fills each quadrant), then boxes and pixels
+# ----------------------------------------------------------------------------------------------
+def mosaic_plan(b, h, w, generator, split_range=(0.25, 0.75)):
+    """One random split point (cy, cx) for the batch and src [B, 4]: output i shows, in quadrant q
+    (TL, TR, BL, BR), the same region of image src[i, q], at the same place and scale. Each image is
+    repeated 4 times and the copies shuffled, one permutation per quadrant, so every region of
+    every image appears exactly once in the mosaicked batch."""
+    u = torch.rand(2, generator=generator, device=_where(generator)).cpu()
+    cy = int(round(h * (split_range[0] + (split_range[1] - split_range[0]) * float(u[0]))))
+    cx = int(round(w * (split_range[0] + (split_range[1] - split_range[0]) * float(u[1]))))
+    src = torch.stack([torch.randperm(b, generator=generator, device=_where(generator)).cpu() for _ in range(4)], 1)
+    regions = [(0, cy, 0, cx), (0, cy, cx, w), (cy, h, 0, cx), (cy, h, cx, w)]  # (y0, y1, x0, x1)
+    return regions, src
+
+
+def mosaic_boxes(boxes, labels, valid, plan, min_area_kept=0.15):
+    """Boxes of the mosaicked batch: each quadrant takes its source's boxes cut to the quadrant,
+    filtered like any crop. boxes [B, M, 4] -> [B, M, 4] (survivors first; beyond M are dropped)."""
+    regions, src = plan
+    b, m = boxes.shape[:2]
+    src = src.to(boxes.device)
+    qb, ql, qv = boxes[src].reshape(b, 4 * m, 4), labels[src].reshape(b, 4 * m), valid[src].reshape(b, 4 * m)
+    clip = torch.tensor([[x0, y0, x1, y1] for y0, y1, x0, x1 in regions], dtype=boxes.dtype, device=boxes.device)
+    clip = clip.repeat_interleave(m, 0)[None].expand(b, 4 * m, 4)
+    ident = torch.eye(3, dtype=boxes.dtype, device=boxes.device).expand(b, 3, 3)
+    h, w = regions[3][1], regions[3][3]
+    qb, qv = transform_boxes(qb, qv, ident, (h, w), clip_to=clip, min_area_kept=min_area_kept)
+    order = torch.sort(qv.to(torch.int8), dim=1, descending=True, stable=True).indices[:, :m]
+    return qb.gather(1, order[..., None].expand(-1, -1, 4)), ql.gather(1, order), qv.gather(1, order)
+
+
+def mosaic_images(images, plan, rows=slice(None)):
+    """Pixels of mosaicked outputs `rows`: four batched slice copies, no loop over images."""
+    regions, src = plan
+    src = src[rows].to(images.device)
+    out = torch.empty((len(src),) + tuple(images.shape[1:]), dtype=images.dtype, device=images.device)
+    for q, (y0, y1, x0, x1) in enumerate(regions):
+        out[:, :, y0:y1, x0:x1] = images[:, :, y0:y1, x0:x1][src[:, q]]  # index the region only
+    return out
+
+
+def mosaic(images, boxes, labels, valid, generator, split_range=(0.25, 0.75), min_area_kept=0.15):
+    """2x2 mosaic of a whole batch: images [B, C, H, W], boxes [B, M, 4] -> the same shapes."""
+    plan = mosaic_plan(len(images), images.shape[2], images.shape[3], generator, split_range)
+    return (mosaic_images(images, plan),) + mosaic_boxes(boxes, labels, valid, plan, min_area_kept)
+
+
+# ----------------------------------------------------------------------------------------------
+# Colour: the linear ops (HSV jitter, brightness, colour, contrast) fold into one affine map per
+# image, v -> A v + c + D m (m = the image's mean RGB, for contrast); the rest (sharpness,
+# posterize, solarize, equalize, autocontrast) run afterwards on the images that drew them.
+# ----------------------------------------------------------------------------------------------
+_YIQ = torch.tensor([[0.299, 0.587, 0.114], [0.596, -0.274, -0.322], [0.211, -0.523, 0.312]], dtype=torch.float64)
+_GREY = _YIQ[0]
+
+
+def hsv_matrices(gains, generator, b):
+    """Random HSV jitter as [B, 3, 3] RGB matrices: hue = rotation of the chroma plane in YIQ,
+    saturation = chroma scale, value = overall scale (a linear stand-in for HSV that costs one
+    matmul). gains: (hue fraction of a full turn, saturation, value), each drawn in +-gain."""
+    u = torch.rand(b, 3, generator=generator, dtype=torch.float64, device=_where(generator)).cpu() * 2 - 1
+    theta = u[:, 0] * gains[0] * 2 * math.pi
+    sat, val = 1 + u[:, 1] * gains[1], 1 + u[:, 2] * gains[2]
+    mid = _eye(b)
+    mid[:, 1, 1], mid[:, 1, 2] = sat * torch.cos(theta), -sat * torch.sin(theta)
+    mid[:, 2, 1], mid[:, 2, 2] = sat * torch.sin(theta), sat * torch.cos(theta)
+    return val[:, None, None] * (torch.linalg.inv(_YIQ) @ mid @ _YIQ)
+
+
+def _blend_matrices(sel, factor):
+    """PIL's Color enhance as matrices: blend with the grey image by factor where sel, else identity."""
+    f = torch.where(sel, factor, torch.ones_like(factor))[:, None, None]
+    return f * _eye(len(sel)) + (1 - f) * _GREY.expand(3, 3)[None]
+
+
+def colour_affine(ops, factors, hsv, generator):
+    """Compose the linear colour ops of each image into (A [B, 3, 3], c [B, 3], D [B, 3, 3]),
+    the map v -> A v + c + D m on 0..1 RGB, m = the warped image's mean RGB. Contrast blends towards
+    the current image's mean grey g.(A m + c + D m), which is why D exists. Clamping between ops is
+    skipped (one pass instead of one per op)."""
+    b, n_layers = ops.shape
+    a, c, d = _eye(b), torch.zeros(b, 3, dtype=torch.float64), torch.zeros(b, 3, 3, dtype=torch.float64)
+    ones_grey = torch.ones(3, 1, dtype=torch.float64) @ _GREY[None]  # [3, 3]: v -> (g.v) in every channel
+    for layer in range(n_layers):  # a loop over the (2) layers, never over images
+        op, f = ops[:, layer], factors[:, layer]
+        bright = torch.where(op == RANDAUGMENT_OPS.index("brightness"), f, torch.ones_like(f))[:, None, None]
+        mat = bright * _blend_matrices(op == RANDAUGMENT_OPS.index("color"), f)
+        a, c, d = mat @ a, (mat @ c[..., None])[..., 0], mat @ d
+        fc = torch.where(op == RANDAUGMENT_OPS.index("contrast"), f, torch.ones_like(f))
+        fm = fc[:, None, None]
+        a, c, d = fm * a, fc[:, None] * c + (1 - fc[:, None]) * (c @ _GREY)[:, None], \
+            fm * d + (1 - fm) * ones_grey @ (a + d)
+    if hsv:
+        mat = hsv_matrices(hsv, generator, b)
+        a, c, d = mat @ a, (mat @ c[..., None])[..., 0], mat @ d
+    return a, c, d
+
+
+def _colour_into(out, warped, a, c, d):
+    """out [n, 3, H, W] = clamp(A v + c + D m, 0, 1) with v = (warped + 114) / 255; one matmul
+    pass plus one in-place pass. a, c, d: float64 on the CPU, for these n images."""
+    n = len(warped)
+    bias = c + (a @ torch.full((n, 3, 1), PAD_VALUE / 255, dtype=torch.float64))[..., 0]
+    if d.any():
+        mean = (warped.mean((2, 3)).double().cpu() + PAD_VALUE) / 255
+        bias = bias + (d @ mean[..., None])[..., 0]
+    dev = warped.device
+    if torch.equal(a, _eye(n)):
+        torch.add(warped, 0, out=out).mul_(1 / 255)  # identity colour: skip the matmul
+    else:
+        torch.bmm((a / 255).float().to(dev), warped.reshape(n, 3, -1), out=out.view(n, 3, -1))
+    return out.add_(bias.float().to(dev)[..., None, None]).clamp_(0, 1)
+
+
+def _sharpness(x, factor):
+    """PIL's sharpness: blend with the smoothed image (kernel [[1,1,1],[1,5,1],[1,1,1]] / 13, i.e.
+    (3x3 box sum + 4 x centre) / 13, done with separable slice sums: cheaper than a depthwise conv)."""
+    p = F.pad(x, (1, 1, 1, 1), mode="replicate")
+    v = p[..., :-2, :] + p[..., 1:-1, :] + p[..., 2:, :]
+    blurred = (v[..., :-2] + v[..., 1:-1]).add_(v[..., 2:]).add_(x, alpha=4).div_(13)
+    f = factor[:, None, None, None]
+    return blurred.mul_(1 - f).add_(x * f).clamp_(0, 1)
+
+
+def _solarize(x, threshold):
+    # lerp with a 0/1 mask: the same as torch.where(x >= t, 1 - x, x), several times faster on a CPU
+    return torch.lerp(x, 1 - x, (x >= threshold).to(x.dtype))
+
+
+def _equalize(x):
+    """Per-image, per-channel histogram equalization on [n, 3, H, W] in 0..1, batched."""
+    n, c, h, w = x.shape
+    q = (x * 255).round_().long().reshape(n * c, h * w)
+    hist = torch.zeros(n * c, 256, device=x.device).scatter_add_(1, q, torch.ones_like(q, dtype=torch.float32))
+    cdf = hist.cumsum(1)
+    cdf_min = torch.where(hist > 0, cdf, torch.full_like(cdf, float(h * w))).min(1, keepdim=True).values
+    lut = ((cdf - cdf_min) / (h * w - cdf_min).clamp(min=1)).clamp_(0, 1)
+    return lut.gather(1, q).reshape(n, c, h, w)
+
+
+def _autocontrast(x):
+    """Stretch each channel of each image to 0..1 (channels with one value stay as they are)."""
+    lo = x.amin((2, 3), keepdim=True)
+    hi = x.amax((2, 3), keepdim=True)
+    flat = hi <= lo
+    scale = 1 / torch.where(flat, torch.ones_like(hi), hi - lo)  # small [n, 3, 1, 1] tensors
+    return (x - torch.where(flat, torch.zeros_like(lo), lo)).mul_(scale)
+
+
+def _apply_on(x, sel, fn):
+    """x[sel] = fn(x[sel], indices): an op on the selected images only (index, not a loop)."""
+    idx = sel.nonzero().flatten()
+    if len(idx):
+        idx = idx.to(x.device)
+        x[idx] = fn(x[idx], idx)
+    return x
+
+
+def _colour_chunk(out, warped, affine, ops, factors, magnitude):
+    """Colour for n images: the folded linear map (_colour_into), then each non-linear RandAugment
+    op on the images that drew it. ops [n, L], factors [n, L] (enhance factors)."""
+    x = _colour_into(out, warped, *affine)
+    dev = x.device
+    step_q = 2 ** (8 - max(1, 8 - int(round(magnitude * 0.4))))  # posterize: keep 8 - 0.4 m bits
+    threshold = 1 - magnitude * 0.09  # solarize: invert above 1 - 0.09 m
+    for layer in range(ops.shape[1]):
+        op, f = ops[:, layer], factors[:, layer].float().to(dev)
+        _apply_on(x, op == RANDAUGMENT_OPS.index("sharpness"), lambda t, i: _sharpness(t, f[i]))
+        _apply_on(x, op == RANDAUGMENT_OPS.index("posterize"),
+                  lambda t, i: torch.floor(t * (255 / step_q)) * (step_q / 255))
+        _apply_on(x, op == RANDAUGMENT_OPS.index("solarize"), lambda t, i: _solarize(t, threshold))
+        _apply_on(x, op == RANDAUGMENT_OPS.index("equalize"), lambda t, i: _equalize(t))
+        _apply_on(x, op == RANDAUGMENT_OPS.index("autocontrast"), lambda t, i: _autocontrast(t))
+    return x
+
+
+# ----------------------------------------------------------------------------------------------
+# augment: the whole pipeline
+# ----------------------------------------------------------------------------------------------
+# On a CPU every fresh tensor above ~32 MB is new memory from the kernel (page faults + zeroing),
+# which costs as much as the arithmetic here. The pixel work therefore runs over chunks of images
+# whose temporaries stay small enough for malloc to reuse; the maths per image is unchanged.
+# On a GPU the caching allocator makes this moot, so the whole batch is one chunk.
+CPU_CHUNK_BYTES = 8 << 20
+
+
+def augment(batch, input_shape, random_crop_mode=1.0, magnitude=0, num_layers=2, mosaic_mix_prob=0.5, generator=None,
+            hsv=(0.015, 0.5, 0.3), flip_prob=0.5, min_area_kept=0.15, mode="bilinear"):
+    """Augment a loader batch on its own device.
+
+    batch: make_loader's dict (images uint8 [B, 3, Hc, Wc] with canvas padding 114, sizes, boxes
+    [B, M, 4] xyxy, labels, valid, image_ids, scales). input_shape: (H, W) or an int.
+    random_crop_mode, magnitude, num_layers, mosaic_mix_prob: see crop_matrices, randaugment_matrices,
+    mosaic_plan. generator: a torch.Generator, CPU or the batch's device (every random draw).
+    hsv: (hue, saturation, value) gains, or None for off. min_area_kept: drop boxes with less than
+    this fraction of their area left after a crop.
+    Returns dict(images float32 [B, 3, H, W] 0..1, boxes [B, M, 4] xyxy output px, labels [B, M],
+    valid [B, M], image_ids [B], matrices float32 [B, 2, 3] output px -> ORIGINAL image px (undefined
+    after mosaic)). random_crop_mode=0, magnitude=0, mosaic_mix_prob=0, flip_prob=0, hsv=None is the
+    eval letterbox."""
+    if isinstance(input_shape, int):
+        input_shape = (input_shape, input_shape)
+    hh, ww = int(input_shape[0]), int(input_shape[1])
+    generator = generator if generator is not None else torch.Generator().manual_seed(0)
+    images, dev = batch["images"], batch["images"].device
+    b = len(images)
+
+    # 1. geometry: crop mode, then flip, then RandAugment, composed into one matrix per image
+    fwd = crop_matrices(batch["sizes"], (hh, ww), random_crop_mode, generator)
+    flip = torch.rand(b, generator=generator, device=_where(generator)).cpu() < flip_prob
+    fwd = flip_matrices(flip, ww) @ fwd
+    ops = torch.randint(0, len(RANDAUGMENT_OPS), (b, num_layers), generator=generator, device=_where(generator)).cpu()
+    signs = torch.randint(0, 2, (b, num_layers), generator=generator, device=_where(generator)).cpu() * 2 - 1
+    if magnitude == 0:
+        ops = torch.zeros_like(ops)  # all "identity": magnitude 0 changes nothing
+    fwd = randaugment_matrices(ops, signs, magnitude, (hh, ww)) @ fwd
+    inverse = torch.linalg.inv(fwd)  # output px -> canvas px, what the sampling needs
+    boxes, valid = transform_boxes(batch["boxes"].float(), batch["valid"], fwd.float().to(dev), (hh, ww),
+                                   min_area_kept=min_area_kept)
+    labels = batch["labels"]
+    scales = batch.get("scales", torch.ones(b)).double().cpu()
+    matrices = (torch.diag_embed(torch.stack([1 / scales, 1 / scales, torch.ones(b, dtype=torch.float64)], 1))
+                @ inverse)[:, :2].float().to(dev)
+
+    # 2. mosaic, decided per batch: its boxes now, its pixels in step 4
+    plan = None
+    if mosaic_mix_prob > 0 and float(torch.rand(1, generator=generator, device=_where(generator))) < mosaic_mix_prob:
+        plan = mosaic_plan(b, hh, ww, generator)
+        boxes, labels, valid = mosaic_boxes(boxes, labels, valid, plan, min_area_kept)
+
+    # 3. colour maps per image (per OUTPUT image: after a mosaic, all four quadrants share one)
+    factors = 1 + signs.double() * magnitude * 0.09  # enhance factors of contrast / brightness / color / sharpness
+    a, c, d = colour_affine(ops, factors, hsv, generator)
+
+    # 4. pixels: warp (+ mosaic) + colour, chunk by chunk (see CPU_CHUNK_BYTES). With a mosaic,
+    # output i's quadrant q is sampled straight from image src[i, q] through that image's matrix,
+    # one grid_sample per quadrant for the chunk, so the mosaic costs no extra pass.
+    step = b if dev.type != "cpu" else max(1, CPU_CHUNK_BYTES // (3 * hh * ww * 4))
+    x = torch.empty(b, 3, hh, ww, device=dev)
+    for s in range(0, b, step):  # chunks of images: a memory tiling, each chunk fully batched
+        rows = slice(s, s + step)
+        if plan is None:
+            y = warp_region(images, inverse, (0, hh, 0, ww), rows, mode)
+        else:
+            regions, src = plan
+            y = torch.empty(len(src[rows]), 3, hh, ww, device=dev)
+            for q, (y0, y1, x0, x1) in enumerate(regions):  # the 4 quadrants
+                y[:, :, y0:y1, x0:x1] = warp_region(images, inverse, (y0, y1, x0, x1), src[rows, q], mode)
+        _colour_chunk(x[rows], y, (a[rows], c[rows], d[rows]), ops[rows], factors[rows], magnitude)
+
+    return dict(images=x, boxes=boxes, labels=labels, valid=valid, image_ids=batch["image_ids"], matrices=matrices)
+
+
+def letterbox(batch, input_shape, mode="bilinear"):
+    """The eval transform: aspect-preserving resize, top-left, grey pad; exact inverse in `matrices`
+    (output px -> original image px). mode: grid_sample's "bilinear" | "nearest" | "bicubic"."""
+    return augment(batch, input_shape, random_crop_mode=0, magnitude=0, num_layers=0, mosaic_mix_prob=0,
+                   generator=torch.Generator().manual_seed(0), hsv=None, flip_prob=0, mode=mode)
+
+
+# ----------------------------------------------------------------------------------------------
+# Pictures
+# ----------------------------------------------------------------------------------------------
+def show_batch_sample(batch, path, class_names=None, max_images=16, columns=4):
+    """Grid PNG of a batch (augment's output, or a loader batch) with boxes and class names.
+    Crowd / ignore regions are drawn grey. Written to a temp name, then renamed."""
+    images = batch["images"][:max_images].detach().cpu()
+    if images.dtype == torch.uint8:
+        images = images.float() / 255
+    boxes, labels, valid = (batch[k][:max_images].cpu() for k in ("boxes", "labels", "valid"))
+    n, _, h, w = images.shape
+    cols = min(columns, n)
+    rows = (n + cols - 1) // cols
+    sheet = Image.new("RGB", (cols * (w + 4), rows * (h + 4)), (255, 255, 255))
+    palette = [(230, 25, 75), (60, 180, 75), (0, 130, 200), (245, 130, 48), (145, 30, 180), (70, 240, 240),
+               (240, 50, 230), (210, 245, 60), (0, 128, 128), (170, 110, 40)]
+    for i in range(n):
+        pic = Image.fromarray((images[i].permute(1, 2, 0).clamp(0, 1) * 255).round().byte().numpy())
+        draw = ImageDraw.Draw(pic)
+        for box, label in zip(boxes[i][valid[i]].tolist(), labels[i][valid[i]].tolist()):
+            colour = (128, 128, 128) if label < 0 else palette[label % len(palette)]
+            name = "crowd" if label < 0 else (class_names[label] if class_names else str(label))
+            draw.rectangle(box, outline=colour, width=2)
+            draw.text((box[0] + 2, box[1] + 1), name, fill=colour)
+        sheet.paste(pic, ((i % cols) * (w + 4) + 2, (i // cols) * (h + 4) + 2))
+    tmp = f"{path}.tmp-{os.getpid()}.png"
+    sheet.save(tmp)
+    os.replace(tmp, path)
+    return path
+
+
+# ----------------------------------------------------------------------------------------------
+# CLI
+# ----------------------------------------------------------------------------------------------
+def main(argv=None):
+    parser = argparse.ArgumentParser(
+        description="plaindet data tools: build the shapes set, or draw an augmented batch.")
+    sub = parser.add_subparsers(dest="command", required=True)
+    p = sub.add_parser("shapes", help="write the built-in synthetic shapes set (COCO layout)")
+    p.add_argument("--out", default=os.path.join(ROOT, "data_cache", "shapes"), help="output folder (must not exist)")
+    p.add_argument("--num_train", type=int, default=1000, help="number of train images")
+    p.add_argument("--num_val", type=int, default=200, help="number of val images")
+    p.add_argument("--seed", type=int, default=0, help="random seed; the same seed writes the same set")
+    p = sub.add_parser("show", help="draw one augmented batch as a PNG grid")
+    p.add_argument("--data", default="shapes", help="'shapes', a COCO folder, a COCO json or a YOLO folder")
+    p.add_argument("--split", default="train", choices=["train", "val"], help="which split to read")
+    p.add_argument("--batch_size", type=int, default=16, help="images in the picture")
+    p.add_argument("--input_shape", type=int, default=256, help="output side in pixels (square)")
+    p.add_argument("--random_crop_mode", type=float, default=1.0,
+                   help="0 letterbox, (0,1) random resized crop, 1 random largest crop, >1 random scale")
+    p.add_argument("--magnitude", type=float, default=6, help="RandAugment magnitude (0 = off)")
+    p.add_argument("--num_layers", type=int, default=2, help="RandAugment ops per image")
+    p.add_argument("--mosaic_mix_prob", type=float, default=0.5, help="probability that the batch is mosaicked")
+    p.add_argument("--seed", type=int, default=0, help="random seed for order and augmentation")
+    p.add_argument("-o", "--output", default="batch.png", help="PNG to write")
+    args = parser.parse_args(argv)
+    try:
+        if args.command == "shapes":
+            print(make_shapes(args.out, args.num_train, args.num_val, args.seed))
+            return 0
+        ds = open_dataset(args.data, args.split)
+        batch = next(iter(make_loader(ds, args.batch_size, True, 0, args.seed)))
+        out = augment(batch, (args.input_shape, args.input_shape), args.random_crop_mode, args.magnitude,
+                      args.num_layers, args.mosaic_mix_prob, torch.Generator().manual_seed(args.seed))
+        print(show_batch_sample(out, args.output, ds.class_names))
+        return 0
+    except (ValueError, FileNotFoundError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,778 @@
+"""eval.py: from raw model outputs to COCO AP, plus the `python eval.py` command line.
+
+Where this file sits in the flow
+--------------------------------
+    model -> raw outputs -> decode_predictions -> batched_nms -> boxes_to_original (undo the
+    letterbox) -> COCO results json -> evaluate_coco_results (pycocotools) -> the 12 numbers
+
+The model returns raw logits and raw box offsets in training and in evaluation alike (see
+models.py); everything that turns them into detections lives here, in reading order:
+
+1. decode_predictions: box offsets + priors -> xyxy pixels of the letterboxed input;
+   class logits (x objectness for anchor-free heads) -> scores in 0..1.
+2. batched_nms: the NMS with the knobs that moved EfficientDet-D0 from 0.326 to 0.343 AP
+   (score threshold 0.001, gaussian soft-NMS, per_class mode, top-k 5000 before NMS).
+   On CUDA tensors the greedy part runs as the hand-written kernel in nms_kernels.cu (through
+   cupy, imported only then); on the CPU the same algorithm runs in plain vectorized torch.
+3. boxes_to_original: the `matrices` that data.letterbox returns map output pixels back to the
+   original image, so boxes are scored in the pixels the ground truth is written in.
+4. evaluate_coco_results: pycocotools over EVERY image of the split: an image without any
+   detection still counts (dropping those, as keras_cv_attention_models did, inflates AP).
+5. run_coco_evaluation: the whole loop over a dataset, the call train.py makes every epoch.
+6. load_model / predict / main: checkpoints, pictures of predictions, the CLI.
+
+    python eval.py -m runs/yolox_s/last.pt -d /data/coco --nms gaussian --nms_mode per_class
+    python eval.py --results results.json -d instances_val2017.json --stats_json stats.json
+    python eval.py predict -m runs/yolox_s/last.pt img1.jpg img2.jpg -o predictions/
+"""
+import argparse
+import contextlib
+import functools
+import io
+import json
+import os
+import sys
+
+import numpy as np
+import torch
+from pycocotools.coco import COCO
+from pycocotools.cocoeval import COCOeval
+
+from data import PAD_VALUE, letterbox, make_loader, open_dataset
+from models import build_model, decode_boxes, flatten_outputs, make_priors
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+KERNEL_PATH = os.path.join(HERE, "nms_kernels.cu")
+
+# The 12 numbers of COCOeval.summarize(), in its order (the keys of --stats_json).
+STAT_KEYS = ("AP", "AP50", "AP75", "APs", "APm", "APl", "AR1", "AR10", "AR100", "ARs", "ARm", "ARl")
+NMS_METHODS = ("hard", "gaussian", "linear")  # index = the method code of nms_kernels.cu
+NMS_MODES = ("global", "per_class")
+
+
+class EvalInputError(ValueError):
+    """Bad input from the user (a file, a flag): the CLI prints the message without a traceback."""
+
+
+# ---------------------------------------------------------------------------------------------
+# 1. Decode
+# ---------------------------------------------------------------------------------------------
+def decode_predictions(outputs, priors, anchors_mode):
+    """Raw head outputs -> boxes and per-class scores.
+
+    outputs: the model's list of L levels [B, A, 4 + C + O, H_l, W_l], or the flattened
+        [B, N, 4 + C + O] (models.flatten_outputs); channel order [box 4 | class C | obj O],
+        O = 1 for anchors_mode "anchor_free" (YOLOX has objectness), else 0.
+    priors: models.Priors for the input shape, N rows in the same (level, y, x, anchor) order.
+    Returns boxes [B, N, 4] xyxy pixels of the model input, scores [B, N, C] float32 in 0..1,
+        score = sigmoid(class) * sigmoid(objectness) where there is objectness.
+    """
+    flat = flatten_outputs(outputs) if isinstance(outputs, (list, tuple)) else outputs
+    flat = flat.float()  # AMP outputs come in half precision; NMS and AP want float32
+    has_objectness = anchors_mode == "anchor_free"
+    num_classes = flat.shape[-1] - 4 - int(has_objectness)
+    boxes = decode_boxes(flat[..., :4], priors, anchors_mode)
+    scores = flat[..., 4:4 + num_classes].sigmoid()
+    if has_objectness:
+        scores = scores * flat[..., 4 + num_classes:].sigmoid()
+    return boxes, scores
+
+
+# ---------------------------------------------------------------------------------------------
+# 2. NMS
+# ---------------------------------------------------------------------------------------------
+# The algorithm, defined once for the kernel and the CPU twin alike:
+#   candidates: the (prior, class) pairs with score >= score_threshold;
+#   topk > 0:   keep the topk best pairs of each image (ties: lower prior, then lower class);
+#   topk == 0:  keep only the best class of each prior (then the threshold); topk == -1: all;
+#   groups:     mode "global" -> one group per image (classes suppress each other),
+#               mode "per_class" -> one group per (image, class);
+#   greedy, inside every group: pick the best alive score, record it, decay the others by their
+#               IoU with the pick (hard: drop IoU > thr; gaussian: score *= exp(-IoU^2 / sigma);
+#               linear: score *= 1 - IoU where IoU > thr), drop scores below score_threshold;
+#               at most max_output_size picks per group;
+#   merge:      per image, the best max_output_size picks over all its groups.
+# Ties anywhere go to the lower index, so the kernel and the twin pick the same boxes.
+
+
+def _box_iou_one_to_many(box, boxes, areas):
+    """IoU of one box per group with every box of that group.
+
+    box [G, 4] xyxy, boxes [G, K, 4] xyxy, areas [G, K] -> [G, K]. The operations are in the
+    order of box_iou in nms_kernels.cu, so both sides compute the same float32 value.
+    """
+    x1, y1, x2, y2 = (box[:, i:i + 1] for i in range(4))  # each [G, 1]
+    iw = (torch.minimum(x2, boxes[..., 2]) - torch.maximum(x1, boxes[..., 0])).clamp(min=0)
+    ih = (torch.minimum(y2, boxes[..., 3]) - torch.maximum(y1, boxes[..., 1])).clamp(min=0)
+    inter = iw * ih
+    union = (x2 - x1) * (y2 - y1) + areas - inter
+    return torch.where(union > 0, inter / union, torch.zeros_like(inter))
+
+
+def _greedy_nms_torch(scores, boxes, method, iou_or_sigma, score_threshold, max_output_size):
+    """The greedy part of NMS for all groups at once, in torch (the twin of nms_greedy_kernel).
+
+    scores [G, K] float32 (-inf = padding), boxes [G, K, 4] xyxy.
+    Returns keep_pos [G, max_output_size] int64 (position in the group, -1 = none) and
+    keep_score [G, max_output_size] float32 (the score when picked, 0 = none).
+
+    Why a Python loop remains: pick i + 1 depends on the scores that pick i decayed, so the
+    picks of one group are sequential by nature. Everything else is a tensor op over all groups
+    (all images and classes) together, so the loop runs at most max_output_size times, however
+    many images, classes and candidates there are.
+    """
+    neg_inf = torch.tensor(float("-inf"), device=scores.device)
+    s = torch.where(scores >= score_threshold, scores, neg_inf)  # a fresh tensor: safe to write
+    num_groups, k = s.shape
+    keep_pos = torch.full((num_groups, max_output_size), -1, dtype=torch.long, device=s.device)
+    keep_score = torch.zeros((num_groups, max_output_size), dtype=s.dtype, device=s.device)
+    rows = torch.arange(num_groups, device=s.device)
+    areas = (boxes[..., 2] - boxes[..., 0]) * (boxes[..., 3] - boxes[..., 1])  # [G, K]
+    for step in range(min(max_output_size, k)):
+        pos = s.argmax(dim=1)                     # [G] the first maximum: ties -> lower position
+        best = s[rows, pos]                       # [G]
+        alive = best > neg_inf                    # groups that still have a candidate
+        if not bool(alive.any()):
+            break
+        keep_pos[:, step] = torch.where(alive, pos, -1)
+        keep_score[:, step] = torch.where(alive, best, torch.zeros_like(best))
+        s[rows, pos] = neg_inf                    # the pick leaves the pool
+        iou = _box_iou_one_to_many(boxes[rows, pos], boxes, areas)  # [G, K]
+        if method == "hard":
+            decayed = torch.where(iou > iou_or_sigma, neg_inf, s)
+        elif method == "gaussian":
+            decayed = s * torch.exp(-(iou * iou) / iou_or_sigma)
+        else:  # linear
+            decayed = torch.where(iou > iou_or_sigma, s * (1.0 - iou), s)
+        # Dead slots stay -inf (never multiply -inf by a factor that may be 0).
+        s = torch.where((s > neg_inf) & (decayed >= score_threshold), decayed, neg_inf)
+    return keep_pos, keep_score
+
+
+@functools.lru_cache(maxsize=None)
+def _nms_cuda_function(device_index):
+    """Compile nms_kernels.cu with NVRTC once per device (cupy caches the binary on disk too)."""
+    import cupy  # only here: CPU machines never need cupy
+
+    with open(KERNEL_PATH) as f:
+        source = f.read()
+    with cupy.cuda.Device(device_index):
+        # --fmad=false: no fused multiply-add, so IoU rounds exactly like the CPU twin.
+        module = cupy.RawModule(code=source, options=("--fmad=false",))
+        return module.get_function("nms_greedy_kernel")
+
+
+def _greedy_nms_cuda(scores, boxes, method, iou_or_sigma, score_threshold, max_output_size):
+    """The greedy part on a CUDA device: one launch of nms_greedy_kernel, one block per group.
+
+    Same arguments and results as _greedy_nms_torch (keep_pos comes back as int64).
+    """
+    try:
+        import cupy
+    except ImportError as e:
+        raise RuntimeError("NMS on CUDA tensors needs cupy: pip install cupy-cuda12x "
+                           "(or move the tensors to the CPU to use the torch twin)") from e
+    device = scores.device
+    work = scores.detach().float().contiguous().clone()  # the kernel overwrites its scores
+    boxes = boxes.detach().float().contiguous()
+    num_groups, k = work.shape
+    keep_pos = torch.empty((num_groups, max_output_size), dtype=torch.int32, device=device)
+    keep_score = torch.empty((num_groups, max_output_size), dtype=torch.float32, device=device)
+    function = _nms_cuda_function(device.index)
+    stream = torch.cuda.current_stream(device)
+    with cupy.cuda.Device(device.index), cupy.cuda.ExternalStream(stream.cuda_stream):
+        function((num_groups,), (256,),  # 256 = NMS_THREADS in nms_kernels.cu
+                 (cupy.asarray(work), cupy.asarray(boxes), cupy.asarray(keep_pos),
+                  cupy.asarray(keep_score), np.int32(k), np.int32(max_output_size),
+                  np.float32(score_threshold), np.float32(iou_or_sigma),
+                  np.int32(NMS_METHODS.index(method))))
+    return keep_pos.long(), keep_score
+
+
+def _select_candidates(scores, score_threshold, topk):
+    """The (prior, class) pairs that enter NMS.
+
+    scores [B, N, C] -> image, prior, label, score: four [M] tensors, ordered by image, then by
+    score descending (ties: lower prior, then lower class).
+    """
+    b, n, c = scores.shape
+    if topk == 0:  # one class per prior: its best
+        flat, best_label = scores.max(dim=2)            # [B, N]
+    else:
+        flat = scores.reshape(b, n * c)                  # pair index = prior * C + class
+    keep = flat >= score_threshold
+    if 0 < topk < flat.shape[1]:
+        # A cheap pre-cut: torch.topk finds each image's k-th best score; only pairs at or above
+        # it can be among the top k. (Which of several tied pairs wins is settled by the stable
+        # sort below, not by topk, whose order among ties is unspecified.)
+        kth = flat.topk(topk, dim=1, sorted=False).values.amin(dim=1, keepdim=True)  # [B, 1]
+        keep &= flat >= kth
+    image, index = keep.nonzero(as_tuple=True)
+    score = flat[image, index]
+    # Rank inside each image: sort by score (stable keeps the lower index first on a tie), then
+    # stably by image, so each image's pairs stay in score order.
+    order = torch.sort(score, descending=True, stable=True).indices
+    order = order[torch.sort(image[order], stable=True).indices]
+    image, index, score = image[order], index[order], score[order]
+    if topk > 0:
+        per_image = torch.bincount(image, minlength=b)
+        start = torch.cumsum(per_image, 0) - per_image
+        rank = torch.arange(len(image), device=image.device) - start[image]
+        keep = rank < topk
+        image, index, score = image[keep], index[keep], score[keep]
+    if topk == 0:
+        prior, label = index, best_label[image, index]
+    else:
+        prior, label = index // c, index % c
+    return image, prior, label, score
+
+
+def batched_nms(boxes, scores, method="gaussian", mode="per_class", iou_or_sigma=0.5,
+                score_threshold=0.001, topk=5000, max_output_size=100, use_kernel=None):
+    """Hard or soft NMS over a batch, global or per class (the algorithm is described above).
+
+    boxes [B, N, 4] xyxy (one box per prior, shared by its classes), scores [B, N, C] in 0..1.
+    method: "hard" | "gaussian" | "linear"; mode: "global" | "per_class";
+    iou_or_sigma: the IoU threshold for hard / linear, sigma for gaussian;
+    topk: pairs kept per image before NMS (-1 all, 0 the best class of each prior);
+    use_kernel: None = the CUDA kernel on CUDA tensors, the torch twin otherwise; False forces
+        the twin (for benchmarks and tests on a GPU); True requires CUDA tensors.
+    Returns boxes [B, K, 4], scores [B, K], labels [B, K] int64 (-1 = empty slot) and
+        counts [B] int64, K = max_output_size; each image's detections come first, best first.
+    """
+    if method not in NMS_METHODS:
+        raise ValueError(f"NMS method {method!r}: choose one of {', '.join(NMS_METHODS)}")
+    if mode not in NMS_MODES:
+        raise ValueError(f"NMS mode {mode!r}: choose one of {', '.join(NMS_MODES)}")
+    if method == "gaussian" and not iou_or_sigma > 0:
+        raise ValueError(f"gaussian NMS needs sigma > 0 (--nms_iou_or_sigma), got {iou_or_sigma}")
+    if max_output_size < 1 or topk < -1:
+        raise ValueError(f"max_output_size must be >= 1 and topk >= -1, got {max_output_size}, {topk}")
+    if boxes.dim() != 3 or scores.dim() != 3 or boxes.shape[:2] != scores.shape[:2] or boxes.shape[2] != 4:
+        raise ValueError(f"batched_nms wants boxes [B, N, 4] and scores [B, N, C], got "
+                         f"{tuple(boxes.shape)} and {tuple(scores.shape)}")
+    if use_kernel is None:
+        use_kernel = boxes.is_cuda
+    if use_kernel and not boxes.is_cuda:
+        raise ValueError("use_kernel=True needs CUDA tensors")
+    b, _, c = scores.shape
+    device = boxes.device
+    boxes, scores = boxes.float(), scores.float()
+    out_boxes = torch.zeros((b, max_output_size, 4), dtype=torch.float32, device=device)
+    out_scores = torch.zeros((b, max_output_size), dtype=torch.float32, device=device)
+    out_labels = torch.full((b, max_output_size), -1, dtype=torch.long, device=device)
+
+    # Candidates, then groups: one group per image (global) or per (image, class) (per_class).
+    image, prior, label, score = _select_candidates(scores, score_threshold, topk)
+    if len(image) == 0:
+        return out_boxes, out_scores, out_labels, torch.zeros(b, dtype=torch.long, device=device)
+    group_key = image if mode == "global" else image * c + label
+    order = torch.sort(group_key, stable=True).indices      # keeps the score order in a group
+    _, group, sizes = torch.unique_consecutive(group_key[order], return_inverse=True, return_counts=True)
+    starts = torch.cumsum(sizes, 0) - sizes
+    slot = torch.arange(len(order), device=device) - starts[group]  # position in the group
+    num_groups, k = len(sizes), int(sizes.max())
+
+    # Pad every group to K slots: a [G, K] layout lets one tensor op (or one kernel block per
+    # group) treat all groups at once. Padding has score -inf, which never gets picked.
+    candidate = torch.full((num_groups, k), -1, dtype=torch.long, device=device)
+    candidate[group, slot] = order
+    pad_scores = torch.full((num_groups, k), float("-inf"), device=device)
+    pad_scores[group, slot] = score[order]
+    pad_boxes = torch.zeros((num_groups, k, 4), device=device)
+    pad_boxes[group, slot] = boxes[image[order], prior[order]]
+
+    greedy = _greedy_nms_cuda if use_kernel else _greedy_nms_torch
+    keep_pos, keep_score = greedy(pad_scores, pad_boxes, method, float(iou_or_sigma),
+                                  float(score_threshold), int(max_output_size))
+
+    # Merge: the picks of all groups of an image, best first (ties: lower group, earlier pick).
+    pick_group, pick_step = (keep_pos >= 0).nonzero(as_tuple=True)
+    picked = candidate[pick_group, keep_pos[pick_group, pick_step]]  # index into the candidates
+    pick_score = keep_score[pick_group, pick_step]
+    pick_image = image[picked]
+    order = torch.sort(pick_score, descending=True, stable=True).indices
+    order = order[torch.sort(pick_image[order], stable=True).indices]
+    picked, pick_score, pick_image = picked[order], pick_score[order], pick_image[order]
+    per_image = torch.bincount(pick_image, minlength=b)
+    rank = torch.arange(len(picked), device=device) - (torch.cumsum(per_image, 0) - per_image)[pick_image]
+    keep = rank < max_output_size
+    picked, img, rank = picked[keep], pick_image[keep], rank[keep]
+    out_boxes[img, rank] = boxes[image[picked], prior[picked]]
+    out_scores[img, rank] = pick_score[keep]
+    out_labels[img, rank] = label[picked]
+    return out_boxes, out_scores, out_labels, per_image.clamp(max=max_output_size)
+
+
+# ---------------------------------------------------------------------------------------------
+# 3. The eval letterbox and its undo
+# ---------------------------------------------------------------------------------------------
+def eval_letterbox(batch, input_shape, resize_method="bilinear", letterbox_pad=-1):
+    """data.letterbox, optionally centred the way the seed's --letterbox_pad does it.
+
+    batch: make_loader's dict; input_shape (H, W); resize_method: bilinear | bicubic | nearest.
+    letterbox_pad -1: the aspect-preserving resize sits at the top-left (data.letterbox as is);
+    letterbox_pad >= 0: resize into (H - pad, W - pad), then centre that picture in (H, W).
+    Returns dict(images float32 [B, 3, H, W] 0..1, matrices float32 [B, 2, 3] output px ->
+    original px); the matrices account for the centring, so boxes_to_original needs nothing else.
+    """
+    h, w = int(input_shape[0]), int(input_shape[1])
+    if letterbox_pad < 0:
+        return letterbox(batch, (h, w), mode=resize_method)
+    if letterbox_pad >= min(h, w):
+        raise EvalInputError(f"--letterbox_pad {letterbox_pad} leaves no room in input {h}x{w}")
+    inner = letterbox(batch, (h - letterbox_pad, w - letterbox_pad), mode=resize_method)
+    m = inner["matrices"]  # [B, 2, 3]: original px per output px in m[:, 0, 0] and m[:, 1, 1]
+    original_hw = batch["sizes"].to(m) / batch["scales"].to(m)[:, None]  # [B, 2]
+    content_hw = torch.ceil(original_hw / torch.stack([m[:, 1, 1], m[:, 0, 0]], -1) - 1e-3).long()
+    content_hw = torch.minimum(content_hw, torch.tensor([h - letterbox_pad, w - letterbox_pad], device=m.device))
+    offset = torch.div(torch.tensor([h, w], device=m.device) - content_hw, 2, rounding_mode="floor")  # [B, 2] (y, x)
+    images = torch.full((len(m), 3, h, w), PAD_VALUE / 255, device=inner["images"].device)
+    for i, ((ch, cw), (oy, ox)) in enumerate(zip(content_hw.tolist(), offset.tolist())):
+        images[i, :, oy:oy + ch, ox:ox + cw] = inner["images"][i, :, :ch, :cw]  # B small copies
+    # original = A @ (p - offset) + t  ->  the translation becomes t - A @ offset
+    shift = offset.flip(-1).to(m)[:, :, None]  # [B, 2, 1] (x, y)
+    matrices = torch.cat([m[:, :, :2], m[:, :, 2:] - m[:, :, :2] @ shift], dim=-1)
+    return dict(images=images, matrices=matrices)
+
+
+def boxes_to_original(boxes, matrices):
+    """Map boxes from model-input pixels to original-image pixels.
+
+    boxes [B, K, 4] xyxy output px; matrices [B, 2, 3] (data.letterbox) mapping an output pixel
+    coordinate (x, y, 1) to the original image. All four corners are mapped and the box around
+    them is taken, so a flip or a rotation in the matrix would be handled too.
+    Returns [B, K, 4] xyxy original px.
+    """
+    x1, y1, x2, y2 = boxes.unbind(-1)
+    corners = torch.stack([torch.stack([x1, y1], -1), torch.stack([x2, y1], -1),
+                           torch.stack([x1, y2], -1), torch.stack([x2, y2], -1)], dim=2)  # [B, K, 4, 2]
+    m = matrices.to(boxes)
+    mapped = corners @ m[:, None, :, :2].transpose(-1, -2) + m[:, None, None, :, 2]    # [B, K, 4, 2]
+    return torch.cat([mapped.amin(dim=2), mapped.amax(dim=2)], dim=-1)
+
+
+def clip_boxes(boxes, heights, widths):
+    """Clip boxes [B, K, 4] xyxy to each image: heights, widths [B] in the same pixels."""
+    limit = torch.stack([widths, heights, widths, heights], dim=-1).to(boxes)[:, None, :]  # [B, 1, 4]
+    return torch.minimum(boxes.clamp(min=0), limit)
+
+
+def detections_to_coco(boxes, scores, labels, count, image_id, cat_ids):
+    """One image's detections -> COCO results dicts (bbox as [x, y, w, h] pixels).
+
+    boxes [K, 4] xyxy original px, scores [K], labels [K] contiguous, count = valid rows.
+    cat_ids maps a contiguous label to its COCO category id.
+    """
+    boxes, scores, labels = boxes[:count].tolist(), scores[:count].tolist(), labels[:count].tolist()
+    return [{"image_id": int(image_id), "category_id": int(cat_ids[label]),
+             "bbox": [round(x1, 3), round(y1, 3), round(x2 - x1, 3), round(y2 - y1, 3)],
+             "score": round(score, 6)}
+            for (x1, y1, x2, y2), score, label in zip(boxes, scores, labels)]
+
+
+def write_json_atomic(obj, path):
+    """Write json to a temporary name beside `path`, then rename: no half-written files."""
+    folder = os.path.dirname(os.path.abspath(path))
+    os.makedirs(folder, exist_ok=True)
+    tmp = f"{path}.tmp{os.getpid()}"
+    with open(tmp, "w") as f:
+        json.dump(obj, f)
+    os.replace(tmp, path)
+
+
+# ---------------------------------------------------------------------------------------------
+# 4. pycocotools
+# ---------------------------------------------------------------------------------------------
+def _quiet_coco(dataset):
+    """A pycocotools COCO object from a dict, without its index-building chatter."""
+    coco = COCO()
+    coco.dataset = dataset
+    with contextlib.redirect_stdout(io.StringIO()):
+        coco.createIndex()
+    return coco
+
+
+def check_results(results, coco_gt, source="results"):
+    """Raise EvalInputError unless every detection names a known image and category."""
+    if not isinstance(results, list):
+        raise EvalInputError(f"{source}: a COCO results file is a json list of detections "
+                             f"(image_id, category_id, bbox, score), got {type(results).__name__}")
+    image_ids = {im["id"] for im in coco_gt["images"]}
+    cat_ids = {c["id"] for c in coco_gt["categories"]}
+    for key in ("image_id", "category_id", "bbox", "score"):
+        missing = sum(1 for r in results if key not in r)
+        if missing:
+            raise EvalInputError(f"{source}: {missing} detections have no {key!r}")
+    for key, known, what in (("image_id", image_ids, "image ids"), ("category_id", cat_ids, "category ids")):
+        unknown = sorted({r[key] for r in results} - known)
+        if unknown:
+            raise EvalInputError(
+                f"{source}: {len(unknown)} {what} are not in the ground truth (e.g. {unknown[:5]}); "
+                f"the results belong to another split or dataset, or their ids were not remapped")
+
+
+def evaluate_coco_results(results, coco_gt, image_ids=None, class_names=None, verbose=True,
+                          source="results"):
+    """Score COCO detection results with pycocotools.
+
+    results: list of {"image_id", "category_id", "bbox" [x, y, w, h] px, "score"};
+    coco_gt: the ground truth dict (images, annotations, categories);
+    image_ids: the images to evaluate, default every image of coco_gt: an image without any
+        detection counts (its ground truth boxes are misses).
+    class_names: {category id: name} for the per-class table (default: coco_gt's names).
+    verbose: print the 12-line AP / AR block and a per-class AP table.
+    Returns {"AP": ..., ..., "ARl": ...} (the keys of STAT_KEYS) as Python floats.
+    """
+    check_results(results, coco_gt, source)
+    gt = _quiet_coco(coco_gt)
+    if results:
+        with contextlib.redirect_stdout(io.StringIO()):
+            dt = gt.loadRes([dict(r) for r in results])  # loadRes adds keys: give it copies
+    else:  # pycocotools cannot load an empty list: an empty results set scores 0
+        dt = _quiet_coco({"images": coco_gt["images"], "categories": coco_gt["categories"],
+                          "annotations": []})
+    evaluator = COCOeval(gt, dt, "bbox")
+    evaluator.params.imgIds = sorted(gt.getImgIds()) if image_ids is None else sorted(image_ids)
+    with contextlib.redirect_stdout(io.StringIO()):
+        evaluator.evaluate()
+        evaluator.accumulate()
+    summary = io.StringIO()
+    with contextlib.redirect_stdout(summary):
+        evaluator.summarize()
+    stats = {key: float(value) for key, value in zip(STAT_KEYS, evaluator.stats)}
+    if verbose:
+        print(summary.getvalue(), end="")
+        print(format_per_class_table(evaluator, class_names))
+    return stats
+
+
+def per_class_ap(evaluator):
+    """{category id: (AP, AP50)} from an accumulated COCOeval; -1 where a class has no ground truth.
+
+    precision is [T iou thresholds, R recall points, K classes, A areas, M max dets];
+    area "all" is index 0 and maxDets 100 the last index, as summarize() uses them.
+    """
+    precision = evaluator.eval["precision"]
+    out = {}
+    for k, cat_id in enumerate(evaluator.params.catIds):
+        values = []
+        for p in (precision[:, :, k, 0, -1], precision[0, :, k, 0, -1]):  # all IoUs, IoU 0.5
+            p = p[p > -1]
+            values.append(float(p.mean()) if p.size else -1.0)
+        out[cat_id] = tuple(values)
+    return out
+
+
+def format_per_class_table(evaluator, class_names=None):
+    """The per-class AP table as text: one row per category id."""
+    names = {c["id"]: c["name"] for c in evaluator.cocoGt.dataset["categories"]}
+    if class_names is not None:  # {category id: name} from the dataset
+        names.update(class_names)
+    lines = [f"{'category':<24}{'id':>6}{'AP':>9}{'AP50':>9}"]
+    for cat_id, (ap, ap50) in per_class_ap(evaluator).items():
+        lines.append(f"{str(names.get(cat_id, cat_id))[:23]:<24}{cat_id:>6}{ap:>9.4f}{ap50:>9.4f}")
+    return "\n".join(lines)
+
+
+def load_ground_truth(data, split="val"):
+    """The COCO ground-truth dict for a json file, a dataset folder, or a Dataset."""
+    if not isinstance(data, str):
+        return data.coco_gt()
+    if not os.path.exists(data) and data != "shapes":
+        raise EvalInputError(f"-d {data}: no such file or folder; give a COCO json, a COCO or YOLO "
+                             f"dataset folder, or 'shapes'")
+    if data.endswith(".json"):
+        try:
+            with open(data) as f:
+                gt = json.load(f)
+        except json.JSONDecodeError as e:
+            raise EvalInputError(f"{data}: not valid json ({e})") from e
+        if not all(key in gt for key in ("images", "annotations", "categories")):
+            raise EvalInputError(f"{data}: a COCO ground truth json needs 'images', 'annotations' "
+                                 f"and 'categories'")
+        return gt
+    return open_dataset(data, split).coco_gt()
+
+
+def score_results_file(results_path, data, split="val", stats_json=None, verbose=True):
+    """`python eval.py --results FILE -d GT`: score a COCO results json; returns the 12 numbers."""
+    if not os.path.exists(results_path):
+        raise EvalInputError(f"--results {results_path}: no such file")
+    try:
+        with open(results_path) as f:
+            results = json.load(f)
+    except json.JSONDecodeError as e:
+        raise EvalInputError(f"--results {results_path}: not valid json ({e})") from e
+    stats = evaluate_coco_results(results, load_ground_truth(data, split), verbose=verbose,
+                                  source=results_path)
+    if stats_json:
+        write_json_atomic(stats, stats_json)
+    return stats
+
+
+# ---------------------------------------------------------------------------------------------
+# 5. The evaluation loop
+# ---------------------------------------------------------------------------------------------
+def run_coco_evaluation(model, data, nms_score_threshold=0.001, nms="gaussian", nms_mode="per_class",
+                        nms_topk=5000, batch_size=8, nms_iou_or_sigma=0.5, nms_max_output_size=100,
+                        clip_bbox=False, input_shape=None, resize_method="bilinear", letterbox_pad=-1,
+                        split="val", workers=0, results_path=None, stats_json=None,
+                        verbose=True):
+    """Evaluate `model` on every image of a split and return the 12 COCO numbers.
+
+    model: a models.Detector (its device is used; its train/eval mode is restored afterwards);
+    data: a Dataset from data.open_dataset, or a path / "shapes" opened with `split`;
+    input_shape: (H, W) of the letterbox, default model.config["input_shape"];
+    resize_method / letterbox_pad: how the image is resized and placed (see eval_letterbox);
+    results_path: also write the COCO results json there; stats_json: write the 12 numbers.
+    Returns {"AP": ..., "AP50": ..., ..., "ARl": ...}.
+    """
+    if isinstance(data, str):
+        if not os.path.exists(data) and data != "shapes":
+            raise EvalInputError(f"-d {data}: no such file or folder; give a COCO json, a COCO or "
+                                 f"YOLO dataset folder, or 'shapes'")
+        dataset = open_dataset(data, split)
+    else:
+        dataset = data
+    if input_shape is None:
+        input_shape = tuple(model.config["input_shape"])
+    input_shape = (int(input_shape[0]), int(input_shape[1]))
+    device = next(model.parameters()).device
+    priors = make_priors(input_shape, model.strides, model.anchors_mode, device=device)
+    coco_gt = dataset.coco_gt()
+    image_sizes = {im["id"]: (im["height"], im["width"]) for im in coco_gt["images"]}
+    loader = make_loader(dataset, batch_size=batch_size, shuffle=False, workers=workers, seed=0,
+                         drop_last=False)
+
+    was_training = model.training
+    model.eval()
+    results = []
+    try:
+        with torch.inference_mode():
+            for batch in loader:
+                batch = {key: value.to(device) for key, value in batch.items()}
+                letterboxed = eval_letterbox(batch, input_shape, resize_method, letterbox_pad)
+                boxes, scores = decode_predictions(model(letterboxed["images"]), priors, model.anchors_mode)
+                boxes, scores, labels, counts = batched_nms(
+                    boxes, scores, method=nms, mode=nms_mode, iou_or_sigma=nms_iou_or_sigma,
+                    score_threshold=nms_score_threshold, topk=nms_topk, max_output_size=nms_max_output_size)
+                boxes = boxes_to_original(boxes, letterboxed["matrices"])
+                image_ids = batch["image_ids"].tolist()
+                if clip_bbox:
+                    hw = torch.tensor([image_sizes[i] for i in image_ids], dtype=torch.float32, device=device)
+                    boxes = clip_boxes(boxes, hw[:, 0], hw[:, 1])
+                boxes, scores, labels, counts = boxes.cpu(), scores.cpu(), labels.cpu(), counts.tolist()
+                for i, image_id in enumerate(image_ids):
+                    results += detections_to_coco(boxes[i], scores[i], labels[i], counts[i], image_id,
+                                                  dataset.cat_ids)
+    finally:
+        model.train(was_training)
+    if results_path:
+        write_json_atomic(results, results_path)
+    stats = evaluate_coco_results(results, coco_gt, image_ids=dataset.image_ids,
+                                  class_names=dict(zip(dataset.cat_ids, dataset.class_names)), verbose=verbose)
+    if stats_json:
+        write_json_atomic(stats, stats_json)
+    return stats
+
+
+# ---------------------------------------------------------------------------------------------
+# 6. Checkpoints, pictures, command line
+# ---------------------------------------------------------------------------------------------
+def load_model(path_or_preset, det_header=None, num_classes=None, input_shape=None, device="cpu"):
+    """A Detector in eval mode from a train.py checkpoint or a preset name.
+
+    path_or_preset: a checkpoint file ({"config", "model", optionally "ema"}: the EMA weights
+        are preferred) or a preset name for models.build_model (random weights);
+    det_header: build this preset instead of the checkpoint's own (the weights must fit it);
+    num_classes, input_shape: override the preset's (for a preset name) or the checkpoint's
+        input shape (num_classes must match the checkpoint's weights).
+    Returns (model, info) where info = {"class_names": [...] or None, "cat_ids": [...] or None}.
+    """
+    if not os.path.isfile(path_or_preset):
+        if os.sep in path_or_preset or path_or_preset.endswith((".pt", ".pth")):
+            raise EvalInputError(f"-m {path_or_preset}: no such checkpoint file")
+        config = {"det_header": path_or_preset, "num_classes": num_classes or 80}
+        if input_shape is not None:
+            config["input_shape"] = tuple(input_shape)
+        model = build_model(**config)
+        return model.to(device).eval(), {"class_names": None, "cat_ids": None}
+
+    checkpoint = torch.load(path_or_preset, map_location="cpu", weights_only=False)
+    if not isinstance(checkpoint, dict) or "config" not in checkpoint or "model" not in checkpoint:
+        raise EvalInputError(f"-m {path_or_preset}: not a plaindet checkpoint (a dict with 'config' "
+                             f"and 'model', as train.py writes)")
+    saved = dict(checkpoint["config"])
+    info = {"class_names": saved.pop("class_names", None), "cat_ids": saved.pop("cat_ids", None)}
+    config = dict(saved)
+    if det_header is not None and det_header != saved.get("det_header"):
+        config = {"det_header": det_header, "num_classes": saved.get("num_classes", 80)}
+    if num_classes is not None:
+        config["num_classes"] = num_classes
+    if input_shape is not None:
+        config["input_shape"] = tuple(input_shape)
+    model = build_model(**config)
+    state = checkpoint.get("ema") or checkpoint["model"]
+    try:
+        model.load_state_dict(state)
+    except RuntimeError as e:
+        first = str(e).strip().splitlines()
+        raise EvalInputError(
+            f"-m {path_or_preset}: the checkpoint was trained as det_header={saved.get('det_header')!r} "
+            f"(backbone={saved.get('backbone')!r}, anchors_mode={saved.get('anchors_mode')!r}, "
+            f"num_classes={saved.get('num_classes')}); its weights do not fit the model built as "
+            f"det_header={config.get('det_header')!r}, num_classes={config.get('num_classes')} "
+            f"({first[0] if first else 'state_dict mismatch'}). Drop --det_header / --num_classes "
+            f"to use the checkpoint's own") from None
+    return model.to(device).eval(), info
+
+
+def predict(model, image_paths, out_dir, class_names=None, score_threshold=0.3, nms="gaussian",
+            nms_mode="per_class", nms_iou_or_sigma=0.5, nms_topk=5000, max_output_size=100,
+            input_shape=None, resize_method="bilinear", letterbox_pad=-1):
+    """Detect objects in image files; draw each as OUT/<name>.png and write OUT/predictions.json.
+
+    Returns {file name: [{"box": [x1, y1, x2, y2] px, "score", "label", "name"}, ...]}.
+    """
+    from PIL import Image, ImageDraw
+
+    if input_shape is None:
+        input_shape = tuple(model.config["input_shape"])
+    device = next(model.parameters()).device
+    priors = make_priors(tuple(input_shape), model.strides, model.anchors_mode, device=device)
+    os.makedirs(out_dir, exist_ok=True)
+    all_predictions = {}
+    model.eval()
+    for path in image_paths:
+        try:
+            image = Image.open(path).convert("RGB")
+        except (OSError, ValueError) as e:
+            raise EvalInputError(f"{path}: cannot read the image ({e})") from e
+        pixels = torch.from_numpy(np.asarray(image).copy()).permute(2, 0, 1)[None].to(device)  # [1, 3, H, W]
+        h, w = pixels.shape[-2:]
+        # A one-image batch in make_loader's layout (one padding box: no ground truth here).
+        batch = {"images": pixels, "sizes": torch.tensor([[h, w]], device=device),
+                 "boxes": torch.zeros((1, 1, 4), device=device),
+                 "labels": torch.full((1, 1), -1, dtype=torch.long, device=device),
+                 "valid": torch.zeros((1, 1), dtype=torch.bool, device=device),
+                 "image_ids": torch.zeros(1, dtype=torch.long, device=device),
+                 "scales": torch.ones(1, device=device)}
+        with torch.inference_mode():
+            letterboxed = eval_letterbox(batch, tuple(input_shape), resize_method, letterbox_pad)
+            boxes, scores = decode_predictions(model(letterboxed["images"]), priors, model.anchors_mode)
+            boxes, scores, labels, counts = batched_nms(
+                boxes, scores, method=nms, mode=nms_mode, iou_or_sigma=nms_iou_or_sigma,
+                score_threshold=score_threshold, topk=nms_topk, max_output_size=max_output_size)
+            boxes = clip_boxes(boxes_to_original(boxes, letterboxed["matrices"]),
+                               torch.tensor([float(h)], device=device), torch.tensor([float(w)], device=device))
+        n = int(counts[0])
+        detections = []
+        draw = ImageDraw.Draw(image)
+        for box, score, label in zip(boxes[0, :n].tolist(), scores[0, :n].tolist(), labels[0, :n].tolist()):
+            name = class_names[label] if class_names and label < len(class_names) else str(label)
+            detections.append({"box": [round(v, 2) for v in box], "score": round(score, 4),
+                               "label": label, "name": name})
+            # A colour per class from its label, so the same class keeps its colour across images.
+            colour = tuple(int(v) for v in (np.array([37, 91, 173]) * (label + 1)) % 255)
+            draw.rectangle(box, outline=colour, width=2)
+            draw.text((box[0] + 2, box[1] + 1), f"{name} {score:.2f}", fill=colour)
+        name = os.path.splitext(os.path.basename(path))[0]
+        tmp = os.path.join(out_dir, f".{name}.tmp.png")
+        image.save(tmp)
+        os.replace(tmp, os.path.join(out_dir, f"{name}.png"))
+        all_predictions[os.path.basename(path)] = detections
+    write_json_atomic(all_predictions, os.path.join(out_dir, "predictions.json"))
+    return all_predictions
+
+
+def _add_common_flags(parser):
+    """Flags shared by evaluation and predict: model, preprocessing and NMS."""
+    parser.add_argument("-m", "--model", required=True, help="train.py checkpoint, or a preset name")
+    parser.add_argument("--det_header", default=None, help="build this preset instead of the checkpoint's")
+    parser.add_argument("-i", "--input_shape", type=int, nargs="+", default=None,
+                        help="H [W] of the letterbox (default: the model's)")
+    parser.add_argument("--resize_method", default="bilinear", choices=("bilinear", "bicubic", "nearest"))
+    parser.add_argument("--disable_antialias", action="store_true",
+                        help="kept for the seed's command lines: the letterbox resamples with grid_sample, "
+                             "which never antialiases, i.e. it always runs as the seed's EfficientDet-D0 eval")
+    parser.add_argument("--letterbox_pad", type=int, default=-1,
+                        help="-1: image at the top-left of the input; >= 0: resize into input - pad and "
+                             "centre it (pad / 2 grey pixels or more on each side)")
+    parser.add_argument("--nms", default="gaussian", choices=NMS_METHODS)
+    parser.add_argument("--nms_mode", default="per_class", choices=NMS_MODES)
+    parser.add_argument("--nms_iou_or_sigma", type=float, default=0.5,
+                        help="IoU threshold for hard / linear NMS, sigma for gaussian")
+    parser.add_argument("--nms_topk", type=int, default=5000,
+                        help="(prior, class) pairs kept per image before NMS; -1 all, 0 one class per prior")
+    parser.add_argument("--nms_max_output_size", type=int, default=100)
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+
+
+def _input_shape(values):
+    if values is None:
+        return None
+    if len(values) not in (1, 2):
+        raise EvalInputError(f"-i/--input_shape takes H or H W, got {values}")
+    return (values[0], values[-1])
+
+
+def main(argv=None):
+    """The command line; returns the exit code (2 with one clear message for bad input)."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    try:
+        if argv[:1] == ["predict"]:
+            parser = argparse.ArgumentParser(prog="eval.py predict", description="Draw detections on images.")
+            _add_common_flags(parser)
+            parser.add_argument("images", nargs="+", help="image files")
+            parser.add_argument("-o", "--out", required=True, help="output folder")
+            parser.add_argument("--score_threshold", type=float, default=0.3)
+            args = parser.parse_args(argv[1:])
+            model, info = load_model(args.model, det_header=args.det_header,
+                                     input_shape=_input_shape(args.input_shape), device=args.device)
+            predict(model, args.images, args.out, class_names=info["class_names"],
+                    score_threshold=args.score_threshold, nms=args.nms, nms_mode=args.nms_mode,
+                    nms_iou_or_sigma=args.nms_iou_or_sigma, nms_topk=args.nms_topk,
+                    max_output_size=args.nms_max_output_size, resize_method=args.resize_method,
+                    letterbox_pad=args.letterbox_pad)
+            print(f"wrote {len(args.images)} pictures and predictions.json to {args.out}")
+            return 0
+
+        parser = argparse.ArgumentParser(prog="eval.py", description="COCO AP of a model, or of a results json.")
+        parser.add_argument("-d", "--data", required=True,
+                            help="COCO json, COCO / YOLO dataset folder, or 'shapes'")
+        parser.add_argument("--split", default="val")
+        parser.add_argument("--results", default=None, help="score this COCO results json instead of a model")
+        parser.add_argument("--stats_json", default=None, help="write the 12 numbers here")
+        parser.add_argument("--save_results", default=None, help="write the COCO results json here")
+        parser.add_argument("-b", "--batch_size", type=int, default=8)
+        parser.add_argument("--nms_score_threshold", type=float, default=0.001)
+        parser.add_argument("--clip_bbox", action="store_true", help="clip boxes to the original image")
+        parser.add_argument("--workers", type=int, default=0)
+        if "--results" in argv or any(a.startswith("--results=") for a in argv):
+            args = parser.parse_args(argv)
+            score_results_file(args.results, args.data, args.split, args.stats_json)
+            return 0
+        _add_common_flags(parser)
+        args = parser.parse_args(argv)
+        if not os.path.exists(args.data) and args.data != "shapes":  # fail before building a model
+            raise EvalInputError(f"-d {args.data}: no such file or folder; give a COCO json, a COCO or "
+                                 f"YOLO dataset folder, or 'shapes'")
+        model, _ = load_model(args.model, det_header=args.det_header,
+                              input_shape=_input_shape(args.input_shape), device=args.device)
+        run_coco_evaluation(model, args.data, nms_score_threshold=args.nms_score_threshold, nms=args.nms,
+                            nms_mode=args.nms_mode, nms_topk=args.nms_topk, batch_size=args.batch_size,
+                            nms_iou_or_sigma=args.nms_iou_or_sigma,
+                            nms_max_output_size=args.nms_max_output_size, clip_bbox=args.clip_bbox,
+                            input_shape=_input_shape(args.input_shape), resize_method=args.resize_method,
+                            letterbox_pad=args.letterbox_pad,
+                            split=args.split, workers=args.workers, results_path=args.save_results,
+                            stats_json=args.stats_json)
+        return 0
+    except (ValueError, FileNotFoundError) as e:  # EvalInputError and the data / models checks
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

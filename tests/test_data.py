@@ -1,0 +1,405 @@
+"""Tests for data.py: readers, the shapes set, the loader and the batched augmentation.
+
+Numbers are checked against hand computation: corners moved by known matrices, crop-mode sizes,
+mosaic quadrants, the exact letterbox inverse. Images are tiny so the file runs in seconds.
+"""
+import json
+import math
+import os
+import warnings
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+import data
+from conftest import shared_path
+
+
+def make_batch(images_hwc, boxes, labels, scales=None):
+    """A loader-style batch from numpy images [H, W, 3] and per-image box / label lists."""
+    items = [(img, np.asarray(b, np.float32).reshape(-1, 4), np.asarray(l, np.int64), i,
+              1.0 if scales is None else scales[i]) for i, (img, b, l) in enumerate(zip(images_hwc, boxes, labels))]
+    return data._Collate(max_boxes=8)(items)
+
+
+def random_image(rng, h, w):
+    return rng.integers(0, 256, (h, w, 3), dtype=np.uint8)
+
+
+@pytest.fixture(scope="module")
+def shapes_dir(tmp_path_factory):
+    return data.make_shapes(str(tmp_path_factory.mktemp("shapes") / "set"), num_train=24, num_val=8, seed=3)
+
+
+# ---------------------------------------------------------------- geometry, hand-computed
+def test_known_affine_moves_corners():
+    boxes = torch.tensor([[[1.0, 2.0, 3.0, 4.0], [0.0, 0.0, 2.0, 2.0]]])
+    valid = torch.ones(1, 2, dtype=torch.bool)
+    scale_shift = torch.tensor([[[2.0, 0.0, 10.0], [0.0, 3.0, -5.0], [0, 0, 1]]])
+    out, keep = data.transform_boxes(boxes, valid, scale_shift, (100, 100))
+    # corners (1,2)->(12,1), (3,4)->(16,7); (0,0)->(10,-5) clipped to 0, (2,2)->(14,1)
+    assert torch.allclose(out[0, 0], torch.tensor([12.0, 1.0, 16.0, 7.0]))
+    assert keep.tolist() == [[True, False]]  # the second kept 1 px of height: too small, dropped
+    c = math.cos(math.pi / 4)
+    rot45 = torch.tensor([[[c, -c, 10.0], [c, c, 10.0], [0, 0, 1]]])
+    out, keep = data.transform_boxes(boxes[:, 1:], valid[:, 1:], rot45, (100, 100))
+    # (0,0)->(10,10), (2,0)->(10+1.414,10+1.414), (0,2)->(10-1.414,10+1.414), (2,2)->(10,10+2.828)
+    r = math.sqrt(2)
+    assert torch.allclose(out[0, 0], torch.tensor([10 - r, 10.0, 10 + r, 10 + 2 * r]), atol=1e-5)
+
+
+def test_flip_twice_is_identity():
+    rng = np.random.default_rng(0)
+    batch = make_batch([random_image(rng, 12, 16)], [[[1, 2, 5, 9]]], [[0]])
+    f = data.flip_matrices(torch.tensor([True]), 16)
+    assert torch.equal(f @ f, torch.eye(3, dtype=torch.float64)[None])
+    theta = data._to_theta(torch.linalg.inv(f), (12, 16), (12, 16))
+    once = data.warp(batch["images"], theta, (12, 16)) + 114
+    assert torch.allclose(once, batch["images"].float().flip(-1), atol=1e-3)  # pixel centres land on pixel centres
+    twice = data.warp(once.round().byte(), theta, (12, 16)) + 114
+    assert torch.allclose(twice, batch["images"].float(), atol=1e-3)
+    b1, _ = data.transform_boxes(batch["boxes"], batch["valid"], f, (12, 16))
+    assert torch.allclose(b1[0, 0], torch.tensor([11.0, 2.0, 15.0, 9.0]))
+    b2, _ = data.transform_boxes(b1, batch["valid"], f, (12, 16))
+    assert torch.allclose(b2[0, 0], batch["boxes"][0, 0])
+
+
+def test_randaugment_ops_about_centre():
+    ops = torch.tensor([[data.RANDAUGMENT_OPS.index("translate_x"), data.RANDAUGMENT_OPS.index("scale")]])
+    m = data.randaugment_matrices(ops, torch.tensor([[1, -1]]), 10, (100, 200))
+    # translate 0.45 * 200 = 90 px, then scale 1 - 0.5 = 0.5 about the centre (100, 50)
+    point = m[0] @ torch.tensor([100.0, 50.0, 1.0], dtype=torch.float64)
+    assert torch.allclose(point, torch.tensor([100 + 45.0, 50.0, 1.0], dtype=torch.float64))
+    rotate = torch.tensor([[data.RANDAUGMENT_OPS.index("rotate")]])
+    rot = data.randaugment_matrices(rotate, torch.tensor([[1]]), 30, (10, 10))
+    assert abs(math.degrees(math.atan2(rot[0, 1, 0], rot[0, 0, 0])) - 90) < 1e-9  # 3 deg x 30
+
+
+# ---------------------------------------------------------------- crop modes
+def test_letterbox_size_boxes_and_exact_inverse():
+    rng = np.random.default_rng(1)
+    batch = make_batch([random_image(rng, 100, 200), random_image(rng, 50, 40)],
+                       [[[0, 0, 200, 100], [20.5, 10.25, 60.75, 90.5]], [[4, 8, 36, 48]]], [[0, 1], [2]])
+    out = data.letterbox(batch, (64, 64))
+    assert out["images"].shape == (2, 3, 64, 64) and out["images"].dtype == torch.float32
+    # image 0: scale min(64/100, 64/200) = 0.32, top-left; image 1: scale min(64/50, 64/40) = 1.28
+    assert torch.allclose(out["boxes"][0, 0], torch.tensor([0.0, 0.0, 64.0, 32.0]))
+    assert torch.allclose(out["boxes"][1, 0], torch.tensor([5.12, 10.24, 46.08, 61.44]))
+    assert torch.allclose(out["images"][0, :, 33:], torch.full((3, 31, 64), 114 / 255))  # grey bar below
+    for i in range(2):  # matrices undo the letterbox to 1e-4 px
+        v = out["valid"][i]
+        b = out["boxes"][i, v].reshape(-1, 2, 2)
+        back = torch.einsum("ij,nkj->nki", out["matrices"][i, :, :2], b) + out["matrices"][i, :, 2]
+        assert (back.reshape(-1, 4) - batch["boxes"][i, v]).abs().max() < 1e-4
+
+
+def test_matrices_reach_original_pixels_when_worker_shrank():
+    rng = np.random.default_rng(2)
+    batch = make_batch([random_image(rng, 50, 100)], [[[10, 10, 50, 30]]], [[0]], scales=[0.5])
+    out = data.letterbox(batch, (100, 100))
+    corner = out["matrices"][0] @ torch.tensor([out["boxes"][0, 0, 2], out["boxes"][0, 0, 3], 1.0])
+    assert torch.allclose(corner, torch.tensor([100.0, 60.0]), atol=1e-4)  # canvas px / 0.5
+
+
+@pytest.mark.parametrize("mode", [0.5, 1.0, 2.5])
+def test_crop_modes_size_and_clipping(mode):
+    rng = np.random.default_rng(3)
+    batch = make_batch([random_image(rng, 60, 90), random_image(rng, 80, 40)],
+                       [[[0, 0, 90, 60], [30, 20, 60, 40]], [[0, 0, 40, 80]]], [[0, 1], [2]])
+    for seed in range(5):
+        out = data.augment(batch, (48, 64), mode, 0, 2, 0, torch.Generator().manual_seed(seed), hsv=None, flip_prob=0)
+        assert out["images"].shape == (2, 3, 48, 64)
+        b = out["boxes"][out["valid"]]
+        assert (b[:, 0] >= 0).all() and (b[:, 1] >= 0).all() and (b[:, 2] <= 64).all() and (b[:, 3] <= 48).all()
+        whole = out["boxes"][0, 0]
+        if mode == 1.0:  # short side covers the target: the whole-image box fills the output
+            assert torch.allclose(whole, torch.tensor([0.0, 0.0, 64.0, 48.0]), atol=1e-4)
+        if mode > 1:  # random scale: the image is f x the letterbox size, f in [0.1, mode]
+            s = (out["matrices"][0, 0, 0]) ** -1 / min(48 / 60, 64 / 90)
+            assert 0.1 - 1e-6 <= s <= mode + 1e-6
+            assert out["valid"][0, 0] == (whole[2] - whole[0] >= 2)
+
+
+# ---------------------------------------------------------------- mosaic
+def test_mosaic_quadrants_and_scale():
+    b, h, w = 4, 40, 60
+    images = torch.arange(b, dtype=torch.float32)[:, None, None, None].expand(b, 3, h, w).clone()  # image i is all i
+    boxes = torch.tensor([[0.0, 0.0, 60.0, 40.0]]).repeat(b, 1, 1)  # each image: one box over all of it
+    labels, valid = torch.arange(b)[:, None], torch.ones(b, 1, dtype=torch.bool)
+    g = torch.Generator().manual_seed(5)
+    out, ob, ol, ov = data.mosaic(images, boxes, labels, valid, g)
+    g = torch.Generator().manual_seed(5)
+    u = torch.rand(2, generator=g)
+    cy, cx = round(h * (0.25 + 0.5 * float(u[0]))), round(w * (0.25 + 0.5 * float(u[1])))
+    quads = torch.tensor([[0, 0, cx, cy], [cx, 0, w, cy], [0, cy, cx, h], [cx, cy, w, h]], dtype=torch.float32)
+    sources = []
+    assert ob.shape == (b, 1, 4)  # M stays the input's M: the first surviving boxes are kept
+    pad = torch.zeros(b, 3, dtype=torch.bool)  # M = 4 slots, one real box: room for all 4 quadrants' boxes
+    out2, ob2, ol2, ov2 = data.mosaic(images, boxes.repeat(1, 4, 1), labels.repeat(1, 4), torch.cat([valid, pad], 1),
+                                      torch.Generator().manual_seed(5), min_area_kept=0.0)  # keep even small corners
+    for i in range(b):
+        assert ov2[i].all()
+        # each quadrant holds exactly its quadrant-sized box, at scale 1, from the image shown there
+        assert torch.equal(ob2[i], quads)
+        for q, (x0, y0, x1, y1) in enumerate(quads.int().tolist()):
+            shown = out2[i, :, y0:y1, x0:x1]
+            assert (shown == ol2[i, q].float()).all()
+            sources.append(int(ol2[i, q]))
+    assert sorted(sources) == sorted(list(range(b)) * 4)  # every image used 4 times
+    assert all(sorted(ol2[:, q].tolist()) == list(range(b)) for q in range(4))  # once per quadrant
+
+
+def test_mosaic_filters_boxes_cut_away():
+    images = torch.zeros(2, 3, 40, 40)
+    # a 4x4 box in the top-left corner survives only where the top-left quadrant shows it
+    boxes = torch.tensor([[[1.0, 1.0, 5.0, 5.0]], [[35.0, 35.0, 39.0, 39.0]]])
+    out, ob, ol, ov = data.mosaic(images, boxes, torch.tensor([[0], [1]]), torch.ones(2, 1, dtype=torch.bool),
+                                  torch.Generator().manual_seed(0))
+    kept = ob[ov]
+    assert len(kept) == 2  # one top-left box and one bottom-right box among the two outputs
+    assert sorted(kept[:, 0].tolist()) == [1.0, 35.0]
+
+
+def test_region_warp_matches_full_warp():
+    rng = np.random.default_rng(6)
+    batch = make_batch([random_image(rng, 30, 40), random_image(rng, 36, 24)], [[], []], [[], []])
+    inv = torch.linalg.inv(data.randaugment_matrices(torch.tensor([[1], [2]]), torch.tensor([[1], [-1]]), 8, (32, 32))
+                           @ data.crop_matrices(batch["sizes"], (32, 32), 0, None))
+    full = data.warp(batch["images"], data._to_theta(inv, (36, 40), (32, 32)), (32, 32))
+    part = data.warp_region(batch["images"], inv, (5, 20, 3, 17), torch.tensor([1, 0]))
+    assert torch.allclose(part, full[[1, 0], :, 5:20, 3:17], atol=1e-3)  # crop-first changes nothing
+
+
+def test_augment_mosaic_equals_quadrants_of_plain_augment():
+    rng = np.random.default_rng(7)
+    batch = make_batch([random_image(rng, 40, 50) for _ in range(4)], [[[2, 2, 30, 30]]] * 4, [[0]] * 4)
+    kw = dict(input_shape=(32, 32), random_crop_mode=1.0, magnitude=0, num_layers=2, hsv=None)
+    plain = data.augment(batch, mosaic_mix_prob=0, generator=torch.Generator().manual_seed(3), **kw)["images"]
+    mixed = data.augment(batch, mosaic_mix_prob=1, generator=torch.Generator().manual_seed(3), **kw)["images"]
+    # the crop / flip draws come first, so both runs warp each image the same way; every quadrant of a
+    # mosaic must then be the same region of exactly one plain output, each image once per quadrant
+    g = torch.Generator().manual_seed(3)
+    data.crop_matrices(batch["sizes"], (32, 32), 1.0, g), torch.rand(4, generator=g)  # replay augment's draws
+    torch.randint(0, len(data.RANDAUGMENT_OPS), (4, 2), generator=g), torch.randint(0, 2, (4, 2), generator=g)
+    torch.rand(1, generator=g)
+    regions, src = data.mosaic_plan(4, 32, 32, g)
+    for i in range(4):
+        for q, (y0, y1, x0, x1) in enumerate(regions):
+            assert torch.allclose(mixed[i, :, y0:y1, x0:x1], plain[src[i, q], :, y0:y1, x0:x1], atol=1e-5)
+
+
+def test_augment_with_mosaic_keeps_boxes_inside():
+    rng = np.random.default_rng(4)
+    batch = make_batch([random_image(rng, 50, 70) for _ in range(4)],
+                       [[[5, 5, 60, 40], [10, 10, 12, 40]]] * 4, [[0, -1]] * 4)
+    out = data.augment(batch, (32, 32), 1.0, 6, 2, 1.0, torch.Generator().manual_seed(0))
+    b = out["boxes"][out["valid"]]
+    assert len(b) > 0 and b.min() >= 0 and b[:, 2:].max() <= 32
+    assert ((b[:, 2:] - b[:, :2]) >= 2).all()
+    assert set(out["labels"][out["valid"]].tolist()) <= {0, -1}
+
+
+# ---------------------------------------------------------------- filtering, colour, determinism
+def test_boxes_never_leave_and_degenerate_dropped():
+    boxes = torch.tensor([[[0.0, 0.0, 10.0, 10.0], [5.0, 5.0, 5.5, 30.0], [90.0, 90.0, 99.0, 99.0],
+                           [10.0, 10.0, 12.5, 50.0], [20.0, 20.0, 40.0, 40.0]]])
+    valid = torch.ones(1, 5, dtype=torch.bool)
+    shift = torch.tensor([[[1.0, 0.0, -8.0], [0.0, 1.0, 0.0], [0, 0, 1]]])
+    out, keep = data.transform_boxes(boxes, valid, shift, (64, 64))
+    # box 0 keeps 2 of 10 px (20% of its area: kept at 0.15, dropped at 0.25); 1 is 0.5 px wide; 2 is outside;
+    # 3 is 2.5 x 40 px (aspect 16, kept); 4 moves whole
+    assert keep.tolist() == [[True, False, False, True, True]]
+    assert torch.allclose(out[0, 0], torch.tensor([0.0, 0.0, 2.0, 10.0]))
+    assert torch.allclose(out[0, 4], torch.tensor([12.0, 20.0, 32.0, 40.0]))
+    assert out[~keep].abs().sum() == 0
+    _, keep = data.transform_boxes(boxes, valid, shift, (64, 64), min_area_kept=0.25)
+    assert keep[0, 0].item() is False
+    thin = torch.tensor([[[0.0, 0.0, 2.0, 50.0]]])
+    assert not data.transform_boxes(thin, valid[:, :1], torch.eye(3)[None], (64, 64))[1].any()  # aspect 25 > 20
+
+
+def test_magnitude_zero_changes_nothing():
+    rng = np.random.default_rng(5)
+    batch = make_batch([random_image(rng, 30, 40), random_image(rng, 20, 20)], [[[1, 1, 30, 20]], [[2, 2, 10, 10]]],
+                       [[0], [1]])
+    ref = data.letterbox(batch, (32, 32))
+    out = data.augment(batch, (32, 32), 0, 0, 2, 0, torch.Generator().manual_seed(9), hsv=None, flip_prob=0)
+    for k in ("images", "boxes", "valid", "matrices"):
+        assert torch.equal(out[k], ref[k])
+
+
+def test_colour_ops_numbers():
+    x = torch.tensor([0.0, 0.2, 0.4, 1.0]).reshape(1, 1, 2, 2).expand(1, 3, 2, 2)
+    eq = data._equalize(x.clone())
+    assert torch.allclose(eq[0, 0].flatten(), torch.tensor([0.0, 1 / 3, 2 / 3, 1.0]))
+    ac = data._autocontrast(x[..., :1, :] * 0.5 + 0.25)  # 0.25..0.35 stretched to 0..1
+    assert torch.allclose(ac[0, 0].flatten(), torch.tensor([0.0, 1.0]))
+    assert torch.allclose(data._solarize(torch.tensor([0.2, 0.5, 0.7]), 0.5), torch.tensor([0.2, 0.5, 0.3]))
+    flat = torch.full((1, 3, 4, 4), 0.25)
+    flat[0, :, 1, 1] = 1.0  # one bright pixel: blurred it spreads 1/13 of the difference to each neighbour
+    blurred = data._sharpness(flat, torch.tensor([0.0]))
+    assert abs(float(blurred[0, 0, 1, 1]) - (0.25 * 8 + 5 * 1.0) / 13) < 1e-6
+    assert abs(float(blurred[0, 0, 0, 0]) - (0.25 * 12 + 1.0) / 13) < 1e-6
+    assert torch.allclose(data._sharpness(flat, torch.tensor([1.0])), flat)
+    m = data.hsv_matrices((0.0, 0.0, 0.0), torch.Generator().manual_seed(0), 2)
+    assert torch.allclose(m, torch.eye(3, dtype=torch.float64).expand(2, 3, 3), atol=1e-12)
+    grey = data._blend_matrices(torch.tensor([True]), torch.tensor([0.0], dtype=torch.float64))[0]
+    red = torch.tensor([1.0, 0, 0], dtype=torch.float64)
+    assert torch.allclose(grey @ red, torch.full((3,), 0.299, dtype=torch.float64))
+
+
+def test_contrast_and_brightness_fold_into_one_affine_map():
+    ops = torch.tensor([[data.RANDAUGMENT_OPS.index("brightness"), data.RANDAUGMENT_OPS.index("contrast")]])
+    factors = torch.tensor([[0.5, 0.2]], dtype=torch.float64)
+    a, c, d = data.colour_affine(ops, factors, None, None)
+    v = torch.tensor([[0.2, 0.4, 0.8], [0.6, 0.6, 0.6]], dtype=torch.float64).T.reshape(1, 3, 1, 2)  # 2 pixels
+    mean = v.mean((2, 3))[0]
+    warped = (v * 255 - 114).float()
+    out = data._colour_into(torch.empty(1, 3, 1, 2), warped, a, c, d)
+    # by hand: brightness 0.5 -> v/2; contrast 0.2 blends towards the mean grey of v/2
+    grey = 0.5 * float(data._GREY @ mean)
+    expect = 0.2 * v / 2 + 0.8 * grey
+    assert torch.allclose(out.double(), expect, atol=1e-5)
+
+
+def test_same_seed_same_batch(shapes_dir):
+    ds = data.open_dataset(shapes_dir, "train")
+    outs = []
+    for workers in (0, 2, 2):
+        it = iter(data.make_loader(ds, 4, True, workers, seed=7))
+        batch = next(it)
+        outs.append(data.augment(batch, (64, 64), 1.0, 6, 2, 0.5, torch.Generator().manual_seed(1)))
+    for other in outs[1:]:
+        for k in outs[0]:
+            assert torch.equal(outs[0][k], other[k]), k
+    other_seed = next(iter(data.make_loader(ds, 4, True, 0, seed=8)))
+    assert not torch.equal(other_seed["image_ids"], next(iter(data.make_loader(ds, 4, True, 0, seed=7)))["image_ids"])
+
+
+# ---------------------------------------------------------------- readers and the shapes set
+def test_shapes_set(shapes_dir, tmp_path):
+    ds = data.open_dataset(shapes_dir, "train")
+    assert len(ds) == 24 and ds.class_names == data.SHAPE_NAMES and ds.cat_ids == [1, 3, 5, 7, 9, 11]
+    item = ds[0]
+    assert item["image"].dtype == np.uint8 and item["image"].ndim == 3 and 256 <= item["image"].shape[1] <= 384
+    assert item["boxes"].dtype == np.float32 and item["labels"].dtype == np.int64
+    gt = ds.coco_gt()
+    assert {a["category_id"] for a in gt["annotations"]} <= {1, 3, 5, 7, 9, 11}
+    # deterministic: a second build with the same seed is byte-identical
+    again = data.make_shapes(str(tmp_path / "again"), num_train=24, num_val=8, seed=3)
+    for rel in ("annotations/instances_train.json", "train/000005.jpg", "val/000003.jpg"):
+        with open(os.path.join(shapes_dir, rel), "rb") as a, open(os.path.join(again, rel), "rb") as b:
+            assert a.read() == b.read(), rel
+    assert not [n for n in os.listdir(tmp_path) if n.startswith(".shapes-")]  # no temp folder left behind
+
+
+def test_worker_downscale_records_scale(shapes_dir):
+    ds = data.open_dataset(shapes_dir, "val")
+    full = ds.load(0)
+    small = ds.load(0, max_side=128)
+    h, w = full[0].shape[:2]
+    assert max(small[0].shape[:2]) == 128 and small[4] == small[0].shape[1] / w
+    assert np.allclose(small[1], full[1] * small[4])
+    batch = next(iter(data.make_loader(ds, 2, False, 0, 0, max_side=128)))
+    assert batch["scales"][0] == small[4] and max(batch["images"].shape[-2:]) == 128
+
+
+def test_crowd_regions_never_targets(tmp_path):
+    img_dir = tmp_path / "images"
+    img_dir.mkdir()
+    Image.new("RGB", (40, 30)).save(img_dir / "a.jpg")
+    coco = dict(images=[dict(id=7, file_name="a.jpg", width=40, height=30)],
+                annotations=[dict(id=1, image_id=7, category_id=4, bbox=[1, 2, 10, 10], iscrowd=0),
+                             dict(id=2, image_id=7, category_id=9, bbox=[15, 5, 20, 20], iscrowd=1)],
+                categories=[dict(id=9, name="b"), dict(id=4, name="a")])
+    (tmp_path / "ann.json").write_text(json.dumps(coco))
+    ds = data.open_dataset(str(tmp_path / "ann.json"), "val")
+    assert ds.cat_ids == [4, 9] and ds.class_names == ["a", "b"]
+    item = ds[0]
+    assert item["labels"].tolist() == [0, -1] and item["image_id"] == 7
+    assert np.allclose(item["boxes"], [[1, 2, 11, 12], [15, 5, 35, 25]])
+    batch = next(iter(data.make_loader(ds, 1, False, 0, 0)))
+    out = data.augment(batch, (32, 32), 1.0, 3, 2, 0, torch.Generator().manual_seed(0))
+    assert (out["labels"][out["valid"]] != 1).all()  # the crowd stays -1, never becomes class "b"
+
+
+def test_coco_and_yolo_agree_on_voc():
+    coco = data.open_dataset(shared_path("voc2007_100", "instances_coco.json"), "train")
+    yolo = data.open_dataset(shared_path("voc2007_100", "yolo"), "train",
+                             images_dir=shared_path("voc2007_100", "images"))
+    assert len(coco) == len(yolo) == 100
+    assert sum(len(r["boxes"]) for r in coco.records) == sum(len(r["boxes"]) for r in yolo.records) == 273
+    by_file = {os.path.basename(r["file"]): r for r in yolo.records}
+    for r in coco.records:
+        y = by_file[os.path.basename(r["file"])]
+        names_c = sorted(zip([coco.class_names[i] for i in r["labels"]], r["boxes"].round().tolist()))
+        names_y = sorted(zip([yolo.class_names[i] for i in y["labels"]], y["boxes"].round().tolist()))
+        assert names_c == names_y
+        order_c, order_y = np.lexsort(r["boxes"].round().T), np.lexsort(y["boxes"].round().T)
+        assert np.abs(r["boxes"][order_c] - y["boxes"][order_y]).max(initial=0) < 0.6  # 6-decimal normalisation
+    image = coco[0]["image"]
+    assert image.shape[2] == 3 and image.dtype == np.uint8
+
+
+# ---------------------------------------------------------------- bad input
+def write_coco(tmp_path, annotations, images=None):
+    img_dir = tmp_path / "images"
+    img_dir.mkdir(exist_ok=True)
+    Image.new("RGB", (40, 30)).save(img_dir / "a.jpg")
+    coco = dict(images=[dict(id=1, file_name="a.jpg", width=40, height=30)] if images is None else images,
+                annotations=annotations, categories=[dict(id=1, name="x")])
+    path = tmp_path / "ann.json"
+    path.write_text(json.dumps(coco))
+    return str(path)
+
+
+def test_bad_inputs(tmp_path):
+    path = write_coco(tmp_path, [])
+    ds = data.open_dataset(path, "train")
+    assert len(ds[0]["boxes"]) == 0  # an image without annotations is a background image
+    os.remove(tmp_path / "images" / "a.jpg")
+    with pytest.raises(FileNotFoundError, match="a.jpg is missing"):
+        ds[0]
+    (tmp_path / "images" / "a.jpg").write_bytes(b"not a jpeg")
+    with pytest.raises(ValueError, match="a.jpg cannot be decoded"):
+        ds[0]
+    (tmp_path / "bad.json").write_text("{broken")
+    with pytest.raises(ValueError, match="bad.json is not valid JSON"):
+        data.open_dataset(str(tmp_path / "bad.json"), "train")
+    (tmp_path / "list.json").write_text("[1, 2]")
+    with pytest.raises(ValueError, match="list.json is not a COCO instances file"):
+        data.open_dataset(str(tmp_path / "list.json"), "train")
+    with pytest.raises(ValueError, match="no images"):
+        data.open_dataset(write_coco(tmp_path, [], images=[]), "train")
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        data.open_dataset(str(tmp_path / "nowhere"), "train")
+    with pytest.raises(ValueError, match="empty split"):
+        (tmp_path / "yolo" / "labels").mkdir(parents=True)
+        (tmp_path / "yolo" / "obj.names").write_text("x\n")
+        data.open_dataset(str(tmp_path / "yolo"), "train")
+
+
+def test_bad_boxes_counted_warning(tmp_path):
+    anns = [dict(id=1, image_id=1, category_id=1, bbox=[1, 1, 5, 5], iscrowd=0),
+            dict(id=2, image_id=1, category_id=1, bbox=[float("nan"), 1, 5, 5], iscrowd=0),
+            dict(id=3, image_id=1, category_id=1, bbox=[1, 1, -3, 5], iscrowd=0),
+            dict(id=4, image_id=1, category_id=1, bbox=[500, 1, 5, 5], iscrowd=0),
+            dict(id=5, image_id=1, category_id=1, bbox=[38, 1, 5, 5], iscrowd=0)]  # 3 px outside: clipped
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        ds = data.open_dataset(write_coco(tmp_path, anns), "train")
+    messages = [str(w.message) for w in caught]
+    assert len(messages) == 1 and "skipped 3 bad boxes" in messages[0] and "ann.json" in messages[0]
+    assert "annotation 2" in messages[0]
+    assert np.allclose(ds[0]["boxes"], [[1, 1, 6, 6], [38, 1, 40, 6]])
+
+
+def test_cli(shapes_dir, tmp_path, capsys):
+    png = tmp_path / "b.png"
+    assert data.main(["show", "--data", shapes_dir, "--batch_size", "4", "--input_shape", "64", "-o", str(png)]) == 0
+    with Image.open(png) as im:
+        assert im.size == (4 * 68, 68)  # 4 columns of 64 px + 4 px gaps
+    assert data.main(["show", "--data", str(tmp_path / "missing")]) == 2
+    assert "does not exist" in capsys.readouterr().err

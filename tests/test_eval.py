@@ -1,0 +1,262 @@
+"""eval.py: pycocotools scoring on real data, decode, letterbox undo, the evaluation loop with an
+oracle model, checkpoints, predict and the CLI's error messages. (NMS is in tests/test_nms.py.)"""
+import json
+import os
+
+import pytest
+import torch
+
+import data
+import eval as ev
+import models
+from conftest import shared_path
+
+FIXTURES = os.path.join(os.path.dirname(os.path.abspath(__file__)), "fixtures", "coco_val2014_100")
+
+
+# ---------------------------------------------------------------------------------------------
+# Scoring results files
+# ---------------------------------------------------------------------------------------------
+def test_results_scoring_reproduces_pycocotools(tmp_path, capsys):
+    stats_path = tmp_path / "stats.json"
+    code = ev.main(["--results", os.path.join(FIXTURES, "fakebbox100_results.json"),
+                    "-d", os.path.join(FIXTURES, "instances_val2014_100.json"), "--stats_json", str(stats_path)])
+    assert code == 0
+    with open(os.path.join(FIXTURES, "expected_stats_pycocotools.json")) as f:
+        expected = json.load(f)
+    got = json.loads(stats_path.read_text())
+    assert list(got) == list(ev.STAT_KEYS)
+    for key in ev.STAT_KEYS:
+        assert abs(got[key] - expected[key]) < 1e-9, key
+    printed = capsys.readouterr().out
+    assert printed.count("Average Precision") == 6 and printed.count("Average Recall") == 6
+    assert "category" in printed and "person" in printed  # the per-class table
+
+
+def remapped_voc_results():
+    """voc2007_100's detections with 0-based ids remapped to the ground truth's by file / class name."""
+    with open(shared_path("voc2007_100", "instances_coco.json")) as f:
+        gt = json.load(f)
+    with open(shared_path("voc2007_100", "dets_coco_0based.json")) as f:
+        dets = json.load(f)
+    image_by_file = {im["file_name"]: im["id"] for im in gt["images"]}
+    cat_by_name = {c["name"]: c["id"] for c in gt["categories"]}
+    file_of = {im["id"]: im["file_name"] for im in dets["images"]}
+    name_of = {c["id"]: c["name"] for c in dets["categories"]}
+    results = [{"image_id": image_by_file[file_of[d["image_id"]]],
+                "category_id": cat_by_name[name_of[d["category_id"]]],
+                "bbox": d["bbox"], "score": d["score"]} for d in dets["annotations"]]
+    return gt, results
+
+
+def test_voc_detections_after_remap():
+    gt, results = remapped_voc_results()
+    stats = ev.evaluate_coco_results(results, gt, verbose=False)
+    assert abs(stats["AP"] - 0.346958) < 1e-6 and abs(stats["AP50"] - 0.61003) < 1e-5
+
+
+def test_images_without_detections_count():
+    gt, results = remapped_voc_results()
+    half = sorted(im["id"] for im in gt["images"])[:50]
+    partial = [r for r in results if r["image_id"] in half]
+    everywhere = ev.evaluate_coco_results(partial, gt, verbose=False)
+    only_detected = ev.evaluate_coco_results(partial, gt, image_ids=half, verbose=False)
+    assert everywhere["AR100"] < only_detected["AR100"]  # the other 50 images' boxes are misses
+    empty = ev.evaluate_coco_results([], gt, verbose=False)
+    assert empty["AP"] == 0 and empty["AR100"] == 0
+
+
+def test_unknown_image_ids_and_missing_files_are_clear(tmp_path, capsys):
+    gt = os.path.join(FIXTURES, "instances_val2014_100.json")
+    bad = tmp_path / "bad.json"
+    bad.write_text(json.dumps([{"image_id": 12345678, "category_id": 1, "bbox": [0, 0, 5, 5], "score": 0.5}]))
+    assert ev.main(["--results", str(bad), "-d", gt]) == 2
+    err = capsys.readouterr().err
+    assert "12345678" in err and "not in the ground truth" in err and "Traceback" not in err
+    assert ev.main(["--results", str(bad), "-d", str(tmp_path / "nowhere.json")]) == 2
+    assert "nowhere.json: no such file" in capsys.readouterr().err
+    assert ev.main(["-m", "yolox_nano", "-d", str(tmp_path / "no_data")]) == 2
+    assert "no_data: no such file or folder" in capsys.readouterr().err
+
+
+# ---------------------------------------------------------------------------------------------
+# Decode and letterbox undo
+# ---------------------------------------------------------------------------------------------
+def unflatten(flat, input_shape, strides, num_anchors):
+    """[B, N, K] -> the model's per-level list [B, A, K, H_l, W_l] (the inverse of flatten_outputs)."""
+    out, start = [], 0
+    for s in strides:
+        h, w = -(-input_shape[0] // s), -(-input_shape[1] // s)
+        n = h * w * num_anchors
+        level = flat[:, start:start + n].reshape(flat.shape[0], h, w, num_anchors, -1)
+        out.append(level.permute(0, 3, 4, 1, 2))
+        start += n
+    return out
+
+
+@pytest.mark.parametrize("anchors_mode", ["efficientdet", "anchor_free"])
+def test_decode_inverts_encode(anchors_mode):
+    g = torch.Generator().manual_seed(0)
+    shape, strides, classes = (64, 96), (8, 16, 32), 3
+    priors = models.make_priors(shape, strides, anchors_mode)
+    n = len(priors)
+    xy = torch.rand(2, n, 2, generator=g) * 90
+    boxes = torch.cat([xy, xy + 2 + torch.rand(2, n, 2, generator=g) * 60], -1)
+    logits = torch.randn(2, n, classes + (anchors_mode == "anchor_free"), generator=g)
+    flat = torch.cat([models.encode_boxes(boxes, priors, anchors_mode), logits], -1)
+    outputs = unflatten(flat, shape, strides, 9 if anchors_mode == "efficientdet" else 1)
+    assert torch.equal(models.flatten_outputs(outputs), flat)
+    got_boxes, scores = ev.decode_predictions(outputs, priors, anchors_mode)
+    torch.testing.assert_close(got_boxes, boxes, atol=1e-3, rtol=1e-5)
+    expected = logits[..., :classes].sigmoid()
+    if anchors_mode == "anchor_free":
+        expected = expected * logits[..., classes:].sigmoid()
+    torch.testing.assert_close(scores, expected)
+
+
+def voc_batch(max_side=None):
+    ds = data.open_dataset(shared_path("voc2007_100", "instances_coco.json"), "val")
+    loader = data.make_loader(ds, batch_size=4, shuffle=False, workers=0, seed=0, max_side=max_side)
+    return next(iter(loader))
+
+
+@pytest.mark.parametrize("max_side", [None, 200])  # 200: the worker shrinks images, scales != 1
+def test_letterbox_undo(max_side):
+    batch = voc_batch(max_side)
+    assert (batch["scales"] < 1).any() == (max_side is not None)
+    out = data.letterbox(batch, (320, 256))
+    back = ev.boxes_to_original(out["boxes"], ev.eval_letterbox(batch, (320, 256))["matrices"])
+    original = batch["boxes"] / batch["scales"][:, None, None]
+    valid = batch["valid"] & out["valid"]
+    assert valid.sum() > 5
+    assert (back[valid] - original[valid]).abs().max() < 1e-4
+
+
+def test_centred_letterbox_pad():
+    batch = voc_batch()
+    out = ev.eval_letterbox(batch, (320, 320), letterbox_pad=64)
+    assert out["images"].shape == (4, 3, 320, 320)
+    m = out["matrices"]
+    scale = 1 / m[:, 0, 0]  # output px per original px
+    orig_hw = batch["sizes"].float()
+    left, top = -m[:, 0, 2] * scale, -m[:, 1, 2] * scale  # where the original (0, 0) lands
+    right, bottom = 320 - (left + orig_hw[:, 1] * scale), 320 - (top + orig_hw[:, 0] * scale)
+    # integer offsets around a fractional picture size: centred to within 2 px
+    assert ((left - right).abs() <= 2).all() and ((top - bottom).abs() <= 2).all()
+    assert (torch.minimum(left, top) >= 32 - 1e-3).all()
+    grey = torch.tensor(data.PAD_VALUE / 255)
+    assert torch.allclose(out["images"][:, :, :, :31], grey)  # the left bar is pad
+    # the round trip of a box through the matrices: output px -> original px
+    corners = torch.stack([left, top, left + orig_hw[:, 1] * scale, top + orig_hw[:, 0] * scale], -1)[:, None]
+    full = ev.boxes_to_original(corners, m)[:, 0]
+    torch.testing.assert_close(full, torch.cat([torch.zeros(4, 2), orig_hw.flip(-1)], -1), atol=1e-3, rtol=0)
+
+
+def test_clip_boxes():
+    boxes = torch.tensor([[[-5.0, 2, 30, 50], [10, -1, 12, 5]]])
+    clipped = ev.clip_boxes(boxes, torch.tensor([40.0]), torch.tensor([20.0]))
+    assert clipped.tolist() == [[[0.0, 2, 20, 40], [10, 0, 12, 5]]]
+
+
+# ---------------------------------------------------------------------------------------------
+# The evaluation loop, end to end
+# ---------------------------------------------------------------------------------------------
+class Oracle(torch.nn.Module):
+    """A stand-in Detector that outputs the ground truth of each batch as raw outputs: prior k of an
+    image carries its k-th box, encoded, with a high class logit. A correct pipeline (letterbox,
+    decode, NMS, undo, category ids, pycocotools) must then score AP = 1."""
+
+    def __init__(self, dataset, batch_size, input_shape, anchors_mode):
+        super().__init__()
+        self.anchor = torch.nn.Parameter(torch.zeros(1))  # gives the module a device
+        self.strides, self.anchors_mode = (8, 16, 32), anchors_mode
+        self.num_anchors = 9 if anchors_mode == "efficientdet" else 1
+        self.config = {"input_shape": input_shape}
+        self.priors = models.make_priors(input_shape, self.strides, anchors_mode)
+        gt = dataset.coco_gt()
+        size = {im["id"]: (im["height"], im["width"]) for im in gt["images"]}
+        label = {c: i for i, c in enumerate(dataset.cat_ids)}
+        self.truth = {i: [] for i in dataset.image_ids}
+        for a in gt["annotations"]:
+            if not a["iscrowd"]:
+                h, w = size[a["image_id"]]
+                s = min(input_shape[0] / h, input_shape[1] / w)  # the top-left letterbox scale
+                x, y, bw, bh = a["bbox"]
+                self.truth[a["image_id"]].append(([x * s, y * s, (x + bw) * s, (y + bh) * s], label[a["category_id"]]))
+        self.batches = [dataset.image_ids[i:i + batch_size] for i in range(0, len(dataset), batch_size)]
+        self.num_classes, self.calls = len(dataset.cat_ids), 0
+
+    def forward(self, images):
+        ids = self.batches[self.calls]
+        self.calls += 1
+        n = len(self.priors)
+        extra = int(self.anchors_mode == "anchor_free")
+        flat = torch.full((len(ids), n, 4 + self.num_classes + extra), -12.0)
+        flat[..., :4] = 0
+        for b, image_id in enumerate(ids):
+            for k, (box, label) in enumerate(self.truth[image_id]):
+                flat[b, k, :4] = models.encode_boxes(torch.tensor(box), self.priors, self.anchors_mode)[k]
+                flat[b, k, 4 + label] = 12.0
+                if extra:
+                    flat[b, k, -1] = 12.0
+        return unflatten(flat, self.config["input_shape"], self.strides, self.num_anchors)
+
+
+@pytest.mark.parametrize("anchors_mode,nms", [("anchor_free", "gaussian"), ("efficientdet", "hard")])
+def test_run_coco_evaluation_with_an_oracle(anchors_mode, nms, tmp_path):
+    ds = data.open_dataset(shared_path("voc2007_100", "instances_coco.json"), "val")
+    oracle = Oracle(ds, 25, (256, 256), anchors_mode)
+    results_path, stats_path = tmp_path / "results.json", tmp_path / "stats.json"
+    stats = ev.run_coco_evaluation(oracle, ds, nms=nms, batch_size=25, clip_bbox=True, verbose=False,
+                                   results_path=str(results_path), stats_json=str(stats_path))
+    assert oracle.calls == 4
+    if nms == "hard":  # a few same-class ground-truth boxes overlap by IoU > 0.5: hard NMS drops one
+        assert stats["AP"] > 0.99 and stats["AR100"] > 0.99
+    else:
+        assert stats["AP"] > 0.999 and stats["AR100"] > 0.999
+    assert json.loads(stats_path.read_text()) == stats
+    assert len(json.loads(results_path.read_text())) == (273 if nms == "gaussian" else pytest.approx(273, abs=5))
+
+
+# ---------------------------------------------------------------------------------------------
+# Checkpoints, predict, the CLI
+# ---------------------------------------------------------------------------------------------
+def write_checkpoint(path, det_header="yolox_nano"):
+    model = models.build_model(det_header, num_classes=20, input_shape=(128, 128))
+    config = dict(model.config, class_names=[f"class{i}" for i in range(20)], cat_ids=list(range(1, 21)))
+    torch.save({"config": config, "model": model.state_dict()}, path)
+    return model
+
+
+def test_load_model_and_wrong_architecture(tmp_path, capsys):
+    path = str(tmp_path / "nano.pt")
+    original = write_checkpoint(path)
+    model, info = ev.load_model(path)
+    assert model.config["det_header"] == "yolox_nano" and info["cat_ids"] == list(range(1, 21))
+    for key, value in original.state_dict().items():
+        assert torch.equal(model.state_dict()[key], value)
+    with pytest.raises(ev.EvalInputError, match="trained as det_header='yolox_nano'"):
+        ev.load_model(path, det_header="yolox_tiny")
+    gt = os.path.join(FIXTURES, "instances_val2014_100.json")
+    assert ev.main(["-m", path, "--det_header", "yolox_tiny", "-d", gt]) == 2
+    err = capsys.readouterr().err
+    assert "yolox_nano" in err and "Traceback" not in err
+    assert ev.main(["-m", str(tmp_path / "missing.pt"), "-d", gt]) == 2
+    assert "no such checkpoint" in capsys.readouterr().err
+
+
+def test_cli_eval_and_predict(tmp_path, capsys):
+    voc = shared_path("voc2007_100", "instances_coco.json")
+    path = str(tmp_path / "nano.pt")
+    write_checkpoint(path)
+    stats_path = tmp_path / "stats.json"
+    assert ev.main(["-m", path, "-d", voc, "-b", "50", "--nms", "linear", "--nms_mode", "global",
+                    "--nms_topk", "0", "--clip_bbox", "--stats_json", str(stats_path), "--device", "cpu"]) == 0
+    assert list(json.loads(stats_path.read_text())) == list(ev.STAT_KEYS)
+    images = sorted(os.listdir(shared_path("voc2007_100", "images")))[:2]
+    out = tmp_path / "pictures"
+    assert ev.main(["predict", "-m", path, *[shared_path("voc2007_100", "images", f) for f in images],
+                    "-o", str(out), "--score_threshold", "0.2", "--letterbox_pad", "32", "--device", "cpu"]) == 0
+    predictions = json.loads((out / "predictions.json").read_text())
+    assert sorted(predictions) == images
+    assert all((out / (os.path.splitext(f)[0] + ".png")).exists() for f in images)

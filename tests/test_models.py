@@ -1,0 +1,231 @@
+"""Tests for models.py: shapes, gradients, priors, box coding, published sizes, errors.
+
+Big networks are built on the "meta" device (shapes only, no memory, no arithmetic), so the
+parameter table and the shape checks of every preset and backbone cost seconds.
+"""
+import math
+
+import pytest
+import torch
+
+import models
+
+# Published parameter counts (EfficientDet with 90 classes, YOLOX with 80): effdet's
+# tf_efficientdet_dN / automl and Megvii YOLOX, as also built by keras_cv_attention_models.
+PUBLISHED_PARAMS = {
+    "efficientdet_d0": 3880067, "efficientdet_d1": 6625898, "efficientdet_d2": 8097039,
+    "efficientdet_d3": 12032296, "efficientdet_d4": 20723675, "efficientdet_d5": 33653315,
+    "efficientdet_d6": 51871782, "efficientdet_d7": 51871782, "efficientdet_d7x": 77147166,
+    "yolox_nano": 912159, "yolox_tiny": 5055855, "yolox_s": 8968255, "yolox_m": 25326495,
+    "yolox_l": 54208895, "yolox_x": 99071455,
+}
+
+HEADS = ["efficientdet_d0", "yolox_nano"]
+MODES = ["efficientdet", "anchor_free"]
+BACKBONES = ["efficientnet_b0", "cspdarknet"]
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """These tests run tiny ops, where a second OpenMP thread only adds barrier waits (and on a
+    busy 2-core machine a descheduled thread stalls every op); restore the count afterwards."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def level_sizes(h, w, strides):
+    return [(math.ceil(h / s), math.ceil(w / s)) for s in strides]
+
+
+@pytest.mark.parametrize("backbone", BACKBONES)
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("head", HEADS)
+def test_forward_shapes_and_backward(head, mode, backbone):
+    torch.manual_seed(0)
+    num_classes = 3
+    model = models.build_model(head, backbone=backbone, anchors_mode=mode, num_classes=num_classes,
+                               input_shape=(128, 128))
+    a = 9 if mode == "efficientdet" else 1
+    o = 1 if mode == "anchor_free" else 0
+    assert (model.num_anchors, model.has_objectness, model.anchors_mode) == (a, bool(o), mode)
+    assert model.strides == ((8, 16, 32, 64, 128) if head.startswith("efficientdet") else (8, 16, 32))
+    assert hasattr(model.backbone, "channels")
+
+    # Square input in training mode, with a backward pass.
+    model.train()
+    images = torch.rand(2, 3, 128, 128)
+    outputs = model(images)
+    assert [tuple(x.shape) for x in outputs] == [(2, a, 4 + num_classes + o, h, w)
+                                                 for h, w in level_sizes(128, 128, model.strides)]
+    loss = sum((x.float() ** 2).mean() for x in outputs)
+    loss.backward()
+    for name, p in model.named_parameters():
+        assert p.grad is not None, f"{name} got no gradient"
+        assert torch.isfinite(p.grad).all(), f"{name} has a non-finite gradient"
+    assert sum(p.grad.abs().sum() for p in model.parameters()) > 0
+
+    # Non-square input in eval mode; flattening lines up with the priors.
+    model.eval()
+    with torch.no_grad():
+        outputs = model(torch.rand(1, 3, 128, 192))
+    assert [tuple(x.shape[-2:]) for x in outputs] == level_sizes(128, 192, model.strides)
+    flat = models.flatten_outputs(outputs)
+    priors = models.make_priors((128, 192), model.strides, mode)
+    assert flat.shape == (1, len(priors), 4 + num_classes + o)
+    assert torch.isfinite(flat).all()
+
+
+def test_class_and_objectness_bias_prior():
+    bias = -math.log((1 - 0.01) / 0.01)
+    for head in HEADS:
+        model = models.build_model(head, anchors_mode="anchor_free", num_classes=5).eval()
+        with torch.no_grad():
+            flat = models.flatten_outputs(model(torch.zeros(1, 3, 64, 64)))
+        # Class and objectness logits start near the prior (sigmoid ~ 0.01).
+        assert abs(torch.sigmoid(flat[..., 4:]).median().item() - 0.01) < 0.01
+        if head.startswith("yolox"):
+            assert torch.allclose(model.head.levels[0].cls_pred.bias, torch.full((5,), bias))
+            assert torch.allclose(model.head.levels[0].obj_pred.bias, torch.full((1,), bias))
+        else:
+            assert torch.allclose(model.head.cls_pred.pointwise.bias, torch.full((5,), bias))
+            assert model.head.box_pred.pointwise.bias[4].item() == pytest.approx(bias)
+
+
+def test_config_rebuilds_the_same_model():
+    model = models.build_model("yolox_nano", backbone="efficientnet_b0", anchors_mode="efficientdet",
+                               num_classes=7, input_shape=(256, 320))
+    assert model.config == dict(det_header="yolox_nano", backbone="efficientnet_b0",
+                                anchors_mode="efficientdet", num_classes=7, input_shape=(256, 320))
+    again = models.build_model(**model.config)
+    assert again.load_state_dict(model.state_dict()) is not None
+    assert models.build_model("efficientdet_d0").config["anchors_mode"] == "efficientdet"
+    assert models.build_model("yolox_nano").config["anchors_mode"] == "anchor_free"
+
+
+def test_parameter_counts_equal_published():
+    for name, published in PUBLISHED_PARAMS.items():
+        classes = 90 if name.startswith("efficientdet") else 80
+        with torch.device("meta"):
+            model = models.build_model(name, num_classes=classes)
+        count = models.count_parameters(model)
+        assert abs(count - published) <= 0.01 * published, f"{name}: {count} vs published {published}"
+        assert count == published, f"{name}: {count} vs published {published} (within 1% but not equal)"
+
+
+@pytest.mark.parametrize("name", models.PRESETS)
+def test_every_preset_shapes_at_its_input_size(name):
+    # On "meta": shapes flow through D7 at 1536 without computing anything.
+    h, w = models.preset_input_shape(name)
+    with torch.device("meta"):
+        model = models.build_model(name, num_classes=4).eval()
+        outputs = model(torch.zeros(1, 3, h, w))
+    k = 4 + 4 + int(model.has_objectness)
+    assert [tuple(x.shape) for x in outputs] == [(1, model.num_anchors, k, lh, lw)
+                                                 for lh, lw in level_sizes(h, w, model.strides)]
+
+
+@pytest.mark.parametrize("name", models.BACKBONES)
+def test_every_backbone_gives_strides_8_16_32(name):
+    with torch.device("meta"):
+        body = models.build_backbone(name)
+        feats = body(torch.zeros(1, 3, 64, 96))
+    assert [tuple(f.shape[1:]) for f in feats] == [(c, 64 // s, 96 // s) for c, s in zip(body.channels, (8, 16, 32))]
+
+
+def test_anchor_free_priors_hand_numbers():
+    p = models.make_priors((64, 96), (8, 16), "anchor_free")
+    assert len(p) == 8 * 12 + 4 * 6
+    assert p.centers[:3].tolist() == [[4, 4], [12, 4], [20, 4]]           # x runs fastest
+    assert p.centers[12].tolist() == [4, 12]                              # next row
+    assert p.centers[96].tolist() == [8, 8]                               # first stride-16 prior
+    assert p.centers[97].tolist() == [24, 8]
+    assert p.centers[-1].tolist() == [88, 56]
+    assert p.strides[95].item() == 8 and p.strides[96].item() == 16
+    assert p.boxes[0].tolist() == [0, 0, 8, 8] and p.boxes[96].tolist() == [0, 0, 16, 16]
+    assert p.centers.dtype == p.boxes.dtype == p.strides.dtype == torch.float32
+
+
+def test_anchor_priors_hand_numbers():
+    p = models.make_priors((32, 48), (8, 16), "efficientdet")
+    assert len(p) == 9 * (4 * 6 + 2 * 3)
+    # First location (x 4, y 4), stride 8: base size 4 * 8 = 32.
+    assert p.boxes[0].tolist() == [-12, -12, 20, 20]                               # scale 1, ratio 1:1
+    assert p.boxes[1].tolist() == pytest.approx([4 - 22.4, 4 - 11.2, 4 + 22.4, 4 + 11.2])  # 1.4 : 0.7
+    assert p.boxes[2].tolist() == pytest.approx([4 - 11.2, 4 - 22.4, 4 + 11.2, 4 + 22.4])  # 0.7 : 1.4
+    half = 16 * 2 ** (1 / 3)
+    assert p.boxes[3].tolist() == pytest.approx([4 - half, 4 - half, 4 + half, 4 + half])  # scale 2^(1/3)
+    assert (p.centers[:9] == torch.tensor([4.0, 4.0])).all()
+    assert p.centers[9].tolist() == [12, 4]                   # next x, anchors innermost
+    assert p.centers[9 * 6].tolist() == [4, 12]               # next row
+    assert p.centers[9 * 24].tolist() == [8, 8]               # first stride-16 location
+    assert p.boxes[9 * 24].tolist() == [-24, -24, 40, 40]     # base size 64
+    assert torch.allclose((p.boxes[:, :2] + p.boxes[:, 2:]) / 2, p.centers)
+
+
+def test_flatten_order_matches_priors():
+    # Fake outputs whose first three channels hold each location's own x, y and stride.
+    strides, (h, w) = (8, 16, 32), (64, 96)
+    outputs = []
+    for s in strides:
+        lh, lw = math.ceil(h / s), math.ceil(w / s)
+        x = torch.zeros(2, 9, 5, lh, lw)
+        x[:, :, 0] = ((torch.arange(lw) + 0.5) * s).view(1, 1, lw)
+        x[:, :, 1] = ((torch.arange(lh) + 0.5) * s).view(1, lh, 1)
+        x[:, :, 2] = s
+        x[:, :, 3] = torch.arange(9.0).view(9, 1, 1)
+        outputs.append(x)
+    flat = models.flatten_outputs(outputs)
+    p = models.make_priors((h, w), strides, "efficientdet")
+    assert flat.shape == (2, len(p), 5)
+    assert torch.equal(flat[0, :, :2], p.centers) and torch.equal(flat[1, :, 2], p.strides)
+    assert torch.equal(flat[0, :, 3], torch.arange(9.0).repeat(len(p) // 9))
+    # The anchor id also matches the prior's shape: anchor 1 is wide (1.4 : 0.7).
+    wh = p.boxes[:, 2:] - p.boxes[:, :2]
+    assert (wh[flat[0, :, 3] == 1, 0] > wh[flat[0, :, 3] == 1, 1]).all()
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_encode_decode_inverse(mode):
+    g = torch.Generator().manual_seed(0)
+    p = models.make_priors((128, 192), (8, 16, 32, 64, 128), mode)
+    xy = torch.rand(2, len(p), 2, generator=g) * 150
+    wh = torch.rand(2, len(p), 2, generator=g) * 120 + 1
+    boxes = torch.cat([xy, xy + wh], -1)
+    raw = models.encode_boxes(boxes, p, mode)
+    assert raw.shape == boxes.shape
+    assert torch.allclose(models.decode_boxes(raw, p, mode), boxes, atol=1e-3)
+    # Zero offsets decode to the prior itself (its anchor, or its stride x stride cell).
+    assert torch.allclose(models.decode_boxes(torch.zeros(len(p), 4), p, mode), p.boxes, atol=1e-4)
+
+
+def test_decode_clamps_huge_sizes():
+    p = models.make_priors((64, 64), (8,), "anchor_free")
+    out = models.decode_boxes(torch.full((len(p), 4), 1e4), p, "anchor_free")
+    assert torch.isfinite(out).all()
+
+
+def test_unknown_names_give_clear_errors():
+    with pytest.raises(ValueError, match="efficientdet_d0.*yolox_nano"):
+        models.build_model("efficientdet_d9")
+    with pytest.raises(ValueError, match="cspdarknet.*resnet50"):
+        models.build_model("yolox_s", backbone="vgg16")
+    with pytest.raises(ValueError, match="efficientdet, anchor_free"):
+        models.build_model("yolox_s", anchors_mode="anchors")
+    with pytest.raises(ValueError, match="anchor_free"):
+        models.make_priors((64, 64), (8,), "retina")
+    with pytest.raises(ValueError, match="multiples of 32"):
+        models.build_model("yolox_nano")(torch.rand(1, 3, 100, 100))
+
+
+def test_timm_backbone_needs_timm():
+    try:
+        import timm  # noqa: F401
+    except ImportError:
+        with pytest.raises(ValueError, match="pip install timm"):
+            models.build_model("yolox_s", backbone="timm:resnet18")
+    else:
+        with torch.device("meta"):
+            model = models.build_model("yolox_nano", backbone="timm:resnet18")
+        assert model.backbone.channels == [128, 256, 512]

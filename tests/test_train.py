@@ -1,0 +1,137 @@
+"""train.py: every head x prior mode trains, freezing, exact resume, DDP on gloo, clear errors."""
+import csv
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+import data
+import models
+import train
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+@pytest.fixture(scope="module")
+def tiny_shapes(tmp_path_factory):
+    """A built-in shapes set of 8 train / 4 val images: big enough to train a few steps on."""
+    out = str(tmp_path_factory.mktemp("shapes"))
+    data.make_shapes(out, num_train=8, num_val=4, seed=1)
+    return out
+
+
+def run_train(tiny_shapes, out, *extra):
+    """train.main with a quick, augmentation-free recipe unless the test overrides a flag."""
+    argv = ["-d", tiny_shapes, "--out", str(out), "-b", "4", "--workers", "0", "--seed", "3",
+            "--mosaic_mix_prob", "0", "--magnitude", "0", "--random_crop_mode", "0",
+            "--lr_warmup_steps", "0", "--eval_start_epoch", "99", "--ema_decay", "0"]
+    return train.main(argv + list(extra))
+
+
+def history(out):
+    with open(os.path.join(out, "history.csv")) as f:
+        return list(csv.DictReader(f))
+
+
+@pytest.mark.parametrize("header,mode,size", [
+    ("yolox_nano", "--use_anchor_free_mode", "64"),
+    ("yolox_nano", "--use_anchors_mode", "64"),
+    ("efficientdet_d0", "--use_anchor_free_mode", "128"),
+    ("efficientdet_d0", "--use_anchors_mode", "128"),
+])
+def test_every_head_and_mode_learns(tiny_shapes, tmp_path, header, mode, size):
+    # The same 8 images for 5 epochs without augmentation: the loss must fall clearly.
+    run_train(tiny_shapes, tmp_path, "--det_header", header, mode, "-i", size, "-e", "5",
+              "-p", "adamw", "--lr_base_512", "0.2", "--freeze_backbone_epochs", "0",
+              "--lr_decay_steps", "5", "--lr_cooldown_steps", "0")
+    rows = history(tmp_path)
+    assert len(rows) == 5
+    first, last = float(rows[0]["loss_total"]), float(rows[-1]["loss_total"])
+    assert last < 0.7 * first, (first, last)
+    for name in ("last.pt", "history.png", "config.json"):
+        assert os.path.exists(os.path.join(tmp_path, name))
+
+
+def _weights(model_state, prefix):
+    return {k: v.clone() for k, v in model_state.items() if k.startswith(prefix) and v.dtype.is_floating_point}
+
+
+def test_freeze_then_unfreeze_and_exact_resume(tiny_shapes, tmp_path):
+    common = ["--det_header", "yolox_nano", "-i", "64", "-p", "sgd", "--lr_base_512", "0.5",
+              "--freeze_backbone_epochs", "1", "-e", "2", "--ema_decay", "0.9"]
+    # Initial weights are a function of the seed alone.
+    torch.manual_seed(3)
+    init = models.build_model("yolox_nano", num_classes=3, input_shape=(64, 64)).state_dict()
+
+    # Epoch 1, backbone frozen: the backbone (weights and BN statistics) must not move, the rest must.
+    run_train(tiny_shapes, tmp_path / "a", *common, "-e", "1")
+    after1 = torch.load(tmp_path / "a" / "last.pt", weights_only=False)
+    assert after1["epoch"] == 1
+    for k, v in _weights(after1["model"], "backbone.").items():
+        assert torch.equal(v, init[k]), f"{k} moved while the backbone was frozen"
+    head = _weights(after1["model"], "head.")
+    assert any(not torch.equal(v, init[k]) for k, v in head.items())
+
+    # Epoch 2 by resuming: the backbone is unfrozen now and moves.
+    run_train(tiny_shapes, tmp_path / "a", *common, "--resume", str(tmp_path / "a" / "last.pt"))
+    resumed = torch.load(tmp_path / "a" / "last.pt", weights_only=False)
+    assert resumed["epoch"] == 2
+    moved = [k for k, v in _weights(resumed["model"], "backbone.").items() if not torch.equal(v, init[k])]
+    assert moved, "the backbone did not move after unfreezing"
+
+    # Two epochs straight give the same weights (and EMA) as one + resume one.
+    run_train(tiny_shapes, tmp_path / "b", *common)
+    straight = torch.load(tmp_path / "b" / "last.pt", weights_only=False)
+    for part in ("model", "ema"):
+        for k, v in straight[part].items():
+            if v.dtype.is_floating_point:
+                assert torch.allclose(v, resumed[part][k], atol=1e-6, rtol=0), f"{part}.{k} differs after resume"
+
+
+def test_ddp_two_processes_on_gloo(tiny_shapes, tmp_path):
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29561",
+           os.path.join(ROOT, "train.py"), "-d", tiny_shapes, "--out", str(tmp_path), "-b", "2",
+           "--workers", "0", "--det_header", "yolox_nano", "-i", "64", "-e", "1", "--eval_start_epoch", "1",
+           "--mosaic_mix_prob", "0", "--magnitude", "0", "--eval_batch_size", "4"]
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300, cwd=ROOT, env=env)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    rows = history(tmp_path)
+    assert len(rows) == 1 and rows[0]["AP"] != ""  # rank 0 wrote once, and evaluated
+    ckpt = torch.load(tmp_path / "last.pt", weights_only=False)
+    assert ckpt["train_config"]["batch_size"] == 2 and ckpt["epoch"] == 1
+
+
+@pytest.mark.parametrize("flags,message", [
+    (["-d", "/no/such/folder"], "/no/such/folder"),
+    (["-p", "rmsprop"], "--optimizer 'rmsprop' is unknown"),
+    (["-i", "100"], "divisible by 32"),
+    (["--det_header", "yolox_q"], "yolox_s"),
+])
+def test_clear_errors(tiny_shapes, tmp_path, capsys, flags, message):
+    argv = ["-d", tiny_shapes, "--out", str(tmp_path), "--det_header", "yolox_nano", "-i", "64", "-e", "1"]
+    with pytest.raises(SystemExit) as exc:
+        train.main(argv + flags)
+    assert exc.value.code == 2
+    err = capsys.readouterr().err
+    assert message in err and "Traceback" not in err
+
+
+def test_learning_rate_schedule():
+    cfg = {"lr_warmup_steps": 2.0, "lr_decay_steps": [12.0], "lr_min": 0.0}
+    assert train.learning_rate(1.0, cfg, 1.0) == pytest.approx(0.5)   # half-way through warm-up
+    assert train.learning_rate(2.0, cfg, 1.0) == pytest.approx(1.0)   # peak
+    assert train.learning_rate(7.0, cfg, 1.0) == pytest.approx(0.5)   # cosine half-way
+    assert train.learning_rate(20.0, cfg, 1.0) == pytest.approx(0.0)  # cooldown at lr_min
+    steps = {"lr_warmup_steps": 0.0, "lr_decay_steps": [3.0, 6.0], "lr_min": 0.0}
+    assert [round(train.learning_rate(e, steps, 1.0), 6) for e in (0, 3, 5, 6)] == [1.0, 0.1, 0.1, 0.01]
+
+
+def test_weight_decay_skips_norms_and_biases():
+    model = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.BatchNorm2d(4))
+    opt = train.build_optimizer(model, "sgd", 0.1, 1e-4)
+    decayed = {id(p) for p in opt.param_groups[0]["params"]}
+    assert decayed == {id(model[0].weight)}
+    assert opt.param_groups[1]["weight_decay"] == 0.0 and len(opt.param_groups[1]["params"]) == 3
