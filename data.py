@@ -341,11 +341,26 @@ def _shapes_image(rng, h, w):
     mask = Image.new("L", (w, h), 0)
     draws = (ImageDraw.Draw(img), ImageDraw.Draw(mask))
     objects = []  # (kind index, is_crowd)
+    placed = np.zeros((0, 4))  # xyxy of the shapes drawn so far
     n = 0 if rng.random() < 0.05 else int(rng.integers(1, 9))
     for _ in range(n):
-        r = math.exp(rng.uniform(math.log(7), math.log(min(100, 0.45 * min(h, w)))))  # 14..200 px wide
+        r = math.exp(rng.uniform(math.log(6), math.log(0.45 * min(h, w))))  # 12 px .. 90% of the short side
         aspect = rng.uniform(0.8, 1.25)
-        cx, cy = rng.uniform(-0.2 * r, w + 0.2 * r), rng.uniform(-0.2 * r, h + 0.2 * r)  # may be cut by the border
+        # Partial occlusion, not burial: a shape whose box would be more than a third covered by
+        # (or cover a third of) one already drawn is moved, up to 10 tries, else left out. A
+        # fragment of a star that looks like a triangle would be a label no detector can learn.
+        for _try in range(10):
+            cx, cy = rng.uniform(-0.2 * r, w + 0.2 * r), rng.uniform(-0.2 * r, h + 0.2 * r)  # may be cut by the border
+            box = np.array([cx - r * aspect, cy - r, cx + r * aspect, cy + r])
+            iw = np.clip(np.minimum(placed[:, 2], box[2]) - np.maximum(placed[:, 0], box[0]), 0, None)
+            ih = np.clip(np.minimum(placed[:, 3], box[3]) - np.maximum(placed[:, 1], box[1]), 0, None)
+            smaller = np.minimum((placed[:, 2] - placed[:, 0]) * (placed[:, 3] - placed[:, 1]),
+                                 (box[2] - box[0]) * (box[3] - box[1]))
+            if not len(placed) or (iw * ih / smaller).max() < 0.33:
+                break
+        else:
+            continue
+        placed = np.concatenate([placed, box[None]])
         colour = rng.integers(0, 256, 3)
         while np.abs(colour - base).sum() < 120:  # keep enough contrast with the background
             colour = rng.integers(0, 256, 3)
@@ -394,7 +409,7 @@ def make_shapes(out, num_train=1000, num_val=200, seed=0):
             os.makedirs(os.path.join(tmp, split))
             images, annotations = [], []
             for i in range(count):
-                w, h = int(rng.integers(8, 13)) * 32, int(rng.integers(7, 10)) * 32  # 256..384 x 224..288
+                w, h = int(rng.integers(6, 10)) * 32, int(rng.integers(5, 8)) * 32  # 192..288 x 160..224
                 img, anns = _shapes_image(rng, h, w)
                 name = f"{i:06d}.jpg"
                 img.save(os.path.join(tmp, split, name), quality=int(rng.integers(75, 95)))
