@@ -122,12 +122,12 @@ def data_run_ours(ds, indices, batch_size, generator, device="cpu"):
 
 
 def data_dataset_for_bench(tmp):
-    voc = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "..", "shared", "data",
+    voc = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "shared", "data",
                        "voc2007_100", "instances_coco.json")
     if os.path.exists(voc):
         return data.open_dataset(voc, "train"), "voc2007_100 photos (~500x375 JPEG)"
     path = data.make_shapes(os.path.join(tmp, "shapes"), num_train=128, num_val=8)
-    return data.open_dataset(path, "train"), "generated shapes JPEGs (~320x256)"
+    return data.open_dataset(path, "train"), "generated shapes JPEGs (~240x192)"
 
 
 class data_PeerItems(torch.utils.data.Dataset):
@@ -820,7 +820,8 @@ def main(argv):
     if not argv or argv[0] not in COMMANDS:
         print(__doc__)
         sys.exit(f"bench.py: name one subcommand: {', '.join(COMMANDS)}")
-    return COMMANDS[argv[0]](argv[1:])
+    COMMANDS[argv[0]](argv[1:])  # each prints its own report, ending with the ratio line
+    return 0
 
 
 if __name__ == "__main__":
