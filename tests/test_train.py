@@ -136,3 +136,23 @@ def test_weight_decay_skips_norms_and_biases():
     decayed = {id(p) for p in opt.param_groups[0]["params"]}
     assert decayed == {id(model[0].weight)}
     assert opt.param_groups[1]["weight_decay"] == 0.0 and len(opt.param_groups[1]["params"]) == 3
+
+
+def test_nan_loss_stops_and_keeps_last_good_checkpoint(tiny_shapes, tmp_path, capsys, monkeypatch):
+    # Epoch 1 trains normally; in epoch 2 the loss turns NaN: the run must stop with exit 2 and
+    # a message naming the last good checkpoint, which still holds epoch 1.
+    real_loss, calls = train.assign.detection_loss, {"n": 0}
+
+    def loss_that_breaks(*args, **kwargs):
+        out = real_loss(*args, **kwargs)
+        calls["n"] += 1
+        if calls["n"] > 2:  # 8 images / batch 4 = 2 steps per epoch
+            out["total"] = out["total"] * float("nan")
+        return out
+    monkeypatch.setattr(train.assign, "detection_loss", loss_that_breaks)
+    with pytest.raises(SystemExit) as exc:
+        run_train(tiny_shapes, tmp_path, "--det_header", "yolox_nano", "-i", "64", "-e", "3")
+    assert exc.value.code == 2
+    err = capsys.readouterr().err
+    assert "epoch 2, step 1" in err and str(tmp_path / "last.pt") in err
+    assert torch.load(tmp_path / "last.pt", weights_only=False)["epoch"] == 1
