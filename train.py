@@ -391,7 +391,7 @@ def main(argv=None):
                 losses = assign.detection_loss(outputs, priors, targets, model.anchors_mode,
                                                use_l1=closing and model.anchors_mode == "anchor_free")
                 if not torch.isfinite(losses["total"]):
-                    bad = {k: float(v) for k, v in losses.items()}
+                    bad = {k: float(v.detach()) for k, v in losses.items()}
                     fail(f"the loss became {bad} at epoch {epoch + 1}, step {i + 1}; stopped. "
                          f"{last_good or 'No checkpoint was written yet'} is the last good one: lower "
                          f"--lr_base_512 (now {cfg['lr_base_512']}) or try --amp off, then --resume it")
