@@ -354,24 +354,26 @@ def main(argv=None):
 
     epochs = cfg["epochs"]
     last_good = None
-    for epoch in range(start_epoch, epochs):
-        # The schedule of this epoch: backbone frozen first; no mosaic (and L1) at the end.
-        frozen = epoch < cfg["freeze_backbone_epochs"]
-        closing = epoch >= epochs - cfg["close_mosaic_epochs"]
-        mosaic = 0.0 if closing else cfg["mosaic_mix_prob"]
-        model.train()
-        set_backbone_frozen(model, frozen)
+    # Ctrl-C anywhere in an epoch (a step, the evaluation, the writing) leaves a resumable last.pt.
+    epoch = start_epoch
+    try:
+        for epoch in range(start_epoch, epochs):
+            # The schedule of this epoch: backbone frozen first; no mosaic (and L1) at the end.
+            frozen = epoch < cfg["freeze_backbone_epochs"]
+            closing = epoch >= epochs - cfg["close_mosaic_epochs"]
+            mosaic = 0.0 if closing else cfg["mosaic_mix_prob"]
+            model.train()
+            set_backbone_frozen(model, frozen)
 
-        # A new loader and generator per epoch, both seeded by (seed, epoch): an epoch's batches
-        # depend on nothing but those two numbers, which is what makes resume exact.
-        loader = data.make_loader(train_set, cfg["batch_size"], shuffle=True, workers=cfg["workers"],
-                                  seed=cfg["seed"] * 1000 + epoch, drop_last=True, distributed=world > 1)
-        gen = torch.Generator(device).manual_seed(cfg["seed"] * 1000 + epoch)
-        steps = len(loader)
-        if steps == 0:
-            fail(f"--batch_size {cfg['batch_size']} is larger than the {len(train_set)} training images of {cfg['data']}")
-        sums, seen, t0, wait = {}, 0, time.time(), 0.0
-        try:
+            # A new loader and generator per epoch, both seeded by (seed, epoch): an epoch's batches
+            # depend on nothing but those two numbers, which is what makes resume exact.
+            loader = data.make_loader(train_set, cfg["batch_size"], shuffle=True, workers=cfg["workers"],
+                                      seed=cfg["seed"] * 1000 + epoch, drop_last=True, distributed=world > 1)
+            gen = torch.Generator(device).manual_seed(cfg["seed"] * 1000 + epoch)
+            steps = len(loader)
+            if steps == 0:
+                fail(f"--batch_size {cfg['batch_size']} is larger than the {len(train_set)} training images of {cfg['data']}")
+            sums, seen, t0, wait = {}, 0, time.time(), 0.0
             t_data = time.time()
             for i, batch in enumerate(loader):
                 wait += time.time() - t_data
@@ -419,44 +421,44 @@ def main(argv=None):
                     elif (i + 1) % max(1, steps // 4) == 0 or i + 1 == steps:
                         print(line, flush=True)
                 t_data = time.time()
-        except KeyboardInterrupt:
+            if is_main and sys.stdout.isatty():
+                print()
+
+            # ---- end of epoch: evaluate (rank 0), history, checkpoints
+            row = {"epoch": epoch + 1, "lr": lr, "images_per_s": round(seen / (time.time() - t0), 2),
+                   "data_wait_frac": round(wait / max(time.time() - t0, 1e-9), 4)}
+            row.update({f"loss_{k}": round(v / steps, 6) for k, v in sums.items()})
+            stats = None
+            if is_main and epoch + 1 >= cfg["eval_start_epoch"]:
+                eval_model = ema.module if ema is not None else model
+                t_eval = time.time()
+                stats = evaluation.run_coco_evaluation(eval_model, val_set, input_shape=tuple(cfg["input_shape"]),
+                                                       batch_size=cfg["eval_batch_size"], verbose=epoch + 1 == epochs)
+                log(f"epoch {epoch + 1}: AP {stats['AP']:.4f} AP50 {stats['AP50']:.4f} AR100 {stats['AR100']:.4f} "
+                    f"(evaluated {len(val_set)} images in {time.time() - t_eval:.0f}s)")
+            row["AP"] = round(stats["AP"], 6) if stats else ""
+            row["AP50"] = round(stats["AP50"], 6) if stats else ""
             if is_main:
-                # The interrupted epoch is redone on resume, starting from the weights reached so far.
-                save_atomic(checkpoint_state(model, ema, optimizer, scaler, epoch, best_ap, run_config),
-                            os.path.join(cfg["out"], "last.pt"))
-                print(f"\ninterrupted: {os.path.join(cfg['out'], 'last.pt')} holds the state; "
-                      f"continue with --resume {os.path.join(cfg['out'], 'last.pt')}")
-            sys.exit(130)
-        if is_main and sys.stdout.isatty():
-            print()
+                state = checkpoint_state(model, ema, optimizer, scaler, epoch + 1, best_ap, run_config)
+                last_good = os.path.join(cfg["out"], "last.pt")
+                if stats is not None and stats["AP"] > best_ap:
+                    best_ap = state["best_ap"] = stats["AP"]
+                    save_atomic(state, os.path.join(cfg["out"], "best.pt"))
+                save_atomic(state, last_good)
+                history = os.path.join(cfg["out"], "history.csv")
+                append_history(history, row)
+                plot_history(read_history(history), os.path.join(cfg["out"], "history.png"))
+            if world > 1:
+                dist.barrier()  # the others wait while rank 0 evaluates and writes
 
-        # ---- end of epoch: evaluate (rank 0), history, checkpoints
-        row = {"epoch": epoch + 1, "lr": lr, "images_per_s": round(seen / (time.time() - t0), 2),
-               "data_wait_frac": round(wait / max(time.time() - t0, 1e-9), 4)}
-        row.update({f"loss_{k}": round(v / steps, 6) for k, v in sums.items()})
-        stats = None
-        if is_main and epoch + 1 >= cfg["eval_start_epoch"]:
-            eval_model = ema.module if ema is not None else model
-            t_eval = time.time()
-            stats = evaluation.run_coco_evaluation(eval_model, val_set, input_shape=tuple(cfg["input_shape"]),
-                                                   batch_size=cfg["eval_batch_size"], verbose=epoch + 1 == epochs)
-            log(f"epoch {epoch + 1}: AP {stats['AP']:.4f} AP50 {stats['AP50']:.4f} AR100 {stats['AR100']:.4f} "
-                f"(evaluated {len(val_set)} images in {time.time() - t_eval:.0f}s)")
-        row["AP"] = round(stats["AP"], 6) if stats else ""
-        row["AP50"] = round(stats["AP50"], 6) if stats else ""
+    except KeyboardInterrupt:
         if is_main:
-            state = checkpoint_state(model, ema, optimizer, scaler, epoch + 1, best_ap, run_config)
-            last_good = os.path.join(cfg["out"], "last.pt")
-            if stats is not None and stats["AP"] > best_ap:
-                best_ap = state["best_ap"] = stats["AP"]
-                save_atomic(state, os.path.join(cfg["out"], "best.pt"))
-            save_atomic(state, last_good)
-            history = os.path.join(cfg["out"], "history.csv")
-            append_history(history, row)
-            plot_history(read_history(history), os.path.join(cfg["out"], "history.png"))
-        if world > 1:
-            dist.barrier()  # the others wait while rank 0 evaluates and writes
-
+            # The interrupted epoch is redone on resume, starting from the weights reached so far.
+            save_atomic(checkpoint_state(model, ema, optimizer, scaler, epoch, best_ap, run_config),
+                        os.path.join(cfg["out"], "last.pt"))
+            print(f"\ninterrupted: {os.path.join(cfg['out'], 'last.pt')} holds the state; "
+                  f"continue with --resume {os.path.join(cfg['out'], 'last.pt')}")
+        sys.exit(130)
     if is_main:
         log(f"done: {cfg['out']}/last.pt, best.pt (AP {best_ap:.4f}), history.csv, history.png")
     if world > 1:

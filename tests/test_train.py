@@ -156,3 +156,27 @@ def test_nan_loss_stops_and_keeps_last_good_checkpoint(tiny_shapes, tmp_path, ca
     err = capsys.readouterr().err
     assert "epoch 2, step 1" in err and str(tmp_path / "last.pt") in err
     assert torch.load(tmp_path / "last.pt", weights_only=False)["epoch"] == 1
+
+
+def test_ctrl_c_leaves_a_resumable_checkpoint(tiny_shapes, tmp_path):
+    # SIGINT (Ctrl-C) after the first epoch's checkpoint: exit 130, and last.pt resumes.
+    import signal
+    import time
+    cmd = [sys.executable, os.path.join(ROOT, "train.py"), "-d", tiny_shapes, "--out", str(tmp_path), "-b", "4",
+           "--workers", "0", "--det_header", "yolox_nano", "-i", "64", "-e", "500", "--eval_start_epoch", "999",
+           "--mosaic_mix_prob", "0", "--magnitude", "0"]
+    proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            env=dict(os.environ, OMP_NUM_THREADS="1"))
+    deadline = time.time() + 120
+    while not os.path.exists(tmp_path / "last.pt") and time.time() < deadline and proc.poll() is None:
+        time.sleep(0.2)
+    time.sleep(0.5)
+    proc.send_signal(signal.SIGINT)
+    out, err = proc.communicate(timeout=120)
+    assert proc.returncode == 130, out[-2000:] + err[-2000:]
+    assert "--resume" in out
+    ckpt = torch.load(tmp_path / "last.pt", weights_only=False)
+    assert 1 <= ckpt["epoch"] < 500
+    run_train(tiny_shapes, tmp_path, "--det_header", "yolox_nano", "-i", "64", "-e", str(ckpt["epoch"] + 1),
+              "--resume", str(tmp_path / "last.pt"))
+    assert torch.load(tmp_path / "last.pt", weights_only=False)["epoch"] == ckpt["epoch"] + 1
