@@ -599,7 +599,11 @@ def load_model(path_or_preset, det_header=None, num_classes=None, input_shape=No
         model = build_model(**config)
         return model.to(device).eval(), {"class_names": None, "cat_ids": None}
 
-    checkpoint = torch.load(path_or_preset, map_location="cpu", weights_only=False)
+    try:
+        checkpoint = torch.load(path_or_preset, map_location="cpu", weights_only=False)
+    except Exception as e:  # truncated download, a file of another program: say which file
+        raise EvalInputError(f"-m {path_or_preset}: not a readable checkpoint ({type(e).__name__}: {e}); "
+                             f"give a last.pt / best.pt written by train.py, or a preset name") from None
     if not isinstance(checkpoint, dict) or "config" not in checkpoint or "model" not in checkpoint:
         raise EvalInputError(f"-m {path_or_preset}: not a plaindet checkpoint (a dict with 'config' "
                              f"and 'model', as train.py writes)")

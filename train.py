@@ -109,8 +109,7 @@ def fail(message):
 def resolve_config(args):
     """Merge the command line with the recipe of the chosen family into one plain dict."""
     recipe = YOLOX_RECIPE if args.det_header.startswith("yolox") else EFFICIENTDET_RECIPE
-    cfg = {k: (recipe[k] if getattr(args, k, None) is None and k in recipe else getattr(args, k))
-           for k in vars(args)}
+    cfg = dict(vars(args))
     for k, v in recipe.items():
         if cfg.get(k) is None:
             cfg[k] = v
