@@ -131,14 +131,16 @@ def data_dataset_for_bench(tmp):
 
 
 class data_PeerItems(torch.utils.data.Dataset):
-    def __init__(self, ds, transform):
-        self.ds, self.transform = ds, transform
+    """albumentations' side in DataLoader workers: decode + transform item indices[i] of ds."""
+
+    def __init__(self, ds, indices, transform):
+        self.ds, self.indices, self.transform = ds, indices, transform
 
     def __len__(self):
-        return len(self.ds)
+        return len(self.indices)
 
     def __getitem__(self, i):
-        image, bx, lb, _, _ = self.ds.load(i)
+        image, bx, lb, _, _ = self.ds.load(self.indices[i])
         r = self.transform(image=image, bboxes=bx, labels=lb)
         return torch.from_numpy(r["image"])
 
@@ -148,7 +150,8 @@ def data_bench_cuda(ds, transform, batch_size, batches):
     workers = os.cpu_count() or 1
     dev = torch.device("cuda")
     n = batch_size * batches
-    subset = torch.utils.data.Subset(ds, [i % len(ds) for i in range(n)])
+    indices = [i % len(ds) for i in range(n)]
+    subset = torch.utils.data.Subset(ds, indices)
     loader = data.make_loader(subset, batch_size, True, workers, 0, pin_memory=True)
     g = torch.Generator().manual_seed(0)
 
@@ -163,7 +166,7 @@ def data_bench_cuda(ds, transform, batch_size, batches):
     epoch()
     torch.cuda.synchronize()
     ours = n / (time.perf_counter() - t)
-    peer_loader = torch.utils.data.DataLoader(data_PeerItems(subset, transform), batch_size, num_workers=workers,
+    peer_loader = torch.utils.data.DataLoader(data_PeerItems(ds, indices, transform), batch_size, num_workers=workers,
                                               persistent_workers=True)
     for _ in peer_loader:
         pass
@@ -207,7 +210,9 @@ def data_main(argv=None):
         print(f"cpu per core: plaindet {best_ours:.1f} img/s, albumentations {best_peer:.1f} img/s")
         if torch.cuda.is_available() and not args.no_cuda:
             torch.set_num_threads(os.cpu_count() or 1)
-            data_bench_cuda(ds, transform, args.batch_size, max(args.batches, 8))
+            # Throughput, not latency: with W workers, fewer than ~W batches would all be made at
+            # once, one per worker, and the time would be one batch's latency. Four rounds of W.
+            data_bench_cuda(ds, transform, args.batch_size, max(args.batches, 4 * (os.cpu_count() or 1)))
     print(f"ratio: {best_ours / best_peer:.2f}")
 
 
@@ -357,7 +362,7 @@ def models_main(argv=None):
 # ==============================================================================================
 ASSIGN_DOC = """bench assign: batched SimOTA (assign.simota_assign) against a plain per-image loop.
 
-    python3 bench_parts/bench_assign.py [--batch 16] [--max_boxes 50] [--classes 80] [--repeats 3]
+    python bench.py assign [--batch 16] [--max_boxes 50] [--classes 80] [--repeats 3]
 
 The loop side is the same algorithm written the way YOLOX's reference head does it: one image
 at a time, gather the candidate priors, materialise the [boxes, candidates, classes] BCE for the
@@ -528,7 +533,7 @@ the output). Both sides run with the same number of threads.
 GPU (only where CUDA is available): the CUDA kernel, the torch twin on the GPU, and torchvision's
 batched_nms (hard NMS, per class, looped over the images; torchvision is imported only there).
 
-Run from the repository root:  python3 bench_parts/bench_nms.py   (ends with `ratio: X.XX`,
+Run from the repository root:  python bench.py nms   (ends with `ratio: X.XX`,
 the CPU loop time over the CPU twin time for the whole batch).
 """
 import argparse
@@ -697,6 +702,13 @@ def nms_main(argv=None):
 # bench.py train
 # ==============================================================================================
 TRAIN_DOC = """bench.py train: training images/s of efficientdet_d0, ours vs effdet's DetBenchTrain.
+
+CPU: efficientdet_d0 at 256, batch 4; ours with data + augmentation included, effdet's bench on
+one fixed synthetic batch (model + loss only). The last line, `ratio: X.XX`, is ours over effdet.
+CUDA (where a GPU is present): ours at batch 32 in bf16, the step train.py runs with the data
+included (JPEG decode in DataLoader workers, augmentation on the GPU) for efficientdet_d0 at 512
+and yolox_s at 640, eager, channels_last and torch.compile, each with the fraction of step time
+spent waiting for the loader; effdet's DetBenchTrain for tf_efficientdet_d0 at 512 beside it.
 """
 import argparse
 import os
@@ -770,6 +782,113 @@ def train_our_step_fn(size, batch, data_root, with_data=True):
     return step
 
 
+def train_effdet_gpu(size, batch, num_classes, warmup, steps, device="cuda"):
+    """effdet's DetBenchTrain on the GPU in bf16 autocast: model + anchor labeler + loss on one
+    fixed synthetic batch (no data pipeline). Returns images/s."""
+    from effdet import create_model
+    sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
+    model = create_model("tf_efficientdet_d0", bench_task="train", num_classes=num_classes,
+                         image_size=(size, size), pretrained=False, pretrained_backbone=False,
+                         bench_labeler=True).to(device).train()
+    opt = torch.optim.SGD(model.parameters(), lr=1e-3, momentum=0.9)
+    x = torch.randn(batch, 3, size, size, device=device)
+    boxes_yxyx = torch.tensor([[40.0, 20.0, 240.0, 200.0], [120.0, 100.0, 440.0, 400.0]]).repeat(batch, 1, 1)
+    target = {"bbox": boxes_yxyx.to(device), "cls": torch.tensor([[1.0, 3.0]]).repeat(batch, 1).to(device),
+              "img_scale": torch.ones(batch, device=device), "img_size": torch.tensor([[size, size]] * batch).to(device)}
+    for i in range(warmup + steps):
+        if i == warmup:
+            sync()
+            t0 = time.perf_counter()
+        with torch.autocast(device, dtype=torch.bfloat16):
+            loss = model(x, target)["loss"]
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+    sync()
+    return batch * steps / (time.perf_counter() - t0)
+
+
+def train_ours_gpu(name, size, batch, dataset, workers, variant, warmup, steps, device="cuda"):
+    """Our training step on the GPU exactly as train.py runs it, data included: the loader decodes
+    JPEGs in `workers` processes; on the GPU augment (crop mode 1, flip, RandAugment 6, mosaic 0.5,
+    HSV), bf16 forward, float32 assignment + loss, backward, SGD, EMA. variant: "eager",
+    "channels_last" (NHWC activations, which Hopper's convolution kernels prefer) or "compile".
+    Returns (images/s, fraction of the timed wall time spent waiting for the loader)."""
+    import assign
+    import data
+    import models
+    import train
+    sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
+    model = models.build_model(name, num_classes=len(dataset.class_names), input_shape=(size, size)).to(device).train()
+    memory_format = torch.channels_last if variant == "channels_last" else torch.contiguous_format
+    model = model.to(memory_format=memory_format)
+    priors = models.make_priors((size, size), model.strides, model.anchors_mode, device=device)
+    optimizer = train.build_optimizer(model, "sgd", 1e-3, 4e-5)
+    ema = train.ModelEMA(model, 0.9998)
+    forward = torch.compile(model, dynamic=False) if variant == "compile" else model
+    n = batch * (warmup + steps)
+    items = torch.utils.data.Subset(dataset, [i % len(dataset) for i in range(n)])
+    loader = data.make_loader(items, batch, shuffle=True, workers=workers, seed=0, drop_last=True, pin_memory=device == "cuda")
+    gen = torch.Generator().manual_seed(0)
+    it, wait = iter(loader), 0.0
+    for i in range(warmup + steps):
+        if i == warmup:  # workers started, kernels chosen, graphs compiled
+            sync()
+            t0, wait = time.perf_counter(), 0.0
+        t = time.perf_counter()
+        raw = next(it)
+        wait += time.perf_counter() - t
+        b = {k: v.to(device, non_blocking=True) if k in ("images", "boxes", "labels", "valid") else v
+             for k, v in raw.items()}
+        b = data.augment(b, (size, size), random_crop_mode=1.0, magnitude=6, num_layers=2,
+                         mosaic_mix_prob=0.5, generator=gen)
+        with torch.autocast(device, dtype=torch.bfloat16):
+            outputs = forward(b["images"].contiguous(memory_format=memory_format))
+        outputs = [o.float() for o in outputs]
+        losses = assign.detection_loss(outputs, priors, {k: b[k] for k in ("boxes", "labels", "valid")},
+                                       model.anchors_mode)
+        optimizer.zero_grad(set_to_none=True)
+        losses["total"].backward()
+        optimizer.step()
+        ema.update()
+    sync()
+    total = time.perf_counter() - t0
+    return batch * steps / total, wait / total
+
+
+def train_gpu(args):
+    """The CUDA rows; returns ours / effdet for efficientdet_d0 (eager)."""
+    import data
+    voc = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "shared", "data", "voc2007_100",
+                       "instances_coco.json")
+    dataset = data.open_dataset(voc if os.path.exists(voc) else args.data, "train")
+    workers = max(1, (os.cpu_count() or 2) - 2)
+    print(f"cuda: {torch.cuda.get_device_name()}, torch {torch.__version__}, batch {args.gpu_batch}, bf16, "
+          f"{args.gpu_warmup} warm-up + {args.gpu_steps} timed steps; data: {len(dataset)} "
+          f"{'voc2007_100 photos' if os.path.exists(voc) else args.data} decoded by {workers} loader workers",
+          flush=True)
+    effdet_ips = None
+    if "effdet" in args.gpu_rows:
+        effdet_ips = train_effdet_gpu(512, args.gpu_batch, len(dataset.class_names), args.gpu_warmup, args.gpu_steps)
+        print(f"  effdet DetBenchTrain tf_efficientdet_d0 512, model + loss only : {effdet_ips:8.1f} img/s", flush=True)
+    ours_d0 = None
+    for row in args.gpu_rows.split(","):
+        if row == "effdet":
+            continue
+        name, size, variant = row.split(":")
+        t = time.perf_counter()
+        ips, wait = train_ours_gpu(name, int(size), args.gpu_batch, dataset, workers, variant,
+                                   args.gpu_warmup, args.gpu_steps)
+        if name == "efficientdet_d0" and variant == "eager":
+            ours_d0 = ips
+        print(f"  plaindet {name} {size} {variant:13s}, data + aug + model + loss: {ips:8.1f} img/s, "
+              f"data wait {wait * 100:.1f}% (row took {time.perf_counter() - t:.0f}s)", flush=True)
+    if effdet_ips and ours_d0:
+        print(f"  cuda efficientdet_d0 512: plaindet over effdet {ours_d0 / effdet_ips:.2f}x")
+        return ours_d0 / effdet_ips
+    return None
+
+
 def train_time(step, n):
     t0 = time.perf_counter()
     for _ in range(n):
@@ -785,12 +904,28 @@ def train_main(argv=None):
     p.add_argument("--rounds", type=int, default=3, help="rounds, alternating the two sides")
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--data", default="shapes")
+    p.add_argument("--no_cpu", action="store_true", help="skip the CPU comparison (on a GPU machine)")
+    p.add_argument("--no_cuda", action="store_true", help="skip the CUDA rows even if a GPU is present")
+    p.add_argument("--gpu_batch", type=int, default=32)
+    p.add_argument("--gpu_warmup", type=int, default=5, help="untimed steps first (compilation happens here)")
+    p.add_argument("--gpu_steps", type=int, default=30)
+    p.add_argument("--gpu_rows", default="effdet,efficientdet_d0:512:eager,efficientdet_d0:512:channels_last,"
+                   "yolox_s:640:eager,yolox_s:640:channels_last",
+                   help="comma list: effdet, and NAME:SIZE:VARIANT with VARIANT eager | channels_last | compile")
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
     try:
         import effdet  # noqa: F401
     except ImportError:
         sys.exit("bench.py train needs effdet and timm: pip install -r requirements-bench.txt")
+
+    gpu_ratio = None
+    if torch.cuda.is_available() and not args.no_cuda:
+        gpu_ratio = train_gpu(args)
+    if args.no_cpu:
+        if gpu_ratio is not None:
+            print(f"ratio: {gpu_ratio:.2f}  (CUDA, efficientdet_d0 512; the CPU comparison was skipped)")
+        return
 
     torch.manual_seed(0)
     ours = train_our_step_fn(args.size, args.batch, args.data, with_data=True)

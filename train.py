@@ -168,16 +168,23 @@ class ModelEMA:
         import copy
         self.module = copy.deepcopy(model).eval().requires_grad_(False)
         self.decay, self.updates = decay, 0
+        # The (average, live) tensor pairs, listed once: state_dict() hands out the tensors
+        # themselves, so later in-place updates and load_state_dict() keep these references valid.
+        pairs = list(zip(self.module.state_dict().values(), model.state_dict().values()))
+        self.averaged = [(e, t) for e, t in pairs if e.dtype.is_floating_point]
+        self.copied = [(e, t) for e, t in pairs if not e.dtype.is_floating_point]
 
     @torch.no_grad()
-    def update(self, model):
+    def update(self):
+        """Average in the current weights of the model given at construction."""
         self.updates += 1
         d = self.decay * (1 - math.exp(-self.updates / 2000))
-        for ema_t, t in zip(self.module.state_dict().values(), model.state_dict().values()):
-            if ema_t.dtype.is_floating_point:
-                ema_t.mul_(d).add_(t.detach(), alpha=1 - d)
-            else:
-                ema_t.copy_(t)
+        # ema = d * ema + (1 - d) * w, written as lerp(ema, w, 1 - d). The _foreach_ form does all
+        # tensors in a few fused kernels; a Python loop would launch two small kernels per tensor,
+        # about a thousand per step on a GPU, which costs more than the arithmetic itself.
+        torch._foreach_lerp_([e for e, _ in self.averaged], [t.detach() for _, t in self.averaged], 1 - d)
+        for e, t in self.copied:  # BatchNorm's num_batches_tracked
+            e.copy_(t)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -341,7 +348,8 @@ def main(argv=None):
 
     train_model = model
     if cfg["compile"]:
-        train_model = torch.compile(model)
+        # dynamic=False: the input size never changes in a run, so one static graph is enough.
+        train_model = torch.compile(model, dynamic=False)
     if world > 1:
         train_model = torch.nn.parallel.DistributedDataParallel(
             train_model, device_ids=[device.index] if device.type == "cuda" else None)
@@ -368,18 +376,26 @@ def main(argv=None):
             # depend on nothing but those two numbers, which is what makes resume exact.
             loader = data.make_loader(train_set, cfg["batch_size"], shuffle=True, workers=cfg["workers"],
                                       seed=cfg["seed"] * 1000 + epoch, drop_last=True, distributed=world > 1)
-            gen = torch.Generator(device).manual_seed(cfg["seed"] * 1000 + epoch)
+            # A CPU generator even on a GPU: augment turns every draw into a small CPU matrix, and
+            # a draw on the GPU would make the CPU wait for the GPU's queue before each one.
+            gen = torch.Generator().manual_seed(cfg["seed"] * 1000 + epoch)
             steps = len(loader)
             if steps == 0:
                 fail(f"--batch_size {cfg['batch_size']} is larger than the {len(train_set)} training images of {cfg['data']}")
-            sums, seen, t0, wait = {}, 0, time.time(), 0.0
+            # The loss parts are summed on the device and read (a GPU -> CPU sync) only when a
+            # progress line is printed: a read every step would stall the GPU's queue every step.
+            sums, nonfinite, seen, t0, wait = {}, None, 0, time.time(), 0.0
+            last_line = t0
             t_data = time.time()
             for i, batch in enumerate(loader):
                 wait += time.time() - t_data
                 lr = learning_rate(epoch + i / steps, cfg, lr_max)
                 for group in optimizer.param_groups:
                     group["lr"] = lr
-                batch = {k: v.to(device, non_blocking=True) for k, v in batch.items()}
+                # Pixels and targets go to the device; sizes and scales stay on the CPU, where
+                # augment builds its matrices from them without waiting for the GPU.
+                batch = {k: v.to(device, non_blocking=True) if k in ("images", "boxes", "labels", "valid") else v
+                         for k, v in batch.items()}
                 batch = data.augment(batch, tuple(cfg["input_shape"]), random_crop_mode=cfg["random_crop_mode"],
                                      magnitude=cfg["magnitude"], num_layers=cfg["num_layers"],
                                      mosaic_mix_prob=mosaic, generator=gen)
@@ -391,33 +407,40 @@ def main(argv=None):
                 outputs = [o.float() for o in outputs]
                 losses = assign.detection_loss(outputs, priors, targets, model.anchors_mode,
                                                use_l1=closing and model.anchors_mode == "anchor_free")
-                if not torch.isfinite(losses["total"]):
-                    bad = {k: float(v.detach()) for k, v in losses.items()}
-                    fail(f"the loss became {bad} at epoch {epoch + 1}, step {i + 1}; stopped. "
-                         f"{last_good or 'No checkpoint was written yet'} is the last good one: lower "
-                         f"--lr_base_512 (now {cfg['lr_base_512']}) or try --amp off, then --resume it")
-
                 optimizer.zero_grad(set_to_none=True)
                 scaler.scale(losses["total"]).backward()
                 scaler.step(optimizer)
                 scaler.update()
                 if ema is not None:
-                    ema.update(model)
+                    ema.update()
 
                 seen += batch["images"].shape[0] * world
                 for k, v in losses.items():
-                    sums[k] = sums.get(k, 0.0) + float(v.detach())
-                if is_main:
-                    elapsed = time.time() - t0
+                    sums[k] = sums.get(k, 0.0) + v.detach()
+                step_bad = ~torch.isfinite(losses["total"].detach())
+                nonfinite = step_bad if nonfinite is None else nonfinite | step_bad
+                # A progress line four times an epoch in a log file; on a terminal, twice a second.
+                show = ((i + 1) % max(1, steps // 4) == 0 or i + 1 == steps
+                        or (sys.stdout.isatty() and time.time() - last_line > 0.5))
+                if (show or (i + 1) % 50 == 0) and bool(nonfinite):
+                    # Checked at each progress line (and every 50 steps): the weights of the steps
+                    # since are lost either way, and last.pt on disk is untouched.
+                    bad = {k: float(v.detach()) for k, v in losses.items()}
+                    fail(f"the loss became non-finite ({bad}) at epoch {epoch + 1}, by step {i + 1}; "
+                         f"stopped. {last_good or 'No checkpoint was written yet'} is the last good one: "
+                         f"lower --lr_base_512 (now {cfg['lr_base_512']}) or try --amp off, then --resume it")
+                if is_main and show:
+                    last_line = time.time()
+                    elapsed = last_line - t0
                     ips = seen / max(elapsed, 1e-9)
                     eta = (steps - i - 1) * elapsed / (i + 1)
-                    parts = " ".join(f"{k} {sums[k] / (i + 1):.4f}" for k in losses)
+                    parts = " ".join(f"{k} {float(sums[k]) / (i + 1):.4f}" for k in losses)
                     line = (f"epoch {epoch + 1}/{epochs} {i + 1}/{steps} {parts} lr {lr:.2e} "
                             f"{ips:.1f} img/s eta {eta:.0f}s{' [frozen backbone]' if frozen else ''}")
                     # On a terminal the line updates in place; in a log file it is written a few times an epoch.
                     if sys.stdout.isatty():
                         print("\r" + line, end="", flush=True)
-                    elif (i + 1) % max(1, steps // 4) == 0 or i + 1 == steps:
+                    else:
                         print(line, flush=True)
                 t_data = time.time()
             if is_main and sys.stdout.isatty():
@@ -426,7 +449,7 @@ def main(argv=None):
             # ---- end of epoch: evaluate (rank 0), history, checkpoints
             row = {"epoch": epoch + 1, "lr": lr, "images_per_s": round(seen / (time.time() - t0), 2),
                    "data_wait_frac": round(wait / max(time.time() - t0, 1e-9), 4)}
-            row.update({f"loss_{k}": round(v / steps, 6) for k, v in sums.items()})
+            row.update({f"loss_{k}": round(float(v) / steps, 6) for k, v in sums.items()})
             stats = None
             if is_main and epoch + 1 >= cfg["eval_start_epoch"]:
                 eval_model = ema.module if ema is not None else model

@@ -1,5 +1,6 @@
 """train.py: every head x prior mode trains, freezing, exact resume, DDP on gloo, clear errors."""
 import csv
+import math
 import os
 import subprocess
 import sys
@@ -138,6 +139,22 @@ def test_weight_decay_skips_norms_and_biases():
     assert opt.param_groups[1]["weight_decay"] == 0.0 and len(opt.param_groups[1]["params"]) == 3
 
 
+def test_ema_averages_weights_and_copies_counters():
+    # A conv + BatchNorm: weights are averaged, num_batches_tracked (an integer) is copied.
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Conv2d(1, 2, 1), torch.nn.BatchNorm2d(2))
+    ema = train.ModelEMA(model, decay=0.9)
+    before = model[0].weight.detach().clone()
+    with torch.no_grad():
+        model[0].weight.add_(1.0)
+    model(torch.randn(2, 1, 3, 3))  # a training forward: BN statistics move, its counter becomes 1
+    ema.update()
+    d = 0.9 * (1 - math.exp(-1 / 2000))  # the ramped decay at the first update
+    torch.testing.assert_close(ema.module[0].weight, before * d + (before + 1.0) * (1 - d))
+    torch.testing.assert_close(ema.module[1].running_mean, model[1].running_mean * (1 - d))
+    assert int(ema.module[1].num_batches_tracked) == 1 and ema.updates == 1
+
+
 def test_nan_loss_stops_and_keeps_last_good_checkpoint(tiny_shapes, tmp_path, capsys, monkeypatch):
     # Epoch 1 trains normally; in epoch 2 the loss turns NaN: the run must stop with exit 2 and
     # a message naming the last good checkpoint, which still holds epoch 1.
@@ -154,7 +171,7 @@ def test_nan_loss_stops_and_keeps_last_good_checkpoint(tiny_shapes, tmp_path, ca
         run_train(tiny_shapes, tmp_path, "--det_header", "yolox_nano", "-i", "64", "-e", "3")
     assert exc.value.code == 2
     err = capsys.readouterr().err
-    assert "epoch 2, step 1" in err and str(tmp_path / "last.pt") in err
+    assert "epoch 2, by step 1" in err and str(tmp_path / "last.pt") in err
     assert torch.load(tmp_path / "last.pt", weights_only=False)["epoch"] == 1
 
 
