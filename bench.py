@@ -707,7 +707,7 @@ CPU: efficientdet_d0 at 256, batch 4; ours with data + augmentation included, ef
 one fixed synthetic batch (model + loss only). The last line, `ratio: X.XX`, is ours over effdet.
 CUDA (where a GPU is present): ours at batch 32 in bf16, the step train.py runs with the data
 included (JPEG decode in DataLoader workers, augmentation on the GPU) for efficientdet_d0 at 512
-and yolox_s at 640, eager, channels_last and torch.compile, each with the fraction of step time
+and yolox_s at 640, eager and torch.compile, each with the fraction of step time
 spent waiting for the loader; effdet's DetBenchTrain for tf_efficientdet_d0 at 512 beside it.
 """
 import argparse
@@ -811,17 +811,16 @@ def train_effdet_gpu(size, batch, num_classes, warmup, steps, device="cuda"):
 def train_ours_gpu(name, size, batch, dataset, workers, variant, warmup, steps, device="cuda"):
     """Our training step on the GPU exactly as train.py runs it, data included: the loader decodes
     JPEGs in `workers` processes; on the GPU augment (crop mode 1, flip, RandAugment 6, mosaic 0.5,
-    HSV), bf16 forward, float32 assignment + loss, backward, SGD, EMA. variant: "eager",
-    "channels_last" (NHWC activations, which Hopper's convolution kernels prefer) or "compile".
-    Returns (images/s, fraction of the timed wall time spent waiting for the loader)."""
+    HSV), bf16 forward, float32 assignment + loss, backward, SGD, EMA. variant: "eager" or
+    "compile" (torch.compile, as train.py --compile). The model is channels-last (NHWC) in both,
+    as build_model makes it. Returns (images/s, fraction of the timed wall time spent waiting
+    for the loader)."""
     import assign
     import data
     import models
     import train
     sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
     model = models.build_model(name, num_classes=len(dataset.class_names), input_shape=(size, size)).to(device).train()
-    memory_format = torch.channels_last if variant == "channels_last" else torch.contiguous_format
-    model = model.to(memory_format=memory_format)
     priors = models.make_priors((size, size), model.strides, model.anchors_mode, device=device)
     optimizer = train.build_optimizer(model, "sgd", 1e-3, 4e-5)
     ema = train.ModelEMA(model, 0.9998)
@@ -843,7 +842,7 @@ def train_ours_gpu(name, size, batch, dataset, workers, variant, warmup, steps, 
         b = data.augment(b, (size, size), random_crop_mode=1.0, magnitude=6, num_layers=2,
                          mosaic_mix_prob=0.5, generator=gen)
         with torch.autocast(device, dtype=torch.bfloat16):
-            outputs = forward(b["images"].contiguous(memory_format=memory_format))
+            outputs = forward(b["images"])
         outputs = [o.float() for o in outputs]
         losses = assign.detection_loss(outputs, priors, {k: b[k] for k in ("boxes", "labels", "valid")},
                                        model.anchors_mode)
@@ -881,7 +880,7 @@ def train_gpu(args):
                                    args.gpu_warmup, args.gpu_steps)
         if name == "efficientdet_d0" and variant == "eager":
             ours_d0 = ips
-        print(f"  plaindet {name} {size} {variant:13s}, data + aug + model + loss: {ips:8.1f} img/s, "
+        print(f"  plaindet {name} {size} {variant:7s}, data + aug + model + loss: {ips:8.1f} img/s, "
               f"data wait {wait * 100:.1f}% (row took {time.perf_counter() - t:.0f}s)", flush=True)
     if effdet_ips and ours_d0:
         print(f"  cuda efficientdet_d0 512: plaindet over effdet {ours_d0 / effdet_ips:.2f}x")
@@ -909,9 +908,9 @@ def train_main(argv=None):
     p.add_argument("--gpu_batch", type=int, default=32)
     p.add_argument("--gpu_warmup", type=int, default=5, help="untimed steps first (compilation happens here)")
     p.add_argument("--gpu_steps", type=int, default=30)
-    p.add_argument("--gpu_rows", default="effdet,efficientdet_d0:512:eager,efficientdet_d0:512:channels_last,"
-                   "yolox_s:640:eager,yolox_s:640:channels_last",
-                   help="comma list: effdet, and NAME:SIZE:VARIANT with VARIANT eager | channels_last | compile")
+    p.add_argument("--gpu_rows", default="effdet,efficientdet_d0:512:eager,yolox_s:640:eager,"
+                   "efficientdet_d0:512:compile,yolox_s:640:compile",
+                   help="comma list: effdet, and NAME:SIZE:VARIANT with VARIANT eager | compile")
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
     try:

@@ -483,6 +483,17 @@ def _seed_worker(worker_id):
     np.random.seed(torch.initial_seed() % 2**32)
 
 
+def default_workers():
+    """Decode workers per process when none are asked for. JPEG decoding is the CPU's share of
+    the work: next to a GPU it has to keep up with the model, so it gets this machine's cores,
+    shared among the processes torchrun starts here (at most 8 each); on a CPU-only machine the
+    model needs the cores itself, so 2."""
+    if not torch.cuda.is_available():
+        return 2
+    per_process = (os.cpu_count() or 1) // int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
+    return max(1, min(8, per_process))
+
+
 def make_loader(dataset, batch_size, shuffle, workers, seed, max_boxes=100, drop_last=False, distributed=False,
                 max_side=None, pin_memory=False):
     """DataLoader whose batches are dicts of CPU tensors:

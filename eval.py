@@ -38,7 +38,7 @@ import torch
 from pycocotools.coco import COCO
 from pycocotools.cocoeval import COCOeval
 
-from data import PAD_VALUE, letterbox, make_loader, open_dataset
+from data import PAD_VALUE, default_workers, letterbox, make_loader, open_dataset
 from models import build_model, decode_boxes, flatten_outputs, make_priors
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -752,7 +752,8 @@ def main(argv=None):
         parser.add_argument("-b", "--batch_size", type=int, default=8)
         parser.add_argument("--nms_score_threshold", type=float, default=0.001)
         parser.add_argument("--clip_bbox", action="store_true", help="clip boxes to the original image")
-        parser.add_argument("--workers", type=int, default=0)
+        parser.add_argument("--workers", type=int, default=None,
+                            help="decode workers (default: 2 on CPU; on a GPU this machine's cores, at most 8)")
         if "--results" in argv or any(a.startswith("--results=") for a in argv):
             args = parser.parse_args(argv)
             score_results_file(args.results, args.data, args.split, args.stats_json)
@@ -770,7 +771,8 @@ def main(argv=None):
                             nms_max_output_size=args.nms_max_output_size, clip_bbox=args.clip_bbox,
                             input_shape=_input_shape(args.input_shape), resize_method=args.resize_method,
                             letterbox_pad=args.letterbox_pad,
-                            split=args.split, workers=args.workers, results_path=args.save_results,
+                            split=args.split, workers=default_workers() if args.workers is None else args.workers,
+                            results_path=args.save_results,
                             stats_json=args.stats_json)
         return 0
     except (ValueError, FileNotFoundError) as e:  # EvalInputError and the data / models checks

@@ -90,7 +90,9 @@ def parse_args(argv=None):
     a("--amp", choices=["bf16", "fp16", "off"], default=None, help="mixed precision (default bf16 on CUDA, off on CPU)")
     a("--compile", action="store_true", help="torch.compile the model")
     a("--sync_bn", action="store_true", help="SyncBatchNorm under DDP")
-    a("--workers", type=int, default=2, help="DataLoader decode workers per process")
+    a("--workers", type=int, default=None,
+      help="DataLoader decode workers per process (default: 2 on CPU; on a GPU the cores of this "
+           "machine shared among its processes, at most 8 each)")
     a("--seed", type=int, default=0, help="same seed, same batches, same weights")
     a("--eval_start_epoch", type=int, default=1, help="evaluate COCO AP from this epoch (1-based) on")
     a("--eval_batch_size", type=int, default=16, help="batch size of the per-epoch evaluation")
@@ -124,6 +126,8 @@ def resolve_config(args):
         fail(f"--optimizer {cfg['optimizer']!r} is unknown: choose sgd, adam or adamw")
     if cfg["amp"] is None:
         cfg["amp"] = "bf16" if torch.cuda.is_available() else "off"
+    if cfg["workers"] is None:
+        cfg["workers"] = data.default_workers()
     return cfg
 
 
@@ -375,7 +379,8 @@ def main(argv=None):
             # A new loader and generator per epoch, both seeded by (seed, epoch): an epoch's batches
             # depend on nothing but those two numbers, which is what makes resume exact.
             loader = data.make_loader(train_set, cfg["batch_size"], shuffle=True, workers=cfg["workers"],
-                                      seed=cfg["seed"] * 1000 + epoch, drop_last=True, distributed=world > 1)
+                                      seed=cfg["seed"] * 1000 + epoch, drop_last=True, distributed=world > 1,
+                                      pin_memory=device.type == "cuda")  # pinned: the copy to the GPU runs async
             # A CPU generator even on a GPU: augment turns every draw into a small CPU matrix, and
             # a draw on the GPU would make the CPU wait for the GPU's queue before each one.
             gen = torch.Generator().manual_seed(cfg["seed"] * 1000 + epoch)
@@ -455,7 +460,8 @@ def main(argv=None):
                 eval_model = ema.module if ema is not None else model
                 t_eval = time.time()
                 stats = evaluation.run_coco_evaluation(eval_model, val_set, input_shape=tuple(cfg["input_shape"]),
-                                                       batch_size=cfg["eval_batch_size"], verbose=epoch + 1 == epochs)
+                                                       batch_size=cfg["eval_batch_size"], workers=cfg["workers"],
+                                                       verbose=epoch + 1 == epochs)
                 log(f"epoch {epoch + 1}: AP {stats['AP']:.4f} AP50 {stats['AP50']:.4f} AR100 {stats['AR100']:.4f} "
                     f"(evaluated {len(val_set)} images in {time.time() - t_eval:.0f}s)")
             row["AP"] = round(stats["AP"], 6) if stats else ""
