@@ -424,17 +424,23 @@ def main(argv=None):
                     sums[k] = sums.get(k, 0.0) + v.detach()
                 step_bad = ~torch.isfinite(losses["total"].detach())
                 nonfinite = step_bad if nonfinite is None else nonfinite | step_bad
+                # Reading a GPU value makes the CPU wait for the GPU, so the loss is looked at only at
+                # fixed steps, the same on every process: each quarter of the epoch and every 50 steps.
+                quarter = (i + 1) % max(1, steps // 4) == 0 or i + 1 == steps
+                if quarter or (i + 1) % 50 == 0:
+                    bad = nonfinite.float()
+                    if world > 1:  # a NaN on any process stops them all, together
+                        dist.all_reduce(bad, op=dist.ReduceOp.MAX)
+                    if bool(bad):
+                        if not is_main:
+                            sys.exit(2)
+                        means = {k: round(float(v) / (i + 1), 4) for k, v in sums.items()}
+                        fail(f"the loss became non-finite at epoch {epoch + 1}, by step {i + 1} (epoch means so "
+                             f"far: {means}); stopped. {last_good or 'No checkpoint was written yet'} is the last "
+                             f"good one: lower --lr_base_512 (now {cfg['lr_base_512']}) or try --amp off, then "
+                             f"--resume it")
                 # A progress line four times an epoch in a log file; on a terminal, twice a second.
-                show = ((i + 1) % max(1, steps // 4) == 0 or i + 1 == steps
-                        or (sys.stdout.isatty() and time.time() - last_line > 0.5))
-                if (show or (i + 1) % 50 == 0) and bool(nonfinite):
-                    # Checked at each progress line (and every 50 steps): the weights of the steps
-                    # since are lost either way, and last.pt on disk is untouched.
-                    bad = {k: float(v.detach()) for k, v in losses.items()}
-                    fail(f"the loss became non-finite ({bad}) at epoch {epoch + 1}, by step {i + 1}; "
-                         f"stopped. {last_good or 'No checkpoint was written yet'} is the last good one: "
-                         f"lower --lr_base_512 (now {cfg['lr_base_512']}) or try --amp off, then --resume it")
-                if is_main and show:
+                if is_main and (quarter or (sys.stdout.isatty() and time.time() - last_line > 0.5)):
                     last_line = time.time()
                     elapsed = last_line - t0
                     ips = seen / max(elapsed, 1e-9)
@@ -480,7 +486,11 @@ def main(argv=None):
                 dist.barrier()  # the others wait while rank 0 evaluates and writes
 
     except KeyboardInterrupt:
-        if is_main:
+        if is_main and not all(bool(torch.isfinite(p).all()) for p in model.parameters()):
+            # The loss went NaN in the steps since the last check: keep the last good last.pt.
+            print(f"\ninterrupted, with weights that had become non-finite: {last_good or 'no checkpoint'} "
+                  f"was left as it was; resume it with a lower --lr_base_512 or --amp off")
+        elif is_main:
             # The interrupted epoch is redone on resume, starting from the weights reached so far.
             save_atomic(checkpoint_state(model, ema, optimizer, scaler, epoch, best_ap, run_config),
                         os.path.join(cfg["out"], "last.pt"))

@@ -175,6 +175,29 @@ def test_nan_loss_stops_and_keeps_last_good_checkpoint(tiny_shapes, tmp_path, ca
     assert torch.load(tmp_path / "last.pt", weights_only=False)["epoch"] == 1
 
 
+def test_ctrl_c_after_an_unchecked_nan_keeps_the_good_checkpoint(tiny_shapes, tmp_path, capsys, monkeypatch):
+    # Batch 1: 8 steps an epoch, the loss is checked at steps 2, 4, 6, 8. Epoch 2's step 1 turns
+    # the weights NaN, and Ctrl-C comes in step 2, before any check: last.pt must keep epoch 1.
+    real_loss, calls = train.assign.detection_loss, {"n": 0}
+
+    def loss_then_ctrl_c(*args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] == 10:
+            raise KeyboardInterrupt
+        out = real_loss(*args, **kwargs)
+        if calls["n"] == 9:
+            out["total"] = out["total"] * float("nan")
+        return out
+    monkeypatch.setattr(train.assign, "detection_loss", loss_then_ctrl_c)
+    with pytest.raises(SystemExit) as exc:
+        run_train(tiny_shapes, tmp_path, "--det_header", "yolox_nano", "-i", "64", "-e", "3", "-b", "1")
+    assert exc.value.code == 130
+    assert "non-finite" in capsys.readouterr().out
+    ckpt = torch.load(tmp_path / "last.pt", weights_only=False)
+    assert ckpt["epoch"] == 1
+    assert all(torch.isfinite(v).all() for v in ckpt["model"].values() if v.dtype.is_floating_point)
+
+
 def test_ctrl_c_leaves_a_resumable_checkpoint(tiny_shapes, tmp_path):
     # SIGINT (Ctrl-C) after the first epoch's checkpoint: exit 130, and last.pt resumes.
     import signal
