@@ -539,7 +539,8 @@ def run_coco_evaluation(model, data, nms_score_threshold=0.001, nms="gaussian", 
         input_shape = tuple(model.config["input_shape"])
     input_shape = (int(input_shape[0]), int(input_shape[1]))
     device = next(model.parameters()).device
-    priors = make_priors(input_shape, model.strides, model.anchors_mode, device=device)
+    priors = make_priors(input_shape, model.strides, model.anchors_mode, device=device,
+                         anchor_scale=model.anchor_scale)
     coco_gt = dataset.coco_gt()
     image_sizes = {im["id"]: (im["height"], im["width"]) for im in coco_gt["images"]}
     loader = make_loader(dataset, batch_size=batch_size, shuffle=False, workers=workers, seed=0,
@@ -644,7 +645,8 @@ def predict(model, image_paths, out_dir, class_names=None, score_threshold=0.3, 
     if input_shape is None:
         input_shape = tuple(model.config["input_shape"])
     device = next(model.parameters()).device
-    priors = make_priors(tuple(input_shape), model.strides, model.anchors_mode, device=device)
+    priors = make_priors(tuple(input_shape), model.strides, model.anchors_mode, device=device,
+                         anchor_scale=model.anchor_scale)
     os.makedirs(out_dir, exist_ok=True)
     all_predictions = {}
     model.eval()

@@ -643,6 +643,7 @@ class Detector(nn.Module):
         self.num_anchors = 9 if anchors_mode == "efficientdet" else 1
         self.has_objectness = anchors_mode == "anchor_free"
         self.config = config
+        self.anchor_scale = config.get("anchor_scale", ANCHOR_SCALE)  # make_priors' anchor size
         self.register_buffer("mean", torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1), persistent=False)
         self.register_buffer("std", torch.tensor(IMAGENET_STD).view(1, 3, 1, 1), persistent=False)
 
@@ -670,8 +671,6 @@ def flatten_outputs(outputs):
 
 # EfficientDet (automl's table): backbone, BiFPN width, BiFPN cells, head convs, input size,
 # number of levels (P3..P7, D7x to P8), weighted fusion (D6 and up use a plain sum).
-# automl gives D7 anchor scale 5; make_priors uses 4 for every preset (a prior change only,
-# no parameter depends on it).
 EFFICIENTDET_PRESETS = {
     "efficientdet_d0": ("efficientnet_b0", 64, 3, 3, 512, 5, True),
     "efficientdet_d1": ("efficientnet_b1", 88, 4, 3, 640, 5, True),
@@ -707,7 +706,8 @@ def preset_input_shape(det_header):
     return (size, size)
 
 
-def build_model(det_header, backbone=None, anchors_mode=None, num_classes=80, input_shape=(512, 512)):
+def build_model(det_header, backbone=None, anchors_mode=None, num_classes=80, input_shape=(512, 512),
+                anchor_scale=None):
     """Build a Detector from a preset name.
 
     det_header: one of PRESETS (sets the neck, the head and their sizes).
@@ -717,6 +717,8 @@ def build_model(det_header, backbone=None, anchors_mode=None, num_classes=80, in
         objectness); None = the preset's own (EfficientDet: anchors, YOLOX: anchor-free).
     input_shape: (H, W) the model will be fed (None = the preset's); the network itself works
         at any multiple of 32, this is recorded in `config` for priors and data.
+    anchor_scale: anchor size in strides at octave 0 (None = the preset's: 4, D7 5), for make_priors.
+    `config` holds these arguments: build_model(**model.config) rebuilds the same model.
     """
     if det_header not in PRESETS:
         raise ValueError(f"models.py: unknown det_header {det_header!r}; valid ones: {', '.join(PRESETS)}")
@@ -749,7 +751,9 @@ def build_model(det_header, backbone=None, anchors_mode=None, num_classes=80, in
         neck = PAFPN(body.channels, depth, depthwise)
         head = YOLOXHead(neck.channels, int(256 * yolox_width), num_anchors, num_classes, objectness, depthwise)
     config = dict(det_header=det_header, backbone=backbone, anchors_mode=anchors_mode,
-                  num_classes=num_classes, input_shape=input_shape)
+                  num_classes=num_classes, input_shape=input_shape,
+                  anchor_scale=float(PRESET_ANCHOR_SCALE.get(det_header, ANCHOR_SCALE) if anchor_scale is None
+                                     else anchor_scale))
     model = Detector(body, neck, head, anchors_mode, num_classes, config)
     # Channels-last (NHWC) weights and activations: oneDNN on CPU runs the depthwise convs
     # of EfficientNet / BiFPN and their backward about 2x faster in this layout (EfficientDet-D0
@@ -778,23 +782,27 @@ class Priors:
         return self.centers.shape[0]
 
 
+# An anchor at octave 0 is ANCHOR_SCALE strides wide (automl's anchor_scale): 4 for every
+# preset except EfficientDet-D7, which automl gives 5. No parameter depends on it, only the priors.
 ANCHOR_SCALE = 4.0
+PRESET_ANCHOR_SCALE = {"efficientdet_d7": 5.0}
 ANCHOR_OCTAVES = (0.0, 1.0 / 3.0, 2.0 / 3.0)          # scales 2 ** octave
 ANCHOR_RATIOS = ((1.0, 1.0), (1.4, 0.7), (0.7, 1.4))   # (w, h) factors
 
 
-def make_priors(input_shape, strides, anchors_mode, device=None):
+def make_priors(input_shape, strides, anchors_mode, device=None, anchor_scale=ANCHOR_SCALE):
     """Priors for an input of input_shape (H, W) and the model's strides.
 
     Level l has ceil(H / s) x ceil(W / s) locations (the model's map sizes). For
     "efficientdet", 9 anchors per location, in the order scale-major (2^0, 2^(1/3), 2^(2/3))
-    then ratio ((1, 1), (1.4, 0.7), (0.7, 1.4)); anchor w = 4 * stride * scale * ratio_w.
+    then ratio ((1, 1), (1.4, 0.7), (0.7, 1.4)); anchor w = anchor_scale * stride * scale * ratio_w
+    (pass model.anchor_scale: 4, or 5 for efficientdet_d7).
     """
     if anchors_mode not in ANCHORS_MODES:
         raise ValueError(f"models.py: unknown anchors_mode {anchors_mode!r}; valid ones: {', '.join(ANCHORS_MODES)}")
     h, w = int(input_shape[0]), int(input_shape[1])
     if anchors_mode == "efficientdet":
-        sizes = torch.tensor([[ANCHOR_SCALE * 2 ** o * rw, ANCHOR_SCALE * 2 ** o * rh]
+        sizes = torch.tensor([[anchor_scale * 2 ** o * rw, anchor_scale * 2 ** o * rh]
                               for o in ANCHOR_OCTAVES for rw, rh in ANCHOR_RATIOS], device=device)
     else:
         sizes = torch.ones(1, 2, device=device)     # the stride x stride cell

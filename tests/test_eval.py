@@ -172,6 +172,7 @@ class Oracle(torch.nn.Module):
         self.strides, self.anchors_mode = (8, 16, 32), anchors_mode
         self.num_anchors = 9 if anchors_mode == "efficientdet" else 1
         self.config = {"input_shape": input_shape}
+        self.anchor_scale = models.ANCHOR_SCALE
         self.priors = models.make_priors(input_shape, self.strides, anchors_mode)
         gt = dataset.coco_gt()
         size = {im["id"]: (im["height"], im["width"]) for im in gt["images"]}

@@ -97,7 +97,8 @@ def test_config_rebuilds_the_same_model():
     model = models.build_model("yolox_nano", backbone="efficientnet_b0", anchors_mode="efficientdet",
                                num_classes=7, input_shape=(256, 320))
     assert model.config == dict(det_header="yolox_nano", backbone="efficientnet_b0",
-                                anchors_mode="efficientdet", num_classes=7, input_shape=(256, 320))
+                                anchors_mode="efficientdet", num_classes=7, input_shape=(256, 320),
+                                anchor_scale=4.0)
     again = models.build_model(**model.config)
     assert again.load_state_dict(model.state_dict()) is not None
     assert models.build_model("efficientdet_d0").config["anchors_mode"] == "efficientdet"
@@ -162,6 +163,14 @@ def test_anchor_priors_hand_numbers():
     assert p.centers[9 * 24].tolist() == [8, 8]               # first stride-16 location
     assert p.boxes[9 * 24].tolist() == [-24, -24, 40, 40]     # base size 64
     assert torch.allclose((p.boxes[:, :2] + p.boxes[:, 2:]) / 2, p.centers)
+
+
+def test_d7_anchors_are_five_strides_wide():
+    # automl's anchor_scale: 5 for EfficientDet-D7 (4 for every other preset, D7x included).
+    assert models.build_model("efficientdet_d7", num_classes=2, input_shape=(64, 64)).anchor_scale == 5.0
+    assert models.build_model("efficientdet_d0", num_classes=2, input_shape=(64, 64)).anchor_scale == 4.0
+    p = models.make_priors((32, 32), (8,), "efficientdet", anchor_scale=5.0)
+    assert p.boxes[0].tolist() == [-16, -16, 24, 24]  # centre 4, half size 5 * 8 / 2 = 20
 
 
 def test_flatten_order_matches_priors():
