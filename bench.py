@@ -808,13 +808,16 @@ def train_effdet_gpu(size, batch, num_classes, warmup, steps, device="cuda"):
     return batch * steps / (time.perf_counter() - t0)
 
 
-def train_ours_gpu(name, size, batch, dataset, workers, variant, warmup, steps, device="cuda"):
+def train_ours_gpu(name, size, batch, dataset, workers, variant, warmup, steps, device="cuda", phase_steps=10):
     """Our training step on the GPU exactly as train.py runs it, data included: the loader decodes
     JPEGs in `workers` processes; on the GPU augment (crop mode 1, flip, RandAugment 6, mosaic 0.5,
     HSV), bf16 forward, float32 assignment + loss, backward, SGD, EMA. variant: "eager" or
     "compile" (torch.compile, as train.py --compile). The model is channels-last (NHWC) in both,
-    as build_model makes it. Returns (images/s, fraction of the timed wall time spent waiting
-    for the loader)."""
+    as build_model makes it.
+    After the timed steps, phase_steps more steps run with a sync after each phase, to say where
+    the time goes (the syncs make those steps slower than the timed ones; read the shares).
+    Returns (images/s, fraction of the timed wall time spent waiting for the loader,
+    {phase: ms per step})."""
     import assign
     import data
     import models
@@ -826,34 +829,58 @@ def train_ours_gpu(name, size, batch, dataset, workers, variant, warmup, steps, 
     optimizer = train.build_optimizer(model, "sgd", 1e-3, 4e-5)
     ema = train.ModelEMA(model, 0.9998)
     forward = torch.compile(model, dynamic=False) if variant == "compile" else model
-    n = batch * (warmup + steps)
+    n = batch * (warmup + steps + phase_steps)
     items = torch.utils.data.Subset(dataset, [i % len(dataset) for i in range(n)])
-    loader = data.make_loader(items, batch, shuffle=True, workers=workers, seed=0, drop_last=True, pin_memory=device == "cuda")
+    loader = data.make_loader(items, batch, shuffle=True, workers=workers, seed=0, drop_last=True,
+                              pin_memory=device == "cuda")
     gen = torch.Generator().manual_seed(0)
     it, wait = iter(loader), 0.0
-    for i in range(warmup + steps):
+    phases = dict.fromkeys(("data", "augment", "forward", "assign + loss", "backward", "optimizer + EMA"), 0.0)
+
+    def mark(phase, since):
+        """In the phase steps: sync, book the time since `since` to `phase`, return now."""
+        sync()
+        now = time.perf_counter()
+        phases[phase] += now - since
+        return now
+
+    for i in range(warmup + steps + phase_steps):
         if i == warmup:  # workers started, kernels chosen, graphs compiled
             sync()
             t0, wait = time.perf_counter(), 0.0
+        if i == warmup + steps:
+            sync()
+            total = time.perf_counter() - t0
+        timing = i >= warmup + steps
         t = time.perf_counter()
         raw = next(it)
-        wait += time.perf_counter() - t
+        if timing:
+            t = mark("data", t)
+        else:
+            wait += time.perf_counter() - t
         b = {k: v.to(device, non_blocking=True) if k in ("images", "boxes", "labels", "valid") else v
              for k, v in raw.items()}
         b = data.augment(b, (size, size), random_crop_mode=1.0, magnitude=6, num_layers=2,
                          mosaic_mix_prob=0.5, generator=gen)
+        t = mark("augment", t) if timing else t
         with torch.autocast(device, dtype=torch.bfloat16):
             outputs = forward(b["images"])
         outputs = [o.float() for o in outputs]
+        t = mark("forward", t) if timing else t
         losses = assign.detection_loss(outputs, priors, {k: b[k] for k in ("boxes", "labels", "valid")},
                                        model.anchors_mode)
+        t = mark("assign + loss", t) if timing else t
         optimizer.zero_grad(set_to_none=True)
         losses["total"].backward()
+        t = mark("backward", t) if timing else t
         optimizer.step()
         ema.update()
-    sync()
-    total = time.perf_counter() - t0
-    return batch * steps / total, wait / total
+        if timing:
+            mark("optimizer + EMA", t)
+    if phase_steps == 0:
+        sync()
+        total = time.perf_counter() - t0
+    return batch * steps / total, wait / total, {k: v * 1000 / max(phase_steps, 1) for k, v in phases.items()}
 
 
 def train_gpu(args):
@@ -877,12 +904,14 @@ def train_gpu(args):
             continue
         name, size, variant = row.split(":")
         t = time.perf_counter()
-        ips, wait = train_ours_gpu(name, int(size), args.gpu_batch, dataset, workers, variant,
-                                   args.gpu_warmup, args.gpu_steps)
+        ips, wait, phases = train_ours_gpu(name, int(size), args.gpu_batch, dataset, workers, variant,
+                                           args.gpu_warmup, args.gpu_steps)
         if name == "efficientdet_d0" and variant == "eager":
             ours_d0 = ips
         print(f"  plaindet {name} {size} {variant:7s}, data + aug + model + loss: {ips:8.1f} img/s, "
               f"data wait {wait * 100:.1f}% (row took {time.perf_counter() - t:.0f}s)", flush=True)
+        print("    ms per step, synced after each phase: "
+              + ", ".join(f"{k} {v:.1f}" for k, v in phases.items()), flush=True)
     if effdet_ips and ours_d0:
         print(f"  cuda efficientdet_d0 512: plaindet over effdet {ours_d0 / effdet_ips:.2f}x")
         return ours_d0 / effdet_ips
