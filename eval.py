@@ -762,6 +762,8 @@ def main(argv=None):
             return 0
         _add_common_flags(parser)
         args = parser.parse_args(argv)
+        if args.workers is not None and args.workers < 0:
+            raise EvalInputError(f"--workers {args.workers}: give 0 (decode in the main process) or more")
         if not os.path.exists(args.data) and args.data != "shapes":  # fail before building a model
             raise EvalInputError(f"-d {args.data}: no such file or folder; give a COCO json, a COCO or "
                                  f"YOLO dataset folder, or 'shapes'")

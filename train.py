@@ -128,6 +128,8 @@ def resolve_config(args):
         cfg["amp"] = "bf16" if torch.cuda.is_available() else "off"
     if cfg["workers"] is None:
         cfg["workers"] = data.default_workers()
+    if cfg["workers"] < 0:
+        fail(f"--workers {cfg['workers']}: give 0 (decode in the main process) or more")
     return cfg
 
 

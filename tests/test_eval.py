@@ -77,6 +77,8 @@ def test_unknown_image_ids_and_missing_files_are_clear(tmp_path, capsys):
     assert "nowhere.json: no such file" in capsys.readouterr().err
     assert ev.main(["-m", "yolox_nano", "-d", str(tmp_path / "no_data")]) == 2
     assert "no_data: no such file or folder" in capsys.readouterr().err
+    assert ev.main(["-m", "yolox_nano", "-d", gt, "--workers", "-1"]) == 2
+    assert "--workers -1: give 0" in capsys.readouterr().err
 
 
 # ---------------------------------------------------------------------------------------------

@@ -111,6 +111,7 @@ def test_ddp_two_processes_on_gloo(tiny_shapes, tmp_path):
     (["-p", "rmsprop"], "--optimizer 'rmsprop' is unknown"),
     (["-i", "100"], "divisible by 32"),
     (["--det_header", "yolox_q"], "yolox_s"),
+    (["--workers", "-1"], "--workers -1"),
 ])
 def test_clear_errors(tiny_shapes, tmp_path, capsys, flags, message):
     argv = ["-d", tiny_shapes, "--out", str(tmp_path), "--det_header", "yolox_nano", "-i", "64", "-e", "1"]
