@@ -174,10 +174,11 @@ class ModelEMA:
         import copy
         self.module = copy.deepcopy(model).eval().requires_grad_(False)
         self.decay, self.updates = decay, 0
-        # The (average, live) tensor pairs, listed once: state_dict() hands out the tensors
-        # themselves, so later in-place updates and load_state_dict() keep these references valid.
+        # The (average, live) tensors, listed once: state_dict() hands out detached views of the
+        # tensors themselves, so in-place updates and load_state_dict() keep these lists valid.
         pairs = list(zip(self.module.state_dict().values(), model.state_dict().values()))
-        self.averaged = [(e, t) for e, t in pairs if e.dtype.is_floating_point]
+        self.averages = [e for e, t in pairs if e.dtype.is_floating_point]
+        self.weights = [t for e, t in pairs if e.dtype.is_floating_point]
         self.copied = [(e, t) for e, t in pairs if not e.dtype.is_floating_point]
 
     @torch.no_grad()
@@ -188,7 +189,7 @@ class ModelEMA:
         # ema = d * ema + (1 - d) * w, written as lerp(ema, w, 1 - d). The _foreach_ form does all
         # tensors in a few fused kernels; a Python loop would launch two small kernels per tensor,
         # about a thousand per step on a GPU, which costs more than the arithmetic itself.
-        torch._foreach_lerp_([e for e, _ in self.averaged], [t.detach() for _, t in self.averaged], 1 - d)
+        torch._foreach_lerp_(self.averages, self.weights, 1 - d)
         for e, t in self.copied:  # BatchNorm's num_batches_tracked
             e.copy_(t)
 
