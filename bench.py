@@ -902,7 +902,11 @@ def train_gpu(args):
     for row in args.gpu_rows.split(","):
         if row == "effdet":
             continue
-        name, size, variant = row.split(":")
+        parts = row.split(":")
+        if len(parts) != 3 or not parts[1].isdigit() or parts[2] not in ("eager", "compile"):
+            sys.exit(f"bench.py train: --gpu_rows entry {row!r}: write NAME:SIZE:VARIANT, e.g. "
+                     f"yolox_s:640:eager (VARIANT eager or compile), or effdet")
+        name, size, variant = parts
         t = time.perf_counter()
         ips, wait, phases = train_ours_gpu(name, int(size), args.gpu_batch, dataset, workers, variant,
                                            args.gpu_warmup, args.gpu_steps)
