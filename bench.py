@@ -886,6 +886,15 @@ def train_ours_gpu(name, size, batch, dataset, workers, variant, warmup, steps, 
 def train_gpu(args):
     """The CUDA rows; returns ours / effdet for efficientdet_d0 (eager)."""
     import data
+    rows = []  # (name, size, variant), checked before anything runs
+    for row in args.gpu_rows.split(","):
+        if row == "effdet":
+            continue
+        parts = row.split(":")
+        if len(parts) != 3 or not parts[1].isdigit() or parts[2] not in ("eager", "compile"):
+            sys.exit(f"bench.py train: --gpu_rows entry {row!r}: write NAME:SIZE:VARIANT, e.g. "
+                     f"yolox_s:640:eager (VARIANT eager or compile), or effdet")
+        rows.append(parts)
     voc = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "shared", "data", "voc2007_100",
                        "instances_coco.json")
     dataset = data.open_dataset(voc if os.path.exists(voc) else args.data, "train")
@@ -899,14 +908,7 @@ def train_gpu(args):
         effdet_ips = train_effdet_gpu(512, args.gpu_batch, len(dataset.class_names), args.gpu_warmup, args.gpu_steps)
         print(f"  effdet DetBenchTrain tf_efficientdet_d0 512, model + loss only : {effdet_ips:8.1f} img/s", flush=True)
     ours_d0 = None
-    for row in args.gpu_rows.split(","):
-        if row == "effdet":
-            continue
-        parts = row.split(":")
-        if len(parts) != 3 or not parts[1].isdigit() or parts[2] not in ("eager", "compile"):
-            sys.exit(f"bench.py train: --gpu_rows entry {row!r}: write NAME:SIZE:VARIANT, e.g. "
-                     f"yolox_s:640:eager (VARIANT eager or compile), or effdet")
-        name, size, variant = parts
+    for name, size, variant in rows:
         t = time.perf_counter()
         ips, wait, phases = train_ours_gpu(name, int(size), args.gpu_batch, dataset, workers, variant,
                                            args.gpu_warmup, args.gpu_steps)
