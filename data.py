@@ -515,6 +515,21 @@ def make_loader(dataset, batch_size, shuffle, workers, seed, max_boxes=100, drop
         pin_memory=pin_memory, persistent_workers=workers > 0)
 
 
+def to_device(t, device):
+    """A CPU tensor onto `device` without making the CPU wait for the GPU.
+
+    A plain t.to("cuda") from ordinary (pageable) memory first waits for every kernel already
+    queued on the GPU, so each small matrix or index sent during a training step would stall the
+    CPU until the GPU ran dry, and the GPU would then idle while Python queues the next kernels.
+    Copied from pinned (page-locked) memory with non_blocking=True, the copy simply joins the
+    queue; PyTorch's pinned allocator keeps the staging buffer alive until the copy has run.
+    On a CPU (or for a tensor already there) this is t.to(device)."""
+    device = torch.device(device)
+    if device.type == "cuda" and t.device.type == "cpu":
+        return t.pin_memory().to(device, non_blocking=True)
+    return t.to(device)
+
+
 # ----------------------------------------------------------------------------------------------
 # Augmentation: geometry as one 3x3 matrix per image (source px -> output px)
 # ----------------------------------------------------------------------------------------------
@@ -621,7 +636,7 @@ def transform_boxes(boxes, valid, matrices, input_shape, min_size=2.0, max_aspec
     lo, hi = moved.min(-2).values, moved.max(-2).values  # [B, M, 2]
     full_area = (hi - lo).prod(-1)
     if clip_to is None:
-        limit = torch.tensor([float(input_shape[1]), float(input_shape[0])], dtype=boxes.dtype, device=boxes.device)
+        limit = to_device(torch.tensor([float(input_shape[1]), float(input_shape[0])], dtype=boxes.dtype), boxes.device)
         lo_c, hi_c = lo.clamp(min=0), torch.minimum(hi, limit)
     else:
         lo_c, hi_c = torch.maximum(lo, clip_to[..., :2]), torch.minimum(hi, clip_to[..., 2:])
@@ -676,9 +691,9 @@ def warp_region(images, inverse, region, rows, mode="bilinear"):
     shift_in, shift_out = _eye(1), _eye(1)
     shift_in[0, :2, 2] = torch.tensor([-cx0, -cy0], dtype=torch.float64)
     shift_out[0, :2, 2] = torch.tensor([x0, y0], dtype=torch.float64)
-    theta = _to_theta(shift_in @ inv @ shift_out, (cy1 - cy0, cx1 - cx0), (y1 - y0, x1 - x0)).to(images.device)
+    theta = to_device(_to_theta(shift_in @ inv @ shift_out, (cy1 - cy0, cx1 - cx0), (y1 - y0, x1 - x0)), images.device)
     if isinstance(rows, torch.Tensor):
-        rows = rows.to(images.device)
+        rows = to_device(rows, images.device)
     return warp(images[:, :, cy0:cy1, cx0:cx1][rows], theta, (y1 - y0, x1 - x0), mode)
 
 
@@ -703,9 +718,9 @@ def mosaic_boxes(boxes, labels, valid, plan, min_area_kept=0.15):
     filtered like any crop. boxes [B, M, 4] -> [B, M, 4] (survivors first; beyond M are dropped)."""
     regions, src = plan
     b, m = boxes.shape[:2]
-    src = src.to(boxes.device)
+    src = to_device(src, boxes.device)
     qb, ql, qv = boxes[src].reshape(b, 4 * m, 4), labels[src].reshape(b, 4 * m), valid[src].reshape(b, 4 * m)
-    clip = torch.tensor([[x0, y0, x1, y1] for y0, y1, x0, x1 in regions], dtype=boxes.dtype, device=boxes.device)
+    clip = to_device(torch.tensor([[x0, y0, x1, y1] for y0, y1, x0, x1 in regions], dtype=boxes.dtype), boxes.device)
     clip = clip.repeat_interleave(m, 0)[None].expand(b, 4 * m, 4)
     ident = torch.eye(3, dtype=boxes.dtype, device=boxes.device).expand(b, 3, 3)
     h, w = regions[3][1], regions[3][3]
@@ -717,7 +732,7 @@ def mosaic_boxes(boxes, labels, valid, plan, min_area_kept=0.15):
 def mosaic_images(images, plan, rows=slice(None)):
     """Pixels of mosaicked outputs `rows`: four batched slice copies, no loop over images."""
     regions, src = plan
-    src = src[rows].to(images.device)
+    src = to_device(src[rows], images.device)
     out = torch.empty((len(src),) + tuple(images.shape[1:]), dtype=images.dtype, device=images.device)
     for q, (y0, y1, x0, x1) in enumerate(regions):
         out[:, :, y0:y1, x0:x1] = images[:, :, y0:y1, x0:x1][src[:, q]]  # index the region only
@@ -784,17 +799,16 @@ def colour_affine(ops, factors, hsv, generator):
 def _colour_into(out, warped, a, c, d):
     """out [n, 3, H, W] = clamp(A v + c + D m, 0, 1) with v = (warped + 114) / 255; one matmul
     pass plus one in-place pass. a, c, d: float64 on the CPU, for these n images."""
-    n = len(warped)
-    bias = c + (a @ torch.full((n, 3, 1), PAD_VALUE / 255, dtype=torch.float64))[..., 0]
-    if d.any():
-        mean = (warped.mean((2, 3)).double().cpu() + PAD_VALUE) / 255
-        bias = bias + (d @ mean[..., None])[..., 0]
-    dev = warped.device
+    n, dev = len(warped), warped.device
+    bias = to_device((c + (a @ torch.full((n, 3, 1), PAD_VALUE / 255, dtype=torch.float64))[..., 0]).float(), dev)
+    if d.any():  # contrast drawn somewhere: its term needs the mean colour, taken where the pixels are
+        mean = (warped.mean((2, 3)) + PAD_VALUE) / 255  # [n, 3]; no trip to the CPU and back
+        bias = bias + (to_device(d.float(), dev) @ mean[..., None])[..., 0]
     if torch.equal(a, _eye(n)):
         torch.add(warped, 0, out=out).mul_(1 / 255)  # identity colour: skip the matmul
     else:
-        torch.bmm((a / 255).float().to(dev), warped.reshape(n, 3, -1), out=out.view(n, 3, -1))
-    return out.add_(bias.float().to(dev)[..., None, None]).clamp_(0, 1)
+        torch.bmm(to_device((a / 255).float(), dev), warped.reshape(n, 3, -1), out=out.view(n, 3, -1))
+    return out.add_(bias[..., None, None]).clamp_(0, 1)
 
 
 def _sharpness(x, factor):
@@ -834,9 +848,9 @@ def _autocontrast(x):
 
 def _apply_on(x, sel, fn):
     """x[sel] = fn(x[sel], indices): an op on the selected images only (index, not a loop)."""
-    idx = sel.nonzero().flatten()
+    idx = sel.nonzero().flatten()  # sel is on the CPU: no wait for the GPU to count the images
     if len(idx):
-        idx = idx.to(x.device)
+        idx = to_device(idx, x.device)
         x[idx] = fn(x[idx], idx)
     return x
 
@@ -848,8 +862,9 @@ def _colour_chunk(out, warped, affine, ops, factors, magnitude):
     dev = x.device
     step_q = 2 ** (8 - max(1, 8 - int(round(magnitude * 0.4))))  # posterize: keep 8 - 0.4 m bits
     threshold = 1 - magnitude * 0.09  # solarize: invert above 1 - 0.09 m
+    factors = to_device(factors.float(), dev)  # sharpness reads them on the device; one copy for all layers
     for layer in range(ops.shape[1]):
-        op, f = ops[:, layer], factors[:, layer].float().to(dev)
+        op, f = ops[:, layer], factors[:, layer]
         _apply_on(x, op == RANDAUGMENT_OPS.index("sharpness"), lambda t, i: _sharpness(t, f[i]))
         _apply_on(x, op == RANDAUGMENT_OPS.index("posterize"),
                   lambda t, i: torch.floor(t * (255 / step_q)) * (step_q / 255))
@@ -881,7 +896,9 @@ def augment(batch, input_shape, random_crop_mode=1.0, magnitude=0, num_layers=2,
     this fraction of their area left after a crop.
     Returns dict(images float32 [B, 3, H, W] 0..1, boxes [B, M, 4] xyxy output px, labels [B, M],
     valid [B, M], image_ids [B], matrices float32 [B, 2, 3] output px -> ORIGINAL image px (undefined
-    after mosaic)). random_crop_mode=0, magnitude=0, mosaic_mix_prob=0, flip_prob=0, hsv=None is the
+    after mosaic)). Pixels and matrices come back on the images' device, boxes / labels / valid on
+    the boxes' device: train.py leaves the targets on the CPU, where their few hundred numbers cost
+    nothing to move and the number of boxes left after the crop is known without asking the GPU. random_crop_mode=0, magnitude=0, mosaic_mix_prob=0, flip_prob=0, hsv=None is the
     eval letterbox."""
     if isinstance(input_shape, int):
         input_shape = (input_shape, input_shape)
@@ -900,12 +917,13 @@ def augment(batch, input_shape, random_crop_mode=1.0, magnitude=0, num_layers=2,
         ops = torch.zeros_like(ops)  # all "identity": magnitude 0 changes nothing
     fwd = randaugment_matrices(ops, signs, magnitude, (hh, ww)) @ fwd
     inverse = torch.linalg.inv(fwd)  # output px -> canvas px, what the sampling needs
-    boxes, valid = transform_boxes(batch["boxes"].float(), batch["valid"], fwd.float().to(dev), (hh, ww),
-                                   min_area_kept=min_area_kept)
+    boxes, valid = transform_boxes(batch["boxes"].float(), batch["valid"], to_device(fwd.float(), batch["boxes"].device),
+                                   (hh, ww), min_area_kept=min_area_kept)
     labels = batch["labels"]
     scales = batch.get("scales", torch.ones(b)).double().cpu()
     matrices = (torch.diag_embed(torch.stack([1 / scales, 1 / scales, torch.ones(b, dtype=torch.float64)], 1))
-                @ inverse)[:, :2].float().to(dev)
+                @ inverse)[:, :2].float()
+    matrices = to_device(matrices, dev)
 
     # 2. mosaic, decided per batch: its boxes now, its pixels in step 4
     plan = None
