@@ -30,6 +30,13 @@ Then the losses that consume each assignment:
   IoU-scaled one-hot targets (+ an optional L1 on encoded boxes).
 * `detection_loss`: picks the family from the model's `anchors_mode` (what train.py calls).
 
+On a GPU, anything whose *value* the CPU must read (a count, a boolean-mask index, .item())
+makes the CPU wait until the GPU has run everything queued, and then the GPU idles while Python
+queues the next kernels. The only such value here is the number of valid boxes, and train.py
+keeps the `valid` mask on the CPU, where counting costs nothing. The losses weight by the
+positive mask rather than indexing with it: indexing would need the number of positives on the
+CPU, one such wait per loss term.
+
 Conventions (see DESIGN.md): boxes are xyxy absolute pixels, float32; labels 0..C-1.
 Priors come from `models.make_priors` (centers [N, 2], strides [N], boxes [N, 4]); the box
 encoding lives beside them in models.py (`encode_boxes` / `decode_boxes`).
@@ -149,9 +156,22 @@ def _check_targets(gt_boxes, gt_labels, gt_valid):
 # then costs nothing (the loader pads to 100 boxes; COCO images hold ~7) and no loop over
 # images is needed: a reduction "over the boxes of each image" is a scatter keyed by image.
 
+def _host_to(t, device):
+    """A CPU tensor onto `device` without waiting for the GPU's queue (pinned memory, non_blocking;
+    data.to_device explains why; assign.py keeps to its own imports)."""
+    if device.type == "cuda" and t.device.type == "cpu":
+        return t.pin_memory().to(device, non_blocking=True)
+    return t.to(device)
+
+
 def _valid_boxes(gt_boxes, gt_labels, gt_valid):
-    """-> img [G], slot [G], boxes [G, 4] float32, labels [G] of the valid boxes (one host sync)."""
+    """-> img [G], slot [G], boxes [G, 4] float32, labels [G] of the valid boxes.
+
+    G, the number of valid boxes, sizes everything after it, so the CPU has to know it. With
+    gt_valid on the CPU (train.py's case, while the boxes are on a GPU) it is counted there;
+    with gt_valid on a GPU, nonzero waits for the GPU's whole queue (a forward pass) first."""
     img, slot = gt_valid.nonzero(as_tuple=True)
+    img, slot = _host_to(img, gt_boxes.device), _host_to(slot, gt_boxes.device)
     return img, slot, gt_boxes[img, slot].float(), gt_labels[img, slot]
 
 
@@ -182,7 +202,8 @@ def assign_max_iou(anchors, gt_boxes, gt_labels, gt_valid, pos_iou=0.5, neg_iou=
     """Fixed IoU rule between anchors and boxes, batched.
 
     anchors: [N, 4] xyxy px (priors.boxes). gt_boxes: [B, M, 4] xyxy px; gt_labels: [B, M] int64,
-    -1 = crowd / ignore region; gt_valid: [B, M] bool, False = padding.
+    -1 = crowd / ignore region; gt_valid: [B, M] bool, False = padding (may stay on the CPU:
+    see _valid_boxes).
     Returns an Assignment. Each anchor takes the box of its image it overlaps most: IoU >=
     pos_iou positive, neg_iou <= IoU < pos_iou ignored, below background. Each box's best
     anchor is positive for it whatever its IoU (else a box between anchor sizes would never be
@@ -235,7 +256,8 @@ def simota_assign(pred_boxes, cls_logits, obj_logits, centers, strides, gt_boxes
 
     pred_boxes: [B, N, 4] decoded xyxy px; cls_logits: [B, N, C]; obj_logits: [B, N] or None;
     centers: [N, 2] prior centres xy px; strides: [N]; gt_boxes [B, M, 4] xyxy px,
-    gt_labels [B, M] (-1 = ignore region), gt_valid [B, M]. Returns an Assignment.
+    gt_labels [B, M] (-1 = ignore region), gt_valid [B, M] (may stay on the CPU: see _valid_boxes).
+    Returns an Assignment.
 
     Why no_grad: the assignment reads the predictions (their IoU and class scores decide who is
     positive), yet it is a *target*, not something to optimise. With gradients flowing through
@@ -398,6 +420,12 @@ def _split_outputs(outputs, extra):
     return flat[..., :4], flat[..., 4:4 + num_classes], flat[..., 4 + num_classes:]
 
 
+def _targets_on(targets, device):
+    """targets dict -> (boxes [B, M, 4], labels [B, M]) on `device` (the outputs'), and valid
+    [B, M] left where it is: on the CPU, counting the boxes costs no GPU wait (_valid_boxes)."""
+    return _host_to(targets["boxes"], device), _host_to(targets["labels"], device), targets["valid"]
+
+
 def _check_priors(flat_box, priors):
     if priors.centers.shape[0] != flat_box.shape[1]:
         raise ValueError(f"assign.py: the outputs have {flat_box.shape[1]} priors but the priors have "
@@ -427,7 +455,7 @@ def anchor_loss(outputs, priors, targets, alpha=0.25, gamma=1.5, delta=0.1, box_
 
     outputs: the model's raw list (level l: [B, A, 4 + C, H_l, W_l]) or flat [B, N, 4 + C];
     priors: models.Priors for anchors_mode "efficientdet"; targets: dict(boxes [B, M, 4] xyxy
-    px, labels [B, M] int64 (-1 ignore), valid [B, M] bool).
+    px, labels [B, M] int64 (-1 ignore), valid [B, M] bool), on the outputs' device or on the CPU.
     Returns dict(cls, box, total) of scalar tensors; total = cls + box_weight * box.
     cls: focal loss summed over classes and non-ignored anchors / number of positives.
     box: Huber(delta) between raw offsets and encode_boxes(assigned box) at positives, summed /
@@ -436,7 +464,7 @@ def anchor_loss(outputs, priors, targets, alpha=0.25, gamma=1.5, delta=0.1, box_
     """
     raw_box, cls, _ = _split_outputs(outputs, extra=0)
     _check_priors(raw_box, priors)
-    gt_boxes, gt_labels, gt_valid = targets["boxes"], targets["labels"], targets["valid"]
+    gt_boxes, gt_labels, gt_valid = _targets_on(targets, cls.device)
     # Assignment from anchors and boxes only (see assign_max_iou): no prediction enters it.
     a = assign_max_iou(priors.boxes, gt_boxes, gt_labels, gt_valid, pos_iou, neg_iou, ignore_ioa)
     num_pos = _num_positives(a.positive)
@@ -451,10 +479,12 @@ def anchor_loss(outputs, priors, targets, alpha=0.25, gamma=1.5, delta=0.1, box_
     focal = sigmoid_focal_loss(cls, cls_target, alpha, gamma, label_smoothing)
     cls_loss = (focal * (~a.ignored).unsqueeze(-1)).sum() / num_pos
 
+    # Box targets everywhere (an anchor's own box where it is not positive, which encodes to 0),
+    # weighted by the positive mask: the same sum as over positives only, with no count needed.
     with torch.no_grad():
         box_target = encode_boxes(_matched_boxes(gt_boxes, a, priors.boxes), priors, "efficientdet")
-    huber = F.huber_loss(raw_box[a.positive], box_target[a.positive], reduction="sum", delta=delta)
-    box_loss = huber / (4 * num_pos)
+    huber = F.huber_loss(raw_box, box_target, reduction="none", delta=delta)               # [B, N, 4]
+    box_loss = (huber * a.positive.unsqueeze(-1)).sum() / (4 * num_pos)
     return {"cls": cls_loss, "box": box_loss, "total": cls_loss + box_weight * box_loss}
 
 
@@ -482,7 +512,7 @@ def anchor_free_loss(outputs, priors, targets, use_l1=False, iou_kind="iou", lab
     raw_box, cls, obj = _split_outputs(outputs, extra=1)
     _check_priors(raw_box, priors)
     obj = obj[..., 0]
-    gt_boxes, gt_labels, gt_valid = targets["boxes"], targets["labels"], targets["valid"]
+    gt_boxes, gt_labels, gt_valid = _targets_on(targets, cls.device)
     pred_boxes = decode_boxes(raw_box, priors, "anchor_free")              # [B, N, 4] xyxy px
 
     # Assignment under no_grad, on detached predictions: targets must not move with the
@@ -491,26 +521,32 @@ def anchor_free_loss(outputs, priors, targets, use_l1=False, iou_kind="iou", lab
         a = simota_assign(pred_boxes.detach(), cls.detach(), obj.detach(), priors.centers, priors.strides,
                           gt_boxes, gt_labels, gt_valid)
         gt_matched = _matched_boxes(gt_boxes, a, priors.boxes)            # [B, N, 4]
-        labels = gt_labels.gather(1, a.gt_index.clamp(min=0))[a.positive]  # [P]
-        onehot = F.one_hot(labels.clamp(min=0), cls.shape[-1]).to(cls.dtype)
+        labels = gt_labels.gather(1, a.gt_index.clamp(min=0)).clamp(min=0)  # [B, N]
+        onehot = torch.zeros_like(cls).scatter_(2, labels.unsqueeze(-1), 1.0)
         if label_smoothing > 0:
             onehot = onehot * (1 - label_smoothing) + 0.5 * label_smoothing
-        cls_target = onehot * a.iou[a.positive].unsqueeze(-1)             # [P, C]
+        cls_target = onehot * a.iou.unsqueeze(-1)                         # [B, N, C]
     num_pos = _num_positives(a.positive)
     pos = a.positive
+    pos_weight = pos.to(cls.dtype)                                         # [B, N] 1 at positives
 
-    iou = box_iou(pred_boxes[pos], gt_matched[pos], aligned=True, kind=iou_kind)
-    box_loss = ((1 - iou ** 2) if iou_kind == "iou" else (1 - iou)).sum() / num_pos
+    # Every term is computed at every prior and weighted by the positive mask (see the top of the
+    # file). Non-positives compare the prior's own box with itself, so nothing there is undefined
+    # and, through the where, no gradient reaches those predictions.
+    iou = box_iou(torch.where(pos.unsqueeze(-1), pred_boxes, gt_matched), gt_matched, aligned=True,
+                  kind=iou_kind)                                           # [B, N]
+    box_loss = (((1 - iou ** 2) if iou_kind == "iou" else (1 - iou)) * pos_weight).sum() / num_pos
 
-    obj_bce = F.binary_cross_entropy_with_logits(obj, pos.to(obj.dtype), reduction="none")
+    obj_bce = F.binary_cross_entropy_with_logits(obj, pos_weight, reduction="none")
     obj_loss = (obj_bce * (~a.ignored)).sum() / num_pos
 
-    cls_loss = F.binary_cross_entropy_with_logits(cls[pos], cls_target, reduction="sum") / num_pos
+    cls_loss = F.binary_cross_entropy_with_logits(cls, cls_target, weight=pos_weight.unsqueeze(-1),
+                                                  reduction="sum") / num_pos
 
     if use_l1:
         with torch.no_grad():
             l1_target = encode_boxes(gt_matched, priors, "anchor_free")
-        l1_loss = (raw_box[pos] - l1_target[pos]).abs().sum() / num_pos
+        l1_loss = ((raw_box - l1_target).abs() * pos_weight.unsqueeze(-1)).sum() / num_pos
     else:
         l1_loss = raw_box.new_zeros(())
     total = box_weight * box_loss + obj_weight * obj_loss + cls_weight * cls_loss + l1_weight * l1_loss

@@ -300,6 +300,10 @@ def main(argv=None):
     cfg = resolve_config(args)
     rank, world, device = setup_distributed()
     is_main = rank == 0
+    if device.type == "cuda":
+        # Every batch of a run has the same shape, so cuDNN may time its convolution algorithms
+        # once per layer shape and keep the fastest, instead of picking one by heuristics.
+        torch.backends.cudnn.benchmark = True
     log = print if is_main else (lambda *a, **k: None)
 
     # ---- data: both splits open (and the shapes set is built) before any model work. Under
@@ -401,14 +405,15 @@ def main(argv=None):
                 lr = learning_rate(epoch + i / steps, cfg, lr_max)
                 for group in optimizer.param_groups:
                     group["lr"] = lr
-                # Pixels and targets go to the device; sizes and scales stay on the CPU, where
-                # augment builds its matrices from them without waiting for the GPU.
-                batch = {k: v.to(device, non_blocking=True) if k in ("images", "boxes", "labels", "valid") else v
-                         for k, v in batch.items()}
+                # Only the pixels go to the device (pinned, so the copy runs async). Everything else
+                # stays on the CPU: augment builds its matrices and moves the boxes there, and the
+                # loss counts the boxes from the CPU's `valid` mask. Reading any GPU value instead
+                # would make the CPU wait for the GPU's queue (see data.to_device).
+                batch["images"] = batch["images"].to(device, non_blocking=True)
                 batch = data.augment(batch, tuple(cfg["input_shape"]), random_crop_mode=cfg["random_crop_mode"],
                                      magnitude=cfg["magnitude"], num_layers=cfg["num_layers"],
                                      mosaic_mix_prob=mosaic, generator=gen)
-                targets = {k: batch[k] for k in ("boxes", "labels", "valid")}
+                targets = {k: batch[k] for k in ("boxes", "labels", "valid")}  # on the CPU
 
                 with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
                     outputs = train_model(batch["images"])

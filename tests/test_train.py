@@ -36,20 +36,22 @@ def history(out):
         return list(csv.DictReader(f))
 
 
-@pytest.mark.parametrize("header,mode,size", [
-    ("yolox_nano", "--use_anchor_free_mode", "64"),
-    ("yolox_nano", "--use_anchors_mode", "64"),
-    ("efficientdet_d0", "--use_anchor_free_mode", "128"),
-    ("efficientdet_d0", "--use_anchors_mode", "128"),
+@pytest.mark.parametrize("header,mode,size,epochs", [
+    ("yolox_nano", "--use_anchor_free_mode", "64", 15),
+    ("yolox_nano", "--use_anchors_mode", "64", 15),
+    # The BiFPN head learns the anchor-free targets slowest: in 15 epochs its loss falls by
+    # 13-18% depending on float rounding alone (a sum taken in another order), too close to the bar.
+    ("efficientdet_d0", "--use_anchor_free_mode", "128", 30),
+    ("efficientdet_d0", "--use_anchors_mode", "128", 15),
 ])
-def test_every_head_and_mode_learns(tiny_shapes, tmp_path, header, mode, size):
-    # The same 8 images for 15 epochs (30 steps) without augmentation: the loss must fall (the 90% overfit is tests/test_assign.py's).
-    run_train(tiny_shapes, tmp_path, "--det_header", header, mode, "-i", size, "-e", "15",
+def test_every_head_and_mode_learns(tiny_shapes, tmp_path, header, mode, size, epochs):
+    # The same 8 images, 2 steps an epoch, without augmentation: the loss must fall (the 90% overfit is tests/test_assign.py's).
+    run_train(tiny_shapes, tmp_path, "--det_header", header, mode, "-i", size, "-e", str(epochs),
               "-p", "adamw", "--lr_base_512", "1.2", "--freeze_backbone_epochs", "0",
-              "--lr_decay_steps", "15", "--lr_cooldown_steps", "0", "--lr_min", "0",
+              "--lr_decay_steps", str(epochs), "--lr_cooldown_steps", "0", "--lr_min", "0",
               "--close_mosaic_epochs", "0")
     rows = history(tmp_path)
-    assert len(rows) == 15
+    assert len(rows) == epochs
     first, last = float(rows[0]["loss_total"]), float(rows[-1]["loss_total"])
     assert last < 0.85 * first, (first, last)  # no steps, or steps the wrong way, stay near 1.0
     for name in ("last.pt", "history.png", "config.json"):
@@ -221,3 +223,46 @@ def test_ctrl_c_leaves_a_resumable_checkpoint(tiny_shapes, tmp_path):
     run_train(tiny_shapes, tmp_path, "--det_header", "yolox_nano", "-i", "64", "-e", str(ckpt["epoch"] + 1),
               "--resume", str(tmp_path / "last.pt"))
     assert torch.load(tmp_path / "last.pt", weights_only=False)["epoch"] == ckpt["epoch"] + 1
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU: it counts the CPU's waits for one")
+@pytest.mark.parametrize("mode", ["anchor_free", "efficientdet"])
+def test_a_training_step_never_waits_for_the_gpu(tiny_shapes, mode):
+    # train.py's step (pixels to the GPU, targets left on the CPU, augment with mosaic and
+    # RandAugment, bf16 forward, assignment + loss, backward, SGD, EMA) under CUDA's sync debug
+    # mode set to "error": any point where the CPU would wait for the GPU raises here.
+    import assign
+    device = torch.device("cuda")
+    ds = data.open_dataset(tiny_shapes, "train")
+    model = models.build_model("yolox_nano", anchors_mode=mode, num_classes=len(ds.class_names),
+                               input_shape=(64, 64)).to(device).train()
+    priors = models.make_priors((64, 64), model.strides, model.anchors_mode, device=device,
+                                anchor_scale=model.anchor_scale)
+    optimizer = train.build_optimizer(model, "sgd", 1e-3, 4e-5)
+    ema = train.ModelEMA(model, 0.999)
+    gen = torch.Generator().manual_seed(0)
+    loader = data.make_loader(ds, 4, shuffle=True, workers=0, seed=0, drop_last=True, pin_memory=True)
+
+    def step(batch):
+        batch["images"] = batch["images"].to(device, non_blocking=True)
+        batch = data.augment(batch, (64, 64), random_crop_mode=1.0, magnitude=6, num_layers=2,
+                             mosaic_mix_prob=1.0, generator=gen)
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            outputs = [o.float() for o in model(batch["images"])]
+        losses = assign.detection_loss(outputs, priors, {k: batch[k] for k in ("boxes", "labels", "valid")},
+                                       model.anchors_mode)
+        optimizer.zero_grad(set_to_none=True)
+        losses["total"].backward()
+        optimizer.step()
+        ema.update()
+        return losses
+
+    first, second = list(loader)[:2]
+    step(first)  # warm-up: lazy CUDA init and the first allocations may sync, and are allowed to
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        losses = step(second)
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    assert math.isfinite(float(losses["total"]))
