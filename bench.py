@@ -714,6 +714,7 @@ import argparse
 import os
 import sys
 import time
+import warnings
 
 import torch
 
@@ -816,8 +817,10 @@ def train_ours_gpu(name, size, batch, dataset, workers, variant, warmup, steps, 
     as build_model makes it.
     After the timed steps, phase_steps more steps run with a sync after each phase, to say where
     the time goes (the syncs make those steps slower than the timed ones; read the shares).
+    On CUDA a last step runs under torch.cuda.set_sync_debug_mode("warn"): every point where the
+    CPU waits for the GPU is listed as file:line (the goal is none but the ones a step needs).
     Returns (images/s, fraction of the timed wall time spent waiting for the loader,
-    {phase: ms per step})."""
+    {phase: ms per step}, [file:line of each host sync in one step])."""
     import assign
     import data
     import models
@@ -829,7 +832,7 @@ def train_ours_gpu(name, size, batch, dataset, workers, variant, warmup, steps, 
     optimizer = train.build_optimizer(model, "sgd", 1e-3, 4e-5)
     ema = train.ModelEMA(model, 0.9998)
     forward = torch.compile(model, dynamic=False) if variant == "compile" else model
-    n = batch * (warmup + steps + phase_steps)
+    n = batch * (warmup + steps + phase_steps + 1)
     items = torch.utils.data.Subset(dataset, [i % len(dataset) for i in range(n)])
     loader = data.make_loader(items, batch, shuffle=True, workers=workers, seed=0, drop_last=True,
                               pin_memory=device == "cuda")
@@ -844,48 +847,62 @@ def train_ours_gpu(name, size, batch, dataset, workers, variant, warmup, steps, 
         phases[phase] += now - since
         return now
 
-    for i in range(warmup + steps + phase_steps):
+    audit = device == "cuda"  # one last step under CUDA's sync debug mode, to list the host syncs
+    syncs = []
+    for i in range(warmup + steps + phase_steps + audit):
         if i == warmup:  # workers started, kernels chosen, graphs compiled
             sync()
             t0, wait = time.perf_counter(), 0.0
         if i == warmup + steps:
             sync()
             total = time.perf_counter() - t0
-        timing = i >= warmup + steps
+        timing = warmup + steps <= i < warmup + steps + phase_steps
+        auditing = i == warmup + steps + phase_steps
         t = time.perf_counter()
         raw = next(it)
         if timing:
             t = mark("data", t)
-        else:
+        elif not auditing:
             wait += time.perf_counter() - t
-        b = {k: v.to(device, non_blocking=True) if k in ("images", "boxes", "labels", "valid") else v
-             for k, v in raw.items()}
-        b = data.augment(b, (size, size), random_crop_mode=1.0, magnitude=6, num_layers=2,
-                         mosaic_mix_prob=0.5, generator=gen)
-        t = mark("augment", t) if timing else t
-        with torch.autocast(device, dtype=torch.bfloat16):
-            outputs = forward(b["images"])
-        outputs = [o.float() for o in outputs]
-        t = mark("forward", t) if timing else t
-        losses = assign.detection_loss(outputs, priors, {k: b[k] for k in ("boxes", "labels", "valid")},
-                                       model.anchors_mode)
-        t = mark("assign + loss", t) if timing else t
-        optimizer.zero_grad(set_to_none=True)
-        losses["total"].backward()
-        t = mark("backward", t) if timing else t
-        optimizer.step()
-        ema.update()
-        if timing:
-            mark("optimizer + EMA", t)
-    if phase_steps == 0:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            if auditing:
+                torch.cuda.set_sync_debug_mode("warn")  # each sync becomes a warning at its Python line
+            try:
+                raw["images"] = raw["images"].to(device, non_blocking=True)  # the targets stay on the CPU, as in train.py
+                b = data.augment(raw, (size, size), random_crop_mode=1.0, magnitude=6, num_layers=2,
+                                 mosaic_mix_prob=0.5, generator=gen)
+                t = mark("augment", t) if timing else t
+                with torch.autocast(device, dtype=torch.bfloat16):
+                    outputs = forward(b["images"])
+                outputs = [o.float() for o in outputs]
+                t = mark("forward", t) if timing else t
+                losses = assign.detection_loss(outputs, priors, {k: b[k] for k in ("boxes", "labels", "valid")},
+                                               model.anchors_mode)
+                t = mark("assign + loss", t) if timing else t
+                optimizer.zero_grad(set_to_none=True)
+                losses["total"].backward()
+                t = mark("backward", t) if timing else t
+                optimizer.step()
+                ema.update()
+                if timing:
+                    mark("optimizer + EMA", t)
+            finally:
+                if auditing:
+                    torch.cuda.set_sync_debug_mode("default")
+        if auditing:
+            syncs = [f"{os.path.basename(w.filename)}:{w.lineno}" for w in caught
+                     if "synchroniz" in str(w.message)]
+    if phase_steps + audit == 0:
         sync()
         total = time.perf_counter() - t0
-    return batch * steps / total, wait / total, {k: v * 1000 / max(phase_steps, 1) for k, v in phases.items()}
+    return batch * steps / total, wait / total, {k: v * 1000 / max(phase_steps, 1) for k, v in phases.items()}, syncs
 
 
 def train_gpu(args):
     """The CUDA rows; returns ours / effdet for efficientdet_d0 (eager)."""
     import data
+    torch.backends.cudnn.benchmark = True  # as train.py sets on CUDA; effdet's row runs with it too
     rows = []  # (name, size, variant), checked before anything runs
     for row in args.gpu_rows.split(","):
         if row == "effdet":
@@ -910,14 +927,15 @@ def train_gpu(args):
     ours_d0 = None
     for name, size, variant in rows:
         t = time.perf_counter()
-        ips, wait, phases = train_ours_gpu(name, int(size), args.gpu_batch, dataset, workers, variant,
-                                           args.gpu_warmup, args.gpu_steps)
+        ips, wait, phases, syncs = train_ours_gpu(name, int(size), args.gpu_batch, dataset, workers, variant,
+                                                  args.gpu_warmup, args.gpu_steps)
         if name == "efficientdet_d0" and variant == "eager":
             ours_d0 = ips
         print(f"  plaindet {name} {size} {variant:7s}, data + aug + model + loss: {ips:8.1f} img/s, "
               f"data wait {wait * 100:.1f}% (row took {time.perf_counter() - t:.0f}s)", flush=True)
         print("    ms per step, synced after each phase: "
               + ", ".join(f"{k} {v:.1f}" for k, v in phases.items()), flush=True)
+        print(f"    host syncs in one step: {len(syncs)}" + (f" ({', '.join(syncs)})" if syncs else ""), flush=True)
     if effdet_ips and ours_d0:
         print(f"  cuda efficientdet_d0 512: plaindet over effdet {ours_d0 / effdet_ips:.2f}x")
         return ours_d0 / effdet_ips
