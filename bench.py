@@ -809,7 +809,8 @@ def train_effdet_gpu(size, batch, num_classes, warmup, steps, device="cuda"):
     return batch * steps / (time.perf_counter() - t0)
 
 
-def train_ours_gpu(name, size, batch, dataset, workers, variant, warmup, steps, device="cuda", phase_steps=10):
+def train_ours_gpu(name, size, batch, dataset, workers, variant, warmup, steps, device="cuda", phase_steps=10,
+                   profile=False):
     """Our training step on the GPU exactly as train.py runs it, data included: the loader decodes
     JPEGs in `workers` processes; on the GPU augment (crop mode 1, flip, RandAugment 6, mosaic 0.5,
     HSV), bf16 forward, float32 assignment + loss, backward, SGD, EMA. variant: "eager" or
@@ -817,6 +818,8 @@ def train_ours_gpu(name, size, batch, dataset, workers, variant, warmup, steps, 
     as build_model makes it.
     After the timed steps, phase_steps more steps run with a sync after each phase, to say where
     the time goes (the syncs make those steps slower than the timed ones; read the shares).
+    profile: also record the phase steps with torch.profiler and print the 15 kernels that take the
+    most GPU time (the syncs do not change what a kernel costs).
     On CUDA a last step runs under torch.cuda.set_sync_debug_mode("warn"): every point where the
     CPU waits for the GPU is listed as file:line (the goal is none but the ones a step needs).
     Returns (images/s, fraction of the timed wall time spent waiting for the loader,
@@ -856,6 +859,12 @@ def train_ours_gpu(name, size, batch, dataset, workers, variant, warmup, steps, 
         if i == warmup + steps:
             sync()
             total = time.perf_counter() - t0
+            if profile:
+                prof = torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU,
+                                                          torch.profiler.ProfilerActivity.CUDA])
+                prof.start()
+        if profile and i == warmup + steps + phase_steps:
+            profile_report(prof)
         timing = warmup + steps <= i < warmup + steps + phase_steps
         auditing = i == warmup + steps + phase_steps
         t = time.perf_counter()
@@ -896,7 +905,14 @@ def train_ours_gpu(name, size, batch, dataset, workers, variant, warmup, steps, 
     if phase_steps + audit == 0:
         sync()
         total = time.perf_counter() - t0
+    if profile and not audit:
+        profile_report(prof)
     return batch * steps / total, wait / total, {k: v * 1000 / max(phase_steps, 1) for k, v in phases.items()}, syncs
+
+
+def profile_report(prof):
+    prof.stop()
+    print(prof.key_averages().table(sort_by="self_device_time_total", row_limit=15), flush=True)
 
 
 def train_gpu(args):
@@ -928,7 +944,7 @@ def train_gpu(args):
     for name, size, variant in rows:
         t = time.perf_counter()
         ips, wait, phases, syncs = train_ours_gpu(name, int(size), args.gpu_batch, dataset, workers, variant,
-                                                  args.gpu_warmup, args.gpu_steps)
+                                                  args.gpu_warmup, args.gpu_steps, profile=args.gpu_profile)
         if name == "efficientdet_d0" and variant == "eager":
             ours_d0 = ips
         print(f"  plaindet {name} {size} {variant:7s}, data + aug + model + loss: {ips:8.1f} img/s, "
@@ -965,6 +981,8 @@ def train_main(argv=None):
     p.add_argument("--gpu_rows", default="effdet,efficientdet_d0:512:eager,yolox_s:640:eager,"
                    "efficientdet_d0:512:compile,yolox_s:640:compile",
                    help="comma list: effdet, and NAME:SIZE:VARIANT with VARIANT eager | compile")
+    p.add_argument("--gpu_profile", action="store_true",
+                   help="print the 15 costliest GPU kernels of each of our rows (torch.profiler)")
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
     try:
