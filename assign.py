@@ -229,8 +229,10 @@ def assign_max_iou(anchors, gt_boxes, gt_labels, gt_valid, pos_iou=0.5, neg_iou=
     # Force each box's best anchor (argmax over the anchors, one per box). An anchor that is
     # the best of two boxes goes to the one it overlaps more. A box overlapping no anchor at
     # all is left unforced.
+    # (A comparison with arange, not F.one_hot, which may read the indexes back to check them.)
     best_iou, best_anchor = iou.max(dim=1)                                # [G]
-    forced = F.one_hot(best_anchor, anchors.shape[0]).bool() & (is_real & (best_iou > 0))[:, None]
+    forced = torch.arange(anchors.shape[0], device=iou.device) == best_anchor[:, None]
+    forced &= (is_real & (best_iou > 0))[:, None]
     forced_iou, forced_gt = _argmax_per_image(iou.masked_fill(~forced, -1.0), img, slot, B, M)
     is_forced = forced_iou > 0
     gt_index = torch.where(is_forced, forced_gt, gt_index)

@@ -408,3 +408,42 @@ def test_tiny_detector_overfits(anchors_mode):
         assert total <= 0.1 * first, f"{anchors_mode}: loss {first:.3f} -> {total:.3f} after {step + 1} steps"
     finally:
         torch.set_num_threads(threads)
+
+
+class _ValueReads(torch.utils._python_dispatch.TorchDispatchMode):
+    """Records each op that hands a tensor's values to the CPU (on a GPU, a wait for its queue)."""
+    READS = ("nonzero", "_local_scalar_dense", "masked_select", "is_nonzero", "equal", "_unique2", "unique_dim")
+
+    def __init__(self):
+        super().__init__()
+        self.reads = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        name = func.overloadpacket.__name__
+        bool_index = name in ("index", "index_put", "index_put_") and any(
+            i is not None and i.dtype == torch.bool for i in args[1])
+        if name in self.READS or bool_index:
+            self.reads.append((name, tuple(args[0].shape), args[0].dtype))
+        return func(*args, **(kwargs or {}))
+
+
+@pytest.mark.parametrize("mode", ["anchor_free", "efficientdet"])
+def test_losses_read_nothing_back_but_the_valid_mask(mode):
+    # On a GPU, every value the CPU reads makes it wait for the GPU's queue. The loss and its
+    # backward may read one thing: the [B, M] valid mask, to count the boxes (train.py keeps
+    # that mask on the CPU, so even that read costs nothing). A boolean-mask index (which needs
+    # the number of positives), .item(), or F.one_hot's range check would show up here.
+    torch.manual_seed(0)
+    model = models.build_model("yolox_nano", anchors_mode=mode, num_classes=3, input_shape=(64, 64))
+    priors = models.make_priors((64, 64), model.strides, model.anchors_mode, anchor_scale=model.anchor_scale)
+    outputs = [o.float() for o in model(torch.rand(2, 3, 64, 64))]
+    boxes, labels, valid = targets([[[4, 4, 30, 36], [20, 24, 60, 56], [0, 0, 0, 0]],
+                                    [[2, 2, 20, 16], [0, 0, 0, 0], [0, 0, 0, 0]]],
+                                   [[0, 2, -1], [1, -1, -1]], [[True, True, False], [True, False, False]])
+    spy = _ValueReads()
+    with spy:
+        losses = assign.detection_loss(outputs, priors, dict(boxes=boxes, labels=labels, valid=valid), mode,
+                                       use_l1=True)
+        losses["total"].backward()
+    assert spy.reads == [("nonzero", (2, 3), torch.bool)]
+    assert all(torch.isfinite(v) for v in losses.values())
