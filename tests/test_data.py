@@ -403,3 +403,19 @@ def test_cli(shapes_dir, tmp_path, capsys):
         assert im.size == (4 * 68, 68)  # 4 columns of 64 px + 4 px gaps
     assert data.main(["show", "--data", str(tmp_path / "missing")]) == 2
     assert "does not exist" in capsys.readouterr().err
+
+
+def test_augment_never_reads_pixels_back(shapes_dir):
+    # On a GPU, reading any pixel-derived value on the CPU makes it wait for the GPU's queue.
+    # Images on PyTorch's "meta" device have shapes but no values, so any such read raises here;
+    # the targets stay on the CPU, as train.py keeps them. Four seeds x 8 images x 3 layers draw
+    # every RandAugment op (contrast's mean colour, equalize, ... included), with and without mosaic.
+    ds = data.open_dataset(shapes_dir, "train")
+    batch = next(iter(data.make_loader(ds, 8, shuffle=False, workers=0, seed=0)))
+    batch["images"] = batch["images"].to("meta")
+    for seed in range(4):
+        for mosaic in (0.0, 1.0):
+            out = data.augment(dict(batch), (96, 96), random_crop_mode=1.0, magnitude=9, num_layers=3,
+                               mosaic_mix_prob=mosaic, generator=torch.Generator().manual_seed(seed))
+            assert out["images"].device.type == "meta" and out["images"].shape == (8, 3, 96, 96)
+            assert out["boxes"].device.type == "cpu" and out["valid"].any()
