@@ -168,7 +168,8 @@ class ModelEMA:
 
     The decay ramps up as decay * (1 - exp(-updates / 2000)), as YOLOX does: early on the
     average follows the fast-changing weights closely instead of remembering the random init.
-    Buffers (BatchNorm statistics) are copied, not averaged."""
+    BatchNorm's running mean and variance are averaged like the weights (as YOLOX does); its
+    integer batch counters are copied."""
 
     def __init__(self, model, decay):
         import copy
@@ -179,7 +180,8 @@ class ModelEMA:
         pairs = list(zip(self.module.state_dict().values(), model.state_dict().values()))
         self.averages = [e for e, t in pairs if e.dtype.is_floating_point]
         self.weights = [t for e, t in pairs if e.dtype.is_floating_point]
-        self.copied = [(e, t) for e, t in pairs if not e.dtype.is_floating_point]
+        self.counters = [e for e, t in pairs if not e.dtype.is_floating_point]
+        self.counter_sources = [t for e, t in pairs if not e.dtype.is_floating_point]
 
     @torch.no_grad()
     def update(self):
@@ -190,8 +192,7 @@ class ModelEMA:
         # tensors in a few fused kernels; a Python loop would launch two small kernels per tensor,
         # about a thousand per step on a GPU, which costs more than the arithmetic itself.
         torch._foreach_lerp_(self.averages, self.weights, 1 - d)
-        for e, t in self.copied:  # BatchNorm's num_batches_tracked
-            e.copy_(t)
+        torch._foreach_copy_(self.counters, self.counter_sources)  # BatchNorm's num_batches_tracked
 
 
 # ----------------------------------------------------------------------------------------------
