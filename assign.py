@@ -157,11 +157,13 @@ def _check_targets(gt_boxes, gt_labels, gt_valid):
 # images is needed: a reduction "over the boxes of each image" is a scatter keyed by image.
 
 def _host_to(t, device):
-    """A CPU tensor onto `device` without waiting for the GPU's queue (pinned memory, non_blocking;
-    data.to_device explains why; assign.py keeps to its own imports)."""
-    if device.type == "cuda" and t.device.type == "cpu":
-        return t.pin_memory().to(device, non_blocking=True)
-    return t.to(device)
+    """A CPU tensor onto `device` without waiting for the GPU's queue: the same as data.to_device,
+    which explains why (assign.py keeps to its own imports)."""
+    if t.device.type != "cpu" or device.type == "cpu":
+        return t.to(device)
+    if device.type == "cuda":
+        t = t.contiguous().pin_memory()
+    return t.to(device, non_blocking=True)
 
 
 def _valid_boxes(gt_boxes, gt_labels, gt_valid):
@@ -229,7 +231,8 @@ def assign_max_iou(anchors, gt_boxes, gt_labels, gt_valid, pos_iou=0.5, neg_iou=
     # Force each box's best anchor (argmax over the anchors, one per box). An anchor that is
     # the best of two boxes goes to the one it overlaps more. A box overlapping no anchor at
     # all is left unforced.
-    # (A comparison with arange, not F.one_hot, which may read the indexes back to check them.)
+    # (A comparison with arange, not F.one_hot: a bool [G, N] rather than an int64 one, and no
+    # range check, which on a CPU reads the indexes' min and max.)
     best_iou, best_anchor = iou.max(dim=1)                                # [G]
     forced = torch.arange(anchors.shape[0], device=iou.device) == best_anchor[:, None]
     forced &= (is_real & (best_iou > 0))[:, None]
@@ -435,6 +438,15 @@ def _check_priors(flat_box, priors):
                          f"input_shape, strides and anchors_mode as the model")
 
 
+def _sum_at(values, mask):
+    """Sum of values [B, N, ...] over the priors where mask [B, N] is True.
+
+    A where, not a multiplication by the mask: an inf output at some other prior would give
+    inf * 0 = NaN, and the where also hands those priors exactly zero gradient."""
+    mask = mask.view(mask.shape + (1,) * (values.dim() - mask.dim()))
+    return torch.where(mask, values, 0.0).sum()
+
+
 def sigmoid_focal_loss(logits, targets, alpha=0.25, gamma=1.5, label_smoothing=0.0):
     """Per-element focal loss (Lin et al. 2017): [...] -> [...] (not reduced).
 
@@ -482,11 +494,11 @@ def anchor_loss(outputs, priors, targets, alpha=0.25, gamma=1.5, delta=0.1, box_
     cls_loss = (focal * (~a.ignored).unsqueeze(-1)).sum() / num_pos
 
     # Box targets everywhere (an anchor's own box where it is not positive, which encodes to 0),
-    # weighted by the positive mask: the same sum as over positives only, with no count needed.
+    # summed at the positives only: no count of them needed (see the top of the file).
     with torch.no_grad():
         box_target = encode_boxes(_matched_boxes(gt_boxes, a, priors.boxes), priors, "efficientdet")
     huber = F.huber_loss(raw_box, box_target, reduction="none", delta=delta)               # [B, N, 4]
-    box_loss = (huber * a.positive.unsqueeze(-1)).sum() / (4 * num_pos)
+    box_loss = _sum_at(huber, a.positive) / (4 * num_pos)
     return {"cls": cls_loss, "box": box_loss, "total": cls_loss + box_weight * box_loss}
 
 
@@ -529,26 +541,25 @@ def anchor_free_loss(outputs, priors, targets, use_l1=False, iou_kind="iou", lab
             onehot = onehot * (1 - label_smoothing) + 0.5 * label_smoothing
         cls_target = onehot * a.iou.unsqueeze(-1)                         # [B, N, C]
     num_pos = _num_positives(a.positive)
-    pos = a.positive
-    pos_weight = pos.to(cls.dtype)                                         # [B, N] 1 at positives
+    pos = a.positive                                                       # [B, N]
 
-    # Every term is computed at every prior and weighted by the positive mask (see the top of the
-    # file). Non-positives compare the prior's own box with itself, so nothing there is undefined
-    # and, through the where, no gradient reaches those predictions.
+    # The box, class and L1 terms are computed at every prior and summed at the positives only
+    # (see the top of the file). The IoU at a non-positive compares the prior's own box with
+    # itself, so it is defined whatever that prior predicted.
     iou = box_iou(torch.where(pos.unsqueeze(-1), pred_boxes, gt_matched), gt_matched, aligned=True,
                   kind=iou_kind)                                           # [B, N]
-    box_loss = (((1 - iou ** 2) if iou_kind == "iou" else (1 - iou)) * pos_weight).sum() / num_pos
+    box_loss = _sum_at((1 - iou ** 2) if iou_kind == "iou" else (1 - iou), pos) / num_pos
 
-    obj_bce = F.binary_cross_entropy_with_logits(obj, pos_weight, reduction="none")
+    obj_bce = F.binary_cross_entropy_with_logits(obj, pos.to(obj.dtype), reduction="none")
     obj_loss = (obj_bce * (~a.ignored)).sum() / num_pos
 
-    cls_loss = F.binary_cross_entropy_with_logits(cls, cls_target, weight=pos_weight.unsqueeze(-1),
-                                                  reduction="sum") / num_pos
+    cls_bce = F.binary_cross_entropy_with_logits(cls, cls_target, reduction="none")  # [B, N, C]
+    cls_loss = _sum_at(cls_bce, pos) / num_pos
 
     if use_l1:
         with torch.no_grad():
             l1_target = encode_boxes(gt_matched, priors, "anchor_free")
-        l1_loss = ((raw_box - l1_target).abs() * pos_weight.unsqueeze(-1)).sum() / num_pos
+        l1_loss = _sum_at((raw_box - l1_target).abs(), pos) / num_pos
     else:
         l1_loss = raw_box.new_zeros(())
     total = box_weight * box_loss + obj_weight * obj_loss + cls_weight * cls_loss + l1_weight * l1_loss

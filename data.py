@@ -523,11 +523,15 @@ def to_device(t, device):
     CPU until the GPU ran dry, and the GPU would then idle while Python queues the next kernels.
     Copied from pinned (page-locked) memory with non_blocking=True, the copy simply joins the
     queue; PyTorch's pinned allocator keeps the staging buffer alive until the copy has run.
-    On a CPU (or for a tensor already there) this is t.to(device)."""
+    Contiguous first: from a strided tensor (a column, say) PyTorch would build a contiguous copy
+    in ordinary memory and send that, which is the slow path again. Other devices (the tests use
+    "meta") get the same non-blocking copy without the pinning. On a CPU this is t.to(device)."""
     device = torch.device(device)
-    if device.type == "cuda" and t.device.type == "cpu":
-        return t.pin_memory().to(device, non_blocking=True)
-    return t.to(device)
+    if t.device.type != "cpu" or device.type == "cpu":
+        return t.to(device)
+    if device.type == "cuda":
+        t = t.contiguous().pin_memory()
+    return t.to(device, non_blocking=True)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -896,10 +900,11 @@ def augment(batch, input_shape, random_crop_mode=1.0, magnitude=0, num_layers=2,
     this fraction of their area left after a crop.
     Returns dict(images float32 [B, 3, H, W] 0..1, boxes [B, M, 4] xyxy output px, labels [B, M],
     valid [B, M], image_ids [B], matrices float32 [B, 2, 3] output px -> ORIGINAL image px (undefined
-    after mosaic)). Pixels and matrices come back on the images' device, boxes / labels / valid on
-    the boxes' device: train.py leaves the targets on the CPU, where their few hundred numbers cost
-    nothing to move and the number of boxes left after the crop is known without asking the GPU. random_crop_mode=0, magnitude=0, mosaic_mix_prob=0, flip_prob=0, hsv=None is the
-    eval letterbox."""
+    after mosaic)). random_crop_mode=0, magnitude=0, mosaic_mix_prob=0, flip_prob=0, hsv=None is the
+    eval letterbox.
+    Pixels and matrices come back on the images' device, boxes / labels / valid on the boxes'
+    device. train.py leaves the targets on the CPU: their few hundred numbers are cheap to
+    transform there, and the number of boxes left after the crop is known without asking the GPU."""
     if isinstance(input_shape, int):
         input_shape = (input_shape, input_shape)
     hh, ww = int(input_shape[0]), int(input_shape[1])

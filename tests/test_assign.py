@@ -447,3 +447,21 @@ def test_losses_read_nothing_back_but_the_valid_mask(mode):
         losses["total"].backward()
     assert spy.reads == [("nonzero", (2, 3), torch.bool)]
     assert all(torch.isfinite(v) for v in losses.values())
+
+
+def test_an_inf_output_at_a_non_positive_prior_leaves_the_losses_finite():
+    # The box, class and L1 terms are summed at the positives with a where: an inf predicted at a
+    # prior no box took (bf16 overflow, say) must not turn into inf * 0 = NaN, in value or gradient.
+    priors = models.make_priors((64, 64), (8, 16, 32), "anchor_free")
+    n = priors.centers.shape[0]                      # 64 + 16 + 4 = 84 priors
+    flat = torch.zeros(1, n, 4 + 2 + 1)              # [box 4 | 2 classes | obj]
+    flat[0, -1, 4] = float("inf")                    # class logit of the bottom-right stride-32 prior
+    flat[0, -1, 2] = float("inf")                    # and its raw log-width
+    flat.requires_grad_(True)
+    boxes, labels, valid = targets([[[4, 4, 20, 20]]], [[0]])   # top-left: far from that prior
+    losses = assign.anchor_free_loss(flat, priors, dict(boxes=boxes, labels=labels, valid=valid), use_l1=True)
+    for name in ("box", "cls", "l1"):
+        assert math.isfinite(losses[name].item()), name
+    (losses["box"] + losses["cls"] + losses["l1"]).backward()
+    assert torch.isfinite(flat.grad).all()
+    assert flat.grad[0, -1, :6].abs().sum() == 0     # that prior gets no gradient from these terms

@@ -405,17 +405,39 @@ def test_cli(shapes_dir, tmp_path, capsys):
     assert "does not exist" in capsys.readouterr().err
 
 
-def test_augment_never_reads_pixels_back(shapes_dir):
-    # On a GPU, reading any pixel-derived value on the CPU makes it wait for the GPU's queue.
-    # Images on PyTorch's "meta" device have shapes but no values, so any such read raises here;
-    # the targets stay on the CPU, as train.py keeps them. Four seeds x 8 images x 3 layers draw
-    # every RandAugment op (contrast's mean colour, equalize, ... included), with and without mosaic.
+class _CopiesToDevice(torch.utils._python_dispatch.TorchDispatchMode):
+    """Records, for each copy of a CPU tensor onto another device, whether it was non-blocking."""
+
+    def __init__(self):
+        super().__init__()
+        self.non_blocking = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        name = func.overloadpacket.__name__
+        if name == "_to_copy" and args[0].device.type == "cpu" and kwargs.get("device", args[0].device).type != "cpu":
+            self.non_blocking.append(bool(kwargs.get("non_blocking", False)))
+        if name == "copy_" and args[1].device.type == "cpu" and args[0].device.type != "cpu":
+            self.non_blocking.append(bool(args[2]) if len(args) > 2 else bool(kwargs.get("non_blocking", False)))
+        return func(*args, **kwargs)
+
+
+def test_augment_never_waits_for_the_device(shapes_dir):
+    # On a GPU, reading a pixel-derived value on the CPU, or a plain (blocking) copy of a CPU
+    # tensor onto the GPU, makes the CPU wait for the GPU's queue. Images on PyTorch's "meta"
+    # device have shapes but no values, so any read of them raises here, and the spy sees every
+    # copy onto the device; the targets stay on the CPU, as train.py keeps them. Four seeds x 8
+    # images x 3 layers draw every RandAugment op (contrast's mean colour included), with and
+    # without mosaic.
     ds = data.open_dataset(shapes_dir, "train")
     batch = next(iter(data.make_loader(ds, 8, shuffle=False, workers=0, seed=0)))
     batch["images"] = batch["images"].to("meta")
+    spy = _CopiesToDevice()
     for seed in range(4):
         for mosaic in (0.0, 1.0):
-            out = data.augment(dict(batch), (96, 96), random_crop_mode=1.0, magnitude=9, num_layers=3,
-                               mosaic_mix_prob=mosaic, generator=torch.Generator().manual_seed(seed))
+            with spy:
+                out = data.augment(dict(batch), (96, 96), random_crop_mode=1.0, magnitude=9, num_layers=3,
+                                   mosaic_mix_prob=mosaic, generator=torch.Generator().manual_seed(seed))
             assert out["images"].device.type == "meta" and out["images"].shape == (8, 3, 96, 96)
             assert out["boxes"].device.type == "cpu" and out["valid"].any()
+    assert len(spy.non_blocking) > 50 and all(spy.non_blocking)
