@@ -6,7 +6,8 @@
 The flow of one step, each line of which is a file of this project:
 
     batch (uint8 images + padded boxes)  <- data.make_loader   (decode in worker processes)
-    batch on the device, augmented        <- data.augment       (crop, flip, RandAugment, mosaic)
+    pixels on the device, augmented       <- data.augment       (crop, flip, RandAugment, mosaic;
+                                                                   boxes stay on the CPU)
     raw per-level outputs                 <- models.Detector    (backbone -> neck -> head)
     assignment + named loss parts         <- assign.detection_loss
     backward, optimizer, EMA update       <- here
@@ -192,7 +193,8 @@ class ModelEMA:
         # tensors in a few fused kernels; a Python loop would launch two small kernels per tensor,
         # about a thousand per step on a GPU, which costs more than the arithmetic itself.
         torch._foreach_lerp_(self.averages, self.weights, 1 - d)
-        torch._foreach_copy_(self.counters, self.counter_sources)  # BatchNorm's num_batches_tracked
+        if self.counters:  # BatchNorm's num_batches_tracked (a model without BatchNorm has none)
+            torch._foreach_copy_(self.counters, self.counter_sources)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -407,9 +409,9 @@ def main(argv=None):
                 for group in optimizer.param_groups:
                     group["lr"] = lr
                 # Only the pixels go to the device (pinned, so the copy runs async). Everything else
-                # stays on the CPU: augment builds its matrices and moves the boxes there, and the
-                # loss counts the boxes from the CPU's `valid` mask. Reading any GPU value instead
-                # would make the CPU wait for the GPU's queue (see data.to_device).
+                # stays on the CPU: augment builds its matrices and transforms the boxes there, the
+                # loss moves them to the device and counts them from the CPU's `valid` mask. Reading
+                # any GPU value instead would make the CPU wait for the GPU's queue (data.to_device).
                 batch["images"] = batch["images"].to(device, non_blocking=True)
                 batch = data.augment(batch, tuple(cfg["input_shape"]), random_crop_mode=cfg["random_crop_mode"],
                                      magnitude=cfg["magnitude"], num_layers=cfg["num_layers"],
@@ -424,7 +426,7 @@ def main(argv=None):
                                                use_l1=closing and model.anchors_mode == "anchor_free")
                 optimizer.zero_grad(set_to_none=True)
                 scaler.scale(losses["total"]).backward()
-                scaler.step(optimizer)
+                scaler.step(optimizer)  # with fp16 this reads an inf flag back: a wait for the GPU bf16 avoids
                 scaler.update()
                 if ema is not None:
                     ema.update()

@@ -157,6 +157,14 @@ def test_ema_averages_weights_and_copies_counters():
     torch.testing.assert_close(ema.module[1].running_mean, model[1].running_mean * (1 - d))
     assert int(ema.module[1].num_batches_tracked) == 1 and ema.updates == 1
 
+    # A model with no integer buffer at all (GroupNorm instead of BatchNorm) averages the same way.
+    plain = torch.nn.Sequential(torch.nn.Conv2d(1, 2, 1), torch.nn.GroupNorm(1, 2))
+    ema = train.ModelEMA(plain, decay=0.9)
+    with torch.no_grad():
+        plain[0].bias.add_(1.0)
+    ema.update()
+    torch.testing.assert_close(ema.module[0].bias, plain[0].bias - d)
+
 
 def test_nan_loss_stops_and_keeps_last_good_checkpoint(tiny_shapes, tmp_path, capsys, monkeypatch):
     # Epoch 1 trains normally; in epoch 2 the loss turns NaN: the run must stop with exit 2 and
@@ -230,7 +238,9 @@ def test_ctrl_c_leaves_a_resumable_checkpoint(tiny_shapes, tmp_path):
 def test_a_training_step_never_waits_for_the_gpu(tiny_shapes, mode):
     # train.py's step (pixels to the GPU, targets left on the CPU, augment with mosaic and
     # RandAugment, bf16 forward, assignment + loss, backward, SGD, EMA) under CUDA's sync debug
-    # mode set to "error": any point where the CPU would wait for the GPU raises here.
+    # mode set to "error": each synchronize PyTorch itself calls (a value read back to the CPU, a
+    # blocking copy) raises here. Copies the driver alone may block on (from pageable memory) are
+    # what tests/test_data.py's non-blocking spy looks for.
     import assign
     device = torch.device("cuda")
     ds = data.open_dataset(tiny_shapes, "train")
