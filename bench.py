@@ -117,7 +117,7 @@ def data_run_ours(ds, indices, batch_size, generator, device="cpu"):
     collate = data._Collate(max_boxes=100)
     for start in range(0, len(indices) - batch_size + 1, batch_size):
         batch = collate([ds.load(i) for i in indices[start:start + batch_size]])
-        batch = {k: v.to(device) for k, v in batch.items()}
+        batch["images"] = batch["images"].to(device)  # the targets stay on the CPU, as in train.py
         data.augment(batch, (DATA_SIZE, DATA_SIZE), 1.0, DATA_MAGNITUDE, 2, 0.5, generator)
 
 
@@ -157,7 +157,7 @@ def data_bench_cuda(ds, transform, batch_size, batches):
 
     def epoch():
         for batch in loader:
-            batch = {k: v.to(dev, non_blocking=True) for k, v in batch.items()}
+            batch["images"] = batch["images"].to(dev, non_blocking=True)  # targets stay on the CPU, as in train.py
             data.augment(batch, (DATA_SIZE, DATA_SIZE), 1.0, DATA_MAGNITUDE, 2, 0.5, g)
 
     epoch()  # warm-up (workers start, kernels load)
@@ -711,9 +711,11 @@ and yolox_s at 640, eager and torch.compile, each with the fraction of step time
 spent waiting for the loader; effdet's DetBenchTrain for tf_efficientdet_d0 at 512 beside it.
 """
 import argparse
+import contextlib
 import os
 import sys
 import time
+import traceback
 import warnings
 
 import torch
@@ -860,8 +862,7 @@ def train_ours_gpu(name, size, batch, dataset, workers, variant, warmup, steps, 
             sync()
             total = time.perf_counter() - t0
             if profile:
-                prof = torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU,
-                                                          torch.profiler.ProfilerActivity.CUDA])
+                prof = torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA])  # kernels only
                 prof.start()
         if profile and i == warmup + steps + phase_steps:
             profile_report(prof)
@@ -873,41 +874,56 @@ def train_ours_gpu(name, size, batch, dataset, workers, variant, warmup, steps, 
             t = mark("data", t)
         elif not auditing:
             wait += time.perf_counter() - t
-        with warnings.catch_warnings(record=True) as caught:
-            warnings.simplefilter("always")
-            if auditing:
-                torch.cuda.set_sync_debug_mode("warn")  # each sync becomes a warning at its Python line
-            try:
-                raw["images"] = raw["images"].to(device, non_blocking=True)  # the targets stay on the CPU, as in train.py
-                b = data.augment(raw, (size, size), random_crop_mode=1.0, magnitude=6, num_layers=2,
-                                 mosaic_mix_prob=0.5, generator=gen)
-                t = mark("augment", t) if timing else t
-                with torch.autocast(device, dtype=torch.bfloat16):
-                    outputs = forward(b["images"])
-                outputs = [o.float() for o in outputs]
-                t = mark("forward", t) if timing else t
-                losses = assign.detection_loss(outputs, priors, {k: b[k] for k in ("boxes", "labels", "valid")},
-                                               model.anchors_mode)
-                t = mark("assign + loss", t) if timing else t
-                optimizer.zero_grad(set_to_none=True)
-                losses["total"].backward()
-                t = mark("backward", t) if timing else t
-                optimizer.step()
-                ema.update()
-                if timing:
-                    mark("optimizer + EMA", t)
-            finally:
-                if auditing:
-                    torch.cuda.set_sync_debug_mode("default")
-        if auditing:
-            syncs = [f"{os.path.basename(w.filename)}:{w.lineno}" for w in caught
-                     if "synchroniz" in str(w.message)]
+        with train_sync_audit(syncs) if auditing else contextlib.nullcontext():
+            raw["images"] = raw["images"].to(device, non_blocking=True)  # the targets stay on the CPU, as in train.py
+            b = data.augment(raw, (size, size), random_crop_mode=1.0, magnitude=6, num_layers=2,
+                             mosaic_mix_prob=0.5, generator=gen)
+            t = mark("augment", t) if timing else t
+            with torch.autocast(device, dtype=torch.bfloat16):
+                outputs = forward(b["images"])
+            outputs = [o.float() for o in outputs]
+            t = mark("forward", t) if timing else t
+            losses = assign.detection_loss(outputs, priors, {k: b[k] for k in ("boxes", "labels", "valid")},
+                                           model.anchors_mode)
+            t = mark("assign + loss", t) if timing else t
+            optimizer.zero_grad(set_to_none=True)
+            losses["total"].backward()
+            t = mark("backward", t) if timing else t
+            optimizer.step()
+            ema.update()
+            if timing:
+                mark("optimizer + EMA", t)
     if phase_steps + audit == 0:
         sync()
         total = time.perf_counter() - t0
     if profile and not audit:
         profile_report(prof)
     return batch * steps / total, wait / total, {k: v * 1000 / max(phase_steps, 1) for k, v in phases.items()}, syncs
+
+
+@contextlib.contextmanager
+def train_sync_audit(syncs):
+    """CUDA's sync debug mode over the block: each point where the CPU waits for the GPU is
+    appended to `syncs` as path:line of the innermost frame in this repository (a sync inside a
+    torch function is reported where our code called it; one during backward, at .backward())."""
+    root = os.path.dirname(os.path.abspath(__file__))
+    with warnings.catch_warnings():  # restores warnings.showwarning on the way out
+        warnings.simplefilter("always")
+        show = warnings.showwarning
+
+        def record(message, category, filename, lineno, file=None, line=None):
+            if "synchroniz" not in str(message):
+                return show(message, category, filename, lineno, file, line)
+            ours = [f for f in traceback.extract_stack()[:-1] if f.filename.startswith(root)]
+            syncs.append(f"{os.path.relpath(ours[-1].filename, root)}:{ours[-1].lineno}" if ours
+                         else f"{filename}:{lineno}")
+
+        warnings.showwarning = record
+        torch.cuda.set_sync_debug_mode("warn")
+        try:
+            yield
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
 
 
 def profile_report(prof):
@@ -982,7 +998,7 @@ def train_main(argv=None):
                    "efficientdet_d0:512:compile,yolox_s:640:compile",
                    help="comma list: effdet, and NAME:SIZE:VARIANT with VARIANT eager | compile")
     p.add_argument("--gpu_profile", action="store_true",
-                   help="print the 15 costliest GPU kernels of each of our rows (torch.profiler)")
+                   help="print the 15 costliest GPU kernels of each of our rows (torch.profiler, after the timed steps)")
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
     try:
