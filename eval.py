@@ -544,7 +544,7 @@ def run_coco_evaluation(model, data, nms_score_threshold=0.001, nms="gaussian", 
     coco_gt = dataset.coco_gt()
     image_sizes = {im["id"]: (im["height"], im["width"]) for im in coco_gt["images"]}
     loader = make_loader(dataset, batch_size=batch_size, shuffle=False, workers=workers, seed=0,
-                         drop_last=False)
+                         drop_last=False, pin_memory=device.type == "cuda")
 
     was_training = model.training
     model.eval()
@@ -552,7 +552,8 @@ def run_coco_evaluation(model, data, nms_score_threshold=0.001, nms="gaussian", 
     try:
         with torch.inference_mode():
             for batch in loader:
-                batch = {key: value.to(device) for key, value in batch.items()}
+                # Only the pixels go to the device; sizes and ids stay where the CPU reads them.
+                batch["images"] = batch["images"].to(device, non_blocking=True)
                 letterboxed = eval_letterbox(batch, input_shape, resize_method, letterbox_pad)
                 boxes, scores = decode_predictions(model(letterboxed["images"]), priors, model.anchors_mode)
                 boxes, scores, labels, counts = batched_nms(
@@ -657,13 +658,11 @@ def predict(model, image_paths, out_dir, class_names=None, score_threshold=0.3, 
             raise EvalInputError(f"{path}: cannot read the image ({e})") from e
         pixels = torch.from_numpy(np.asarray(image).copy()).permute(2, 0, 1)[None].to(device)  # [1, 3, H, W]
         h, w = pixels.shape[-2:]
-        # A one-image batch in make_loader's layout (one padding box: no ground truth here).
-        batch = {"images": pixels, "sizes": torch.tensor([[h, w]], device=device),
-                 "boxes": torch.zeros((1, 1, 4), device=device),
-                 "labels": torch.full((1, 1), -1, dtype=torch.long, device=device),
-                 "valid": torch.zeros((1, 1), dtype=torch.bool, device=device),
-                 "image_ids": torch.zeros(1, dtype=torch.long, device=device),
-                 "scales": torch.ones(1, device=device)}
+        # A one-image batch in make_loader's layout (one padding box: no ground truth here);
+        # only the pixels on the device, as in the evaluation loop.
+        batch = {"images": pixels, "sizes": torch.tensor([[h, w]]), "boxes": torch.zeros((1, 1, 4)),
+                 "labels": torch.full((1, 1), -1, dtype=torch.long), "valid": torch.zeros((1, 1), dtype=torch.bool),
+                 "image_ids": torch.zeros(1, dtype=torch.long), "scales": torch.ones(1)}
         with torch.inference_mode():
             letterboxed = eval_letterbox(batch, tuple(input_shape), resize_method, letterbox_pad)
             boxes, scores = decode_predictions(model(letterboxed["images"]), priors, model.anchors_mode)
