@@ -256,7 +256,8 @@ def read_yolo(folder, split="train", images_dir=None):
 
 def open_dataset(path, split, images_dir=None):
     """path: "shapes" (built-in set, generated into data_cache/shapes on first use), a COCO folder
-    (annotations/instances_<split>.json + images), a COCO json file, or a YOLO folder."""
+    (annotations/instances_<split>.json, or COCO's own instances_<split>2017.json / 2014.json,
+    + images), a COCO json file, or a YOLO folder."""
     if split not in ("train", "val"):
         raise ValueError(f"split must be 'train' or 'val', got {split!r}")
     if path == "shapes":
@@ -268,11 +269,18 @@ def open_dataset(path, split, images_dir=None):
     if not os.path.isdir(path):
         raise FileNotFoundError(f"dataset {path} does not exist: give 'shapes', a COCO folder, a COCO json "
                                 f"or a YOLO folder")
-    coco_json = os.path.join(path, "annotations", f"instances_{split}.json")
-    if os.path.exists(coco_json):
-        return read_coco(coco_json, images_dir, split)
+    # The COCO download names its files by year (instances_train2017.json beside train2017/),
+    # so a folder laid out as YOLOX and effdet expect opens as it is.
+    names = [f"instances_{split}.json", f"instances_{split}2017.json", f"instances_{split}2014.json"]
+    for name in names:
+        coco_json = os.path.join(path, "annotations", name)
+        if os.path.exists(coco_json):
+            return read_coco(coco_json, images_dir, split)
     if os.path.isdir(os.path.join(path, "annotations")):
-        raise FileNotFoundError(f"{coco_json} is missing: this COCO folder has no '{split}' split; add it")
+        found = sorted(f for f in os.listdir(os.path.join(path, "annotations")) if f.endswith(".json"))
+        raise FileNotFoundError(f"{os.path.join(path, 'annotations')} has no '{split}' split: looked for "
+                                f"{', '.join(names)}; found {', '.join(found) or 'no json'}. Rename one, or "
+                                f"point to the json file itself")
     return read_yolo(path, split, images_dir)
 
 

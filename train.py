@@ -60,7 +60,8 @@ def parse_args(argv=None):
         "or the YOLOX recipe when --det_header is yolox_*.")
     a = p.add_argument
     a("-d", "--data", default="shapes", help="'shapes' (built-in set, made on first use), a COCO "
-      "folder (annotations/instances_{train,val}.json + images), a COCO json, or a YOLO folder")
+      "folder (annotations/instances_{train,val}.json or the download's instances_{train,val}2017.json, + images), "
+      "a COCO json, or a YOLO folder")
     a("-i", "--input_shape", default=None, help="model input 'S' or 'H,W'; divisible by the largest stride")
     a("-b", "--batch_size", type=int, default=None, help="images per step on each process")
     a("-e", "--epochs", type=int, default=None, help="total epochs")

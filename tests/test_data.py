@@ -6,6 +6,7 @@ mosaic quadrants, the exact letterbox inverse. Images are tiny so the file runs 
 import json
 import math
 import os
+import shutil
 import warnings
 
 import numpy as np
@@ -379,6 +380,21 @@ def test_bad_inputs(tmp_path):
         (tmp_path / "yolo" / "labels").mkdir(parents=True)
         (tmp_path / "yolo" / "obj.names").write_text("x\n")
         data.open_dataset(str(tmp_path / "yolo"), "train")
+
+
+def test_coco_download_layout_opens_as_is(shapes_dir, tmp_path):
+    # COCO's own names: annotations/instances_val2017.json beside val2017/ (as YOLOX expects).
+    root = tmp_path / "coco"
+    shutil.copytree(shapes_dir, root)
+    os.rename(root / "annotations" / "instances_val.json", root / "annotations" / "instances_val2017.json")
+    os.rename(root / "val", root / "val2017")
+    ds = data.open_dataset(str(root), "val")
+    reference = data.open_dataset(shapes_dir, "val")
+    assert len(ds) == len(reference) == 8
+    assert np.array_equal(ds[3]["image"], reference[3]["image"]) and np.allclose(ds[3]["boxes"], reference[3]["boxes"])
+    with pytest.raises(FileNotFoundError, match="instances_train2017.json, instances_train2014.json; found instances_val2017.json"):
+        os.remove(root / "annotations" / "instances_train.json")
+        data.open_dataset(str(root), "train")
 
 
 def test_bad_boxes_counted_warning(tmp_path):
