@@ -281,6 +281,12 @@ def open_dataset(path, split, images_dir=None):
         raise FileNotFoundError(f"{os.path.join(path, 'annotations')} has no '{split}' split: looked for "
                                 f"{', '.join(names)}; found {', '.join(found) or 'no json'}. Rename one, or "
                                 f"point to the json file itself")
+    top = os.listdir(path)
+    jsons = sorted(f for f in top if f.endswith(".json"))
+    if jsons and "labels" not in top and not any(f.startswith("obj_") for f in top):
+        # Neither layout, but a json right here: most likely a COCO file without annotations/.
+        raise FileNotFoundError(f"{path} is not a COCO folder (no annotations/) nor a YOLO one (no labels/); "
+                                f"it holds {', '.join(jsons)}: point to the annotation json itself")
     return read_yolo(path, split, images_dir)
 
 

@@ -395,6 +395,11 @@ def test_coco_download_layout_opens_as_is(shapes_dir, tmp_path):
     with pytest.raises(FileNotFoundError, match="instances_train2017.json, instances_train2014.json; found instances_val2017.json"):
         os.remove(root / "annotations" / "instances_train.json")
         data.open_dataset(str(root), "train")
+    # A json without the annotations/ folder around it: the error names the file to give instead.
+    os.rename(root / "annotations" / "instances_val2017.json", root / "instances_val2017.json")
+    shutil.rmtree(root / "annotations")
+    with pytest.raises(FileNotFoundError, match="holds instances_val2017.json: point to the annotation json itself"):
+        data.open_dataset(str(root), "val")
 
 
 def test_bad_boxes_counted_warning(tmp_path):
