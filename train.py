@@ -11,7 +11,8 @@ The flow of one step, each line of which is a file of this project:
     raw per-level outputs                 <- models.Detector    (backbone -> neck -> head)
     assignment + named loss parts         <- assign.detection_loss
     backward, optimizer, EMA update       <- here
-    COCO AP of the EMA weights each epoch <- eval.run_coco_evaluation
+    COCO AP each epoch (of the EMA        <- eval.run_coco_evaluation
+    weights when --ema_decay > 0)
 
 Around the loop: the recipe (optimizer, learning-rate schedule, weight decay only on weights),
 AMP, EMA, backbone freezing, checkpoints that resume exactly, a CSV + PNG history, and DDP via
@@ -38,15 +39,16 @@ import eval as evaluation  # "eval" would shadow the builtin
 import models
 
 # The two recipes. A flag left unset on the command line takes its value from the recipe of the
-# chosen detector family; a flag that is given always wins.
+# chosen detector family; a flag that is given always wins. Unless -e is given, a run lasts the
+# decay plus the cooldown, as in the seed's script: 100 + 5 = 105 epochs, 285 + 15 = 300.
 EFFICIENTDET_RECIPE = dict(
-    input_shape="256", batch_size=64, epochs=105, optimizer="adamw", lr_base_512=8e-3,
+    input_shape="256", batch_size=64, optimizer="adamw", lr_base_512=8e-3,
     weight_decay=0.02, lr_decay_steps="100", lr_warmup_steps=3.0, lr_cooldown_steps=5,
     lr_min=1e-6, freeze_backbone_epochs=32, mosaic_mix_prob=0.5, random_crop_mode=1.0,
     magnitude=6, close_mosaic_epochs=0, ema_decay=0.0,
 )
 YOLOX_RECIPE = dict(  # Megvii YOLOX: lr 0.01 per 64 images with SGD, 300 epochs, 15 without mosaic
-    input_shape="640", batch_size=64, epochs=300, optimizer="sgd", lr_base_512=0.08,
+    input_shape="640", batch_size=64, optimizer="sgd", lr_base_512=0.08,
     weight_decay=5e-4, lr_decay_steps="285", lr_warmup_steps=5.0, lr_cooldown_steps=15,
     lr_min=5e-4, freeze_backbone_epochs=0, mosaic_mix_prob=1.0, random_crop_mode=2.0,
     magnitude=6, close_mosaic_epochs=15, ema_decay=0.9998,
@@ -56,25 +58,27 @@ YOLOX_RECIPE = dict(  # Megvii YOLOX: lr 0.01 per 64 images with SGD, 300 epochs
 def parse_args(argv=None):
     p = argparse.ArgumentParser(
         description="Train an EfficientDet / YOLOX detector on COCO-format data.",
-        epilog="Flags shown with default None take the recipe's value: the EfficientDet recipe, "
-        "or the YOLOX recipe when --det_header is yolox_*.")
+        epilog="Flags left unset take their value from a recipe (EFFICIENTDET_RECIPE, or YOLOX_RECIPE "
+        "when --det_header is yolox_*; see the top of train.py); -e defaults to the decay plus the cooldown.")
     a = p.add_argument
     a("-d", "--data", default="shapes", help="'shapes' (built-in set, made on first use), a COCO "
       "folder (annotations/instances_{train,val}.json or the download's instances_{train,val}2017.json, + images), "
       "a COCO json, or a YOLO folder")
     a("-i", "--input_shape", default=None, help="model input 'S' or 'H,W'; divisible by the largest stride")
     a("-b", "--batch_size", type=int, default=None, help="images per step on each process")
-    a("-e", "--epochs", type=int, default=None, help="total epochs")
+    a("-e", "--epochs", type=int, default=None,
+      help="total epochs (default: the last --lr_decay_steps + --lr_cooldown_steps)")
     a("-p", "--optimizer", default=None, help="sgd | adam | adamw")
     a("--lr_base_512", type=float, default=None, help="learning rate for a total batch of 512; scaled linearly")
     a("--weight_decay", type=float, default=None, help="decay on conv / linear weights only (never norms or biases)")
-    a("--lr_decay_steps", default=None, help="one number: cosine decay over that many epochs; "
-      "a list like 30,60,90: multiply by 0.1 at each of those epochs")
+    a("--lr_decay_steps", default=None, help="one number N: cosine from the end of warm-up down to "
+      "--lr_min at epoch N; a list like 30,60,90: multiply by 0.1 at each of those epochs")
     a("--lr_warmup_steps", type=float, default=None, help="epochs of linear warm-up from 0")
-    a("--lr_cooldown_steps", type=int, default=None, help="epochs at lr_min after the decay")
+    a("--lr_cooldown_steps", type=int, default=None,
+      help="epochs after the decay (at --lr_min); sets the run's length when -e is not given")
     a("--lr_min", type=float, default=None, help="learning rate at the end of the decay")
-    a("--det_header", default="efficientdet_d0", help="preset: efficientdet_d0..d7, yolox_nano..yolox_x")
-    a("--backbone", default=None, help="swap the backbone: cspdarknet, efficientnet_b0..b6, "
+    a("--det_header", default="efficientdet_d0", help="preset: efficientdet_d0..d7, d7x, yolox_nano..yolox_x")
+    a("--backbone", default=None, help="swap the backbone: cspdarknet, efficientnet_b0..b7, "
       "efficientnetv2_b0, resnet50, timm:NAME")
     mode = p.add_mutually_exclusive_group()
     mode.add_argument("--use_anchor_free_mode", action="store_const", dest="anchors_mode",
@@ -123,7 +127,16 @@ def resolve_config(args):
     if len(size) != 2 or min(size) <= 0:
         fail(f"--input_shape {cfg['input_shape']!r}: give one size like 256 or H,W like 256,320")
     cfg["input_shape"] = size
-    cfg["lr_decay_steps"] = [float(s) for s in str(cfg["lr_decay_steps"]).split(",") if s]
+    raw = str(cfg["lr_decay_steps"])
+    try:
+        cfg["lr_decay_steps"] = [float(s) for s in raw.split(",") if s.strip()]
+    except ValueError:
+        cfg["lr_decay_steps"] = []
+    if not cfg["lr_decay_steps"] or min(cfg["lr_decay_steps"]) <= 0:
+        fail(f"--lr_decay_steps {raw!r}: give one number of epochs (cosine) like 100, or increasing "
+             f"epochs like 30,60,90 (step decay)")
+    if cfg["epochs"] is None:
+        cfg["epochs"] = int(math.ceil(cfg["lr_decay_steps"][-1])) + cfg["lr_cooldown_steps"]
     if cfg["optimizer"] not in ("sgd", "adam", "adamw"):
         fail(f"--optimizer {cfg['optimizer']!r} is unknown: choose sgd, adam or adamw")
     if cfg["amp"] is None:

@@ -114,6 +114,7 @@ def test_ddp_two_processes_on_gloo(tiny_shapes, tmp_path):
     (["-i", "100"], "divisible by 32"),
     (["--det_header", "yolox_q"], "yolox_s"),
     (["--workers", "-1"], "--workers -1"),
+    (["--lr_decay_steps", "ten"], "--lr_decay_steps 'ten'"),
 ])
 def test_clear_errors(tiny_shapes, tmp_path, capsys, flags, message):
     argv = ["-d", tiny_shapes, "--out", str(tmp_path), "--det_header", "yolox_nano", "-i", "64", "-e", "1"]
@@ -122,6 +123,16 @@ def test_clear_errors(tiny_shapes, tmp_path, capsys, flags, message):
     assert exc.value.code == 2
     err = capsys.readouterr().err
     assert message in err and "Traceback" not in err
+
+
+def test_run_length_is_decay_plus_cooldown_unless_given():
+    # The seed's rule: with -e unset a run is the decay, then the cooldown at lr_min.
+    def epochs(*argv):
+        return train.resolve_config(train.parse_args(list(argv)))["epochs"]
+    assert epochs() == 100 + 5 and epochs("--det_header", "yolox_s") == 285 + 15
+    assert epochs("--lr_decay_steps", "20", "--lr_cooldown_steps", "3") == 23
+    assert epochs("--lr_decay_steps", "30,60,90", "--lr_cooldown_steps", "0") == 90
+    assert epochs("-e", "7", "--lr_cooldown_steps", "3") == 7
 
 
 def test_learning_rate_schedule():
