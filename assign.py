@@ -18,9 +18,10 @@ flavours the project uses:
   box takes the k priors that are cheapest to make predict it (class cost + 3 x IoU cost),
   with k chosen per box from how well it is already predicted.
 
-Both are batched: ground truth arrives padded to M boxes per image with a `valid` mask, and
-every step works on [B, N, M] tensors (images x priors x boxes), so there is no Python loop
-over images, priors or boxes. Label -1 marks a crowd / ignore region: never a target, and the
+Both are batched: ground truth arrives padded to M boxes per image with a `valid` mask; the
+G valid boxes of the whole batch become one list, each box tagged with its image, and every
+step works on [G, N] grids (boxes x priors), so there is no Python loop over images, priors or
+boxes. Label -1 marks a crowd / ignore region: never a target, and the
 priors it covers are left out of the background loss.
 
 Then the losses that consume each assignment:

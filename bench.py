@@ -362,7 +362,7 @@ def models_main(argv=None):
 # ==============================================================================================
 ASSIGN_DOC = """bench assign: batched SimOTA (assign.simota_assign) against a plain per-image loop.
 
-    python bench.py assign [--batch 16] [--max_boxes 50] [--classes 80] [--repeats 3]
+    python bench.py assign [--batch 16] [--max_boxes 50] [--classes 80] [--repeats 5]
 
 The loop side is the same algorithm written the way YOLOX's reference head does it: one image
 at a time, gather the candidate priors, materialise the [boxes, candidates, classes] BCE for the

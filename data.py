@@ -210,8 +210,9 @@ def _yolo_names(folder):
 
 def read_yolo(folder, split="train", images_dir=None):
     """YOLO txt layout -> Dataset. Labels are `class cx cy w h` normalized, one file per image, in
-    labels/<split>/, labels/, or (darknet export) obj_<split>_data/; images in images/<split>/,
-    images/, beside the txt files, or images_dir. Image ids are positions in sorted file order."""
+    labels/<split>/, labels/, or (darknet export) obj_<split>_data/, else obj_train_data/ (so a
+    train-only export serves as val too); images in images/<split>/, images/, beside the txt
+    files, ../images/, or images_dir. Image ids are positions in sorted file order."""
     names = _yolo_names(folder)
     label_dir = None
     for d in (os.path.join(folder, "labels", split), os.path.join(folder, "labels"),
@@ -1019,7 +1020,7 @@ def main(argv=None):
         description="plaindet data tools: build the shapes set, or draw an augmented batch.")
     sub = parser.add_subparsers(dest="command", required=True)
     p = sub.add_parser("shapes", help="write the built-in synthetic shapes set (COCO layout)")
-    p.add_argument("--out", default=os.path.join(ROOT, "data_cache", "shapes"), help="output folder (must not exist)")
+    p.add_argument("--out", default=os.path.join(ROOT, "data_cache", "shapes"), help="output folder (absent or empty; a complete set already there is kept)")
     p.add_argument("--num_train", type=int, default=1000, help="number of train images")
     p.add_argument("--num_val", type=int, default=200, help="number of val images")
     p.add_argument("--seed", type=int, default=0, help="random seed; the same seed writes the same set")

@@ -697,21 +697,25 @@ def _add_common_flags(parser):
     parser.add_argument("--det_header", default=None, help="build this preset instead of the checkpoint's")
     parser.add_argument("-i", "--input_shape", type=int, nargs="+", default=None,
                         help="H [W] of the letterbox (default: the model's)")
-    parser.add_argument("--resize_method", default="bilinear", choices=("bilinear", "bicubic", "nearest"))
+    parser.add_argument("--resize_method", default="bilinear", choices=("bilinear", "bicubic", "nearest"),
+                        help="sampling of the letterbox resize")
     parser.add_argument("--disable_antialias", action="store_true",
                         help="kept for the seed's command lines: the letterbox resamples with grid_sample, "
                              "which never antialiases, i.e. it always runs as the seed's EfficientDet-D0 eval")
     parser.add_argument("--letterbox_pad", type=int, default=-1,
                         help="-1: image at the top-left of the input; >= 0: resize into input - pad and "
                              "centre it (pad / 2 grey pixels or more on each side)")
-    parser.add_argument("--nms", default="gaussian", choices=NMS_METHODS)
-    parser.add_argument("--nms_mode", default="per_class", choices=NMS_MODES)
+    parser.add_argument("--nms", default="gaussian", choices=NMS_METHODS,
+                        help="hard NMS, or soft-NMS decaying overlapping scores (gaussian / linear)")
+    parser.add_argument("--nms_mode", default="per_class", choices=NMS_MODES,
+                        help="per_class: boxes only suppress boxes of their class; global: any box")
     parser.add_argument("--nms_iou_or_sigma", type=float, default=0.5,
                         help="IoU threshold for hard / linear NMS, sigma for gaussian")
     parser.add_argument("--nms_topk", type=int, default=5000,
                         help="(prior, class) pairs kept per image before NMS; -1 all, 0 one class per prior")
-    parser.add_argument("--nms_max_output_size", type=int, default=100)
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--nms_max_output_size", type=int, default=100, help="detections kept per image")
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
+                        help="cuda (the NMS kernel) or cpu (its torch twin); default cuda when there is one")
 
 
 def _input_shape(values):
@@ -731,7 +735,7 @@ def main(argv=None):
             _add_common_flags(parser)
             parser.add_argument("images", nargs="+", help="image files")
             parser.add_argument("-o", "--out", required=True, help="output folder")
-            parser.add_argument("--score_threshold", type=float, default=0.3)
+            parser.add_argument("--score_threshold", type=float, default=0.3, help="draw detections above this")
             args = parser.parse_args(argv[1:])
             model, info = load_model(args.model, det_header=args.det_header,
                                      input_shape=_input_shape(args.input_shape), device=args.device)
@@ -743,15 +747,19 @@ def main(argv=None):
             print(f"wrote {len(args.images)} pictures and predictions.json to {args.out}")
             return 0
 
-        parser = argparse.ArgumentParser(prog="eval.py", description="COCO AP of a model, or of a results json.")
+        parser = argparse.ArgumentParser(
+            prog="eval.py", description="COCO AP of a model, or of a results json.",
+            epilog="--results mode takes only -d, --split and --stats_json (no -m). "
+                   "`python eval.py predict -h`: draw detections on images.")
         parser.add_argument("-d", "--data", required=True,
                             help="COCO json, COCO / YOLO dataset folder, or 'shapes'")
-        parser.add_argument("--split", default="val")
+        parser.add_argument("--split", default="val", help="train or val (for dataset folders)")
         parser.add_argument("--results", default=None, help="score this COCO results json instead of a model")
         parser.add_argument("--stats_json", default=None, help="write the 12 numbers here")
         parser.add_argument("--save_results", default=None, help="write the COCO results json here")
-        parser.add_argument("-b", "--batch_size", type=int, default=8)
-        parser.add_argument("--nms_score_threshold", type=float, default=0.001)
+        parser.add_argument("-b", "--batch_size", type=int, default=8, help="images per forward pass")
+        parser.add_argument("--nms_score_threshold", type=float, default=0.001,
+                            help="drop (prior, class) scores below this before NMS (0.001 for COCO AP)")
         parser.add_argument("--clip_bbox", action="store_true", help="clip boxes to the original image")
         parser.add_argument("--workers", type=int, default=None,
                             help="decode workers (default: 2 on CPU; on a GPU this machine's cores, at most 8)")

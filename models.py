@@ -715,7 +715,7 @@ def build_model(det_header, backbone=None, anchors_mode=None, num_classes=80, in
         YOLOX preset's multipliers (YOLOX-S's under an EfficientDet head).
     anchors_mode: "efficientdet" (9 anchors per location) or "anchor_free" (1 grid point, plus
         objectness); None = the preset's own (EfficientDet: anchors, YOLOX: anchor-free).
-    input_shape: (H, W) the model will be fed (None = the preset's); the network itself works
+    input_shape: (H, W) the model will be fed (default 512 x 512; None = the preset's); the network itself works
         at any multiple of 32, this is recorded in `config` for priors and data.
     anchor_scale: anchor size in strides at octave 0 (None = the preset's: 4, D7 5), for make_priors.
     `config` holds these arguments: build_model(**model.config) rebuilds the same model.
