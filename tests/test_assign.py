@@ -257,8 +257,30 @@ def test_anchor_loss_by_hand():
                         cls + 50 * box, rel_tol=1e-4)
 
 
+def test_anchor_loss_two_boxes_by_hand():
+    # Two boxes of different classes, one positive anchor each (IoU 100 / 120 = 0.83), two
+    # negatives: each positive takes its own box's class and offsets, and both parts are divided
+    # by the 2 positives. A: [0,10]x[0,12] class 1 on anchor 0 -> (0, 0.1, 0, log 1.2);
+    # B: [50,62]x[50,60] class 0 on anchor 1 (centre (55, 55)) -> (0.1, 0, log 1.2, 0).
+    anchors = torch.tensor([[0, 0, 10, 10], [50, 50, 60, 60], [100, 100, 110, 110], [200, 200, 210, 210]],
+                           dtype=torch.float32)
+    priors = models.Priors((anchors[:, :2] + anchors[:, 2:]) / 2, torch.full((4,), 8.0), anchors)
+    raw = torch.tensor([[[0.05, 0.0, 0.0, 0.3, 0.5, -1.0],
+                         [0.1, -0.2, 0.4, 0.0, 0.7, 0.2],
+                         [0.0, 0.0, 0.0, 0.0, -2.0, 1.0],
+                         [0.0, 0.0, 0.0, 0.0, 0.3, -0.3]]])
+    boxes, labels, valid = targets([[[0, 0, 10, 12], [50, 50, 62, 60]]], [[1, 0]])
+    out = assign.anchor_loss(raw, priors, dict(boxes=boxes, labels=labels, valid=valid))
+    cls = (_focal(0.5, 0) + _focal(-1.0, 1) + _focal(0.7, 1) + _focal(0.2, 0)
+           + _focal(-2.0, 0) + _focal(1.0, 0) + _focal(0.3, 0) + _focal(-0.3, 0)) / 2
+    box = (_huber(0.05) + _huber(-0.1) + _huber(0.0) + _huber(0.3 - math.log(1.2))
+           + _huber(0.0) + _huber(-0.2) + _huber(0.4 - math.log(1.2)) + _huber(0.0)) / (4 * 2)
+    assert math.isclose(float(out["cls"]), cls, rel_tol=1e-5)
+    assert math.isclose(float(out["box"]), box, rel_tol=1e-4)
+
+
 def _anchor_free_case():
-    """2 x 2 grid at stride 8 (centres 4 and 12), one box [0, 16]^2 of class 0, two classes.
+    """2 x 2 grid at stride 8 (centres 4 and 12), one box [0, 16]^2 of class 1, two classes.
     Prior 0 predicts [0,16] x [0,12] (IoU 0.75), the others [0, 8]^2 (IoU 0.25 each):
     k = floor(0.75 + 3 * 0.25) = 1 and prior 0 is the cheapest -> the one positive."""
     centers, strides, cells = grid_priors(16, 8)
@@ -271,7 +293,7 @@ def _anchor_free_case():
     cls = torch.tensor([[0.3, -0.4], [0.1, 0.2], [-0.5, 0.0], [0.0, 0.7]])
     obj = torch.tensor([[1.0], [-1.0], [0.5], [-2.0]])
     raw = torch.cat([box, cls, obj], -1)[None]
-    boxes, labels, valid = targets([[[0, 0, 16, 16]]], [[0]])
+    boxes, labels, valid = targets([[[0, 0, 16, 16]]], [[1]])
     return raw, priors, dict(boxes=boxes, labels=labels, valid=valid)
 
 
@@ -280,7 +302,7 @@ def test_anchor_free_loss_by_hand():
     out = assign.anchor_free_loss(raw, priors, tgt, use_l1=True)
     box = 1 - 0.75 ** 2
     obj = _bce(1.0, 1) + _bce(-1.0, 0) + _bce(0.5, 0) + _bce(-2.0, 0)
-    cls = _bce(0.3, 0.75) + _bce(-0.4, 0.0)                 # one-hot x IoU 0.75
+    cls = _bce(0.3, 0.0) + _bce(-0.4, 0.75)                 # one-hot of class 1 x IoU 0.75
     # L1 against encode([0,16]^2) at prior 0 = (0.5, 0.5, log 2, log 2).
     l1 = abs(0.25 - 0.5) + abs(math.log(1.5) - math.log(2))
     assert math.isclose(float(out["box"]), box, rel_tol=1e-5)
@@ -318,18 +340,25 @@ def test_detection_loss_dispatch_and_errors():
         assign.anchor_free_loss(raw[:, :3], priors, tgt)
 
 
-def test_positives_are_averaged_over_ddp_ranks(tmp_path):
-    # A one-process gloo group exercises the all-reduce path: the mean over one rank is the
-    # rank's own count, so the loss must not change.
+def test_positives_are_averaged_over_ddp_ranks(monkeypatch):
+    # Under DDP every loss is divided by the mean number of positives over the ranks. A stand-in
+    # for a 2-process group: the other rank has 3 positives, so the all-reduce adds 3.
     import torch.distributed as dist
     raw, priors, tgt = _anchor_free_case()
     alone = assign.anchor_free_loss(raw, priors, tgt)["total"]
-    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'rendezvous'}", rank=0, world_size=1)
-    try:
-        grouped = assign.anchor_free_loss(raw, priors, tgt)["total"]
-    finally:
-        dist.destroy_process_group()
-    assert torch.equal(alone, grouped)
+    seen = []
+
+    def all_reduce(t):
+        seen.append(float(t))
+        t.add_(3.0)
+    monkeypatch.setattr(dist, "is_available", lambda: True)
+    monkeypatch.setattr(dist, "is_initialized", lambda: True)
+    monkeypatch.setattr(dist, "get_world_size", lambda: 2)
+    monkeypatch.setattr(dist, "all_reduce", all_reduce)
+    grouped = assign.anchor_free_loss(raw, priors, tgt)["total"]
+    n = seen[0]                                    # this rank's positives
+    assert n >= 1 and len(seen) == 1
+    torch.testing.assert_close(grouped, alone * n / ((n + 3) / 2))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -356,7 +385,7 @@ def test_assignment_carries_no_gradient(monkeypatch):
     assert torch.equal(grad, grad_frozen)
     # And the IoU target really is a constant: the class gradient at the positive is
     # sigmoid(logit) - target with target = 0.75 * one-hot, nothing more.
-    expected = torch.sigmoid(torch.tensor([0.3, -0.4])) - torch.tensor([0.75, 0.0])
+    expected = torch.sigmoid(torch.tensor([0.3, -0.4])) - torch.tensor([0.0, 0.75])
     assert torch.allclose(grad[0, 0, 4:6], expected, atol=1e-6)
 
 

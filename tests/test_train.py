@@ -141,6 +141,8 @@ def test_learning_rate_schedule():
     assert train.learning_rate(2.0, cfg, 1.0) == pytest.approx(1.0)   # peak
     assert train.learning_rate(7.0, cfg, 1.0) == pytest.approx(0.5)   # cosine half-way
     assert train.learning_rate(20.0, cfg, 1.0) == pytest.approx(0.0)  # cooldown at lr_min
+    floor = dict(cfg, lr_min=0.1)  # cosine from 1 down to 0.1: half-way is 0.1 + 0.9 / 2
+    assert [train.learning_rate(e, floor, 1.0) for e in (7.0, 12.0, 20.0)] == pytest.approx([0.55, 0.1, 0.1])
     steps = {"lr_warmup_steps": 0.0, "lr_decay_steps": [3.0, 6.0], "lr_min": 0.0}
     assert [round(train.learning_rate(e, steps, 1.0), 6) for e in (0, 3, 5, 6)] == [1.0, 0.1, 0.1, 0.01]
 
