@@ -462,3 +462,45 @@ def test_augment_never_waits_for_the_device(shapes_dir):
             assert out["images"].device.type == "meta" and out["images"].shape == (8, 3, 96, 96)
             assert out["boxes"].device.type == "cpu" and out["valid"].any()
     assert len(spy.non_blocking) > 50 and all(spy.non_blocking)
+
+
+def test_augmented_pixels_and_boxes_agree():
+    # The same matrix must move the pixels and the boxes. Each image is grey (114) with one white
+    # rectangle, its box; after augmenting, the pixels that differ from the background (a corner
+    # outside the box, as grey as the padding) must span the output box, within 2 px of interpolation and
+    # sharpening. Every crop mode, flips, and RandAugment at magnitude 9 (rotate, shear, ...; the
+    # colour ops keep white and grey apart), over several seeds.
+    b, hc, wc = 4, 120, 160
+    images = torch.full((b, 3, hc, wc), 114, dtype=torch.uint8)
+    rects = [(20, 30, 70, 90), (80, 10, 150, 60), (40, 50, 100, 110), (10, 60, 60, 115)]  # x0, y0, x1, y1
+    boxes = torch.zeros(b, 2, 4)
+    for i, (x0, y0, x1, y1) in enumerate(rects):
+        images[i, :, y0:y1, x0:x1] = 255
+        boxes[i, 0] = torch.tensor([x0, y0, x1, y1], dtype=torch.float32)
+    batch = dict(images=images, sizes=torch.tensor([[hc, wc]] * b), boxes=boxes,
+                 labels=torch.tensor([[0, -1]] * b), valid=torch.tensor([[True, False]] * b),
+                 image_ids=torch.arange(b), scales=torch.ones(b))
+    checked = 0
+    for seed in range(6):
+        for mode in (0.0, 0.6, 1.0, 2.5):
+            out = data.augment(dict(batch), (96, 128), random_crop_mode=mode, magnitude=9, num_layers=2,
+                               mosaic_mix_prob=0.0, generator=torch.Generator().manual_seed(seed), hsv=None)
+            for i in range(b):
+                if not out["valid"][i, 0]:
+                    continue  # the crop cut the rectangle away, or left too little of it
+                img, (x0, y0, x1, y1) = out["images"][i], out["boxes"][i, 0].tolist()
+                h, w = img.shape[1:]
+                outside = [(y, x) for y, x in ((0, 0), (0, w - 1), (h - 1, 0), (h - 1, w - 1))
+                           if not (x0 - 2 <= x <= x1 + 2 and y0 - 2 <= y <= y1 + 2)]
+                if not outside:
+                    continue  # the rectangle fills the picture: no background to compare with
+                y, x = outside[0]
+                changed = (img - img[:, y:y + 1, x:x + 1]).abs().sum(0) > 0.05
+                ys, xs = torch.nonzero(changed, as_tuple=True)
+                seen = torch.tensor([xs.min(), ys.min(), xs.max() + 1, ys.max() + 1], dtype=torch.float32)
+                if 0.5 < x0 and 0.5 < y0 and x1 < w - 0.5 and y1 < h - 0.5:
+                    assert torch.allclose(seen, out["boxes"][i, 0], atol=2.0), (seed, mode, i, seen, out["boxes"][i, 0])
+                    checked += 1
+                else:  # cut by the border: a rotated corner outside still widens the box, not the pixels
+                    assert seen[0] >= x0 - 2 and seen[1] >= y0 - 2 and seen[2] <= x1 + 2 and seen[3] <= y1 + 2
+    assert checked > 30
