@@ -199,6 +199,25 @@ def test_nan_loss_stops_and_keeps_last_good_checkpoint(tiny_shapes, tmp_path, ca
     assert torch.load(tmp_path / "last.pt", weights_only=False)["epoch"] == 1
 
 
+def test_a_nan_between_checks_is_not_forgotten(tiny_shapes, tmp_path, capsys, monkeypatch):
+    # Batch 1: 8 steps an epoch, the loss is looked at after steps 2, 4, 6, 8. Only epoch 2's
+    # step 1 reports a NaN loss (its value; the gradient stays finite), every later step is
+    # fine: the check at step 2 must still stop the run, since it covers the steps before it.
+    real_loss, calls = train.assign.detection_loss, {"n": 0}
+
+    def one_nan_value(*args, **kwargs):
+        out = real_loss(*args, **kwargs)
+        calls["n"] += 1
+        if calls["n"] == 9:
+            out["total"] = out["total"] + float("nan") * out["total"].detach()
+        return out
+    monkeypatch.setattr(train.assign, "detection_loss", one_nan_value)
+    with pytest.raises(SystemExit) as exc:
+        run_train(tiny_shapes, tmp_path, "--det_header", "yolox_nano", "-i", "64", "-e", "3", "-b", "1")
+    assert exc.value.code == 2
+    assert "epoch 2, by step 2" in capsys.readouterr().err
+
+
 def test_ctrl_c_after_an_unchecked_nan_keeps_the_good_checkpoint(tiny_shapes, tmp_path, capsys, monkeypatch):
     # Batch 1: 8 steps an epoch, the loss is checked at steps 2, 4, 6, 8. Epoch 2's step 1 turns
     # the weights NaN, and Ctrl-C comes in step 2, before any check: last.pt must keep epoch 1.
