@@ -205,9 +205,18 @@ class Oracle(torch.nn.Module):
         return unflatten(flat, self.config["input_shape"], self.strides, self.num_anchors)
 
 
-@pytest.mark.parametrize("anchors_mode,nms", [("anchor_free", "gaussian"), ("efficientdet", "hard")])
-def test_run_coco_evaluation_with_an_oracle(anchors_mode, nms, tmp_path):
-    ds = data.open_dataset(shared_path("voc2007_100", "instances_coco.json"), "val")
+@pytest.mark.parametrize("anchors_mode,nms,sparse_ids", [("anchor_free", "gaussian", True), ("efficientdet", "hard", False)])
+def test_run_coco_evaluation_with_an_oracle(anchors_mode, nms, sparse_ids, tmp_path):
+    json_path = shared_path("voc2007_100", "instances_coco.json")
+    if sparse_ids:  # category ids 7, 9, ..., 45 instead of 1..20: labels must map back through cat_ids
+        gt = json.loads(open(json_path).read())
+        for item in gt["categories"] + gt["annotations"]:
+            key = "id" if "name" in item else "category_id"
+            item[key] = 2 * item[key] + 5
+        (tmp_path / "sparse.json").write_text(json.dumps(gt))
+        json_path = str(tmp_path / "sparse.json")
+    ds = data.open_dataset(json_path, "val", images_dir=shared_path("voc2007_100", "images"))
+    assert ds.cat_ids[:2] == ([7, 9] if sparse_ids else [1, 2])
     oracle = Oracle(ds, 25, (256, 256), anchors_mode)
     results_path, stats_path = tmp_path / "results.json", tmp_path / "stats.json"
     stats = ev.run_coco_evaluation(oracle, ds, nms=nms, batch_size=25, clip_bbox=True, verbose=False,
