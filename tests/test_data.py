@@ -78,6 +78,29 @@ def test_randaugment_ops_about_centre():
     assert abs(math.degrees(math.atan2(rot[0, 1, 0], rot[0, 0, 0])) - 90) < 1e-9  # 3 deg x 30
 
 
+def test_each_geometric_op_matrix_by_hand():
+    # Magnitude 10, sign +1, output 100 x 200 (centre c = (100, 50)): A about the centre is
+    # [A | c - A c]. rotate 30 deg; shear_x 0.3 -> t = (-0.3 * 50, 0); shear_y 0.3 -> t = (0, -0.3 * 100);
+    # translate 0.45 of the width / height; scale 1.5 -> t = c - 1.5 c = (-50, -25).
+    cos, sin = math.cos(math.radians(30)), math.sin(math.radians(30))
+    expected = {
+        "rotate": [[cos, -sin, 100 - (cos * 100 - sin * 50)], [sin, cos, 50 - (sin * 100 + cos * 50)]],
+        "shear_x": [[1, 0.3, -15], [0, 1, 0]],
+        "shear_y": [[1, 0, 0], [0.3, 1, -30]],
+        "translate_x": [[1, 0, 90], [0, 1, 0]],
+        "translate_y": [[1, 0, 0], [0, 1, 45]],
+        "scale": [[1.5, 0, -50], [0, 1.5, -25]],
+    }
+    ops = torch.tensor([[data.RANDAUGMENT_OPS.index(name)] for name in expected])
+    m = data.randaugment_matrices(ops, torch.ones(len(expected), 1, dtype=torch.int64), 10, (100, 200))
+    for i, (name, rows) in enumerate(expected.items()):
+        assert torch.allclose(m[i, :2], torch.tensor(rows, dtype=torch.float64), atol=1e-9), name
+    # sign -1 mirrors each op: translate_y -45, scale 0.5
+    mirrored = data.randaugment_matrices(ops[-2:], -torch.ones(2, 1, dtype=torch.int64), 10, (100, 200))
+    assert torch.allclose(mirrored[0, 1, 2], torch.tensor(-45.0, dtype=torch.float64))
+    assert torch.allclose(mirrored[1, 0, 0], torch.tensor(0.5, dtype=torch.float64))
+
+
 # ---------------------------------------------------------------- crop modes
 def test_letterbox_size_boxes_and_exact_inverse():
     rng = np.random.default_rng(1)
