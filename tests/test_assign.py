@@ -277,6 +277,11 @@ def test_anchor_loss_two_boxes_by_hand():
            + _huber(0.0) + _huber(-0.2) + _huber(0.4 - math.log(1.2)) + _huber(0.0)) / (4 * 2)
     assert math.isclose(float(out["cls"]), cls, rel_tol=1e-5)
     assert math.isclose(float(out["box"]), box, rel_tol=1e-4)
+    # A crowd region over box A (IoA of anchor 0 in it: 1): anchor 0 stays positive, not ignored,
+    # and the crowd is never a target: the same numbers.
+    boxes, labels, valid = targets([[[0, 0, 10, 12], [50, 50, 62, 60], [0, 0, 10, 12]]], [[1, 0, -1]])
+    crowd = assign.anchor_loss(raw, priors, dict(boxes=boxes, labels=labels, valid=valid))
+    assert math.isclose(float(crowd["cls"]), cls, rel_tol=1e-5) and math.isclose(float(crowd["box"]), box, rel_tol=1e-4)
 
 
 def _anchor_free_case():
@@ -320,6 +325,18 @@ def test_anchor_free_loss_by_hand():
     ciou = 0.75 - 4 / 512 - v / (1 - 0.75 + v) * v
     out = assign.anchor_free_loss(raw, priors, tgt, iou_kind="ciou")["box"]
     assert math.isclose(float(out), 1 - ciou, rel_tol=1e-5)
+
+
+def test_anchor_free_crowd_region_mutes_objectness_of_the_priors_no_box_took():
+    # A crowd region over the whole 16 x 16 image: prior 0 is still the box's positive (and keeps
+    # its objectness term); priors 1-3 sit in the crowd with no box: no objectness loss there.
+    raw, priors, tgt = _anchor_free_case()
+    boxes, labels, valid = targets([[[0, 0, 16, 16], [0, 0, 16, 16]]], [[1, -1]])
+    out = assign.anchor_free_loss(raw, priors, dict(boxes=boxes, labels=labels, valid=valid))
+    plain = assign.anchor_free_loss(raw, priors, tgt)
+    assert math.isclose(float(out["obj"]), _bce(1.0, 1), rel_tol=1e-5)
+    assert math.isclose(float(out["box"]), float(plain["box"]), rel_tol=1e-6)
+    assert math.isclose(float(out["cls"]), float(plain["cls"]), rel_tol=1e-6)
 
 
 def test_anchor_free_loss_without_boxes_is_objectness_only():
