@@ -274,6 +274,33 @@ def test_colour_ops_numbers():
     assert torch.allclose(grey @ red, torch.full((3,), 0.299, dtype=torch.float64))
 
 
+def test_posterize_solarize_and_hsv_gains_by_hand():
+    # Magnitude 10: posterize keeps 8 - 4 = 4 bits (steps of 16 / 255), solarize inverts from
+    # 1 - 0.9 = 0.1 up. Image 0 draws posterize, image 1 solarize, image 2 neither: unchanged.
+    v = torch.tensor([0.05, 0.3, 0.62, 0.9], dtype=torch.float64).reshape(1, 1, 2, 2).expand(3, 3, 2, 2)
+    ops = torch.tensor([[data.RANDAUGMENT_OPS.index(name)] for name in ("posterize", "solarize", "identity")])
+    identity = (torch.eye(3, dtype=torch.float64).repeat(3, 1, 1), torch.zeros(3, 3, dtype=torch.float64),
+                torch.zeros(3, 3, 3, dtype=torch.float64))
+    out = data._colour_chunk(torch.empty(3, 3, 2, 2), (v * 255 - 114).float(), identity, ops,
+                             torch.ones(3, 1, dtype=torch.float64), 10)
+    flat = v[0, 0].flatten()
+    assert torch.allclose(out[0, 0].flatten().double(), torch.floor(flat * 255 / 16) * 16 / 255, atol=1e-6)
+    assert torch.allclose(out[1, 0].flatten().double(), torch.tensor([0.05, 0.7, 0.38, 0.1], dtype=torch.float64), atol=1e-6)
+    assert torch.allclose(out[2, 0].flatten().double(), flat, atol=1e-6)
+    # HSV: the draws u in [-1, 1) replayed; value scales every channel by 1 + 0.3 u, saturation
+    # scales the distance from the grey level by 1 + 0.5 u and keeps the grey level itself.
+    u = torch.rand(2, 3, generator=torch.Generator().manual_seed(4), dtype=torch.float64) * 2 - 1
+    value = data.hsv_matrices((0.0, 0.0, 0.3), torch.Generator().manual_seed(4), 2)
+    assert torch.allclose(value, (1 + 0.3 * u[:, 2])[:, None, None] * torch.eye(3, dtype=torch.float64), atol=1e-12)
+    sat = data.hsv_matrices((0.0, 0.5, 0.0), torch.Generator().manual_seed(4), 2)
+    red = torch.tensor([1.0, 0.0, 0.0], dtype=torch.float64)
+    grey = float(data._GREY @ red)
+    for i in range(2):
+        moved = sat[i] @ red
+        assert abs(float(data._GREY @ moved) - grey) < 1e-9
+        assert torch.allclose(moved - grey, (1 + 0.5 * u[i, 1]) * (red - grey), atol=1e-9)
+
+
 def test_contrast_and_brightness_fold_into_one_affine_map():
     ops = torch.tensor([[data.RANDAUGMENT_OPS.index("brightness"), data.RANDAUGMENT_OPS.index("contrast")]])
     factors = torch.tensor([[0.5, 0.2]], dtype=torch.float64)
