@@ -301,6 +301,21 @@ def test_posterize_solarize_and_hsv_gains_by_hand():
         assert torch.allclose(moved - grey, (1 + 0.5 * u[i, 1]) * (red - grey), atol=1e-9)
 
 
+def test_letterbox_pads_with_grey_beyond_each_image(shapes_dir):
+    # A real loader batch mixes image sizes, so each smaller image sits in a canvas padded by the
+    # collate; after the letterbox everything right of / below an image's own pixels is grey 114,
+    # whether it was read from the canvas padding or from beyond the canvas.
+    ds = data.open_dataset(shapes_dir, "train")
+    batch = next(iter(data.make_loader(ds, 8, shuffle=False, workers=0, seed=0)))
+    assert len({tuple(s) for s in batch["sizes"].tolist()}) > 1  # sizes differ within the batch
+    out = data.letterbox(batch, (256, 256))
+    grey = torch.tensor(114 / 255)
+    for i, (h, w) in enumerate(batch["sizes"].tolist()):
+        s = min(256 / h, 256 / w)
+        x_end, y_end = math.ceil(w * s) + 1, math.ceil(h * s) + 1
+        assert torch.allclose(out["images"][i, :, :, x_end:], grey) and torch.allclose(out["images"][i, :, y_end:], grey)
+
+
 def test_contrast_and_brightness_fold_into_one_affine_map():
     ops = torch.tensor([[data.RANDAUGMENT_OPS.index("brightness"), data.RANDAUGMENT_OPS.index("contrast")]])
     factors = torch.tensor([[0.5, 0.2]], dtype=torch.float64)
