@@ -146,6 +146,30 @@ def test_crop_modes_size_and_clipping(mode):
             assert out["valid"][0, 0] == (whole[2] - whole[0] >= 2)
 
 
+def test_crop_mode_draws_stay_in_their_ranges():
+    # 400 draws of one 100 x 150 (h x w) image into 64 x 96. The source rectangle each matrix
+    # shows is (x0, y0) = -t / s, size = output / s.
+    sizes = torch.tensor([[100, 150]]).repeat(400, 1)
+    m = data.crop_matrices(sizes, (64, 96), 0.6, torch.Generator().manual_seed(0))
+    sx, sy, tx, ty = m[:, 0, 0], m[:, 1, 1], m[:, 0, 2], m[:, 1, 2]
+    cw, ch, x0, y0 = 96 / sx, 64 / sy, -tx / sx, -ty / sy
+    assert (x0 >= -1e-9).all() and (y0 >= -1e-9).all() and (x0 + cw <= 150 + 1e-9).all() and (y0 + ch <= 100 + 1e-9).all()
+    free = (cw < 150 - 1e-6) & (ch < 100 - 1e-6)  # neither side clamped to the image
+    area, aspect = cw * ch / (100 * 150), (cw / ch) / (96 / 64)
+    assert free.sum() > 200
+    assert (area[free] >= 0.6 - 1e-9).all() and (area[free] <= 1 + 1e-9).all()
+    assert (aspect[free] >= 3 / 4 - 1e-9).all() and (aspect[free] <= 4 / 3 + 1e-9).all()
+    assert area[free].min() < 0.65 and area[free].max() > 0.95  # the draws do cover the range
+    # Mode 2.5: scale f in [0.1, 2.5] x the letterbox scale, offset uniform between 0 and the room.
+    m = data.crop_matrices(sizes, (64, 96), 2.5, torch.Generator().manual_seed(1))
+    f = m[:, 0, 0] / min(64 / 100, 96 / 150)
+    room_x, room_y = 96 - m[:, 0, 0] * 150, 64 - m[:, 1, 1] * 100
+    assert (f >= 0.1 - 1e-9).all() and (f <= 2.5 + 1e-9).all() and f.min() < 0.3 and f.max() > 2.2
+    for t, room in ((m[:, 0, 2], room_x), (m[:, 1, 2], room_y)):
+        assert (t >= torch.minimum(room, torch.zeros(()) ) - 1e-9).all() and (t <= torch.maximum(room, torch.zeros(())) + 1e-9).all()
+    assert (m[:, 0, 2].abs() > 1).float().mean() > 0.9  # offsets are drawn, not left at 0
+
+
 # ---------------------------------------------------------------- mosaic
 def test_mosaic_quadrants_and_scale():
     b, h, w = 4, 40, 60
