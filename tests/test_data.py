@@ -166,7 +166,7 @@ def test_crop_mode_draws_stay_in_their_ranges():
     room_x, room_y = 96 - m[:, 0, 0] * 150, 64 - m[:, 1, 1] * 100
     assert (f >= 0.1 - 1e-9).all() and (f <= 2.5 + 1e-9).all() and f.min() < 0.3 and f.max() > 2.2
     for t, room in ((m[:, 0, 2], room_x), (m[:, 1, 2], room_y)):
-        assert (t >= torch.minimum(room, torch.zeros(()) ) - 1e-9).all() and (t <= torch.maximum(room, torch.zeros(())) + 1e-9).all()
+        assert (t >= torch.minimum(room, torch.zeros(())) - 1e-9).all() and (t <= torch.maximum(room, torch.zeros(())) + 1e-9).all()
     assert (m[:, 0, 2].abs() > 1).float().mean() > 0.9  # offsets are drawn, not left at 0
 
 

@@ -33,6 +33,32 @@ def test_results_scoring_reproduces_pycocotools(tmp_path, capsys):
     assert "category" in printed and "person" in printed  # the per-class table
 
 
+def test_per_class_ap_equals_pycocotools_one_class_at_a_time():
+    # per_class_ap reads one class's slice of the accumulated precision table; pycocotools run on
+    # that class alone must give the same AP and AP50 (its stats[0] and stats[1]).
+    import contextlib
+    import io
+    from pycocotools.coco import COCO
+    from pycocotools.cocoeval import COCOeval
+    with contextlib.redirect_stdout(io.StringIO()):
+        gt = COCO(os.path.join(FIXTURES, "instances_val2014_100.json"))
+        dt = gt.loadRes(os.path.join(FIXTURES, "fakebbox100_results.json"))
+        both = COCOeval(gt, dt, "bbox")
+        both.evaluate()
+        both.accumulate()
+    table = ev.per_class_ap(both)
+    names = {c["name"]: c["id"] for c in gt.dataset["categories"]}
+    for name in ("person", "car", "dog"):
+        one = COCOeval(gt, dt, "bbox")
+        one.params.catIds = [names[name]]
+        with contextlib.redirect_stdout(io.StringIO()):
+            one.evaluate()
+            one.accumulate()
+            one.summarize()
+        assert table[names[name]] == pytest.approx((one.stats[0], one.stats[1]), abs=1e-12), name
+    assert table[names["person"]][0] > 0.1  # a class with real detections, not a -1 placeholder
+
+
 def remapped_voc_results():
     """voc2007_100's detections with 0-based ids remapped to the ground truth's by file / class name."""
     with open(shared_path("voc2007_100", "instances_coco.json")) as f:
