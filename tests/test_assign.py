@@ -149,6 +149,22 @@ def test_simota_prefers_priors_inside_both_regions():
     assert a.positive[0].nonzero().flatten().tolist() == [3 * 8 + 3]
 
 
+def test_simota_class_cost_is_the_bce_of_sqrt_cls_times_obj():
+    # One prior predicting [0,8]^2, two boxes both want it: A = [0,8]^2 (class 0, IoU 1) and
+    # B = [0,8]x[0,16.4] (class 1, IoU 64 / 131.2 = 0.4878). cost_A - cost_B = logit(p_1) -
+    # logit(p_0) - 3 ln(1 / 0.4878), i.e. class part - 2.154, with p_c = sqrt(sigmoid(cls_c) x
+    # sigmoid(obj)) and class logits (-2, 2):
+    #   obj 0: p = (0.2441, 0.6636), class part 1.810 -> A is cheaper (-0.34);
+    #   obj 3: p = (0.3370, 0.9160), class part 3.066 -> B is cheaper (+0.91).
+    # (Without the sqrt, obj 0 would give 2.519 and hand the prior to B; without obj, both the same.)
+    centers, strides = torch.tensor([[4.0, 4.0]]), torch.tensor([8.0])
+    boxes, labels, valid = targets([[[0, 0, 8, 8], [0, 0, 8, 16.4]]], [[0, 1]])
+    for obj, owner in ((0.0, 0), (3.0, 1)):
+        a = simota_assign(torch.tensor([[[0.0, 0.0, 8.0, 8.0]]]), torch.tensor([[[-2.0, 2.0]]]),
+                          torch.tensor([[obj]]), centers, strides, boxes, labels, valid)
+        assert a.positive.tolist() == [[True]] and a.gt_index.tolist() == [[owner]], obj
+
+
 @pytest.mark.parametrize("cls_prior_logits, owner", [((0.0, 0.0), 0), ((-10.0, 10.0), 1)])
 def test_simota_conflict_goes_to_the_cheapest_box(cls_prior_logits, owner):
     # Two boxes, class 0 [8, 40]^2 and class 1 [16, 48]^2; only prior P (centre (28, 28), inside
