@@ -249,6 +249,36 @@ def _huber(x, delta=0.1):
     return 0.5 * x * x if abs(x) <= delta else delta * (abs(x) - 0.5 * delta)
 
 
+def test_ciou_gradient_treats_the_aspect_weight_as_a_constant():
+    # As in the CIoU paper, alpha = v / (1 - IoU + v) is a weight, not a path for the gradient.
+    # Written out here with alpha detached, for a prediction [1, 2, 7, 5] against [0, 0, 6, 8].
+    pred = torch.tensor([1.0, 2.0, 7.0, 5.0], dtype=torch.float64, requires_grad=True)
+    gt = torch.tensor([0.0, 0.0, 6.0, 8.0], dtype=torch.float64)
+    grad = torch.autograd.grad(box_iou(pred, gt, aligned=True, kind="ciou"), pred)[0]
+
+    ref = pred.detach().clone().requires_grad_(True)
+    inter = (torch.minimum(ref[2], gt[2]) - torch.maximum(ref[0], gt[0])) * (torch.minimum(ref[3], gt[3]) - torch.maximum(ref[1], gt[1]))
+    union = (ref[2] - ref[0]) * (ref[3] - ref[1]) + 48 - inter
+    iou = inter / union
+    diag2 = (torch.maximum(ref[2], gt[2]) - torch.minimum(ref[0], gt[0])) ** 2 + \
+        (torch.maximum(ref[3], gt[3]) - torch.minimum(ref[1], gt[1])) ** 2
+    centre2 = ((ref[0] + ref[2]) / 2 - 3) ** 2 + ((ref[1] + ref[3]) / 2 - 4) ** 2
+    v = 4 / math.pi ** 2 * (math.atan(6 / 8) - torch.atan((ref[2] - ref[0]) / (ref[3] - ref[1]))) ** 2
+    alpha = (v / (1 - iou + v)).detach()
+    expected = torch.autograd.grad(iou - centre2 / diag2 - alpha * v, ref)[0]
+    assert torch.allclose(grad, expected, atol=1e-6)
+
+
+def test_focal_label_smoothing_softens_only_the_bce_target():
+    # Smoothing 0.2 moves the BCE targets to 0.9 / 0.1; alpha and (1 - p_t)^gamma still use the
+    # hard 1 / 0 (the modulating factor measures how wrong the prediction is, not the target).
+    logits, hard = torch.tensor([0.7, -0.3]), torch.tensor([1.0, 0.0])
+    out = assign.sigmoid_focal_loss(logits, hard, label_smoothing=0.2)
+    p = 1 / (1 + math.exp(-0.7)), 1 / (1 + math.exp(0.3))
+    expected = [0.25 * (1 - p[0]) ** 1.5 * _bce(0.7, 0.9), 0.75 * p[1] ** 1.5 * _bce(-0.3, 0.1)]
+    assert torch.allclose(out, torch.tensor(expected), rtol=1e-5)
+
+
 def test_anchor_loss_by_hand():
     # Three anchors, two classes. Anchor 0 [0,10]^2 vs box [0,10]x[0,12] (class 1): IoU 0.83 ->
     # positive; anchor 1 far away -> negative; anchor 2 [0,10]x[0,26]: IoU 120 / 260 = 0.46 ->
