@@ -94,9 +94,51 @@ def test_freeze_then_unfreeze_and_exact_resume(tiny_shapes, tmp_path):
                 assert torch.allclose(v, resumed[part][k], atol=1e-6, rtol=0), f"{part}.{k} differs after resume"
 
 
+DDP_SPY = """
+import os, sys
+import torch
+import torch.distributed as dist
+sys.path.insert(0, {root!r})
+import train
+
+# Each rank records the model it trained and the training images it augmented, and saves both
+# when train.main tears the process group down.
+models_seen, images_seen = [], []
+
+
+class SpyEMA(train.ModelEMA):
+    def __init__(self, model, decay):
+        super().__init__(model, decay)
+        models_seen.append(model)
+
+
+real_augment, real_destroy = train.data.augment, dist.destroy_process_group
+
+
+def augment(batch, *args, **kwargs):
+    if kwargs.get("random_crop_mode") != 0:  # training batches (the evaluation letterboxes with 0)
+        images_seen.extend(batch["image_ids"].tolist())
+    return real_augment(batch, *args, **kwargs)
+
+
+def destroy():
+    weights = {{k: v.detach().clone() for k, v in models_seen[0].named_parameters()}}
+    torch.save({{"weights": weights, "images": images_seen}}, os.path.join({out!r}, f"rank{{dist.get_rank()}}.pt"))
+    real_destroy()
+
+
+train.ModelEMA, train.data.augment, dist.destroy_process_group = SpyEMA, augment, destroy
+train.main(sys.argv[1:])
+"""
+
+
 def test_ddp_two_processes_on_gloo(tiny_shapes, tmp_path):
+    # Two processes on gloo, 2 images each per step: each rank sees its own half of the 8 images,
+    # the gradients are averaged, so both ranks end with the same weights; rank 0 alone writes.
+    spy = tmp_path / "spy.py"
+    spy.write_text(DDP_SPY.format(root=ROOT, out=str(tmp_path)))
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29561",
-           os.path.join(ROOT, "train.py"), "-d", tiny_shapes, "--out", str(tmp_path), "-b", "2",
+           str(spy), "-d", tiny_shapes, "--out", str(tmp_path), "-b", "2",
            "--workers", "0", "--det_header", "yolox_nano", "-i", "64", "-e", "1", "--eval_start_epoch", "1",
            "--mosaic_mix_prob", "0", "--magnitude", "0", "--eval_batch_size", "4"]
     env = dict(os.environ, OMP_NUM_THREADS="1")
@@ -106,6 +148,14 @@ def test_ddp_two_processes_on_gloo(tiny_shapes, tmp_path):
     assert len(rows) == 1 and rows[0]["AP"] != ""  # rank 0 wrote once, and evaluated
     ckpt = torch.load(tmp_path / "last.pt", weights_only=False)
     assert ckpt["train_config"]["batch_size"] == 2 and ckpt["epoch"] == 1
+    ranks = [torch.load(tmp_path / f"rank{r}.pt", weights_only=False) for r in (0, 1)]
+    first, second = (set(r["images"]) for r in ranks)
+    assert len(first) == len(second) == 4 and not first & second  # 8 images split, no overlap
+    torch.manual_seed(0)  # train.py's seed before build_model: the weights both ranks started from
+    start = {n: w.detach() for n, w in models.build_model("yolox_nano", num_classes=6, input_shape=(64, 64)).named_parameters()}
+    moved = max(float((w - start[n]).abs().max()) for n, w in ranks[0]["weights"].items())
+    apart = max(float((w - ranks[1]["weights"][n]).abs().max()) for n, w in ranks[0]["weights"].items())
+    assert moved > 1e-3 and apart < 1e-6, (moved, apart)
 
 
 @pytest.mark.parametrize("flags,message", [
