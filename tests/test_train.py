@@ -316,45 +316,35 @@ def test_ctrl_c_leaves_a_resumable_checkpoint(tiny_shapes, tmp_path):
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU: it counts the CPU's waits for one")
-@pytest.mark.parametrize("mode", ["anchor_free", "efficientdet"])
-def test_a_training_step_never_waits_for_the_gpu(tiny_shapes, mode):
-    # train.py's step (pixels to the GPU, targets left on the CPU, augment with mosaic and
-    # RandAugment, bf16 forward, assignment + loss, backward, SGD, EMA) under CUDA's sync debug
-    # mode set to "error": each synchronize PyTorch itself calls (a value read back to the CPU, a
-    # blocking copy) raises here. Copies the driver alone may block on (from pageable memory) are
-    # what tests/test_data.py's non-blocking spy looks for.
-    import assign
-    device = torch.device("cuda")
-    ds = data.open_dataset(tiny_shapes, "train")
-    model = models.build_model("yolox_nano", anchors_mode=mode, num_classes=len(ds.class_names),
-                               input_shape=(64, 64)).to(device).train()
-    priors = models.make_priors((64, 64), model.strides, model.anchors_mode, device=device,
-                                anchor_scale=model.anchor_scale)
-    optimizer = train.build_optimizer(model, "sgd", 1e-3, 4e-5)
-    ema = train.ModelEMA(model, 0.999)
-    gen = torch.Generator().manual_seed(0)
-    loader = data.make_loader(ds, 4, shuffle=True, workers=0, seed=0, drop_last=True, pin_memory=True)
+@pytest.mark.parametrize("mode", ["--use_anchor_free_mode", "--use_anchors_mode"])
+def test_a_training_step_never_waits_for_the_gpu(tiny_shapes, tmp_path, monkeypatch, mode):
+    # train.main itself, batch 1 (8 steps an epoch; the loss is looked at after steps 2, 4, 6, 8).
+    # Step 3 runs under CUDA's sync debug mode set to "error", from its augment to its EMA update
+    # (pixels to the GPU, augment with mosaic and RandAugment, bf16 forward, assignment + loss,
+    # backward, SGD, EMA): each synchronize PyTorch itself calls there (a value read back to the
+    # CPU, a blocking copy) raises. Copies the driver alone may block on (from pageable memory)
+    # are what tests/test_data.py's non-blocking spy looks for.
+    calls = {"augment": 0, "ema": 0}
+    real_augment = train.data.augment
 
-    def step(batch):
-        batch["images"] = batch["images"].to(device, non_blocking=True)
-        batch = data.augment(batch, (64, 64), random_crop_mode=1.0, magnitude=6, num_layers=2,
-                             mosaic_mix_prob=1.0, generator=gen)
-        with torch.autocast("cuda", dtype=torch.bfloat16):
-            outputs = [o.float() for o in model(batch["images"])]
-        losses = assign.detection_loss(outputs, priors, {k: batch[k] for k in ("boxes", "labels", "valid")},
-                                       model.anchors_mode)
-        optimizer.zero_grad(set_to_none=True)
-        losses["total"].backward()
-        optimizer.step()
-        ema.update()
-        return losses
+    def augment(*args, **kwargs):
+        calls["augment"] += 1
+        if calls["augment"] == 3:
+            torch.cuda.synchronize()
+            torch.cuda.set_sync_debug_mode("error")
+        return real_augment(*args, **kwargs)
 
-    first, second = list(loader)[:2]
-    step(first)  # warm-up: lazy CUDA init and the first allocations may sync, and are allowed to
-    torch.cuda.synchronize()
-    torch.cuda.set_sync_debug_mode("error")
+    class EMA(train.ModelEMA):
+        def update(self):
+            super().update()
+            calls["ema"] += 1
+            if calls["ema"] == 3:
+                torch.cuda.set_sync_debug_mode("default")
+    monkeypatch.setattr(train.data, "augment", augment)
+    monkeypatch.setattr(train, "ModelEMA", EMA)
     try:
-        losses = step(second)
+        run_train(tiny_shapes, tmp_path, "--det_header", "yolox_nano", mode, "-i", "64", "-e", "1", "-b", "1",
+                  "--mosaic_mix_prob", "1", "--magnitude", "6", "--ema_decay", "0.999")
     finally:
         torch.cuda.set_sync_debug_mode("default")
-    assert math.isfinite(float(losses["total"]))
+    assert calls["ema"] == 8 and float(history(tmp_path)[0]["loss_total"]) > 0
