@@ -308,6 +308,7 @@ def models_cpu_bench(peers, cases, batches, repeats):
 def models_train_bench(peers, device="cuda", batch=32, steps=20, warmup=3):
     """bf16 autocast training steps (forward, sum-of-outputs loss, backward, SGD), images/s for both."""
     sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
+    torch.backends.cudnn.benchmark = True  # as train.py sets on CUDA; both sides run with it
     for name, size, peer_name in MODELS_CASES:
         ours = models.build_model(name, num_classes=90 if name.startswith("efficientdet") else 80,
                                   input_shape=(size, size)).to(device).train()
