@@ -340,6 +340,25 @@ def test_letterbox_pads_with_grey_beyond_each_image(shapes_dir):
         assert torch.allclose(out["images"][i, :, :, x_end:], grey) and torch.allclose(out["images"][i, :, y_end:], grey)
 
 
+def test_randaugment_strength_on_a_uniform_grey_batch():
+    # 64 uniform images of the pad grey g = 114 / 255, one RandAugment op each at magnitude 6: the
+    # geometric ops and contrast, colour, sharpness, solarize (threshold 1 - 0.54 > g) and
+    # autocontrast leave g; brightness scales it by 1 +- 0.09 x 6; posterize keeps 8 - 2 bits
+    # (steps of 4 / 255: 112 / 255); equalize maps a one-value image to 0. Nothing else may appear.
+    b, g = 64, 114 / 255
+    batch = dict(images=torch.full((b, 3, 40, 40), 114, dtype=torch.uint8), sizes=torch.tensor([[40, 40]] * b),
+                 boxes=torch.zeros(b, 1, 4), labels=torch.zeros(b, 1, dtype=torch.long),
+                 valid=torch.zeros(b, 1, dtype=torch.bool), image_ids=torch.arange(b), scales=torch.ones(b))
+    out = data.augment(batch, (32, 32), random_crop_mode=0, magnitude=6, num_layers=1, mosaic_mix_prob=0,
+                       generator=torch.Generator().manual_seed(0), hsv=None)["images"]
+    values = out.amin((1, 2, 3))
+    assert torch.allclose(values, out.amax((1, 2, 3)), atol=1e-6)  # each image stays uniform
+    allowed = torch.tensor([g, g * 1.54, g * 0.46, 112 / 255, 0.0])
+    nearest = (values[:, None] - allowed[None]).abs().min(1)
+    assert (nearest.values < 1e-5).all(), values[nearest.values >= 1e-5]
+    assert {1, 2} <= set(nearest.indices.tolist())  # brightness was drawn both ways
+
+
 def test_contrast_and_brightness_fold_into_one_affine_map():
     ops = torch.tensor([[data.RANDAUGMENT_OPS.index("brightness"), data.RANDAUGMENT_OPS.index("contrast")]])
     factors = torch.tensor([[0.5, 0.2]], dtype=torch.float64)
