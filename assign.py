@@ -571,7 +571,8 @@ def detection_loss(outputs, priors, targets, anchors_mode, use_l1=False):
     """The loss train.py calls: anchor_loss for "efficientdet", anchor_free_loss for "anchor_free".
 
     outputs: the model's raw list; priors: models.make_priors(...) for the same anchors_mode;
-    targets: dict(boxes [B, M, 4] xyxy px, labels [B, M] (-1 ignore), valid [B, M]).
+    targets: dict(boxes [B, M, 4] xyxy px, labels [B, M] (-1 ignore), valid [B, M]), on the
+    outputs' device or on the CPU (train.py's choice: see the top of the file).
     Returns a dict of named scalar loss parts with "total" (the one to backpropagate).
     """
     if anchors_mode == "efficientdet":
