@@ -21,6 +21,7 @@ models.py); everything that turns them into detections lives here, in reading or
 5. run_coco_evaluation: the whole loop over a dataset, the call train.py makes every epoch.
 6. load_model / predict / main: checkpoints, pictures of predictions, the CLI.
 
+    python eval.py --nms gaussian         # runs/train/best.pt, on the val split of its training data
     python eval.py -m runs/yolox_s/last.pt -d /data/coco --nms gaussian --nms_mode per_class
     python eval.py --results results.json -d instances_val2017.json --stats_json stats.json
     python eval.py predict -m runs/yolox_s/last.pt img1.jpg img2.jpg -o predictions/
@@ -28,6 +29,7 @@ models.py); everything that turns them into detections lives here, in reading or
 import argparse
 import contextlib
 import functools
+import glob
 import io
 import json
 import os
@@ -48,6 +50,9 @@ KERNEL_PATH = os.path.join(HERE, "nms_kernels.cu")
 STAT_KEYS = ("AP", "AP50", "AP75", "APs", "APm", "APl", "AR1", "AR10", "AR100", "ARs", "ARm", "ARl")
 NMS_METHODS = ("hard", "gaussian", "linear")  # index = the method code of nms_kernels.cu
 NMS_MODES = ("global", "per_class")
+# What -m means when it is left out: the best checkpoint of train.py's default run folder (--out
+# runs/train), relative to where the command runs, as train.py's --out is.
+DEFAULT_CHECKPOINT = os.path.join("runs", "train", "best.pt")
 
 
 class EvalInputError(ValueError):
@@ -590,7 +595,8 @@ def load_model(path_or_preset, det_header=None, num_classes=None, input_shape=No
     det_header: build this preset instead of the checkpoint's own (the weights must fit it);
     num_classes, input_shape: override the preset's (for a preset name) or the checkpoint's
         input shape (num_classes must match the checkpoint's weights).
-    Returns (model, info) where info = {"class_names": [...] or None, "cat_ids": [...] or None}.
+    Returns (model, info) where info = {"class_names": [...] or None, "cat_ids": [...] or None,
+    "data": the --data the checkpoint was trained on, or None}.
     """
     if not os.path.isfile(path_or_preset):
         if os.sep in path_or_preset or path_or_preset.endswith((".pt", ".pth")):
@@ -599,7 +605,7 @@ def load_model(path_or_preset, det_header=None, num_classes=None, input_shape=No
         if input_shape is not None:
             config["input_shape"] = tuple(input_shape)
         model = build_model(**config)
-        return model.to(device).eval(), {"class_names": None, "cat_ids": None}
+        return model.to(device).eval(), {"class_names": None, "cat_ids": None, "data": None}
 
     try:
         checkpoint = torch.load(path_or_preset, map_location="cpu", weights_only=False)
@@ -610,7 +616,8 @@ def load_model(path_or_preset, det_header=None, num_classes=None, input_shape=No
         raise EvalInputError(f"-m {path_or_preset}: not a plaindet checkpoint (a dict with 'config' "
                              f"and 'model', as train.py writes)")
     saved = dict(checkpoint["config"])
-    info = {"class_names": saved.pop("class_names", None), "cat_ids": saved.pop("cat_ids", None)}
+    info = {"class_names": saved.pop("class_names", None), "cat_ids": saved.pop("cat_ids", None),
+            "data": (checkpoint.get("train_config") or {}).get("data")}
     config = dict(saved)
     if det_header is not None and det_header != saved.get("det_header"):
         config = {"det_header": det_header, "num_classes": saved.get("num_classes", 80)}
@@ -693,7 +700,9 @@ def predict(model, image_paths, out_dir, class_names=None, score_threshold=0.3, 
 
 def _add_common_flags(parser):
     """Flags shared by evaluation and predict: model, preprocessing and NMS."""
-    parser.add_argument("-m", "--model", required=True, help="train.py checkpoint, or a preset name")
+    parser.add_argument("-m", "--model", default=None,
+                        help=f"train.py checkpoint, or a preset name (random weights); default {DEFAULT_CHECKPOINT}, "
+                             f"the best.pt of train.py's default --out")
     parser.add_argument("--det_header", default=None, help="build this preset instead of the checkpoint's")
     parser.add_argument("-i", "--input_shape", type=int, nargs="+", default=None,
                         help="H [W] of the letterbox (default: the model's)")
@@ -718,6 +727,19 @@ def _add_common_flags(parser):
                         help="cuda (the NMS kernel) or cpu (its torch twin); default cuda when there is one")
 
 
+def _checkpoint_or_default(model):
+    """-m as given, or (left out) train.py's default run's best.pt: after `python train.py ...`
+    with no --out, `python eval.py --nms gaussian` scores that run on its own val split."""
+    if model is not None:
+        return model
+    if os.path.isfile(DEFAULT_CHECKPOINT):
+        return DEFAULT_CHECKPOINT
+    found = sorted(glob.glob(os.path.join("runs", "*", "best.pt")))
+    hint = f" (found: {', '.join(found[:5])})" if found else ""
+    raise EvalInputError(f"-m not given and {DEFAULT_CHECKPOINT}, the best.pt of train.py's default --out, does "
+                         f"not exist here{hint}: give -m CHECKPOINT (or a preset name), or train first")
+
+
 def _input_shape(values):
     if values is None:
         return None
@@ -737,7 +759,7 @@ def main(argv=None):
             parser.add_argument("-o", "--out", required=True, help="output folder")
             parser.add_argument("--score_threshold", type=float, default=0.3, help="draw detections above this")
             args = parser.parse_args(argv[1:])
-            model, info = load_model(args.model, det_header=args.det_header,
+            model, info = load_model(_checkpoint_or_default(args.model), det_header=args.det_header,
                                      input_shape=_input_shape(args.input_shape), device=args.device)
             predict(model, args.images, args.out, class_names=info["class_names"],
                     score_threshold=args.score_threshold, nms=args.nms, nms_mode=args.nms_mode,
@@ -751,8 +773,9 @@ def main(argv=None):
             prog="eval.py", description="COCO AP of a model, or of a results json.",
             epilog="--results mode takes only -d, --split and --stats_json (no -m). "
                    "`python eval.py predict -h`: draw detections on images.")
-        parser.add_argument("-d", "--data", required=True,
-                            help="COCO json, COCO / YOLO dataset folder, or 'shapes'")
+        parser.add_argument("-d", "--data", default=None,
+                            help="COCO json, COCO / YOLO dataset folder, or 'shapes' (default: the "
+                                 "data the -m checkpoint was trained on; needed with --results or a preset)")
         parser.add_argument("--split", default="val", help="train or val (for dataset folders)")
         parser.add_argument("--results", default=None, help="score this COCO results json instead of a model")
         parser.add_argument("--stats_json", default=None, help="write the 12 numbers here")
@@ -765,18 +788,32 @@ def main(argv=None):
                             help="decode workers (default: 2 on CPU; on a GPU this machine's cores, at most 8)")
         if "--results" in argv or any(a.startswith("--results=") for a in argv):
             args = parser.parse_args(argv)
+            if args.data is None:
+                raise EvalInputError("--results needs -d: the COCO json (or dataset folder) its image ids come from")
             score_results_file(args.results, args.data, args.split, args.stats_json)
             return 0
         _add_common_flags(parser)
         args = parser.parse_args(argv)
         if args.workers is not None and args.workers < 0:
             raise EvalInputError(f"--workers {args.workers}: give 0 (decode in the main process) or more")
-        if not os.path.exists(args.data) and args.data != "shapes":  # fail before building a model
+        if args.data is not None and not os.path.exists(args.data) and args.data != "shapes":
+            # fail before building a model
             raise EvalInputError(f"-d {args.data}: no such file or folder; give a COCO json, a COCO or "
                                  f"YOLO dataset folder, or 'shapes'")
-        model, _ = load_model(args.model, det_header=args.det_header,
-                              input_shape=_input_shape(args.input_shape), device=args.device)
-        run_coco_evaluation(model, args.data, nms_score_threshold=args.nms_score_threshold, nms=args.nms,
+        model_path = _checkpoint_or_default(args.model)
+        model, info = load_model(model_path, det_header=args.det_header,
+                                 input_shape=_input_shape(args.input_shape), device=args.device)
+        data_path = args.data
+        if data_path is None:  # the checkpoint's own training data, split --split
+            data_path = info["data"]
+            if data_path is None:
+                raise EvalInputError(f"-m {model_path}: it records no training data (a preset name, or an "
+                                     f"old checkpoint); give -d (a COCO json, a COCO / YOLO folder, or 'shapes')")
+            if not os.path.exists(data_path) and data_path != "shapes":
+                raise EvalInputError(f"-m {model_path} was trained on --data {data_path}, which is not there "
+                                     f"from here; give -d")
+            print(f"evaluating {model_path} on the {args.split} split of its training data, {data_path}")
+        run_coco_evaluation(model, data_path, nms_score_threshold=args.nms_score_threshold, nms=args.nms,
                             nms_mode=args.nms_mode, nms_topk=args.nms_topk, batch_size=args.batch_size,
                             nms_iou_or_sigma=args.nms_iou_or_sigma,
                             nms_max_output_size=args.nms_max_output_size, clip_bbox=args.clip_bbox,

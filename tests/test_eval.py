@@ -298,3 +298,43 @@ def test_cli_eval_and_predict(tmp_path, capsys):
     predictions = json.loads((out / "predictions.json").read_text())
     assert sorted(predictions) == images
     assert all((out / (os.path.splitext(f)[0] + ".png")).exists() for f in images)
+
+
+def test_cli_defaults_to_the_default_run_and_its_training_data(tmp_path, monkeypatch, capsys):
+    """`python eval.py --nms gaussian` as the card writes it: -m defaults to runs/train/best.pt
+    (train.py's default --out) and -d to the data that checkpoint was trained on."""
+    monkeypatch.chdir(tmp_path)
+    gt = os.path.join(FIXTURES, "instances_val2014_100.json")
+    assert ev.main(["--nms", "gaussian"]) == 2
+    err = capsys.readouterr().err
+    assert "runs/train/best.pt" in err and "-m" in err and "Traceback" not in err
+    os.makedirs("runs/other")
+    write_checkpoint("runs/other/best.pt")
+    assert ev.main(["--nms", "gaussian"]) == 2
+    assert "found: runs/other/best.pt" in capsys.readouterr().err
+
+    os.makedirs("runs/train")
+    model = write_checkpoint("runs/train/best.pt")  # no train_config: nothing says which data
+    assert ev.main(["--nms", "gaussian"]) == 2
+    assert "records no training data" in capsys.readouterr().err
+    checkpoint = torch.load("runs/train/best.pt", weights_only=False)
+    checkpoint["train_config"] = {"data": "missing_folder"}
+    torch.save(checkpoint, "runs/train/best.pt")
+    assert ev.main(["--nms", "gaussian"]) == 2
+    assert "trained on --data missing_folder" in capsys.readouterr().err
+
+    checkpoint["train_config"] = {"data": gt}
+    torch.save(checkpoint, "runs/train/best.pt")
+    seen = {}
+
+    def spy(model_, data_path, **kwargs):
+        seen.update(model=model_, data=data_path, nms=kwargs["nms"], split=kwargs["split"])
+
+    monkeypatch.setattr(ev, "run_coco_evaluation", spy)
+    assert ev.main(["--nms", "linear"]) == 0
+    assert seen["data"] == gt and seen["nms"] == "linear" and seen["split"] == "val"
+    for key, value in model.state_dict().items():
+        assert torch.equal(seen["model"].state_dict()[key], value)
+    assert ev.main(["-d", "shapes", "--nms", "hard"]) == 0 and seen["data"] == "shapes"  # -d given wins
+    assert ev.main(["--results", "r.json"]) == 2
+    assert "--results needs -d" in capsys.readouterr().err
