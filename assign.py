@@ -34,9 +34,9 @@ Then the losses that consume each assignment:
 On a GPU, anything whose *value* the CPU must read (a count, a boolean-mask index, .item())
 makes the CPU wait until the GPU has run everything queued, and then the GPU idles while Python
 queues the next kernels. The only such value here is the number of valid boxes, and train.py
-keeps the `valid` mask on the CPU, where counting costs nothing. The losses weight by the
-positive mask rather than indexing with it: indexing would need the number of positives on the
-CPU, one such wait per loss term.
+keeps the `valid` mask on the CPU, where counting costs nothing. Every loss term is summed over
+its priors with a where (`_sum_at`: positives, or all but the ignored) rather than by indexing
+with a mask: indexing would need the number of positives on the CPU, one such wait per term.
 
 Conventions (see DESIGN.md): boxes are xyxy absolute pixels, float32; labels 0..C-1.
 Priors come from `models.make_priors` (centers [N, 2], strides [N], boxes [N, 4]); the box
@@ -127,8 +127,9 @@ class Assignment(NamedTuple):
     ignored:  [B, N] bool, the prior is left out of the background / objectness loss
               (never True where positive is).
     gt_index: [B, N] int64 index into the M padded boxes, -1 where not positive.
-    iou:      [B, N] float32 IoU behind the decision (anchor vs box for max-IoU, predicted box
-              vs its box for SimOTA; for SimOTA 0 where not positive).
+    iou:      [B, N] float32 IoU behind the decision: for max-IoU the anchor's best IoU over
+              its image's boxes (for an anchor forced onto a box it overlaps less than another,
+              that other box's); for SimOTA the predicted box vs its box, 0 where not positive.
     """
     positive: torch.Tensor
     ignored: torch.Tensor
@@ -492,7 +493,7 @@ def anchor_loss(outputs, priors, targets, alpha=0.25, gamma=1.5, delta=0.1, box_
     cls_target = torch.zeros_like(cls).scatter_(2, labels.unsqueeze(-1),
                                                 a.positive.unsqueeze(-1).to(cls.dtype))
     focal = sigmoid_focal_loss(cls, cls_target, alpha, gamma, label_smoothing)
-    cls_loss = (focal * (~a.ignored).unsqueeze(-1)).sum() / num_pos
+    cls_loss = _sum_at(focal, ~a.ignored) / num_pos
 
     # Box targets everywhere (an anchor's own box where it is not positive, which encodes to 0),
     # summed at the positives only: no count of them needed (see the top of the file).
@@ -552,7 +553,7 @@ def anchor_free_loss(outputs, priors, targets, use_l1=False, iou_kind="iou", lab
     box_loss = _sum_at((1 - iou ** 2) if iou_kind == "iou" else (1 - iou), pos) / num_pos
 
     obj_bce = F.binary_cross_entropy_with_logits(obj, pos.to(obj.dtype), reduction="none")
-    obj_loss = (obj_bce * (~a.ignored)).sum() / num_pos
+    obj_loss = _sum_at(obj_bce, ~a.ignored) / num_pos
 
     cls_bce = F.binary_cross_entropy_with_logits(cls, cls_target, reduction="none")  # [B, N, C]
     cls_loss = _sum_at(cls_bce, pos) / num_pos

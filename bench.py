@@ -745,8 +745,9 @@ def train_effdet_step_fn(size, batch, num_classes):
 
 
 def train_our_step_fn(size, batch, data_root, with_data=True):
-    """Our training step exactly as train.py runs it: loader (PIL decode in workers) -> augment
-    (crop mode 1, flip, RandAugment 6, mosaic 0.5, HSV) -> model -> assignment + loss -> SGD."""
+    """Our CPU training step, the parts train.py runs: loader (PIL decode, in the main process as
+    --workers 0) -> augment (crop mode 1, flip, RandAugment 6, mosaic 0.5, HSV) -> model ->
+    assignment + loss -> SGD (no EMA, no loss checks: effdet's side has neither)."""
     import assign
     import data
     import models

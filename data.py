@@ -73,6 +73,9 @@ class Dataset(torch.utils.data.Dataset):
         """COCO-format ground truth of this split (images, annotations incl. iscrowd, categories)."""
         if self._coco is not None:
             return self._coco
+        # A crowd region keeps no class in the records (label -1), so it is written under the
+        # first category, and pycocotools ignores detections only in crowds of their own class.
+        # No reader here meets that: COCO keeps its own json (self._coco) and YOLO has no crowds.
         images, annotations = [], []
         for r in self.records:
             images.append(dict(id=r["image_id"], file_name=os.path.basename(r["file"]),
@@ -222,7 +225,7 @@ def read_yolo(folder, split="train", images_dir=None):
             break
     if label_dir is None:
         raise ValueError(f"{folder}: no YOLO label files, an empty split '{split}' (looked in labels/{split}/, "
-                         f"labels/, obj_{split}_data/): put one `class cx cy w h` txt per image there")
+                         f"labels/, obj_{split}_data/, obj_train_data/): put one `class cx cy w h` txt per image there")
     stems = sorted(f[:-4] for f in os.listdir(label_dir) if f.endswith(".txt"))
     candidates = [images_dir] if images_dir else [
         os.path.join(folder, "images", split), os.path.join(folder, "images"), label_dir,
@@ -266,7 +269,11 @@ def open_dataset(path, split, images_dir=None):
         if not os.path.exists(os.path.join(path, "annotations", f"instances_{split}.json")):
             make_shapes(path)
     if os.path.isfile(path):
-        return read_coco(path, images_dir, split)
+        # A json file is one split whichever is asked for, so its images are looked for under the
+        # split its own name says (instances_val2017.json -> val2017/), never under `split`'s:
+        # train/ and val/ may hold files of the same names (the shapes set does).
+        own = next((s for s in ("train", "val", "test") if s in os.path.basename(path)), None)
+        return read_coco(path, images_dir, own)
     if not os.path.isdir(path):
         raise FileNotFoundError(f"dataset {path} does not exist: give 'shapes', a COCO folder, a COCO json "
                                 f"or a YOLO folder")
@@ -566,7 +573,8 @@ def crop_matrices(sizes, input_shape, random_crop_mode, generator):
     """Scale + translate per image for a crop mode. sizes: [B, 2] (h, w) of the real images.
     Returns [B, 3, 3] float64 mapping source px -> output px.
       0       letterbox: aspect-preserving resize to fit, top-left, pad right / bottom
-      (0, 1)  random resized crop: area fraction in (mode, 1), aspect ratio in (3/4, 4/3), stretched to fit
+      (0, 1)  random resized crop: area fraction in (mode, 1), aspect ratio in (3/4, 4/3) x the
+              target's W / H, stretched to fit
       1       random largest crop: short side covers the target, random position
       > 1     random scale: factor in [0.1, mode] of the letterbox size, random crop or pad."""
     hh, ww = float(input_shape[0]), float(input_shape[1])
@@ -720,8 +728,9 @@ def warp_region(images, inverse, region, rows, mode="bilinear"):
 # Mosaic, per batch: a plan (split point + which image fills each quadrant), then boxes and pixels
 # ----------------------------------------------------------------------------------------------
 def mosaic_plan(b, h, w, generator, split_range=(0.25, 0.75)):
-    """One random split point (cy, cx) for the batch and src [B, 4]: output i shows, in quadrant q
-    (TL, TR, BL, BR), the same region of image src[i, q], at the same place and scale. Each image is
+    """One random split point (cy, cx) for the batch, returned as (regions, src): regions are the 4
+    quadrants (y0, y1, x0, x1) in output px, TL, TR, BL, BR; src [B, 4] int64. Output i shows, in
+    quadrant q, the same region of image src[i, q], at the same place and scale. Each image is
     repeated 4 times and the copies shuffled, one permutation per quadrant, so every region of
     every image appears exactly once in the mosaicked batch."""
     u = torch.rand(2, generator=generator, device=_where(generator)).cpu()

@@ -546,8 +546,12 @@ def run_coco_evaluation(model, data, nms_score_threshold=0.001, nms="gaussian", 
     device = next(model.parameters()).device
     priors = make_priors(input_shape, model.strides, model.anchors_mode, device=device,
                          anchor_scale=model.anchor_scale)
+    if model.num_classes != len(dataset.cat_ids):  # label k is read as dataset.cat_ids[k] below
+        raise EvalInputError(f"the model predicts {model.num_classes} classes and {dataset.source} has "
+                             f"{len(dataset.cat_ids)}: evaluate on the data the model was trained on")
     coco_gt = dataset.coco_gt()
-    image_sizes = {im["id"]: (im["height"], im["width"]) for im in coco_gt["images"]}
+    # From the records, which read a size missing from the json off the image file itself.
+    image_sizes = {r["image_id"]: (r["height"], r["width"]) for r in dataset.records}
     loader = make_loader(dataset, batch_size=batch_size, shuffle=False, workers=workers, seed=0,
                          drop_last=False, pin_memory=device.type == "cuda")
 
@@ -601,9 +605,9 @@ def load_model(path_or_preset, det_header=None, num_classes=None, input_shape=No
     if not os.path.isfile(path_or_preset):
         if os.sep in path_or_preset or path_or_preset.endswith((".pt", ".pth")):
             raise EvalInputError(f"-m {path_or_preset}: no such checkpoint file")
-        config = {"det_header": path_or_preset, "num_classes": num_classes or 80}
-        if input_shape is not None:
-            config["input_shape"] = tuple(input_shape)
+        # input_shape None = the preset's published size (yolox_s 640, efficientdet_d0 512, ...)
+        config = {"det_header": path_or_preset, "num_classes": num_classes or 80,
+                  "input_shape": None if input_shape is None else tuple(input_shape)}
         model = build_model(**config)
         return model.to(device).eval(), {"class_names": None, "cat_ids": None, "data": None}
 
@@ -740,6 +744,12 @@ def _checkpoint_or_default(model):
                          f"not exist here{hint}: give -m CHECKPOINT (or a preset name), or train first")
 
 
+def _few(categories, n=4):
+    """{id: name} as 'N categories (1 person, 2 bicycle, ...)' for an error message."""
+    shown = ", ".join(f"{k} {v}" for k, v in list(categories.items())[:n])
+    return f"{len(categories)} categories ({shown}{', ...' if len(categories) > n else ''})"
+
+
 def _input_shape(values):
     if values is None:
         return None
@@ -771,7 +781,7 @@ def main(argv=None):
 
         parser = argparse.ArgumentParser(
             prog="eval.py", description="COCO AP of a model, or of a results json.",
-            epilog="--results mode takes only -d, --split and --stats_json (no -m). "
+            epilog="--results mode takes only -d, --split and --stats_json (no model, NMS or loader flags). "
                    "`python eval.py predict -h`: draw detections on images.")
         parser.add_argument("-d", "--data", default=None,
                             help="COCO json, COCO / YOLO dataset folder, or 'shapes' (default: the "
@@ -790,6 +800,11 @@ def main(argv=None):
             args = parser.parse_args(argv)
             if args.data is None:
                 raise EvalInputError("--results needs -d: the COCO json (or dataset folder) its image ids come from")
+            unused = [f for f in ("-b", "--batch_size", "--nms_score_threshold", "--clip_bbox", "--workers",
+                                  "--save_results") if any(a == f or a.startswith(f + "=") for a in argv)]
+            if unused:
+                raise EvalInputError(f"--results scores the detections in the file as they are: {', '.join(unused)} "
+                                     f"would do nothing there; drop it, or evaluate a model with -m")
             score_results_file(args.results, args.data, args.split, args.stats_json)
             return 0
         _add_common_flags(parser)
@@ -813,7 +828,15 @@ def main(argv=None):
                 raise EvalInputError(f"-m {model_path} was trained on --data {data_path}, which is not there "
                                      f"from here; give -d")
             print(f"evaluating {model_path} on the {args.split} split of its training data, {data_path}")
-        run_coco_evaluation(model, data_path, nms_score_threshold=args.nms_score_threshold, nms=args.nms,
+        dataset = open_dataset(data_path, args.split)
+        if info["cat_ids"] is not None and list(info["cat_ids"]) != dataset.cat_ids:
+            # Labels are positions in the category list: another list (or order) would score every
+            # detection as some other class, and the AP would be silently wrong.
+            trained = dict(zip(info["cat_ids"], info["class_names"] or info["cat_ids"]))
+            here = dict(zip(dataset.cat_ids, dataset.class_names))
+            raise EvalInputError(f"-m {model_path} was trained on the categories {_few(trained)} and "
+                                 f"{data_path} has {_few(here)}: evaluate on data with the same categories")
+        run_coco_evaluation(model, dataset, nms_score_threshold=args.nms_score_threshold, nms=args.nms,
                             nms_mode=args.nms_mode, nms_topk=args.nms_topk, batch_size=args.batch_size,
                             nms_iou_or_sigma=args.nms_iou_or_sigma,
                             nms_max_output_size=args.nms_max_output_size, clip_bbox=args.clip_bbox,

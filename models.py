@@ -245,8 +245,9 @@ def round_channels(channels, multiplier, divisor=8):
     return new + divisor if new < 0.9 * scaled else new
 
 
-# EfficientNet-B0 stages: (expand, kernel, stride, out channels, repeats). Strides 2, 4, 8,
-# 8(16), 16, 32: the maps after stages 3, 5 and 7 are the stride 8, 16, 32 features.
+# EfficientNet-B0 stages: (expand, kernel, stride, out channels, repeats). After the stride-2
+# stem the 7 stages end at strides 2, 4, 8, 16, 16, 32, 32: the maps after stages 3, 5 and 7 are
+# the stride 8, 16, 32 features.
 EFFICIENTNET_B0_STAGES = [(1, 3, 1, 16, 1), (6, 3, 2, 24, 2), (6, 5, 2, 40, 2), (6, 3, 2, 80, 3),
                           (6, 5, 1, 112, 3), (6, 5, 2, 192, 4), (6, 3, 1, 320, 1)]
 # (width multiplier, depth multiplier) of B0..B7.
@@ -823,7 +824,8 @@ def make_priors(input_shape, strides, anchors_mode, device=None, anchor_scale=AN
 # exp() of a raw log-size is clamped so that an untrained or diverging net cannot overflow:
 # at most 1000 / 16 (62.5) times the anchor (Detectron's bbox_xform_clip, log(1000/16) ~ 4.14).
 # Anchor-free sizes are relative to the stride, which is 4x smaller than the anchors' base
-# size (4 * stride), so their clamp is log(4 * 1000 / 16): both cap a box at 250 strides.
+# size (4 * stride), so their clamp is log(4 * 1000 / 16): both cap a box at 250 strides (for
+# the base anchor, octave 0 and 1:1; the largest of the 9 anchors caps at about 555).
 MAX_LOG_SIZE = {"efficientdet": math.log(1000.0 / 16), "anchor_free": math.log(4 * 1000.0 / 16)}
 MIN_SIZE = 1e-3   # px; keeps log() finite when encoding degenerate boxes
 

@@ -75,7 +75,8 @@ def parse_args(argv=None):
       "--lr_min at epoch N; a list like 30,60,90: multiply by 0.1 at each of those epochs")
     a("--lr_warmup_steps", type=float, default=None, help="epochs of linear warm-up from 0")
     a("--lr_cooldown_steps", type=int, default=None,
-      help="epochs after the decay (at --lr_min); sets the run's length when -e is not given")
+      help="epochs after the decay (at --lr_min after a cosine, at the last step's lr after a list); "
+           "sets the run's length when -e is not given")
     a("--lr_min", type=float, default=None, help="learning rate at the end of the decay")
     a("--det_header", default="efficientdet_d0", help="preset: efficientdet_d0..d7, d7x, yolox_nano..yolox_x")
     a("--backbone", default=None, help="swap the backbone: cspdarknet, efficientnet_b0..b7, "
@@ -85,7 +86,8 @@ def parse_args(argv=None):
                       const="anchor_free", help="YOLOX grid points + SimOTA, whatever the header")
     mode.add_argument("--use_anchors_mode", action="store_const", dest="anchors_mode",
                       const="efficientdet", help="EfficientDet anchors + max-IoU, whatever the header")
-    a("--freeze_backbone_epochs", type=int, default=None, help="train with the backbone frozen for these first epochs")
+    a("--freeze_backbone_epochs", type=int, default=None, help="train with the backbone frozen for these "
+      "first epochs (default: the recipe's, 32 for EfficientDet, when --pretrained is given; else 0)")
     a("--mosaic_mix_prob", type=float, default=None, help="probability that a batch is mosaicked")
     a("--random_crop_mode", type=float, default=None, help="0 letterbox; (0,1) random resized crop; "
       "1 random largest crop; >1 random scale in [0.1, mode]")
@@ -99,7 +101,8 @@ def parse_args(argv=None):
     a("--workers", type=int, default=None,
       help="DataLoader decode workers per process (default: 2 on CPU; on a GPU the cores of this "
            "machine shared among its processes, at most 8 each)")
-    a("--seed", type=int, default=0, help="same seed, same batches, same weights")
+    a("--seed", type=int, default=0, help="same seed, same batches; same weights on the CPU (a GPU's "
+      "kernels, chosen by timing, may sum in another order)")
     a("--eval_start_epoch", type=int, default=1, help="evaluate COCO AP from this epoch (1-based) on")
     a("--eval_batch_size", type=int, default=16, help="batch size of the per-epoch evaluation")
     a("--resume", default=None, help="a last.pt to continue from, exactly where it stopped")
@@ -118,6 +121,10 @@ def resolve_config(args):
     """Merge the command line with the recipe of the chosen family into one plain dict."""
     recipe = YOLOX_RECIPE if args.det_header.startswith("yolox") else EFFICIENTDET_RECIPE
     cfg = dict(vars(args))
+    if cfg["freeze_backbone_epochs"] is None and not cfg["pretrained"]:
+        # The recipe freezes a PRETRAINED backbone while the new head settles. A random one has
+        # nothing worth keeping: frozen, it would stay random, BatchNorm statistics and all.
+        cfg["freeze_backbone_epochs"] = 0
     for k, v in recipe.items():
         if cfg.get(k) is None:
             cfg[k] = v
@@ -166,7 +173,8 @@ def build_optimizer(model, name, lr, weight_decay):
 
 def learning_rate(epoch_float, cfg, lr_max):
     """The learning rate at a (fractional) epoch: linear warm-up, then cosine to lr_min over
-    lr_decay_steps epochs (or x0.1 at each listed epoch), then lr_min for the cooldown epochs."""
+    lr_decay_steps epochs, then lr_min for the cooldown epochs; or, for a list of epochs, x0.1 at
+    each of them (lr_min unused: the cooldown stays at the last step's rate)."""
     warmup = cfg["lr_warmup_steps"]
     if epoch_float < warmup:
         return lr_max * epoch_float / warmup
@@ -231,7 +239,7 @@ def write_text_atomic(path, text):
 def plot_history(rows, path):
     """Loss parts, learning rate and AP per epoch as one PNG, drawn with PIL (no matplotlib)."""
     panels = [("loss parts", [k for k in rows[0] if k.startswith("loss_")]), ("lr", ["lr"]),
-              ("COCO AP (EMA)", ["AP", "AP50"])]
+              ("COCO AP (EMA if on)", ["AP", "AP50"])]
     colours = [(31, 119, 180), (255, 127, 14), (44, 160, 44), (214, 39, 40), (148, 103, 189), (140, 86, 75)]
     w, h, pad = 420, 300, 40
     img = Image.new("RGB", (w * len(panels), h), "white")
@@ -334,6 +342,9 @@ def main(argv=None):
         fail(f"--data {cfg['data']}: {e}")
     if world > 1 and is_main:
         dist.barrier()
+    if train_set.files == val_set.files:  # a single COCO json, or a YOLO folder without splits
+        log(f"note: --data {cfg['data']} has one split, so the AP of each epoch is measured on the "
+            f"training images; give a folder with a train and a val split for a held-out AP")
 
     # ---- model, priors, optimizer
     torch.manual_seed(cfg["seed"])  # same seed -> same initial weights
@@ -367,21 +378,23 @@ def main(argv=None):
     if cfg["resume"]:
         start_epoch, best_ap = load_resume(cfg["resume"], model, ema, optimizer, scaler)
         log(f"resumed from {cfg['resume']} at epoch {start_epoch + 1}")
-    elif is_main and os.path.exists(os.path.join(cfg["out"], "history.csv")):
-        os.remove(os.path.join(cfg["out"], "history.csv"))  # a fresh run starts a fresh history
+    elif is_main:
+        # A fresh run starts a fresh history, and no best.pt of an earlier run in this folder may
+        # stand in for this one's (eval.py picks runs/train/best.pt up by default).
+        for name in ("history.csv", "best.pt"):
+            if os.path.exists(os.path.join(cfg["out"], name)):
+                os.remove(os.path.join(cfg["out"], name))
 
     run_config = dict(cfg, num_classes=model.num_classes, model_config=model.config,
                       class_names=train_set.class_names, cat_ids=train_set.cat_ids)
     if is_main:
         write_text_atomic(os.path.join(cfg["out"], "config.json"), json.dumps(run_config, indent=2) + "\n")
 
-    train_model = model
+    compiled = model
     if cfg["compile"]:
         # dynamic=False: the input size never changes in a run, so one static graph is enough.
-        train_model = torch.compile(model, dynamic=False)
-    if world > 1:
-        train_model = torch.nn.parallel.DistributedDataParallel(
-            train_model, device_ids=[device.index] if device.type == "cuda" else None)
+        compiled = torch.compile(model, dynamic=False)
+    train_model, wrapped_frozen = compiled, None  # under DDP: wrapped in the epoch loop
 
     n_params = sum(p.numel() for p in model.parameters())
     log(f"{cfg['det_header']} ({model.anchors_mode}, {n_params / 1e6:.2f}M params) on {device}, "
@@ -400,6 +413,14 @@ def main(argv=None):
             mosaic = 0.0 if closing else cfg["mosaic_mix_prob"]
             model.train()
             set_backbone_frozen(model, frozen)
+            if world > 1 and frozen != wrapped_frozen:
+                # DDP lists the parameters that need a gradient when it is built and waits for
+                # every one of them each step: a backbone frozen (or unfrozen) after that would
+                # hang or fail its reduction. So it is built again whenever freezing changes, at
+                # most twice a run; building it broadcasts rank 0's weights, which all ranks share.
+                train_model = torch.nn.parallel.DistributedDataParallel(
+                    compiled, device_ids=[device.index] if device.type == "cuda" else None)
+                wrapped_frozen = frozen
 
             # A new loader and generator per epoch, both seeded by (seed, epoch): an epoch's batches
             # depend on nothing but those two numbers, which is what makes resume exact.
@@ -452,7 +473,7 @@ def main(argv=None):
                 nonfinite = step_bad if nonfinite is None else nonfinite | step_bad
                 # Reading a GPU value makes the CPU wait for the GPU, so the loss is looked at only at
                 # fixed steps, the same on every process: each quarter of the epoch and every 50 steps.
-                quarter = (i + 1) % max(1, steps // 4) == 0 or i + 1 == steps
+                quarter = (i + 1) * 4 // steps != i * 4 // steps  # the steps that end a quarter
                 if quarter or (i + 1) % 50 == 0:
                     bad = nonfinite.float()
                     if world > 1:  # a NaN on any process stops them all, together
@@ -524,7 +545,8 @@ def main(argv=None):
                   f"continue with --resume {os.path.join(cfg['out'], 'last.pt')}")
         sys.exit(130)
     if is_main:
-        log(f"done: {cfg['out']}/last.pt, best.pt (AP {best_ap:.4f}), history.csv, history.png")
+        best = f"best.pt (AP {best_ap:.4f})" if best_ap >= 0 else "no best.pt (never evaluated: see --eval_start_epoch)"
+        log(f"done: {cfg['out']}/last.pt, {best}, history.csv, history.png")
     if world > 1:
         dist.destroy_process_group()
     return best_ap

@@ -510,6 +510,17 @@ def test_coco_download_layout_opens_as_is(shapes_dir, tmp_path):
         data.open_dataset(str(root), "val")
 
 
+def test_a_json_file_is_one_split_whichever_is_asked(shapes_dir):
+    # train/ and val/ of the shapes set hold files of the same names: the train json's images must
+    # come from train/ even when the val split is asked for, or its boxes would sit on other pictures.
+    one = os.path.join(shapes_dir, "annotations", "instances_train.json")
+    as_train, as_val = data.open_dataset(one, "train"), data.open_dataset(one, "val")
+    assert as_val.files == as_train.files and len(as_val) == 24
+    assert as_val.files[0] == os.path.join(shapes_dir, "train", "000000.jpg")
+    folder_val = data.open_dataset(shapes_dir, "val")
+    assert folder_val.files[0] == os.path.join(shapes_dir, "val", "000000.jpg") and len(folder_val) == 8
+
+
 def test_bad_boxes_counted_warning(tmp_path):
     anns = [dict(id=1, image_id=1, category_id=1, bbox=[1, 1, 5, 5], iscrowd=0),
             dict(id=2, image_id=1, category_id=1, bbox=[float("nan"), 1, 5, 5], iscrowd=0),

@@ -283,6 +283,12 @@ def test_load_model_and_wrong_architecture(tmp_path, capsys):
     assert "no such checkpoint" in capsys.readouterr().err
 
 
+def test_a_preset_name_builds_at_its_published_size():
+    assert ev.load_model("yolox_s")[0].config["input_shape"] == (640, 640)
+    assert ev.load_model("efficientdet_d1")[0].config["input_shape"] == (640, 640)
+    assert ev.load_model("yolox_nano", input_shape=(128, 96))[0].config["input_shape"] == (128, 96)
+
+
 def test_cli_eval_and_predict(tmp_path, capsys):
     voc = shared_path("voc2007_100", "instances_coco.json")
     path = str(tmp_path / "nano.pt")
@@ -300,11 +306,29 @@ def test_cli_eval_and_predict(tmp_path, capsys):
     assert all((out / (os.path.splitext(f)[0] + ".png")).exists() for f in images)
 
 
+def write_small_coco(folder, cat_ids=range(1, 21), sizes=True):
+    """Two 64 x 48 grey pictures with one box each, as a COCO json + images/ (20 classes, ids 1..20
+    as write_checkpoint's model has); without `sizes` the json leaves out width and height."""
+    from PIL import Image
+    os.makedirs(os.path.join(folder, "images"), exist_ok=True)
+    images = []
+    for i in (1, 2):
+        Image.new("RGB", (64, 48), (90, 90, 90)).save(os.path.join(folder, "images", f"{i}.jpg"))
+        images.append(dict(id=i, file_name=f"{i}.jpg", **(dict(width=64, height=48) if sizes else {})))
+    cat_ids = list(cat_ids)
+    anns = [dict(id=i, image_id=i, category_id=cat_ids[i], bbox=[4, 4, 20, 16], area=320, iscrowd=0) for i in (1, 2)]
+    path = os.path.join(folder, "ann.json")
+    with open(path, "w") as f:
+        json.dump(dict(images=images, annotations=anns,
+                       categories=[dict(id=c, name=f"class{c - 1}") for c in cat_ids]), f)
+    return path
+
+
 def test_cli_defaults_to_the_default_run_and_its_training_data(tmp_path, monkeypatch, capsys):
     """`python eval.py --nms gaussian` as the card writes it: -m defaults to runs/train/best.pt
     (train.py's default --out) and -d to the data that checkpoint was trained on."""
     monkeypatch.chdir(tmp_path)
-    gt = os.path.join(FIXTURES, "instances_val2014_100.json")
+    small = write_small_coco(str(tmp_path / "small"))
     assert ev.main(["--nms", "gaussian"]) == 2
     err = capsys.readouterr().err
     assert "runs/train/best.pt" in err and "-m" in err and "Traceback" not in err
@@ -323,18 +347,51 @@ def test_cli_defaults_to_the_default_run_and_its_training_data(tmp_path, monkeyp
     assert ev.main(["--nms", "gaussian"]) == 2
     assert "trained on --data missing_folder" in capsys.readouterr().err
 
-    checkpoint["train_config"] = {"data": gt}
+    checkpoint["train_config"] = {"data": small}
     torch.save(checkpoint, "runs/train/best.pt")
     seen = {}
 
-    def spy(model_, data_path, **kwargs):
-        seen.update(model=model_, data=data_path, nms=kwargs["nms"], split=kwargs["split"])
+    def spy(model_, dataset, **kwargs):
+        seen.update(model=model_, dataset=dataset, nms=kwargs["nms"])
 
     monkeypatch.setattr(ev, "run_coco_evaluation", spy)
     assert ev.main(["--nms", "linear"]) == 0
-    assert seen["data"] == gt and seen["nms"] == "linear" and seen["split"] == "val"
+    assert seen["dataset"].source == small and seen["nms"] == "linear" and len(seen["dataset"]) == 2
     for key, value in model.state_dict().items():
         assert torch.equal(seen["model"].state_dict()[key], value)
-    assert ev.main(["-d", "shapes", "--nms", "hard"]) == 0 and seen["data"] == "shapes"  # -d given wins
+    other = write_small_coco(str(tmp_path / "other"))
+    assert ev.main(["-d", other, "--nms", "hard"]) == 0 and seen["dataset"].source == other  # -d given wins
     assert ev.main(["--results", "r.json"]) == 2
     assert "--results needs -d" in capsys.readouterr().err
+    assert ev.main(["--results", "r.json", "-d", small, "--clip_bbox"]) == 2  # would be silently ignored
+    assert "--clip_bbox would do nothing there" in capsys.readouterr().err
+
+
+def test_categories_must_match_the_checkpoint(tmp_path, capsys):
+    path = str(tmp_path / "nano.pt")
+    write_checkpoint(path)  # 20 classes, ids 1..20
+    shifted = write_small_coco(str(tmp_path / "shifted"), cat_ids=range(2, 22))  # same count, other ids
+    assert ev.main(["-m", path, "-d", shifted, "--device", "cpu"]) == 2
+    err = capsys.readouterr().err
+    assert "trained on the categories 20 categories (1 class0, 2 class1, 3 class2, 4 class3, ...)" in err
+    assert "has 20 categories (2 class1," in err and "Traceback" not in err
+    fewer = write_small_coco(str(tmp_path / "fewer"), cat_ids=range(1, 6))
+    assert ev.main(["-m", "yolox_nano", "-d", fewer, "-i", "64", "--device", "cpu"]) == 2  # preset: 80 classes
+    assert "the model predicts 80 classes and" in capsys.readouterr().err
+
+
+def test_clip_bbox_with_a_json_that_has_no_image_sizes(tmp_path):
+    # pycocotools needs no image size, and neither may the evaluation: --clip_bbox reads them
+    # off the image files when the json leaves them out, and clips to the same box either way.
+    model = models.build_model("yolox_nano", num_classes=20, input_shape=(64, 64)).eval()
+    def evaluate(name, sizes, clip):  # score threshold 0: the random model's 1e-4 scores all count
+        ev.run_coco_evaluation(model, write_small_coco(str(tmp_path / name), sizes=sizes), clip_bbox=clip,
+                               nms_score_threshold=0.0, verbose=False, results_path=str(tmp_path / f"{name}.json"))
+        return json.loads((tmp_path / f"{name}.json").read_text())
+
+    results = [evaluate("with", True, True), evaluate("without", False, True)]
+    assert results[0] == results[1] and len(results[0]) == 200
+    unclipped = evaluate("unclipped", False, False)
+    assert max(r["bbox"][1] + r["bbox"][3] for r in unclipped) > 48  # so the clipping below does something
+    assert max(r["bbox"][0] + r["bbox"][2] for r in results[1]) <= 64 + 1e-3
+    assert max(r["bbox"][1] + r["bbox"][3] for r in results[1]) <= 48 + 1e-3

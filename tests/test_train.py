@@ -85,8 +85,12 @@ def test_freeze_then_unfreeze_and_exact_resume(tiny_shapes, tmp_path):
     moved = [k for k, v in _weights(resumed["model"], "backbone.").items() if not torch.equal(v, init[k])]
     assert moved, "the backbone did not move after unfreezing"
 
-    # Two epochs straight give the same weights (and EMA) as one + resume one.
+    # Two epochs straight give the same weights (and EMA) as one + resume one. The folder holds a
+    # best.pt of an earlier run: a fresh run that never evaluates must not leave it standing.
+    os.makedirs(tmp_path / "b")
+    torch.save({"stale": True}, tmp_path / "b" / "best.pt")
     run_train(tiny_shapes, tmp_path / "b", *common)
+    assert not (tmp_path / "b" / "best.pt").exists()
     straight = torch.load(tmp_path / "b" / "last.pt", weights_only=False)
     for part in ("model", "ema"):
         for k, v in straight[part].items():
@@ -135,27 +139,30 @@ train.main(sys.argv[1:])
 def test_ddp_two_processes_on_gloo(tiny_shapes, tmp_path):
     # Two processes on gloo, 2 images each per step: each rank sees its own half of the 8 images,
     # the gradients are averaged, so both ranks end with the same weights; rank 0 alone writes.
+    # The backbone is frozen in epoch 1 and trains in epoch 2, which DDP must follow.
     spy = tmp_path / "spy.py"
     spy.write_text(DDP_SPY.format(root=ROOT, out=str(tmp_path)))
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29561",
            str(spy), "-d", tiny_shapes, "--out", str(tmp_path), "-b", "2",
-           "--workers", "0", "--det_header", "yolox_nano", "-i", "64", "-e", "1", "--eval_start_epoch", "1",
+           "--workers", "0", "--det_header", "yolox_nano", "-i", "64", "-e", "2", "--eval_start_epoch", "2",
+           "--freeze_backbone_epochs", "1",
            "--mosaic_mix_prob", "0", "--magnitude", "0", "--eval_batch_size", "4"]
     env = dict(os.environ, OMP_NUM_THREADS="1")
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300, cwd=ROOT, env=env)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     rows = history(tmp_path)
-    assert len(rows) == 1 and rows[0]["AP"] != ""  # rank 0 wrote once, and evaluated
+    assert len(rows) == 2 and rows[0]["AP"] == "" and rows[1]["AP"] != ""  # rank 0 wrote; evaluated
     ckpt = torch.load(tmp_path / "last.pt", weights_only=False)
-    assert ckpt["train_config"]["batch_size"] == 2 and ckpt["epoch"] == 1
+    assert ckpt["train_config"]["batch_size"] == 2 and ckpt["epoch"] == 2
     ranks = [torch.load(tmp_path / f"rank{r}.pt", weights_only=False) for r in (0, 1)]
-    first, second = (set(r["images"]) for r in ranks)
+    first, second = (set(r["images"][:4]) for r in ranks)  # epoch 1: 2 steps of 2 images
     assert len(first) == len(second) == 4 and not first & second  # 8 images split, no overlap
     torch.manual_seed(0)  # train.py's seed before build_model: the weights both ranks started from
     start = {n: w.detach() for n, w in models.build_model("yolox_nano", num_classes=6, input_shape=(64, 64)).named_parameters()}
     moved = max(float((w - start[n]).abs().max()) for n, w in ranks[0]["weights"].items())
     apart = max(float((w - ranks[1]["weights"][n]).abs().max()) for n, w in ranks[0]["weights"].items())
-    assert moved > 1e-3 and apart < 1e-6, (moved, apart)
+    backbone = max(float((w - start[n]).abs().max()) for n, w in ranks[0]["weights"].items() if n.startswith("backbone."))
+    assert moved > 1e-3 and backbone > 1e-3 and apart < 1e-6, (moved, backbone, apart)
 
 
 @pytest.mark.parametrize("flags,message", [
@@ -175,6 +182,22 @@ def test_clear_errors(tiny_shapes, tmp_path, capsys, flags, message):
     assert message in err and "Traceback" not in err
 
 
+def test_four_progress_lines_an_epoch_in_a_log(tiny_shapes, tmp_path, capsys):
+    # 8 images in batches of 1 with -b 1 is 8 steps: a line after steps 2, 4, 6 and 8 (a log file,
+    # not a terminal, so nothing else prints); the loss is checked at the same steps.
+    run_train(tiny_shapes, tmp_path, "--det_header", "yolox_nano", "-i", "64", "-e", "1", "-b", "1")
+    lines = [ln.split()[2] for ln in capsys.readouterr().out.splitlines() if ln.startswith("epoch 1/1 ")]
+    assert lines == ["2/8", "4/8", "6/8", "8/8"]
+
+
+def test_a_single_json_says_its_ap_is_on_the_training_images(tiny_shapes, tmp_path, capsys):
+    one_json = os.path.join(tiny_shapes, "annotations", "instances_train.json")
+    run_train(one_json, tmp_path / "json", "--det_header", "yolox_nano", "-i", "64", "-e", "1", "-b", "8")
+    assert "has one split, so the AP of each epoch is measured on the training images" in capsys.readouterr().out
+    run_train(tiny_shapes, tmp_path / "folder", "--det_header", "yolox_nano", "-i", "64", "-e", "1", "-b", "8")
+    assert "one split" not in capsys.readouterr().out  # train/ and val/ differ: no note
+
+
 def test_run_length_is_decay_plus_cooldown_unless_given():
     # The seed's rule: with -e unset a run is the decay, then the cooldown at lr_min.
     def epochs(*argv):
@@ -183,6 +206,14 @@ def test_run_length_is_decay_plus_cooldown_unless_given():
     assert epochs("--lr_decay_steps", "20", "--lr_cooldown_steps", "3") == 23
     assert epochs("--lr_decay_steps", "30,60,90", "--lr_cooldown_steps", "0") == 90
     assert epochs("-e", "7", "--lr_cooldown_steps", "3") == 7
+
+
+def test_recipe_freezes_only_a_pretrained_backbone():
+    def freeze(*argv):
+        return train.resolve_config(train.parse_args(list(argv)))["freeze_backbone_epochs"]
+    assert freeze() == 0 and freeze("--pretrained", "w.pt") == 32  # EfficientDet recipe: 32 when pretrained
+    assert freeze("--freeze_backbone_epochs", "3") == 3  # a given flag always wins
+    assert freeze("--det_header", "yolox_s", "--pretrained", "w.pt") == 0
 
 
 def test_learning_rate_schedule():
