@@ -501,11 +501,11 @@ def assign_run(device, args):
 
 def assign_main(argv=None):
     p = argparse.ArgumentParser(prog="bench.py assign", description=ASSIGN_DOC.splitlines()[0])
-    p.add_argument("--batch", type=int, default=16)
-    p.add_argument("--max_boxes", type=int, default=50)
-    p.add_argument("--classes", type=int, default=80)
+    p.add_argument("--batch", type=int, default=16, help="images per assignment call")
+    p.add_argument("--max_boxes", type=int, default=50, help="padded boxes per image (the real count varies)")
+    p.add_argument("--classes", type=int, default=80, help="classes of the class scores SimOTA's cost reads")
     p.add_argument("--repeats", type=int, default=5, help="assign_timed runs per side (the best is reported)")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=int, default=0, help="seed of the random boxes and scores")
     p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0 = torch's default)")
     args = p.parse_args(argv)
     if args.threads > 0:
@@ -626,13 +626,13 @@ def nms_timed(fn, repeats, sync=None):
 
 def nms_main(argv=None):
     parser = argparse.ArgumentParser(prog="bench.py nms", description=NMS_DOC.split("\n")[0])
-    parser.add_argument("--batch", type=int, default=8)
-    parser.add_argument("--priors", type=int, default=5000)
-    parser.add_argument("--classes", type=int, default=80)
-    parser.add_argument("--topk", type=int, default=5000)
+    parser.add_argument("--batch", type=int, default=8, help="images per batched_nms call")
+    parser.add_argument("--priors", type=int, default=5000, help="boxes per image")
+    parser.add_argument("--classes", type=int, default=80, help="class scores per box")
+    parser.add_argument("--topk", type=int, default=5000, help="(box, class) pairs kept per image before NMS")
     parser.add_argument("--loop_images", type=int, default=8,
                         help="images the slow loop runs on; its time is scaled to the batch")
-    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--repeats", type=int, default=3, help="timed calls per side (the best is reported)")
     parser.add_argument("--threads", type=int, default=1, help="torch threads for both CPU sides")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
@@ -985,17 +985,17 @@ def train_time(step, n):
 
 def train_main(argv=None):
     p = argparse.ArgumentParser(prog="bench.py train", description=TRAIN_DOC)
-    p.add_argument("--size", type=int, default=256)
-    p.add_argument("--batch", type=int, default=4)
+    p.add_argument("--size", type=int, default=256, help="CPU rows: input size of efficientdet_d0")
+    p.add_argument("--batch", type=int, default=4, help="CPU rows: images per step")
     p.add_argument("--steps", type=int, default=8, help="timed steps per round")
     p.add_argument("--rounds", type=int, default=3, help="rounds, alternating the two sides")
-    p.add_argument("--threads", type=int, default=2)
-    p.add_argument("--data", default="shapes")
+    p.add_argument("--threads", type=int, default=2, help="torch CPU threads for both sides")
+    p.add_argument("--data", default="shapes", help="dataset our side loads and augments (as train.py -d)")
     p.add_argument("--no_cpu", action="store_true", help="skip the CPU comparison (on a GPU machine)")
     p.add_argument("--no_cuda", action="store_true", help="skip the CUDA rows even if a GPU is present")
-    p.add_argument("--gpu_batch", type=int, default=32)
+    p.add_argument("--gpu_batch", type=int, default=32, help="CUDA rows: images per step")
     p.add_argument("--gpu_warmup", type=int, default=5, help="untimed steps first (compilation happens here)")
-    p.add_argument("--gpu_steps", type=int, default=30)
+    p.add_argument("--gpu_steps", type=int, default=30, help="CUDA rows: timed steps")
     p.add_argument("--gpu_rows", default="effdet,efficientdet_d0:512:eager,yolox_s:640:eager,"
                    "efficientdet_d0:512:compile,yolox_s:640:compile",
                    help="comma list: effdet, and NAME:SIZE:VARIANT with VARIANT eager | compile")
@@ -1041,9 +1041,12 @@ COMMANDS = {"data": data_main, "models": models_main, "assign": assign_main, "nm
 
 
 def main(argv):
-    if not argv or argv[0] not in COMMANDS:
+    if not argv or argv[0] in ("-h", "--help"):
         print(__doc__)
-        sys.exit(f"bench.py: name one subcommand: {', '.join(COMMANDS)}")
+        print(f"subcommands: {', '.join(COMMANDS)}; `python bench.py SUBCOMMAND -h` lists its flags")
+        return 0 if argv else 2
+    if argv[0] not in COMMANDS:
+        sys.exit(f"bench.py: unknown subcommand {argv[0]!r}: choose one of {', '.join(COMMANDS)}")
     COMMANDS[argv[0]](argv[1:])  # each prints its own report, ending with the ratio line
     return 0
 

@@ -110,9 +110,21 @@ def decode_image(path, max_side=None):
     return image, scale
 
 
-def _clean_boxes(boxes_xyxy, widths, heights, where, file_name):
-    """Clip slightly-outside boxes; drop (and count) NaN, non-positive-size or far-outside ones.
-    boxes_xyxy: float64 [N, 4]; widths / heights: [N] size of each box's image. Returns a keep mask."""
+def _image_size(path, fix):
+    """(width, height) from the image header only, no pixel decoding. A file PIL cannot read is
+    reported here, when the dataset is opened, rather than later inside a DataLoader worker.
+    fix: what else the user can do with the file (the reader knows where it is listed)."""
+    try:
+        with Image.open(path) as im:
+            return im.size
+    except (OSError, SyntaxError, ValueError) as e:
+        raise ValueError(f"image {path} cannot be read ({e}): replace it with a valid JPEG/PNG or {fix}") from None
+
+
+def _clean_boxes(boxes_xyxy, widths, heights):
+    """Clip slightly-outside boxes (in place); find NaN, non-positive-size or far-outside ones.
+    boxes_xyxy: float64 [N, 4]; widths / heights: [N] size of each box's image. Returns a keep
+    mask; the reader reports the dropped boxes, once for the whole split (_warn_bad_boxes)."""
     w_img, h_img = np.asarray(widths, np.float64), np.asarray(heights, np.float64)
     finite = np.isfinite(boxes_xyxy).all(1)
     b = np.where(finite[:, None], boxes_xyxy, 0)
@@ -120,22 +132,34 @@ def _clean_boxes(boxes_xyxy, widths, heights, where, file_name):
     margin = 0.1 * np.maximum(w_img, h_img)  # a few pixels outside is annotation noise, more is a bug
     inside = (b[:, 0] > -margin) & (b[:, 1] > -margin) & (b[:, 2] < w_img + margin) & (b[:, 3] < h_img + margin)
     keep = finite & positive & inside
-    if not keep.all():
-        bad = np.nonzero(~keep)[0]
-        examples = "; ".join(f"{where[j]} box {boxes_xyxy[j].round(1).tolist()}" for j in bad[:3])
-        warnings.warn(f"{file_name}: skipped {len(bad)} bad boxes (NaN, negative size or far outside the image), "
-                      f"e.g. {examples}. Fix those annotations to use them.")
     np.clip(boxes_xyxy[:, 0::2], 0, w_img[:, None], out=boxes_xyxy[:, 0::2])
     np.clip(boxes_xyxy[:, 1::2], 0, h_img[:, None], out=boxes_xyxy[:, 1::2])
     return keep
 
 
-def _find_image_dir(candidates, file_name, what):
+def _warn_bad_boxes(source, count, total, examples, hint=""):
+    """One warning for a whole split, not one per file: 100 label files written in pixels must not
+    bury the console in 100 warnings. examples: a few bad boxes, as written in the annotations (so
+    the user can find them), not as the xyxy they became here. A split left with no box at all is
+    allowed (background-only val sets exist), but the warning says so plainly."""
+    every = "; that is every box: no usable box is left in this split" if count == total else ""
+    warnings.warn(f"{source}: skipped {count} bad boxes of {total} (NaN, non-positive size or far outside the "
+                  f"image){every}. {hint}E.g. {'; '.join(examples)}. Fix those annotations to use them.")
+
+
+def _numbers(values, sep=" "):
+    """Numbers as a user would write them: 320 not 320.0, 0.25 not 0.25000000001."""
+    return sep.join(f"{v:g}" for v in values)
+
+
+def _find_image_dir(candidates, file_names, what):
+    """The first candidate folder that holds any of file_names (the split's first few images, so
+    that one missing file does not hide the right folder; read_coco then checks every image)."""
     for d in candidates:
-        if os.path.exists(os.path.join(d, file_name)):
+        if any(os.path.exists(os.path.join(d, f)) for f in file_names):
             return d
-    raise FileNotFoundError(f"{what}: cannot find image {file_name} in any of {candidates}: put the images in one "
-                            f"of those folders (or pass images_dir)")
+    raise FileNotFoundError(f"{what}: cannot find image {file_names[0]} in any of {candidates}: put the images in one "
+                            f"of those folders")
 
 
 def read_coco(json_path, images_dir=None, split=None):
@@ -165,7 +189,15 @@ def read_coco(json_path, images_dir=None, split=None):
             names += [os.path.join(root, split), os.path.join(root, "images", split),
                       os.path.join(root, f"{split}2017"), os.path.join(root, f"{split}2014")]
         names += [os.path.join(root, "images"), root]
-        images_dir = _find_image_dir(names, coco["images"][0]["file_name"], json_path)
+        images_dir = _find_image_dir(names, [im["file_name"] for im in coco["images"][:20]], json_path)
+    # The folder was found from the first images; every image must be there too, or training would
+    # stop mid-epoch inside a DataLoader worker. One exists() per file is cheap, even for COCO's 118k.
+    missing = [im["file_name"] for im in coco["images"]
+               if not os.path.exists(os.path.join(images_dir, im["file_name"]))]
+    if missing:
+        raise FileNotFoundError(f"{json_path}: {len(missing)} of its {len(coco['images'])} images are missing from "
+                                f"{images_dir}, e.g. {', '.join(missing[:3])}: restore them, or remove them (and "
+                                f"their annotations) from the json")
 
     per_image = {im["id"]: [] for im in coco["images"]}
     for a in coco["annotations"]:
@@ -175,15 +207,22 @@ def read_coco(json_path, images_dir=None, split=None):
             raise ValueError(f"{json_path}: annotation {a.get('id')} has category_id {a.get('category_id')} "
                              f"that is not in 'categories': add the category or fix the annotation")
     anns = [a for im in coco["images"] for a in per_image[im["id"]]]
+    for a in anns:  # checked one by one, so the error names the annotation rather than numpy's shapes
+        bbox = a.get("bbox")
+        if not (isinstance(bbox, list) and len(bbox) == 4 and all(isinstance(v, (int, float)) for v in bbox)):
+            raise ValueError(f"{json_path}: annotation {a.get('id')} has no bbox of 4 numbers [x, y, w, h]: fix or "
+                             f"remove it (it has {'no bbox' if bbox is None else 'bbox ' + json.dumps(bbox)[:60]})")
     size_of = {im["id"]: (im.get("width"), im.get("height")) for im in coco["images"]}
     for im in coco["images"]:
         if not im.get("width") or not im.get("height"):  # read only the header for a missing size
-            with Image.open(os.path.join(images_dir, im["file_name"])) as pim:
-                size_of[im["id"]] = pim.size
+            size_of[im["id"]] = _image_size(os.path.join(images_dir, im["file_name"]), "remove it from the json")
     xywh = np.array([a["bbox"] for a in anns], np.float64).reshape(-1, 4)
     xyxy = np.concatenate([xywh[:, :2], xywh[:, :2] + xywh[:, 2:]], 1)
-    keep = _clean_boxes(xyxy, [size_of[a["image_id"]][0] for a in anns], [size_of[a["image_id"]][1] for a in anns],
-                        [f"annotation {a.get('id')}" for a in anns], json_path)
+    keep = _clean_boxes(xyxy, [size_of[a["image_id"]][0] for a in anns], [size_of[a["image_id"]][1] for a in anns])
+    bad = np.nonzero(~keep)[0]
+    if len(bad):
+        _warn_bad_boxes(json_path, len(bad), len(anns),
+                        [f"annotation {anns[j].get('id')} bbox [{_numbers(xywh[j], ', ')}]" for j in bad[:3]])
     records, k = [], 0
     for im in coco["images"]:
         n = len(per_image[im["id"]])
@@ -199,16 +238,90 @@ def read_coco(json_path, images_dir=None, split=None):
 
 
 def _yolo_names(folder):
+    """Class names of a YOLO folder: a names file (one name per line), else data.yaml's `names`."""
     for name in sorted(os.listdir(folder)):
         if name.endswith(".names") or name in ("classes.txt", "names.txt"):
             with open(os.path.join(folder, name)) as f:
                 return [line.strip() for line in f if line.strip()]
-    if os.path.exists(os.path.join(folder, "data.yaml")):  # the tiny subset of YAML YOLO uses: `names: [a, b]`
-        for line in open(os.path.join(folder, "data.yaml")):
-            if line.strip().startswith("names:") and "[" in line:
-                return [n.strip().strip("'\"") for n in line.split("[", 1)[1].rsplit("]", 1)[0].split(",")]
+    if os.path.exists(os.path.join(folder, "data.yaml")):
+        return _yaml_names(os.path.join(folder, "data.yaml"))
     raise FileNotFoundError(f"{folder}: no class-names file (obj.names, classes.txt, names.txt or data.yaml "
                             f"`names: [...]`): add one with a class name per line")
+
+
+def _unquote(text):
+    """A YAML scalar as YOLO exports write one: `person`, 'person' or "person", maybe a # comment."""
+    return text.split(" #")[0].strip().strip("'\"")
+
+
+def _yaml_names(path):
+    """`names` of a YOLO data.yaml. This is not a YAML parser (no pyyaml here): it reads only the
+    subset of YAML that YOLO exports write for the names, one of
+
+        names: [person, car]        names:                names:
+                                      0: person             - person
+                                      1: car                - car
+
+    and says so clearly when the file holds something else."""
+    with open(path, encoding="utf-8", errors="replace") as f:
+        lines = [line.rstrip() for line in f]
+    how = "write it as `names: [a, b]`, or as a block of `  0: a` lines or of `  - a` lines"
+    for i, line in enumerate(lines):
+        if not line.strip().startswith("names:"):
+            continue
+        rest = line.strip()[len("names:"):].strip()
+        if rest.startswith("[") and "]" in rest:  # one line: names: [a, b]
+            inside = rest[1:].rsplit("]", 1)[0]
+            return [_unquote(n) for n in inside.split(",") if _unquote(n)]
+        if rest and not rest.startswith("#"):
+            raise ValueError(f"{path}:{i + 1}: cannot read `{line.strip()}`: {how}")
+        # A block: the lines below, indented deeper than `names:` (a list may also sit at its level).
+        indent = len(line) - len(line.lstrip())
+        listed, numbered = [], {}
+        for j in range(i + 1, len(lines)):
+            text = lines[j].strip()
+            if not text or text.startswith("#"):
+                continue
+            depth = len(lines[j]) - len(lines[j].lstrip())
+            if depth < indent or (depth == indent and not text.startswith("-")):
+                break  # the next key: the block is over
+            if text.startswith("-"):
+                listed.append(_unquote(text[1:]))
+            elif ":" in text and text.split(":", 1)[0].strip().isdigit():
+                numbered[int(text.split(":", 1)[0])] = _unquote(text.split(":", 1)[1])
+            else:
+                raise ValueError(f"{path}:{j + 1}: cannot read `{text}` under `names:`: {how}")
+        if listed and not numbered:
+            return listed
+        if numbered and not listed and sorted(numbered) == list(range(len(numbered))):
+            return [numbered[k] for k in range(len(numbered))]
+        raise ValueError(f"{path}:{i + 1}: `names:` is empty, mixes forms, or is not numbered 0, 1, 2, ...: {how}")
+    raise ValueError(f"{path} has no `names:` line: add the class names in label order, {how}")
+
+
+def _read_yolo_txt(path):
+    """One YOLO label file -> (rows float64 [N, 5] = class cx cy w h, line number of each row).
+    Each non-empty line must hold exactly 5 numbers, checked line by line: reading the whole file
+    and reshaping it to 5 columns would silently re-chunk lines of 4 numbers (class missing) or 6
+    (a confidence column) into wrong boxes. An empty file is a background image."""
+    rows, line_numbers = [], []
+    # errors="replace": a binary file then fails below as "not numbers", naming its line
+    with open(path, encoding="utf-8", errors="replace") as f:
+        for n, line in enumerate(f, 1):
+            words = line.split()
+            if not words:
+                continue  # a blank line, e.g. at the end
+            if len(words) != 5:
+                raise ValueError(f"{path}:{n} has {len(words)} numbers, expected 5: class cx cy w h (normalized 0..1). "
+                                 f"Fix that line (4 numbers: the class is missing; 6: remove the extra column, e.g. "
+                                 f"a confidence)")
+            try:
+                rows.append([float(w) for w in words])
+            except ValueError:
+                raise ValueError(f"{path}:{n} is not numbers ({line.strip()[:60]!r}), expected 5: class cx cy w h "
+                                 f"(normalized 0..1)") from None
+            line_numbers.append(n)
+    return np.array(rows, np.float64).reshape(-1, 5), line_numbers
 
 
 def read_yolo(folder, split="train", images_dir=None):
@@ -231,30 +344,38 @@ def read_yolo(folder, split="train", images_dir=None):
         os.path.join(folder, "images", split), os.path.join(folder, "images"), label_dir,
         os.path.join(os.path.dirname(os.path.abspath(folder)), "images")]
     records = []
+    bad_count, total, examples, look_like_pixels = 0, 0, [], False  # bad boxes of the whole split
     for image_id, stem in enumerate(stems):
+        path = os.path.join(label_dir, stem + ".txt")
         file = next((os.path.join(d, stem + e) for d in candidates for e in IMAGE_EXTENSIONS
                      if os.path.exists(os.path.join(d, stem + e))), None)
         if file is None:
-            raise FileNotFoundError(f"{os.path.join(label_dir, stem + '.txt')}: no image {stem}.jpg/.png in "
-                                    f"{candidates}: add the image or pass images_dir")
-        with Image.open(file) as im:
-            width, height = im.size
-        path = os.path.join(label_dir, stem + ".txt")
-        try:
-            rows = np.loadtxt(path, ndmin=2, dtype=np.float64).reshape(-1, 5)
-        except ValueError as e:
-            raise ValueError(f"{path} is not YOLO txt ({e}): each line must be `class cx cy w h`") from None
+            raise FileNotFoundError(f"{path}: no image {stem}.jpg/.png in {candidates}: put the image in one of "
+                                    f"those folders, or remove the label file")
+        width, height = _image_size(file, f"remove it and its label {path}")
+        rows, line_numbers = _read_yolo_txt(path)
         cls = rows[:, 0].astype(np.int64)
-        if ((cls < 0) | (cls >= len(names))).any():
-            raise ValueError(f"{path}: class index outside 0..{len(names) - 1}: fix the file or the names file")
+        outside = np.nonzero((cls < 0) | (cls >= len(names)))[0]
+        if len(outside):
+            raise ValueError(f"{path}:{line_numbers[outside[0]]}: class {cls[outside[0]]} is outside "
+                             f"0..{len(names) - 1}: fix the file or the names file")
         cxcywh = rows[:, 1:] * np.array([width, height, width, height])
         xyxy = np.concatenate([cxcywh[:, :2] - cxcywh[:, 2:] / 2, cxcywh[:, :2] + cxcywh[:, 2:] / 2], 1)
-        keep = _clean_boxes(xyxy, [width] * len(cls), [height] * len(cls),
-                            [f"line {j + 1}" for j in range(len(cls))], path)
+        keep = _clean_boxes(xyxy, [width] * len(cls), [height] * len(cls))
+        total += len(keep)
+        for j in np.nonzero(~keep)[0]:
+            bad_count += 1
+            look_like_pixels = look_like_pixels or bool((rows[j, 1:] > 1).any())
+            if len(examples) < 3:
+                examples.append(f"{path}:{line_numbers[j]} cx cy w h = {_numbers(rows[j, 1:])}")
         records.append(dict(file=file, image_id=image_id, width=width, height=height,
                             boxes=xyxy[keep].astype(np.float32), labels=cls[keep]))
     if not records:
         raise ValueError(f"{folder}: split '{split}' is empty: add images and labels")
+    if bad_count:
+        hint = ("YOLO coordinates must be normalized to 0..1 (these look like pixels): divide cx and w by the image "
+                "width, cy and h by its height. ") if look_like_pixels else ""
+        _warn_bad_boxes(label_dir, bad_count, total, examples, hint)
     return Dataset(records, names, list(range(len(names))), folder)
 
 
@@ -268,6 +389,9 @@ def open_dataset(path, split, images_dir=None):
         path = os.path.join(ROOT, "data_cache", "shapes")
         if not os.path.exists(os.path.join(path, "annotations", f"instances_{split}.json")):
             make_shapes(path)
+    if os.path.isfile(path) and path.lower().endswith((".yaml", ".yml")):
+        raise ValueError(f"{path} is a yaml file: give the dataset folder that holds data.yaml "
+                         f"({os.path.dirname(os.path.abspath(path))}), not the yaml file")
     if os.path.isfile(path):
         # A json file is one split whichever is asked for, so its images are looked for under the
         # split its own name says (instances_val2017.json -> val2017/), never under `split`'s:
@@ -416,6 +540,9 @@ def make_shapes(out, num_train=1000, num_val=200, seed=0):
     """Write the built-in shapes set (COCO layout) to `out`: annotations/instances_{train,val}.json,
     train/*.jpg, val/*.jpg. Deterministic in `seed`. Built in a temp folder and renamed, so a
     half-built set is never seen; if another process finished first, its copy is kept."""
+    if num_train < 1 or num_val < 1:  # train.py needs images in both splits: refuse such a set here
+        raise ValueError(f"the shapes set needs at least 1 train and 1 val image, got --num_train {num_train} "
+                         f"--num_val {num_val}: give 1 or more for each")
     out = os.path.abspath(out)
     if os.path.exists(os.path.join(out, "annotations", "instances_val.json")):
         return out
@@ -535,6 +662,31 @@ def make_loader(dataset, batch_size, shuffle, workers, seed, max_boxes=100, drop
         _Decoded(dataset, max_side), batch_size=batch_size, shuffle=shuffle, sampler=sampler, num_workers=workers,
         collate_fn=_Collate(max_boxes), drop_last=drop_last, generator=generator, worker_init_fn=_seed_worker,
         pin_memory=pin_memory, persistent_workers=workers > 0)
+
+
+class DataLoadError(ValueError):
+    """An image of the dataset could not be read while batches were being made."""
+
+
+def batches(loader):
+    """The loader's batches, with an unreadable image reported in one line.
+
+    decode_image's error names the file and the fix, but raised inside a worker process it reaches
+    us wrapped in the worker's traceback ("Caught ValueError in DataLoader worker process 0.
+    Original Traceback ... ValueError: image x.jpg cannot be decoded ..."). The message is its
+    last line, without the "ValueError: " in front; it comes back as a DataLoadError."""
+    iterator = iter(loader)
+    while True:
+        try:
+            batch = next(iterator)
+        except StopIteration:
+            return
+        except (OSError, ValueError) as e:  # FileNotFoundError is an OSError
+            lines = [line for line in str(e).strip().splitlines() if line.strip()]
+            last = lines[-1] if lines else type(e).__name__
+            kind, _, message = last.partition(": ")
+            raise DataLoadError(message if kind.endswith(("Error", "Exception")) and message else last) from None
+        yield batch
 
 
 def to_device(t, device):
@@ -993,9 +1145,24 @@ def letterbox(batch, input_shape, mode="bilinear"):
 # ----------------------------------------------------------------------------------------------
 # Pictures
 # ----------------------------------------------------------------------------------------------
+PICTURE_FORMATS = {".png": "PNG", ".jpg": "JPEG", ".jpeg": "JPEG"}  # extension -> PIL format
+
+
+def picture_format(path):
+    """PIL format for a picture path, from its extension, or a clear error (checked before any work)."""
+    if os.path.isdir(path):
+        raise ValueError(f"-o {path} is a folder: give a file name, e.g. {os.path.join(path, 'batch.png')}")
+    ext = os.path.splitext(path)[1].lower()
+    if ext not in PICTURE_FORMATS:
+        raise ValueError(f"-o {path}: cannot tell the picture format from '{ext}': end the name with .png or .jpg")
+    return PICTURE_FORMATS[ext]
+
+
 def show_batch_sample(batch, path, class_names=None, max_images=16, columns=4):
-    """Grid PNG of a batch (augment's output, or a loader batch) with boxes and class names.
-    Crowd / ignore regions are drawn grey. Written to a temp name, then renamed."""
+    """Grid picture (PNG, or JPEG for .jpg / .jpeg) of a batch (augment's output, or a loader batch)
+    with boxes and class names. Crowd / ignore regions are drawn grey. The folder is made if
+    missing; the file is written to a temp name, then renamed."""
+    fmt = picture_format(path)
     images = batch["images"][:max_images].detach().cpu()
     if images.dtype == torch.uint8:
         images = images.float() / 255
@@ -1015,9 +1182,16 @@ def show_batch_sample(batch, path, class_names=None, max_images=16, columns=4):
             draw.rectangle(box, outline=colour, width=2)
             draw.text((box[0] + 2, box[1] + 1), name, fill=colour)
         sheet.paste(pic, ((i % cols) * (w + 4) + 2, (i // cols) * (h + 4) + 2))
-    tmp = f"{path}.tmp-{os.getpid()}.png"
-    sheet.save(tmp)
-    os.replace(tmp, path)
+    tmp = f"{path}.tmp-{os.getpid()}"
+    try:
+        os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)  # as eval.py does for its pictures
+        sheet.save(tmp, format=fmt)  # the format the extension says, not the temp name's
+        os.replace(tmp, path)
+    except OSError as e:  # e.g. no permission: name the file asked for, and leave no temp file behind
+        raise ValueError(f"cannot write {path} ({e.strerror or e}): give -o a path in a writable folder") from None
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
     return path
 
 
@@ -1034,22 +1208,34 @@ def main(argv=None):
     p.add_argument("--num_val", type=int, default=200, help="number of val images")
     p.add_argument("--seed", type=int, default=0, help="random seed; the same seed writes the same set")
     p = sub.add_parser("show", help="draw one augmented batch as a PNG grid")
-    p.add_argument("--data", default="shapes", help="'shapes', a COCO folder, a COCO json or a YOLO folder")
+    p.add_argument("-d", "--data", default="shapes", help="'shapes', a COCO folder, a COCO json or a YOLO folder")
     p.add_argument("--split", default="train", choices=["train", "val"], help="which split to read")
     p.add_argument("--batch_size", type=int, default=16, help="images in the picture")
-    p.add_argument("--input_shape", type=int, default=256, help="output side in pixels (square)")
+    p.add_argument("-i", "--input_shape", type=int, default=256, help="output side in pixels (square)")
     p.add_argument("--random_crop_mode", type=float, default=1.0,
                    help="0 letterbox, (0,1) random resized crop, 1 random largest crop, >1 random scale")
     p.add_argument("--magnitude", type=float, default=6, help="RandAugment magnitude (0 = off)")
     p.add_argument("--num_layers", type=int, default=2, help="RandAugment ops per image")
     p.add_argument("--mosaic_mix_prob", type=float, default=0.5, help="probability that the batch is mosaicked")
     p.add_argument("--seed", type=int, default=0, help="random seed for order and augmentation")
-    p.add_argument("-o", "--output", default="batch.png", help="PNG to write")
+    p.add_argument("-o", "--output", default="batch.png", help="picture to write: .png, or .jpg / .jpeg")
     args = parser.parse_args(argv)
     try:
         if args.command == "shapes":
             print(make_shapes(args.out, args.num_train, args.num_val, args.seed))
             return 0
+        # Numbers checked before any file is read, with the flag named, rather than as a torch
+        # error (--batch_size 0) or a singular matrix (--input_shape 0) further down.
+        for flag, value, low in (("--batch_size", args.batch_size, 1), ("-i/--input_shape", args.input_shape, 1),
+                                 ("--num_layers", args.num_layers, 0)):
+            if value < low:
+                raise ValueError(f"{flag} {value}: give {low} or more")
+        for flag, value in (("--random_crop_mode", args.random_crop_mode), ("--magnitude", args.magnitude)):
+            if not value >= 0:  # also catches nan
+                raise ValueError(f"{flag} {value}: give 0 or more")
+        if not 0 <= args.mosaic_mix_prob <= 1:
+            raise ValueError(f"--mosaic_mix_prob {args.mosaic_mix_prob}: a probability, in 0..1")
+        picture_format(args.output)  # a bad -o fails now, not after the batch is made
         ds = open_dataset(args.data, args.split)
         batch = next(iter(make_loader(ds, args.batch_size, True, 0, args.seed)))
         out = augment(batch, (args.input_shape, args.input_shape), args.random_crop_mode, args.magnitude,

@@ -32,15 +32,17 @@ import functools
 import glob
 import io
 import json
+import math
 import os
 import sys
+import time
 
 import numpy as np
 import torch
 from pycocotools.coco import COCO
 from pycocotools.cocoeval import COCOeval
 
-from data import PAD_VALUE, default_workers, letterbox, make_loader, open_dataset
+from data import PAD_VALUE, batches, default_workers, letterbox, make_loader, open_dataset
 from models import build_model, decode_boxes, flatten_outputs, make_priors
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -376,14 +378,30 @@ def detections_to_coco(boxes, scores, labels, count, image_id, cat_ids):
             for (x1, y1, x2, y2), score, label in zip(boxes, scores, labels)]
 
 
+def _progress(what, done, total, t0, last_line, every=10.0):
+    """A line every `every` seconds, so a long run is not silent and a short one prints nothing.
+    Returns the time of the last line."""
+    now = time.time()
+    if now - last_line < every:
+        return last_line
+    rate = done / max(now - t0, 1e-9)
+    print(f"{what}: {done}/{total} images, {rate:.1f} img/s, eta {(total - done) / max(rate, 1e-9):.0f}s", flush=True)
+    return now
+
+
 def write_json_atomic(obj, path):
-    """Write json to a temporary name beside `path`, then rename: no half-written files."""
+    """Write json to a temporary name beside `path`, then rename: no half-written files, and no
+    temporary one left behind if the rename fails."""
     folder = os.path.dirname(os.path.abspath(path))
     os.makedirs(folder, exist_ok=True)
     tmp = f"{path}.tmp{os.getpid()}"
-    with open(tmp, "w") as f:
-        json.dump(obj, f)
-    os.replace(tmp, path)
+    try:
+        with open(tmp, "w") as f:
+            json.dump(obj, f)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -405,10 +423,22 @@ def check_results(results, coco_gt, source="results"):
                              f"(image_id, category_id, bbox, score), got {type(results).__name__}")
     image_ids = {im["id"] for im in coco_gt["images"]}
     cat_ids = {c["id"] for c in coco_gt["categories"]}
+    not_dicts = [i for i, r in enumerate(results) if not isinstance(r, dict)]
+    if not_dicts:
+        raise EvalInputError(f"{source}: detection {not_dicts[0]} is not a json object "
+                             f"{{image_id, category_id, bbox, score}} ({len(not_dicts)} such)")
     for key in ("image_id", "category_id", "bbox", "score"):
         missing = sum(1 for r in results if key not in r)
         if missing:
             raise EvalInputError(f"{source}: {missing} detections have no {key!r}")
+    # pycocotools would fail deep inside on a short bbox, and a NaN would quietly sort somewhere.
+    for i, r in enumerate(results):
+        box, score = r["bbox"], r["score"]
+        numbers = isinstance(box, list) and len(box) == 4 and all(isinstance(v, (int, float)) for v in box)
+        if not numbers or not all(math.isfinite(v) for v in box) or not (
+                isinstance(score, (int, float)) and math.isfinite(score)):
+            raise EvalInputError(f"{source}: detection {i} has bbox {box} and score {score}: a bbox is 4 "
+                                 f"finite numbers [x, y, w, h] in pixels and a score one finite number")
     for key, known, what in (("image_id", image_ids, "image ids"), ("category_id", cat_ids, "category ids")):
         unknown = sorted({r[key] for r in results} - known)
         if unknown:
@@ -558,9 +588,11 @@ def run_coco_evaluation(model, data, nms_score_threshold=0.001, nms="gaussian", 
     was_training = model.training
     model.eval()
     results = []
+    done, t0 = 0, time.time()
+    last_line = t0
     try:
         with torch.inference_mode():
-            for batch in loader:
+            for batch in batches(loader):  # an unreadable image: one DataLoadError line
                 # Only the pixels go to the device; sizes and ids stay where the CPU reads them.
                 batch["images"] = batch["images"].to(device, non_blocking=True)
                 letterboxed = eval_letterbox(batch, input_shape, resize_method, letterbox_pad)
@@ -577,6 +609,8 @@ def run_coco_evaluation(model, data, nms_score_threshold=0.001, nms="gaussian", 
                 for i, image_id in enumerate(image_ids):
                     results += detections_to_coco(boxes[i], scores[i], labels[i], counts[i], image_id,
                                                   dataset.cat_ids)
+                done += len(image_ids)
+                last_line = _progress("evaluating", done, len(dataset), t0, last_line)
     finally:
         model.train(was_training)
     if results_path:
@@ -640,8 +674,8 @@ def load_model(path_or_preset, det_header=None, num_classes=None, input_shape=No
             f"(backbone={saved.get('backbone')!r}, anchors_mode={saved.get('anchors_mode')!r}, "
             f"num_classes={saved.get('num_classes')}); its weights do not fit the model built as "
             f"det_header={config.get('det_header')!r}, num_classes={config.get('num_classes')} "
-            f"({first[0] if first else 'state_dict mismatch'}). Drop --det_header / --num_classes "
-            f"to use the checkpoint's own") from None
+            f"({first[0] if first else 'state_dict mismatch'}). Drop --det_header to use the "
+            f"checkpoint's own") from None
     return model.to(device).eval(), info
 
 
@@ -662,7 +696,8 @@ def predict(model, image_paths, out_dir, class_names=None, score_threshold=0.3, 
     os.makedirs(out_dir, exist_ok=True)
     all_predictions = {}
     model.eval()
-    for path in image_paths:
+    t0 = last_line = time.time()
+    for done, path in enumerate(image_paths, 1):
         try:
             image = Image.open(path).convert("RGB")
         except (OSError, ValueError) as e:
@@ -698,6 +733,7 @@ def predict(model, image_paths, out_dir, class_names=None, score_threshold=0.3, 
         image.save(tmp)
         os.replace(tmp, os.path.join(out_dir, f"{name}.png"))
         all_predictions[os.path.basename(path)] = detections
+        last_line = _progress("predicting", done, len(image_paths), t0, last_line)
     write_json_atomic(all_predictions, os.path.join(out_dir, "predictions.json"))
     return all_predictions
 
@@ -708,8 +744,8 @@ def _add_common_flags(parser):
                         help=f"train.py checkpoint, or a preset name (random weights); default {DEFAULT_CHECKPOINT}, "
                              f"the best.pt of train.py's default --out")
     parser.add_argument("--det_header", default=None, help="build this preset instead of the checkpoint's")
-    parser.add_argument("-i", "--input_shape", type=int, nargs="+", default=None,
-                        help="H [W] of the letterbox (default: the model's)")
+    parser.add_argument("-i", "--input_shape", nargs="+", default=None,
+                        help="H [W] (or H,W) of the letterbox (default: the model's)")
     parser.add_argument("--resize_method", default="bilinear", choices=("bilinear", "bicubic", "nearest"),
                         help="sampling of the letterbox resize")
     parser.add_argument("--disable_antialias", action="store_true",
@@ -751,11 +787,49 @@ def _few(categories, n=4):
 
 
 def _input_shape(values):
+    """-i as given: "H", "H W" or "H,W" (as train.py takes it) -> (H, W), or None."""
     if values is None:
         return None
-    if len(values) not in (1, 2):
-        raise EvalInputError(f"-i/--input_shape takes H or H W, got {values}")
-    return (values[0], values[-1])
+    try:
+        sizes = [int(v) for v in ",".join(values).replace("x", ",").split(",") if v]
+    except ValueError:
+        sizes = []
+    if len(sizes) not in (1, 2) or min(sizes) <= 0:
+        raise EvalInputError(f"-i/--input_shape {' '.join(values)}: give H, or H W, like 512 or 512 640")
+    return (sizes[0], sizes[-1])
+
+
+def _check_flags(args):
+    """Every number and path of the command line checked before any work starts, each error
+    naming its flag (a torch or pycocotools error later would name neither)."""
+    try:
+        device = torch.device(args.device)
+    except RuntimeError:
+        raise EvalInputError(f"--device {args.device}: give cpu or cuda (cuda:1 for the second GPU)") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise EvalInputError(f"--device {args.device}: this torch sees no CUDA GPU; use --device cpu")
+    if args.nms_topk < -1 or args.nms_max_output_size < 1 or not args.nms_iou_or_sigma > 0:
+        raise EvalInputError(f"--nms_topk {args.nms_topk} / --nms_max_output_size {args.nms_max_output_size} / "
+                             f"--nms_iou_or_sigma {args.nms_iou_or_sigma}: give topk -1 (all), 0 or more, "
+                             f"max_output_size 1 or more, and iou_or_sigma above 0")
+    for flag, value in (("--nms_score_threshold", getattr(args, "nms_score_threshold", 0.0)),
+                        ("--score_threshold", getattr(args, "score_threshold", 0.0))):
+        if not 0 <= value < 1:
+            raise EvalInputError(f"{flag} {value}: scores are in 0..1; give a threshold in [0, 1), like 0.001")
+    if getattr(args, "batch_size", 1) < 1:
+        raise EvalInputError(f"-b/--batch_size {args.batch_size}: give 1 or more")
+    for flag in ("stats_json", "save_results"):
+        path = getattr(args, flag, None)
+        if path and os.path.isdir(path):
+            raise EvalInputError(f"--{flag} {path} is a folder: give a file name like {os.path.join(path, flag + '.json')}")
+
+
+def _check_stride(model, input_shape):
+    h, w = input_shape or model.config["input_shape"]
+    stride = max(model.strides)
+    if h % stride or w % stride:
+        raise EvalInputError(f"-i/--input_shape {h} {w}: each side must be a multiple of {stride}, the "
+                             f"largest stride of {model.config['det_header']} (e.g. {stride * max(1, round(h / stride))})")
 
 
 def main(argv=None):
@@ -769,8 +843,22 @@ def main(argv=None):
             parser.add_argument("-o", "--out", required=True, help="output folder")
             parser.add_argument("--score_threshold", type=float, default=0.3, help="draw detections above this")
             args = parser.parse_args(argv[1:])
+            _check_flags(args)
+            if os.path.exists(args.out) and not os.path.isdir(args.out):
+                raise EvalInputError(f"-o {args.out} is a file: give a folder for the pictures (made if missing)")
+            missing = [f for f in args.images if not os.path.isfile(f)]
+            if missing:
+                raise EvalInputError(f"{len(missing)} of the images do not exist, e.g. {missing[0]}")
+            # Outputs are named after the inputs (x.jpg -> OUT/x.png): two inputs of one name
+            # would overwrite each other's picture.
+            stems = [os.path.splitext(os.path.basename(f))[0] for f in args.images]
+            twins = sorted({f for f, stem in zip(args.images, stems) if stems.count(stem) > 1})
+            if twins:
+                raise EvalInputError(f"{', '.join(twins[:4])}: these inputs share a file name, and their "
+                                     f"pictures would overwrite each other in {args.out}; predict them in separate runs")
             model, info = load_model(_checkpoint_or_default(args.model), det_header=args.det_header,
                                      input_shape=_input_shape(args.input_shape), device=args.device)
+            _check_stride(model, _input_shape(args.input_shape))
             predict(model, args.images, args.out, class_names=info["class_names"],
                     score_threshold=args.score_threshold, nms=args.nms, nms_mode=args.nms_mode,
                     nms_iou_or_sigma=args.nms_iou_or_sigma, nms_topk=args.nms_topk,
@@ -786,7 +874,7 @@ def main(argv=None):
         parser.add_argument("-d", "--data", default=None,
                             help="COCO json, COCO / YOLO dataset folder, or 'shapes' (default: the "
                                  "data the -m checkpoint was trained on; needed with --results or a preset)")
-        parser.add_argument("--split", default="val", help="train or val (for dataset folders)")
+        parser.add_argument("--split", default="val", choices=("train", "val"), help="the split of a dataset folder")
         parser.add_argument("--results", default=None, help="score this COCO results json instead of a model")
         parser.add_argument("--stats_json", default=None, help="write the 12 numbers here")
         parser.add_argument("--save_results", default=None, help="write the COCO results json here")
@@ -809,6 +897,7 @@ def main(argv=None):
             return 0
         _add_common_flags(parser)
         args = parser.parse_args(argv)
+        _check_flags(args)
         if args.workers is not None and args.workers < 0:
             raise EvalInputError(f"--workers {args.workers}: give 0 (decode in the main process) or more")
         if args.data is not None and not os.path.exists(args.data) and args.data != "shapes":
@@ -818,6 +907,7 @@ def main(argv=None):
         model_path = _checkpoint_or_default(args.model)
         model, info = load_model(model_path, det_header=args.det_header,
                                  input_shape=_input_shape(args.input_shape), device=args.device)
+        _check_stride(model, _input_shape(args.input_shape))
         data_path = args.data
         if data_path is None:  # the checkpoint's own training data, split --split
             data_path = info["data"]
@@ -834,8 +924,8 @@ def main(argv=None):
             # detection as some other class, and the AP would be silently wrong.
             trained = dict(zip(info["cat_ids"], info["class_names"] or info["cat_ids"]))
             here = dict(zip(dataset.cat_ids, dataset.class_names))
-            raise EvalInputError(f"-m {model_path} was trained on the categories {_few(trained)} and "
-                                 f"{data_path} has {_few(here)}: evaluate on data with the same categories")
+            raise EvalInputError(f"-m {model_path} was trained on {_few(trained)} and {data_path} has "
+                                 f"{_few(here)}: evaluate on data with the same categories")
         run_coco_evaluation(model, dataset, nms_score_threshold=args.nms_score_threshold, nms=args.nms,
                             nms_mode=args.nms_mode, nms_topk=args.nms_topk, batch_size=args.batch_size,
                             nms_iou_or_sigma=args.nms_iou_or_sigma,
@@ -847,7 +937,7 @@ def main(argv=None):
                             stats_json=args.stats_json)
         return 0
     except (ValueError, FileNotFoundError) as e:  # EvalInputError and the data / models checks
-        print(f"error: {e}", file=sys.stderr)
+        print(f"eval.py: error: {e}", file=sys.stderr)
         return 2
 
 

@@ -128,7 +128,10 @@ def resolve_config(args):
     for k, v in recipe.items():
         if cfg.get(k) is None:
             cfg[k] = v
-    size = [int(s) for s in str(cfg["input_shape"]).replace("x", ",").split(",") if s]
+    try:
+        size = [int(s) for s in str(cfg["input_shape"]).replace("x", ",").split(",") if s]
+    except ValueError:
+        size = []
     if len(size) == 1:
         size = size * 2
     if len(size) != 2 or min(size) <= 0:
@@ -139,11 +142,34 @@ def resolve_config(args):
         cfg["lr_decay_steps"] = [float(s) for s in raw.split(",") if s.strip()]
     except ValueError:
         cfg["lr_decay_steps"] = []
-    if not cfg["lr_decay_steps"] or min(cfg["lr_decay_steps"]) <= 0:
+    steps = cfg["lr_decay_steps"]
+    if not steps or min(steps) <= 0 or any(b <= a for a, b in zip(steps, steps[1:])):
         fail(f"--lr_decay_steps {raw!r}: give one number of epochs (cosine) like 100, or increasing "
              f"epochs like 30,60,90 (step decay)")
     if cfg["epochs"] is None:
         cfg["epochs"] = int(math.ceil(cfg["lr_decay_steps"][-1])) + cfg["lr_cooldown_steps"]
+    # Numbers that must be positive (or at least 0): caught here, before any file is touched,
+    # rather than as a torch error mid-run (--eval_batch_size would fail after a whole epoch).
+    for flag, key, low in (("-b/--batch_size", "batch_size", 1), ("-e/--epochs", "epochs", 1),
+                           ("--eval_batch_size", "eval_batch_size", 1), ("--num_layers", "num_layers", 0),
+                           ("--freeze_backbone_epochs", "freeze_backbone_epochs", 0),
+                           ("--close_mosaic_epochs", "close_mosaic_epochs", 0),
+                           ("--lr_cooldown_steps", "lr_cooldown_steps", 0)):
+        if cfg[key] < low:
+            fail(f"{flag} {cfg[key]}: give {low} or more")
+    for flag, key in (("--lr_base_512", "lr_base_512"), ("--weight_decay", "weight_decay"), ("--lr_min", "lr_min"),
+                      ("--lr_warmup_steps", "lr_warmup_steps"), ("--random_crop_mode", "random_crop_mode"),
+                      ("--magnitude", "magnitude")):
+        if not cfg[key] >= 0:  # also catches nan
+            fail(f"{flag} {cfg[key]}: give 0 or more")
+    if not 0 <= cfg["mosaic_mix_prob"] <= 1:
+        fail(f"--mosaic_mix_prob {cfg['mosaic_mix_prob']}: a probability, in 0..1")
+    if not 0 <= cfg["ema_decay"] < 1:
+        fail(f"--ema_decay {cfg['ema_decay']}: give a decay in [0, 1) like 0.9998, or 0 for no EMA")
+    if os.path.exists(cfg["out"]) and not os.path.isdir(cfg["out"]):
+        fail(f"--out {cfg['out']} is a file: give a folder for the run (it is made if missing)")
+    if cfg["lr_base_512"] == 0:
+        fail("--lr_base_512 0: the weights would never move; give a learning rate like 0.008")
     if cfg["optimizer"] not in ("sgd", "adam", "adamw"):
         fail(f"--optimizer {cfg['optimizer']!r} is unknown: choose sgd, adam or adamw")
     if cfg["amp"] is None:
@@ -342,6 +368,9 @@ def main(argv=None):
         fail(f"--data {cfg['data']}: {e}")
     if world > 1 and is_main:
         dist.barrier()
+    if not any((r["labels"] >= 0).any() for r in train_set.records):
+        fail(f"--data {cfg['data']}: the train split has no usable box in its {len(train_set)} images "
+             f"(see the warnings above, if any): nothing to learn from; fix the annotations")
     if train_set.files == val_set.files:  # a single COCO json, or a YOLO folder without splits
         log(f"note: --data {cfg['data']} has one split, so the AP of each epoch is measured on the "
             f"training images; give a folder with a train and a val split for a held-out AP")
@@ -377,6 +406,9 @@ def main(argv=None):
     os.makedirs(cfg["out"], exist_ok=True)
     if cfg["resume"]:
         start_epoch, best_ap = load_resume(cfg["resume"], model, ema, optimizer, scaler)
+        if start_epoch >= cfg["epochs"]:
+            fail(f"--resume {cfg['resume']} already finished epoch {start_epoch}, and this run has "
+                 f"{cfg['epochs']}: give a larger -e to train on")
         log(f"resumed from {cfg['resume']} at epoch {start_epoch + 1}")
     elif is_main:
         # A fresh run starts a fresh history, and no best.pt of an earlier run in this folder may
@@ -402,7 +434,14 @@ def main(argv=None):
         f"batch {cfg['batch_size']} x {world}, lr {lr_max:.3g}, amp {cfg['amp']}")
 
     epochs = cfg["epochs"]
-    last_good = None
+    # Two ways a flag can quietly reshape the run; one line each, so nobody wonders later.
+    decay_end = cfg["lr_decay_steps"][-1]
+    if len(cfg["lr_decay_steps"]) == 1 and epochs < decay_end:
+        log(f"note: -e {epochs} ends the run before the cosine reaches --lr_min at epoch {decay_end:g} "
+            f"(--lr_decay_steps); give --lr_decay_steps {max(1, epochs - cfg['lr_cooldown_steps'])} to fit it in")
+    if cfg["mosaic_mix_prob"] > 0 and cfg["close_mosaic_epochs"] >= epochs:
+        log(f"note: --close_mosaic_epochs {cfg['close_mosaic_epochs']} covers all {epochs} epochs: no mosaic in this run")
+    last_good, evaluated = None, False
     # Ctrl-C anywhere in an epoch (a step, the evaluation, the writing) leaves a resumable last.pt.
     epoch = start_epoch
     try:
@@ -438,7 +477,7 @@ def main(argv=None):
             sums, nonfinite, seen, t0, wait = {}, None, 0, time.time(), 0.0
             last_line = t0
             t_data = time.time()
-            for i, batch in enumerate(loader):
+            for i, batch in enumerate(data.batches(loader)):  # an unreadable image: one line, below
                 wait += time.time() - t_data
                 lr = learning_rate(epoch + i / steps, cfg, lr_max)
                 for group in optimizer.param_groups:
@@ -515,6 +554,7 @@ def main(argv=None):
                 stats = evaluation.run_coco_evaluation(eval_model, val_set, input_shape=tuple(cfg["input_shape"]),
                                                        batch_size=cfg["eval_batch_size"], workers=cfg["workers"],
                                                        verbose=epoch + 1 == epochs)
+                evaluated = True
                 log(f"epoch {epoch + 1}: AP {stats['AP']:.4f} AP50 {stats['AP50']:.4f} AR100 {stats['AR100']:.4f} "
                     f"(evaluated {len(val_set)} images in {time.time() - t_eval:.0f}s)")
             row["AP"] = round(stats["AP"], 6) if stats else ""
@@ -532,6 +572,9 @@ def main(argv=None):
             if world > 1:
                 dist.barrier()  # the others wait while rank 0 evaluates and writes
 
+    except data.DataLoadError as e:  # an image that cannot be read, in training or evaluation
+        fail(f"{e}; " + (f"fix the file, then --resume {last_good} (the last finished epoch)" if last_good
+                         else "fix the file and start again (no epoch had finished)"))
     except KeyboardInterrupt:
         if is_main and not all(bool(torch.isfinite(p).all()) for p in model.parameters()):
             # The loss went NaN in the steps since the last check: keep the last good last.pt.
@@ -545,7 +588,9 @@ def main(argv=None):
                   f"continue with --resume {os.path.join(cfg['out'], 'last.pt')}")
         sys.exit(130)
     if is_main:
-        best = f"best.pt (AP {best_ap:.4f})" if best_ap >= 0 else "no best.pt (never evaluated: see --eval_start_epoch)"
+        best = (f"best.pt (AP {best_ap:.4f})" if best_ap >= 0 else
+                "no best.pt (the val split has no boxes to score)" if evaluated else
+                "no best.pt (never evaluated: see --eval_start_epoch)")
         log(f"done: {cfg['out']}/last.pt, {best}, history.csv, history.png")
     if world > 1:
         dist.destroy_process_group()
@@ -608,8 +653,11 @@ def load_pretrained(model, path, log):
     state = ckpt.get("ema") or ckpt.get("model") or ckpt
     own = model.state_dict()
     matched = {k: v for k, v in state.items() if k in own and own[k].shape == v.shape}
-    if not matched:
-        fail(f"--pretrained {path}: no tensor matches this model's names and shapes")
+    # BatchNorm's batch counters (shape []) fit any model of the same layer names; they say nothing.
+    if not any(k.startswith("backbone.") and not k.endswith("num_batches_tracked") for k in matched):
+        trained = (ckpt.get("config") or {}).get("det_header", "another model")
+        fail(f"--pretrained {path}: none of its tensors fit this model's backbone ({len(matched)} of {len(own)} "
+             f"fit anywhere; it holds {trained}): give a checkpoint with the same --backbone / --det_header")
     model.load_state_dict(matched, strict=False)
     log(f"--pretrained: {len(matched)}/{len(own)} tensors loaded from {path}")
 

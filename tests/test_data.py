@@ -531,10 +531,155 @@ def test_bad_boxes_counted_warning(tmp_path):
         warnings.simplefilter("always")
         ds = data.open_dataset(write_coco(tmp_path, anns), "train")
     messages = [str(w.message) for w in caught]
-    assert len(messages) == 1 and "skipped 3 bad boxes" in messages[0] and "ann.json" in messages[0]
-    assert "annotation 2" in messages[0]
+    assert len(messages) == 1 and "ann.json: skipped 3 bad boxes of 5 (" in messages[0]
+    assert "every box" not in messages[0]
+    assert "annotation 2 bbox [nan, 1, 5, 5]; annotation 3 bbox [1, 1, -3, 5]; annotation 4 bbox [500, 1, 5, 5]" \
+        in messages[0]  # as written in the json (x, y, w, h), not as the xyxy they became
     assert np.allclose(ds[0]["boxes"], [[1, 1, 6, 6], [38, 1, 40, 6]])
 
+
+
+def write_yolo(tmp_path, labels, names="a\nb\n", size=(40, 30)):
+    """A YOLO folder: obj.names, labels/<stem>.txt with the given text, images/<stem>.jpg of `size`."""
+    root = tmp_path / "yolo"
+    (root / "labels").mkdir(parents=True)
+    (root / "images").mkdir()
+    if names is not None:
+        (root / "obj.names").write_text(names)
+    for stem, text in labels.items():
+        (root / "labels" / f"{stem}.txt").write_text(text)
+        Image.new("RGB", size).save(root / "images" / f"{stem}.jpg")
+    return root
+
+
+def test_yolo_lines_must_hold_5_numbers(tmp_path):
+    # 5 lines of 4 numbers are 20 numbers: reshaped to 5 columns they made 4 wrong boxes, silently.
+    root = write_yolo(tmp_path, {"a": "0.5 0.5 0.2 0.2\n" * 5})
+    with pytest.raises(ValueError, match=r"a\.txt:1 has 4 numbers, expected 5: class cx cy w h \(normalized 0\.\.1\)"):
+        data.read_yolo(str(root))
+    # 6 numbers (a confidence column), the first line fine, the second not
+    (root / "labels" / "a.txt").write_text("1 0.5 0.5 0.2 0.2\n" + "1 0.5 0.5 0.2 0.2 0.9\n" * 4)
+    with pytest.raises(ValueError, match=r"a\.txt:2 has 6 numbers, expected 5"):
+        data.read_yolo(str(root))
+    (root / "labels" / "a.txt").write_text("1 0.5 0.5 0.2 oops\n")
+    with pytest.raises(ValueError, match=r"a\.txt:1 is not numbers \('1 0\.5 0\.5 0\.2 oops'\), expected 5"):
+        data.read_yolo(str(root))
+    # blank lines are skipped, every other line is one box; an empty file is a background image
+    (root / "labels" / "a.txt").write_text("\n1 0.5 0.5 0.25 0.2\n\n0 0.25 0.5 0.5 1\n\n")
+    (root / "labels" / "b.txt").write_text("")
+    Image.new("RGB", (40, 30)).save(root / "images" / "b.jpg")
+    ds = data.read_yolo(str(root))
+    assert np.allclose(ds[0]["boxes"], [[15, 12, 25, 18], [0, 0, 20, 30]]) and ds[0]["labels"].tolist() == [1, 0]
+    assert ds[1]["boxes"].shape == (0, 4)
+    (root / "labels" / "a.txt").write_text("0 0.5 0.5 0.2 0.2\n2 0.5 0.5 0.2 0.2\n")
+    with pytest.raises(ValueError, match=r"a\.txt:2: class 2 is outside 0\.\.1"):
+        data.read_yolo(str(root))
+
+
+def test_yolo_pixel_labels_give_one_warning_for_the_split(tmp_path):
+    # Labels written in pixels of the 40 x 30 images: every box is far outside once taken as
+    # normalized. Three files, one warning, naming the cause and showing the numbers as written.
+    root = write_yolo(tmp_path, {"a": "0 20 15 10 8\n", "b": "1 10 10 4 4\n0 30 20 6 6\n", "c": ""})
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        ds = data.read_yolo(str(root))
+    messages = [str(w.message) for w in caught]
+    assert len(messages) == 1
+    assert "skipped 3 bad boxes of 3 (NaN, non-positive size or far outside the image); that is every box: " \
+        "no usable box is left in this split. " in messages[0]
+    assert "YOLO coordinates must be normalized to 0..1 (these look like pixels): divide cx and w by the image " \
+        "width, cy and h by its height. E.g. " in messages[0]
+    assert "a.txt:1 cx cy w h = 20 15 10 8; " in messages[0] and "b.txt:2 cx cy w h = 30 20 6 6" in messages[0]
+    assert len(ds) == 3 and sum(len(ds[i]["boxes"]) for i in range(3)) == 0  # allowed: train.py checks
+    # a normalized file with one NaN box: counted, but not blamed on pixels
+    (root / "labels" / "a.txt").write_text("0 0.5 0.5 0.2 0.2\n0 nan 0.5 0.2 0.2\n")
+    (root / "labels" / "b.txt").write_text("")
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        data.read_yolo(str(root))
+    assert len(caught) == 1 and "skipped 1 bad boxes of 2 (" in str(caught[0].message)
+    assert "a.txt:2 cx cy w h = nan 0.5 0.2 0.2" in str(caught[0].message)
+    assert "pixels" not in str(caught[0].message)
+
+
+def test_yolo_image_that_is_not_an_image(tmp_path):
+    root = write_yolo(tmp_path, {"a": "0 0.5 0.5 0.2 0.2\n"})
+    (root / "images" / "a.jpg").write_bytes(b"not a jpeg")
+    with pytest.raises(ValueError, match=r"image .*a\.jpg cannot be read .*: replace it with a valid JPEG/PNG or "
+                                         r"remove it and its label .*a\.txt"):
+        data.read_yolo(str(root))
+
+
+def test_yolo_label_without_image_says_what_to_do(tmp_path):
+    root = write_yolo(tmp_path, {"a": "0 0.5 0.5 0.2 0.2\n"})
+    os.remove(root / "images" / "a.jpg")
+    with pytest.raises(FileNotFoundError) as e:
+        data.read_yolo(str(root))
+    assert "no image a.jpg/.png in" in str(e.value) and "images_dir" not in str(e.value)
+    assert str(e.value).endswith("put the image in one of those folders, or remove the label file")
+
+
+def test_coco_annotation_without_a_bbox_of_4_numbers(tmp_path):
+    good = dict(id=1, image_id=1, category_id=1, bbox=[1, 1, 5, 5])
+    with pytest.raises(ValueError, match=r"ann\.json: annotation 7 has no bbox of 4 numbers \[x, y, w, h\]: fix or "
+                                         r"remove it \(it has no bbox\)"):
+        data.read_coco(write_coco(tmp_path, [good, dict(id=7, image_id=1, category_id=1)]))
+    with pytest.raises(ValueError, match=r"annotation 8 has no bbox of 4 numbers \[x, y, w, h\]: fix or remove it "
+                                         r"\(it has bbox \[1, 2, 3\]\)"):
+        data.read_coco(write_coco(tmp_path, [good, dict(id=8, image_id=1, category_id=1, bbox=[1, 2, 3])]))
+
+
+def test_coco_every_image_must_be_on_disk(tmp_path):
+    images = [dict(id=i, file_name=name, width=40, height=30) for i, name in enumerate(["a.jpg", "b.jpg", "c.jpg"], 1)]
+    path = write_coco(tmp_path, [], images=images)  # only a.jpg is written
+    with pytest.raises(FileNotFoundError, match=r"ann\.json: 2 of its 3 images are missing from .*images, e\.g\. "
+                                                r"b\.jpg, c\.jpg: restore them, or remove them \(and their "
+                                                r"annotations\) from the json"):
+        data.read_coco(path)
+    # The first image missing: the folder is still found from the others, and the error is the same kind.
+    Image.new("RGB", (40, 30)).save(tmp_path / "images" / "b.jpg")
+    Image.new("RGB", (40, 30)).save(tmp_path / "images" / "c.jpg")
+    os.remove(tmp_path / "images" / "a.jpg")
+    with pytest.raises(FileNotFoundError, match=r"1 of its 3 images are missing from .*images, e\.g\. a\.jpg: restore"):
+        data.read_coco(path)
+    # No width / height in the json and no file either: the same clear message, not a bare errno.
+    path = write_coco(tmp_path, [], images=[dict(id=1, file_name="a.jpg"), dict(id=2, file_name="gone.jpg")])
+    with pytest.raises(FileNotFoundError, match=r"1 of its 2 images are missing from .*images, e\.g\. gone\.jpg"):
+        data.read_coco(path)
+    # No image found in any candidate folder: the fix is to move the images, there is no flag for it.
+    shutil.rmtree(tmp_path / "images")
+    with pytest.raises(FileNotFoundError) as e:
+        data.read_coco(path)
+    assert "cannot find image a.jpg in any of" in str(e.value) and "images_dir" not in str(e.value)
+    assert str(e.value).endswith("put the images in one of those folders")
+
+
+@pytest.mark.parametrize("yaml_text", [
+    "path: .\ntrain: images/train\nnames: ['person', \"car\"]\n",  # one line (Roboflow)
+    "path: .\nnc: 2\nnames:\n  0: person\n  1: car\n\ndownload: no\n",  # numbered block (Ultralytics)
+    "# classes\nnames:\n- person\n- 'car'  # second\nnc: 2\n",  # list block, at the key's own level
+    "names:\n    - person\n    - car\ntrain: images\n",  # list block, indented
+])
+def test_yolo_names_from_data_yaml(tmp_path, yaml_text):
+    root = write_yolo(tmp_path, {"a": "1 0.5 0.5 0.2 0.2\n"}, names=None)
+    (root / "data.yaml").write_text(yaml_text)
+    ds = data.open_dataset(str(root), "train")
+    assert ds.class_names == ["person", "car"] and ds[0]["labels"].tolist() == [1]
+
+
+def test_yolo_data_yaml_errors(tmp_path):
+    root = write_yolo(tmp_path, {"a": "0 0.5 0.5 0.2 0.2\n"}, names=None)
+    (root / "data.yaml").write_text("names:\n  0: person\n  2: car\n")
+    with pytest.raises(ValueError, match=r"data\.yaml:1: `names:` is empty, mixes forms, or is not numbered 0, 1, 2"):
+        data.open_dataset(str(root), "train")
+    (root / "data.yaml").write_text("train: images\nnc: 2\n")
+    with pytest.raises(ValueError, match=r"data\.yaml has no `names:` line: add the class names in label order, "
+                                         r"write it as `names: \[a, b\]`"):
+        data.open_dataset(str(root), "train")
+    # the yaml file itself given instead of its folder
+    with pytest.raises(ValueError, match=r"data\.yaml is a yaml file: give the dataset folder that holds data\.yaml "
+                                         r"\(.*yolo\), not the yaml file"):
+        data.open_dataset(str(root / "data.yaml"), "train")
 
 def test_cli(shapes_dir, tmp_path, capsys):
     png = tmp_path / "b.png"
@@ -544,6 +689,39 @@ def test_cli(shapes_dir, tmp_path, capsys):
     assert data.main(["show", "--data", str(tmp_path / "missing")]) == 2
     assert "does not exist" in capsys.readouterr().err
 
+
+
+def test_cli_show_flags_checked_with_their_names(shapes_dir, tmp_path, capsys):
+    for flags, message in ((["--input_shape", "0"], "error: -i/--input_shape 0: give 1 or more"),
+                           (["--batch_size", "0"], "error: --batch_size 0: give 1 or more"),
+                           (["-o", str(tmp_path / "b.gif")], "cannot tell the picture format from '.gif': end the "
+                                                              "name with .png or .jpg")):
+        assert data.main(["show", "-d", shapes_dir] + flags) == 2
+        assert message in capsys.readouterr().err
+    assert os.listdir(tmp_path) == []
+
+
+def test_cli_show_output_paths(shapes_dir, tmp_path, capsys):
+    # -d / -i as in train.py and eval.py; a missing folder is made; the extension picks the format
+    deep = tmp_path / "new" / "dir" / "b.png"
+    assert data.main(["show", "-d", shapes_dir, "--batch_size", "2", "-i", "32", "-o", str(deep)]) == 0
+    jpg = tmp_path / "b.jpg"
+    assert data.main(["show", "-d", shapes_dir, "--batch_size", "2", "-i", "32", "-o", str(jpg)]) == 0
+    with Image.open(deep) as png_im, Image.open(jpg) as jpg_im:
+        assert (png_im.format, png_im.size) == ("PNG", (2 * 36, 36))
+        assert (jpg_im.format, jpg_im.size) == ("JPEG", (2 * 36, 36))
+    # -o naming a folder: one clear error, and nothing left behind
+    capsys.readouterr()
+    assert data.main(["show", "-d", shapes_dir, "--batch_size", "2", "-i", "32", "-o", str(tmp_path / "new")]) == 2
+    assert f"-o {tmp_path / 'new'} is a folder: give a file name" in capsys.readouterr().err
+    assert sorted(os.listdir(tmp_path)) == ["b.jpg", "new"] and os.listdir(tmp_path / "new") == ["dir"]
+
+
+def test_cli_shapes_needs_both_splits(tmp_path, capsys):
+    out = tmp_path / "s"
+    assert data.main(["shapes", "--out", str(out), "--num_train", "2", "--num_val", "0"]) == 2
+    assert "needs at least 1 train and 1 val image, got --num_train 2 --num_val 0" in capsys.readouterr().err
+    assert not out.exists()
 
 class _CopiesToDevice(torch.utils._python_dispatch.TorchDispatchMode):
     """Records, for each copy of a CPU tensor onto another device, whether it was non-blocking."""

@@ -2,6 +2,7 @@
 oracle model, checkpoints, predict and the CLI's error messages. (NMS is in tests/test_nms.py.)"""
 import json
 import os
+import shutil
 
 import pytest
 import torch
@@ -373,7 +374,7 @@ def test_categories_must_match_the_checkpoint(tmp_path, capsys):
     shifted = write_small_coco(str(tmp_path / "shifted"), cat_ids=range(2, 22))  # same count, other ids
     assert ev.main(["-m", path, "-d", shifted, "--device", "cpu"]) == 2
     err = capsys.readouterr().err
-    assert "trained on the categories 20 categories (1 class0, 2 class1, 3 class2, 4 class3, ...)" in err
+    assert "trained on 20 categories (1 class0, 2 class1, 3 class2, 4 class3, ...)" in err
     assert "has 20 categories (2 class1," in err and "Traceback" not in err
     fewer = write_small_coco(str(tmp_path / "fewer"), cat_ids=range(1, 6))
     assert ev.main(["-m", "yolox_nano", "-d", fewer, "-i", "64", "--device", "cpu"]) == 2  # preset: 80 classes
@@ -395,3 +396,67 @@ def test_clip_bbox_with_a_json_that_has_no_image_sizes(tmp_path):
     assert max(r["bbox"][1] + r["bbox"][3] for r in unclipped) > 48  # so the clipping below does something
     assert max(r["bbox"][0] + r["bbox"][2] for r in results[1]) <= 64 + 1e-3
     assert max(r["bbox"][1] + r["bbox"][3] for r in results[1]) <= 48 + 1e-3
+
+
+@pytest.mark.parametrize("flags,message", [
+    (["--device", "gpu"], "--device gpu: give cpu or cuda"),
+    (["--nms_topk", "-5"], "--nms_topk -5"),
+    (["--nms_score_threshold", "2"], "--nms_score_threshold 2.0: scores are in 0..1"),
+    (["-b", "0"], "-b/--batch_size 0: give 1 or more"),
+    (["-i", "100"], "-i/--input_shape 100 100: each side must be a multiple of 32, the largest stride of yolox_nano (e.g. 96)"),
+    (["-i", "abc"], "-i/--input_shape abc: give H, or H W"),
+])
+def test_cli_flag_errors_name_the_flag(tmp_path, capsys, flags, message):
+    small = write_small_coco(str(tmp_path / "small"))
+    assert ev.main(["-m", "yolox_nano", "-d", small, "--device", "cpu", *flags]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("eval.py: error: ") and message in err and "Traceback" not in err
+
+
+def test_cli_paths_and_results_entries_are_checked(tmp_path, capsys):
+    small = write_small_coco(str(tmp_path / "small"))
+    ckpt = str(tmp_path / "nano.pt")
+    write_checkpoint(ckpt)
+    os.makedirs(tmp_path / "folder")
+    assert ev.main(["-m", ckpt, "-d", small, "--stats_json", str(tmp_path / "folder")]) == 2
+    assert "--stats_json " + str(tmp_path / "folder") + " is a folder" in capsys.readouterr().err
+    assert os.listdir(tmp_path / "folder") == []  # nothing half-written
+    if not torch.cuda.is_available():
+        assert ev.main(["-m", ckpt, "-d", small, "--device", "cuda"]) == 2
+        assert "this torch sees no CUDA GPU; use --device cpu" in capsys.readouterr().err
+    with pytest.raises(SystemExit):  # argparse's own error for a split that is not train / val
+        ev.main(["-m", ckpt, "-d", small, "--split", "test"])
+    # A detection with a 3-number bbox, then one with a NaN score: named, not a pycocotools IndexError.
+    for bad, shown in (({"bbox": [1, 2, 3]}, "bbox [1, 2, 3]"), ({"score": float("nan")}, "bbox [4, 4, 20, 16] and score nan")):
+        detection = dict({"image_id": 1, "category_id": 1, "bbox": [4, 4, 20, 16], "score": 0.9}, **bad)
+        path = tmp_path / "results.json"
+        path.write_text(json.dumps([{"image_id": 2, "category_id": 2, "bbox": [4, 4, 20, 16], "score": 0.8}, detection]))
+        assert ev.main(["--results", str(path), "-d", small]) == 2
+        err = capsys.readouterr().err
+        assert f"detection 1 has {shown}" in err and "Traceback" not in err
+
+    # predict: an -o that is a file, a missing input, two inputs of one name.
+    image = os.path.join(tmp_path, "small", "images", "1.jpg")
+    os.makedirs(tmp_path / "other")
+    shutil.copy(image, tmp_path / "other" / "1.jpg")
+    (tmp_path / "afile").write_text("x")
+    cases = [(["-o", str(tmp_path / "afile"), image], "is a file: give a folder"),
+             (["-o", str(tmp_path / "p"), image, str(tmp_path / "nope.jpg")], "1 of the images do not exist"),
+             (["-o", str(tmp_path / "p"), image, str(tmp_path / "other" / "1.jpg")], "share a file name")]
+    for argv, message in cases:
+        assert ev.main(["predict", "-m", ckpt, "--device", "cpu", *argv]) == 2
+        assert message in capsys.readouterr().err
+    assert not (tmp_path / "p").exists()
+    # -i as train.py writes it (H,W) works too.
+    assert ev.main(["predict", "-m", ckpt, "--device", "cpu", "-i", "64,96", "-o", str(tmp_path / "p"), image]) == 0
+    assert (tmp_path / "p" / "1.png").exists()
+
+
+def test_progress_line_every_ten_seconds(capsys):
+    import time
+    now = time.time()
+    assert ev._progress("evaluating", 5, 20, now - 1.0, now) == now  # a line 0 s ago: none now
+    assert capsys.readouterr().out == ""
+    assert ev._progress("evaluating", 50, 200, now - 10.0, now - 10.0) > now - 1
+    line = capsys.readouterr().out
+    assert line.startswith("evaluating: 50/200 images, 5.0 img/s, eta 30s"), line

@@ -1,7 +1,9 @@
 """train.py: every head x prior mode trains, freezing, exact resume, DDP on gloo, clear errors."""
 import csv
+import json
 import math
 import os
+import shutil
 import subprocess
 import sys
 
@@ -172,6 +174,15 @@ def test_ddp_two_processes_on_gloo(tiny_shapes, tmp_path):
     (["--det_header", "yolox_q"], "yolox_s"),
     (["--workers", "-1"], "--workers -1"),
     (["--lr_decay_steps", "ten"], "--lr_decay_steps 'ten'"),
+    (["--lr_decay_steps", "60,30"], "increasing epochs like 30,60,90"),
+    (["-i", "abc"], "--input_shape 'abc'"),
+    (["-b", "0"], "-b/--batch_size 0: give 1 or more"),
+    (["-e", "0"], "-e/--epochs 0: give 1 or more"),
+    (["--eval_batch_size", "0"], "--eval_batch_size 0: give 1 or more"),
+    (["--lr_base_512", "-1"], "--lr_base_512 -1.0: give 0 or more"),
+    (["--random_crop_mode", "-1"], "--random_crop_mode -1.0: give 0 or more"),
+    (["--ema_decay", "1.5"], "--ema_decay 1.5: give a decay in [0, 1)"),
+    (["--mosaic_mix_prob", "2"], "--mosaic_mix_prob 2.0: a probability"),
 ])
 def test_clear_errors(tiny_shapes, tmp_path, capsys, flags, message):
     argv = ["-d", tiny_shapes, "--out", str(tmp_path), "--det_header", "yolox_nano", "-i", "64", "-e", "1"]
@@ -196,6 +207,70 @@ def test_a_single_json_says_its_ap_is_on_the_training_images(tiny_shapes, tmp_pa
     assert "has one split, so the AP of each epoch is measured on the training images" in capsys.readouterr().out
     run_train(tiny_shapes, tmp_path / "folder", "--det_header", "yolox_nano", "-i", "64", "-e", "1", "-b", "8")
     assert "one split" not in capsys.readouterr().out  # train/ and val/ differ: no note
+
+
+def test_clear_errors_that_need_files(tiny_shapes, tmp_path, capsys):
+    base = ["-d", tiny_shapes, "--det_header", "yolox_nano", "-i", "64", "-b", "4", "--workers", "0",
+            "--eval_start_epoch", "99", "--mosaic_mix_prob", "0", "--magnitude", "0"]
+
+    def error(*argv):
+        with pytest.raises(SystemExit) as exc:
+            train.main(base + list(argv))
+        assert exc.value.code == 2
+        err = capsys.readouterr().err
+        assert "Traceback" not in err
+        return err
+
+    (tmp_path / "afile").write_text("x")
+    assert "--out " + str(tmp_path / "afile") + " is a file" in error("--out", str(tmp_path / "afile"), "-e", "1")
+    train.main(base + ["--out", str(tmp_path / "run"), "-e", "1"])  # a finished 1-epoch run
+    last = str(tmp_path / "run" / "last.pt")
+    assert "already finished epoch 1, and this run has 1: give a larger -e" in error(
+        "--out", str(tmp_path / "run2"), "-e", "1", "--resume", last)
+    # A checkpoint of another backbone: nothing of it fits efficientdet_d0's EfficientNet.
+    err = error("--out", str(tmp_path / "run3"), "-e", "1", "--det_header", "efficientdet_d0", "-i", "128",
+                "--pretrained", last)
+    assert "none of its tensors fit this model's backbone" in err and "it holds yolox_nano" in err
+    # The same backbone with other classes: everything but the class outputs is loaded.
+    train.main(base + ["--out", str(tmp_path / "run4"), "-e", "1", "--pretrained", last])
+    out = capsys.readouterr().out
+    assert "--pretrained: " in out and "tensors loaded" in out
+
+    # Annotations without one usable box: stop before training, not an AP of -1 at the end.
+    shutil.copytree(os.path.join(tiny_shapes, "train"), tmp_path / "train")
+    empty = tmp_path / "train" / "empty.json"  # beside its images
+    gt = json.load(open(os.path.join(tiny_shapes, "annotations", "instances_train.json")))
+    empty.write_text(json.dumps(dict(gt, annotations=[])))
+    assert "the train split has no usable box in its 8 images" in error(
+        "-d", str(empty), "--out", str(tmp_path / "run5"), "-e", "1")
+
+
+@pytest.mark.parametrize("workers", ["0", "2"])
+def test_an_unreadable_image_is_one_line_even_from_a_worker(tiny_shapes, tmp_path, capsys, workers):
+    # A truncated JPEG opens (its header is there) and fails only when decoded, inside a worker
+    # process with --workers 2, whose error torch wraps in that worker's traceback text.
+    shapes = tmp_path / "shapes"
+    shutil.copytree(tiny_shapes, shapes)
+    jpeg = shapes / "train" / "000003.jpg"
+    jpeg.write_bytes(jpeg.read_bytes()[:300])
+    with pytest.raises(SystemExit) as exc:
+        train.main(["-d", str(shapes), "--out", str(tmp_path / "run"), "--det_header", "yolox_nano", "-i", "64",
+                    "-b", "8", "-e", "1", "--workers", workers, "--mosaic_mix_prob", "0", "--magnitude", "0"])
+    assert exc.value.code == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"train.py: error: image {jpeg} cannot be decoded") and err.count("\n") == 1, err
+    assert "fix the file and start again (no epoch had finished)" in err
+
+
+def test_notes_when_flags_reshape_the_run(tiny_shapes, tmp_path, capsys):
+    # The YOLOX recipe decays over 285 epochs and closes mosaic for the last 15: with -e 1 the run
+    # ends at the peak lr and never mosaics, and says both.
+    run_train(tiny_shapes, tmp_path, "--det_header", "yolox_nano", "-i", "64", "-e", "1", "-b", "8",
+              "--mosaic_mix_prob", "1.0")
+    out = capsys.readouterr().out
+    assert "note: -e 1 ends the run before the cosine reaches --lr_min at epoch 285" in out
+    assert "give --lr_decay_steps 1 to fit it in" in out
+    assert "note: --close_mosaic_epochs 15 covers all 1 epochs: no mosaic in this run" in out
 
 
 def test_run_length_is_decay_plus_cooldown_unless_given():
