@@ -19,7 +19,9 @@ import argparse
 import json
 import math
 import os
+import re
 import shutil
+import signal
 import sys
 import tempfile
 import warnings
@@ -89,10 +91,15 @@ class Dataset(torch.utils.data.Dataset):
         return self._coco
 
 
+class DataLoadError(ValueError):
+    """An image of the dataset could not be read while batches were being made (see batches())."""
+
+
 def decode_image(path, max_side=None):
-    """PIL decode to uint8 [H, W, 3] RGB. Returns (image, scale)."""
+    """PIL decode to uint8 [H, W, 3] RGB. Returns (image, scale). Raises DataLoadError, naming the
+    file and the fix, for a missing or undecodable image."""
     if not os.path.exists(path):
-        raise FileNotFoundError(f"image {path} is missing: restore the file, or remove its entry from the annotations")
+        raise DataLoadError(f"image {path} is missing: restore the file, or remove its entry from the annotations")
     try:
         with Image.open(path) as im:
             scale = 1.0
@@ -105,7 +112,7 @@ def decode_image(path, max_side=None):
                 scale = target[0] / width
             image = np.array(im.convert("RGB"))  # writable, so torch.from_numpy is safe
     except (OSError, SyntaxError, ValueError) as e:
-        raise ValueError(f"image {path} cannot be decoded ({e}): replace it with a valid JPEG/PNG "
+        raise DataLoadError(f"image {path} cannot be decoded ({e}): replace it with a valid JPEG/PNG "
                          f"or remove its entry") from None
     return image, scale
 
@@ -149,7 +156,7 @@ def _warn_bad_boxes(source, count, total, examples, hint=""):
 
 def _numbers(values, sep=" "):
     """Numbers as a user would write them: 320 not 320.0, 0.25 not 0.25000000001."""
-    return sep.join(f"{v:g}" for v in values)
+    return sep.join(f"{v:.12g}" for v in values)
 
 
 def _find_image_dir(candidates, file_names, what):
@@ -239,19 +246,37 @@ def read_coco(json_path, images_dir=None, split=None):
 
 def _yolo_names(folder):
     """Class names of a YOLO folder: a names file (one name per line), else data.yaml's `names`."""
+    # utf-8-sig: Windows editors put a byte-order mark in front, which would stick to the first name.
+    names, source = None, None
     for name in sorted(os.listdir(folder)):
         if name.endswith(".names") or name in ("classes.txt", "names.txt"):
-            with open(os.path.join(folder, name)) as f:
-                return [line.strip() for line in f if line.strip()]
-    if os.path.exists(os.path.join(folder, "data.yaml")):
-        return _yaml_names(os.path.join(folder, "data.yaml"))
+            source = os.path.join(folder, name)
+            with open(source, encoding="utf-8-sig") as f:
+                names = [line.strip() for line in f if line.strip()]
+            break
+    if names is None and os.path.exists(os.path.join(folder, "data.yaml")):
+        source = os.path.join(folder, "data.yaml")
+        names = _yaml_names(source)
+    if names == []:
+        raise ValueError(f"{source} lists no class names: add them, one per class, in label order")
+    if names is not None:
+        return names
     raise FileNotFoundError(f"{folder}: no class-names file (obj.names, classes.txt, names.txt or data.yaml "
                             f"`names: [...]`): add one with a class name per line")
 
 
 def _unquote(text):
-    """A YAML scalar as YOLO exports write one: `person`, 'person' or "person", maybe a # comment."""
-    return text.split(" #")[0].strip().strip("'\"")
+    """A YAML scalar as YOLO exports write one: `person`, 'person' or "person", maybe followed by a
+    # comment (outside the quotes: 'no. #1' is a name)."""
+    text = text.strip()
+    if text[:1] in ("'", '"') and text.find(text[0], 1) > 0:
+        return text[1:text.find(text[0], 1)]
+    return text.split(" #")[0].strip()
+
+
+def _split_names(inside):
+    """The items of a one-line list `a, 'b, c', "d"`: commas inside quotes belong to the name."""
+    return [_unquote(n) for n in re.findall(r"""'[^']*'|"[^"]*"|[^,]+""", inside) if _unquote(n)]
 
 
 def _yaml_names(path):
@@ -263,16 +288,15 @@ def _yaml_names(path):
                                       1: car                - car
 
     and says so clearly when the file holds something else."""
-    with open(path, encoding="utf-8", errors="replace") as f:
+    with open(path, encoding="utf-8-sig", errors="replace") as f:
         lines = [line.rstrip() for line in f]
     how = "write it as `names: [a, b]`, or as a block of `  0: a` lines or of `  - a` lines"
     for i, line in enumerate(lines):
-        if not line.strip().startswith("names:"):
+        if not line.startswith("names:"):  # a top-level key: at column 0, not nested under another
             continue
-        rest = line.strip()[len("names:"):].strip()
+        rest = line[len("names:"):].strip()
         if rest.startswith("[") and "]" in rest:  # one line: names: [a, b]
-            inside = rest[1:].rsplit("]", 1)[0]
-            return [_unquote(n) for n in inside.split(",") if _unquote(n)]
+            return _split_names(rest[1:].rsplit("]", 1)[0])
         if rest and not rest.startswith("#"):
             raise ValueError(f"{path}:{i + 1}: cannot read `{line.strip()}`: {how}")
         # A block: the lines below, indented deeper than `names:` (a list may also sit at its level).
@@ -305,8 +329,9 @@ def _read_yolo_txt(path):
     and reshaping it to 5 columns would silently re-chunk lines of 4 numbers (class missing) or 6
     (a confidence column) into wrong boxes. An empty file is a background image."""
     rows, line_numbers = [], []
-    # errors="replace": a binary file then fails below as "not numbers", naming its line
-    with open(path, encoding="utf-8", errors="replace") as f:
+    # errors="replace": a binary file then fails below as "not numbers", naming its line;
+    # utf-8-sig drops the byte-order mark a Windows editor may put in front of the first line
+    with open(path, encoding="utf-8-sig", errors="replace") as f:
         for n, line in enumerate(f, 1):
             words = line.split()
             if not words:
@@ -320,6 +345,9 @@ def _read_yolo_txt(path):
             except ValueError:
                 raise ValueError(f"{path}:{n} is not numbers ({line.strip()[:60]!r}), expected 5: class cx cy w h "
                                  f"(normalized 0..1)") from None
+            if not rows[-1][0].is_integer():  # 1.7 would silently become class 1 (and nan a huge one)
+                raise ValueError(f"{path}:{n}: class {words[0]} is not a whole number: the first number of a "
+                                 f"line is the class index 0, 1, 2, ...")
             line_numbers.append(n)
     return np.array(rows, np.float64).reshape(-1, 5), line_numbers
 
@@ -630,6 +658,10 @@ def _seed_worker(worker_id):
     # torch seeds each worker from the loader's generator; numpy gets the same seed so any numpy
     # randomness a user adds in a dataset is reproducible too.
     np.random.seed(torch.initial_seed() % 2**32)
+    # Ctrl-C reaches every process of the terminal's group, workers included. It is the main
+    # process's to handle (train.py finishes the step and saves); a worker killed by it would
+    # break the batch stream under that last step, or under an evaluation still running.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
 
 
 def default_workers():
@@ -644,48 +676,48 @@ def default_workers():
 
 
 def make_loader(dataset, batch_size, shuffle, workers, seed, max_boxes=100, drop_last=False, distributed=False,
-                max_side=None, pin_memory=False):
+                max_side=None, pin_memory=False, skip_batches=0):
     """DataLoader whose batches are dicts of CPU tensors:
     images uint8 [B, 3, Hc, Wc] (each image top-left in a canvas filled with 114), sizes int64 [B, 2]
     (h, w), boxes float32 [B, M, 4] xyxy canvas px, labels int64 [B, M] (-1 ignore), valid bool
     [B, M], image_ids int64 [B], scales float32 [B] (canvas px per original px; != 1 only when a
     worker shrank an image whose longer side was above max_side). M = max_boxes.
-    Same seed -> same order. Under torchrun (distributed=True) a DistributedSampler splits the data;
-    call loader.sampler.set_epoch(epoch) each epoch."""
-    generator = torch.Generator().manual_seed(seed)
-    sampler = None
+    Same seed -> same order. Under torchrun (distributed=True) each process gets its own share
+    (DistributedSampler, seeded by `seed`: give a new seed each epoch for a new order).
+    skip_batches: start at that batch of the order, as a run resumed mid-epoch does."""
     if distributed:
-        sampler = torch.utils.data.distributed.DistributedSampler(dataset, shuffle=shuffle, seed=seed,
-                                                                  drop_last=drop_last)
-        shuffle = False
+        order = list(torch.utils.data.distributed.DistributedSampler(dataset, shuffle=shuffle, seed=seed,
+                                                                     drop_last=drop_last))
+    elif shuffle:
+        order = torch.randperm(len(dataset), generator=torch.Generator().manual_seed(seed)).tolist()
+    else:
+        order = list(range(len(dataset)))
+    # The order is written out rather than left to a sampler, so that skipping the first batches
+    # costs nothing: a sampler would have to be run, and the batches decoded, to get past them.
+    order = order[skip_batches * batch_size:]
     return torch.utils.data.DataLoader(
-        _Decoded(dataset, max_side), batch_size=batch_size, shuffle=shuffle, sampler=sampler, num_workers=workers,
-        collate_fn=_Collate(max_boxes), drop_last=drop_last, generator=generator, worker_init_fn=_seed_worker,
-        pin_memory=pin_memory, persistent_workers=workers > 0)
-
-
-class DataLoadError(ValueError):
-    """An image of the dataset could not be read while batches were being made."""
+        _Decoded(dataset, max_side), batch_size=batch_size, sampler=order, num_workers=workers,
+        collate_fn=_Collate(max_boxes), drop_last=drop_last, generator=torch.Generator().manual_seed(seed),
+        worker_init_fn=_seed_worker, pin_memory=pin_memory, persistent_workers=workers > 0)
 
 
 def batches(loader):
     """The loader's batches, with an unreadable image reported in one line.
 
-    decode_image's error names the file and the fix, but raised inside a worker process it reaches
-    us wrapped in the worker's traceback ("Caught ValueError in DataLoader worker process 0.
-    Original Traceback ... ValueError: image x.jpg cannot be decoded ..."). The message is its
-    last line, without the "ValueError: " in front; it comes back as a DataLoadError."""
+    decode_image raises a DataLoadError that names the file and the fix. Raised inside a worker
+    process, it reaches us with the worker's traceback as its text ("Caught DataLoadError in
+    DataLoader worker process 0. Original Traceback ... data.DataLoadError: image x.jpg cannot be
+    decoded ..."); decode_image's own words are the last line, which is all that is kept. Other
+    errors (a bug, a full /dev/shm) pass through unchanged: they are not the data's fault."""
     iterator = iter(loader)
     while True:
         try:
             batch = next(iterator)
         except StopIteration:
             return
-        except (OSError, ValueError) as e:  # FileNotFoundError is an OSError
-            lines = [line for line in str(e).strip().splitlines() if line.strip()]
-            last = lines[-1] if lines else type(e).__name__
-            kind, _, message = last.partition(": ")
-            raise DataLoadError(message if kind.endswith(("Error", "Exception")) and message else last) from None
+        except DataLoadError as e:
+            last = str(e).strip().splitlines()[-1]
+            raise DataLoadError(last.split("DataLoadError: ", 1)[-1]) from None
         yield batch
 
 
@@ -1064,6 +1096,18 @@ def _colour_chunk(out, warped, affine, ops, factors, magnitude):
 CPU_CHUNK_BYTES = 8 << 20
 
 
+def check_augment_args(random_crop_mode, magnitude, num_layers, mosaic_mix_prob):
+    """The augmentation flags of train.py and `data.py show`, checked before any work, each error
+    naming its flag (a negative crop mode would otherwise fail deep in a step as a NaN size)."""
+    for flag, value in (("--random_crop_mode", random_crop_mode), ("--magnitude", magnitude)):
+        if not (math.isfinite(value) and value >= 0):
+            raise ValueError(f"{flag} {value}: give 0 or more")
+    if num_layers < 0:
+        raise ValueError(f"--num_layers {num_layers}: give 0 or more")
+    if not 0 <= mosaic_mix_prob <= 1:
+        raise ValueError(f"--mosaic_mix_prob {mosaic_mix_prob}: a probability, in 0..1")
+
+
 def augment(batch, input_shape, random_crop_mode=1.0, magnitude=0, num_layers=2, mosaic_mix_prob=0.5, generator=None,
             hsv=(0.015, 0.5, 0.3), flip_prob=0.5, min_area_kept=0.15, mode="bilinear"):
     """Augment a loader batch on its own device.
@@ -1226,15 +1270,10 @@ def main(argv=None):
             return 0
         # Numbers checked before any file is read, with the flag named, rather than as a torch
         # error (--batch_size 0) or a singular matrix (--input_shape 0) further down.
-        for flag, value, low in (("--batch_size", args.batch_size, 1), ("-i/--input_shape", args.input_shape, 1),
-                                 ("--num_layers", args.num_layers, 0)):
-            if value < low:
-                raise ValueError(f"{flag} {value}: give {low} or more")
-        for flag, value in (("--random_crop_mode", args.random_crop_mode), ("--magnitude", args.magnitude)):
-            if not value >= 0:  # also catches nan
-                raise ValueError(f"{flag} {value}: give 0 or more")
-        if not 0 <= args.mosaic_mix_prob <= 1:
-            raise ValueError(f"--mosaic_mix_prob {args.mosaic_mix_prob}: a probability, in 0..1")
+        for flag, value in (("--batch_size", args.batch_size), ("-i/--input_shape", args.input_shape)):
+            if value < 1:
+                raise ValueError(f"{flag} {value}: give 1 or more")
+        check_augment_args(args.random_crop_mode, args.magnitude, args.num_layers, args.mosaic_mix_prob)
         picture_format(args.output)  # a bad -o fails now, not after the batch is made
         ds = open_dataset(args.data, args.split)
         batch = next(iter(make_loader(ds, args.batch_size, True, 0, args.seed)))

@@ -42,8 +42,9 @@ import torch
 from pycocotools.coco import COCO
 from pycocotools.cocoeval import COCOeval
 
-from data import PAD_VALUE, batches, default_workers, letterbox, make_loader, open_dataset
-from models import build_model, decode_boxes, flatten_outputs, make_priors
+from data import IMAGE_EXTENSIONS, PAD_VALUE, batches, default_workers, letterbox, make_loader, open_dataset
+from models import (PRESETS, build_model, check_input_shape, decode_boxes, flatten_outputs, make_priors,
+                    parse_input_shape)
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 KERNEL_PATH = os.path.join(HERE, "nms_kernels.cu")
@@ -701,7 +702,8 @@ def predict(model, image_paths, out_dir, class_names=None, score_threshold=0.3, 
         try:
             image = Image.open(path).convert("RGB")
         except (OSError, ValueError) as e:
-            raise EvalInputError(f"{path}: cannot read the image ({e})") from e
+            raise EvalInputError(f"{path}: cannot read the image ({e}): replace it with a valid JPEG/PNG or "
+                                 f"leave it out") from e
         pixels = torch.from_numpy(np.asarray(image).copy()).permute(2, 0, 1)[None].to(device)  # [1, 3, H, W]
         h, w = pixels.shape[-2:]
         # A one-image batch in make_loader's layout (one padding box: no ground truth here);
@@ -721,6 +723,8 @@ def predict(model, image_paths, out_dir, class_names=None, score_threshold=0.3, 
         detections = []
         draw = ImageDraw.Draw(image)
         for box, score, label in zip(boxes[0, :n].tolist(), scores[0, :n].tolist(), labels[0, :n].tolist()):
+            if box[2] <= box[0] or box[3] <= box[1]:  # a box in the letterbox padding, clipped to a line
+                continue
             name = class_names[label] if class_names and label < len(class_names) else str(label)
             detections.append({"box": [round(v, 2) for v in box], "score": round(score, 4),
                                "label": label, "name": name})
@@ -787,49 +791,181 @@ def _few(categories, n=4):
 
 
 def _input_shape(values):
-    """-i as given: "H", "H W" or "H,W" (as train.py takes it) -> (H, W), or None."""
+    """-i as given: "H", "H W", "H,W" or "HxW" (as train.py takes it) -> (H, W), or None."""
     if values is None:
         return None
     try:
-        sizes = [int(v) for v in ",".join(values).replace("x", ",").split(",") if v]
-    except ValueError:
-        sizes = []
-    if len(sizes) not in (1, 2) or min(sizes) <= 0:
-        raise EvalInputError(f"-i/--input_shape {' '.join(values)}: give H, or H W, like 512 or 512 640")
-    return (sizes[0], sizes[-1])
+        return parse_input_shape(",".join(values))
+    except ValueError as e:
+        raise EvalInputError(f"-i/--input_shape {e}") from None
 
 
-def _check_flags(args):
-    """Every number and path of the command line checked before any work starts, each error
-    naming its flag (a torch or pycocotools error later would name neither)."""
+def _check_common_flags(args):
+    """The model, preprocessing and NMS flags evaluation and predict share, checked before any
+    work starts, each error naming its flag (a torch error later would name none)."""
     try:
         device = torch.device(args.device)
     except RuntimeError:
         raise EvalInputError(f"--device {args.device}: give cpu or cuda (cuda:1 for the second GPU)") from None
     if device.type == "cuda" and not torch.cuda.is_available():
         raise EvalInputError(f"--device {args.device}: this torch sees no CUDA GPU; use --device cpu")
-    if args.nms_topk < -1 or args.nms_max_output_size < 1 or not args.nms_iou_or_sigma > 0:
-        raise EvalInputError(f"--nms_topk {args.nms_topk} / --nms_max_output_size {args.nms_max_output_size} / "
-                             f"--nms_iou_or_sigma {args.nms_iou_or_sigma}: give topk -1 (all), 0 or more, "
-                             f"max_output_size 1 or more, and iou_or_sigma above 0")
-    for flag, value in (("--nms_score_threshold", getattr(args, "nms_score_threshold", 0.0)),
-                        ("--score_threshold", getattr(args, "score_threshold", 0.0))):
-        if not 0 <= value < 1:
-            raise EvalInputError(f"{flag} {value}: scores are in 0..1; give a threshold in [0, 1), like 0.001")
-    if getattr(args, "batch_size", 1) < 1:
-        raise EvalInputError(f"-b/--batch_size {args.batch_size}: give 1 or more")
-    for flag in ("stats_json", "save_results"):
-        path = getattr(args, flag, None)
-        if path and os.path.isdir(path):
-            raise EvalInputError(f"--{flag} {path} is a folder: give a file name like {os.path.join(path, flag + '.json')}")
+    if args.nms_topk < -1:
+        raise EvalInputError(f"--nms_topk {args.nms_topk}: give -1 (all pairs), 0 (one class per prior) or more")
+    if args.nms_max_output_size < 1:
+        raise EvalInputError(f"--nms_max_output_size {args.nms_max_output_size}: give 1 or more")
+    if not args.nms_iou_or_sigma > 0:
+        raise EvalInputError(f"--nms_iou_or_sigma {args.nms_iou_or_sigma}: give a value above 0, like 0.5")
+
+
+def _check_score_threshold(flag, value):
+    if not 0 <= value < 1:
+        raise EvalInputError(f"{flag} {value}: scores are in 0..1; give a threshold in [0, 1), like 0.001")
 
 
 def _check_stride(model, input_shape):
-    h, w = input_shape or model.config["input_shape"]
-    stride = max(model.strides)
-    if h % stride or w % stride:
-        raise EvalInputError(f"-i/--input_shape {h} {w}: each side must be a multiple of {stride}, the "
-                             f"largest stride of {model.config['det_header']} (e.g. {stride * max(1, round(h / stride))})")
+    try:
+        check_input_shape(input_shape or model.config["input_shape"], model)
+    except ValueError as e:
+        h, w = input_shape or model.config["input_shape"]
+        raise EvalInputError(f"-i/--input_shape {h} {w}: {e}") from None
+
+
+def _predict_main(argv):
+    """`python eval.py predict -m CHECKPOINT IMAGES... -o FOLDER`."""
+    parser = argparse.ArgumentParser(prog="eval.py predict", description="Draw detections on images.")
+    _add_common_flags(parser)
+    parser.add_argument("images", nargs="+", help="image files, or folders of them")
+    parser.add_argument("-o", "--out", required=True, help="output folder")
+    parser.add_argument("--score_threshold", type=float, default=0.3,
+                        help="draw (and list in predictions.json) detections scoring this or more")
+    args = parser.parse_args(argv)
+    _check_common_flags(args)
+    _check_score_threshold("--score_threshold", args.score_threshold)
+    if os.path.exists(args.out) and not os.path.isdir(args.out):
+        raise EvalInputError(f"-o {args.out} is a file: give a folder for the pictures (made if missing)")
+    images = []
+    for f in args.images:  # a folder stands for the images in it
+        if os.path.isdir(f):
+            images += sorted(os.path.join(f, n) for n in os.listdir(f) if n.lower().endswith(IMAGE_EXTENSIONS))
+        else:
+            images.append(f)
+    missing = [f for f in images if not os.path.isfile(f)]
+    if missing:
+        raise EvalInputError(f"{len(missing)} of the images do not exist, e.g. {missing[0]}")
+    if not images:
+        raise EvalInputError(f"no {'/'.join(IMAGE_EXTENSIONS)} image in {', '.join(args.images)}")
+    # Outputs are named after the inputs (x.jpg -> OUT/x.png): two inputs of one name would
+    # overwrite each other's picture, and an input in OUT named x.png would be drawn over.
+    stems = [os.path.splitext(os.path.basename(f))[0] for f in images]
+    twins = sorted({f for f, stem in zip(images, stems) if stems.count(stem) > 1})
+    if twins:
+        raise EvalInputError(f"{', '.join(twins[:4])}: these inputs share a file name, and their "
+                             f"pictures would overwrite each other in {args.out}; predict them in separate runs")
+    outputs = {os.path.realpath(os.path.join(args.out, stem + ".png")) for stem in stems}
+    clobbered = [f for f in images if os.path.realpath(f) in outputs]
+    if clobbered:
+        raise EvalInputError(f"-o {args.out}: the picture of {clobbered[0]} would be written over the image "
+                             f"itself; give another output folder")
+    model, info = load_model(_checkpoint_or_default(args.model), det_header=args.det_header,
+                             input_shape=_input_shape(args.input_shape), device=args.device)
+    _check_stride(model, _input_shape(args.input_shape))
+    predict(model, images, args.out, class_names=info["class_names"],
+            score_threshold=args.score_threshold, nms=args.nms, nms_mode=args.nms_mode,
+            nms_iou_or_sigma=args.nms_iou_or_sigma, nms_topk=args.nms_topk,
+            max_output_size=args.nms_max_output_size, resize_method=args.resize_method,
+            letterbox_pad=args.letterbox_pad)
+    print(f"wrote {len(images)} pictures and predictions.json to {args.out}")
+
+
+def _results_main(argv):
+    """`python eval.py --results RESULTS.json -d GROUND_TRUTH`: its own parser, so a model, NMS or
+    loader flag, which would do nothing here, is refused by argparse instead of ignored."""
+    parser = argparse.ArgumentParser(prog="eval.py --results", description="COCO AP of a results json.")
+    parser.add_argument("--results", required=True, help="COCO results json: [{image_id, category_id, bbox, score}]")
+    parser.add_argument("-d", "--data", required=True, help="the COCO json (or dataset folder) of its images")
+    parser.add_argument("--split", default="val", choices=("train", "val"), help="the split of a dataset folder")
+    parser.add_argument("--stats_json", default=None, help="write the 12 numbers here")
+    args = parser.parse_args(argv)
+    if args.stats_json and os.path.isdir(args.stats_json):
+        raise EvalInputError(f"--stats_json {args.stats_json} is a folder: give a file name")
+    score_results_file(args.results, args.data, args.split, args.stats_json)
+
+
+def _evaluate_main(argv):
+    """`python eval.py [-m CHECKPOINT] [-d DATA] --nms gaussian ...`: COCO AP of a model."""
+    parser = argparse.ArgumentParser(
+        prog="eval.py", description="COCO AP of a model, or (with --results) of a results json.",
+        epilog="`python eval.py --results R.json -d GT -h`: score a results file. "
+               "`python eval.py predict -h`: draw detections on images.")
+    parser.add_argument("-d", "--data", default=None,
+                        help="COCO json, COCO / YOLO dataset folder, or 'shapes' (default: the "
+                             "data the -m checkpoint was trained on; needed with a preset)")
+    parser.add_argument("--split", default="val", choices=("train", "val"), help="the split of a dataset folder")
+    parser.add_argument("--stats_json", default=None, help="write the 12 numbers here")
+    parser.add_argument("--save_results", default=None, help="write the COCO results json here")
+    parser.add_argument("-b", "--batch_size", type=int, default=8, help="images per forward pass")
+    parser.add_argument("--nms_score_threshold", type=float, default=0.001,
+                        help="drop (prior, class) scores below this before NMS (0.001 for COCO AP)")
+    parser.add_argument("--clip_bbox", action="store_true", help="clip boxes to the original image")
+    parser.add_argument("--workers", type=int, default=None,
+                        help="decode workers (default: 2 on CPU; on a GPU this machine's cores, at most 8)")
+    _add_common_flags(parser)
+    args = parser.parse_args(argv)
+    _check_common_flags(args)
+    _check_score_threshold("--nms_score_threshold", args.nms_score_threshold)
+    if args.batch_size < 1:
+        raise EvalInputError(f"-b/--batch_size {args.batch_size}: give 1 or more")
+    if args.workers is not None and args.workers < 0:
+        raise EvalInputError(f"--workers {args.workers}: give 0 (decode in the main process) or more")
+    for flag in ("stats_json", "save_results"):
+        path = getattr(args, flag)
+        if path and os.path.isdir(path):
+            raise EvalInputError(f"--{flag} {path} is a folder: give a file name like {os.path.join(path, flag + '.json')}")
+    if args.data is not None and not os.path.exists(args.data) and args.data != "shapes":
+        raise EvalInputError(f"-d {args.data}: no such file or folder; give a COCO json, a COCO or "
+                             f"YOLO dataset folder, or 'shapes'")
+
+    model_path = _checkpoint_or_default(args.model)
+    input_shape = _input_shape(args.input_shape)
+    if os.path.isfile(model_path):  # a checkpoint: its model, then its data unless -d is given
+        model, info = load_model(model_path, det_header=args.det_header, input_shape=input_shape, device=args.device)
+        data_path = args.data
+        if data_path is None:  # the checkpoint's own training data, split --split
+            data_path = info["data"]
+            if data_path is None:
+                raise EvalInputError(f"-m {model_path}: it records no training data (an old checkpoint); give -d "
+                                     f"(a COCO json, a COCO / YOLO folder, or 'shapes')")
+            if not os.path.exists(data_path) and data_path != "shapes":
+                raise EvalInputError(f"-m {model_path} was trained on --data {data_path}, which is not there "
+                                     f"from here; give -d")
+            print(f"evaluating {model_path} on the {args.split} split of its training data, {data_path}")
+        dataset = open_dataset(data_path, args.split)
+    else:  # a preset name (random weights): built for the classes of the data
+        if os.sep in model_path or model_path.endswith((".pt", ".pth")):
+            raise EvalInputError(f"-m {model_path}: no such checkpoint file")
+        if model_path not in PRESETS:
+            raise EvalInputError(f"-m {model_path}: neither a checkpoint file nor a preset ({', '.join(PRESETS)})")
+        if args.data is None:
+            raise EvalInputError(f"-m {model_path}: a preset name records no data; give -d (a COCO json, "
+                                 f"a COCO / YOLO folder, or 'shapes')")
+        data_path, dataset = args.data, open_dataset(args.data, args.split)
+        model, info = load_model(model_path, det_header=args.det_header, input_shape=input_shape, device=args.device,
+                                 num_classes=len(dataset.cat_ids))
+    _check_stride(model, input_shape)
+    if info["cat_ids"] is not None and list(info["cat_ids"]) != dataset.cat_ids:
+        # Labels are positions in the category list: another list (or order) would score every
+        # detection as some other class, and the AP would be silently wrong.
+        trained = dict(zip(info["cat_ids"], info["class_names"] or info["cat_ids"]))
+        here = dict(zip(dataset.cat_ids, dataset.class_names))
+        raise EvalInputError(f"-m {model_path} was trained on {_few(trained)} and {data_path} has "
+                             f"{_few(here)}: evaluate on data with the same categories")
+    run_coco_evaluation(model, dataset, nms_score_threshold=args.nms_score_threshold, nms=args.nms,
+                        nms_mode=args.nms_mode, nms_topk=args.nms_topk, batch_size=args.batch_size,
+                        nms_iou_or_sigma=args.nms_iou_or_sigma, nms_max_output_size=args.nms_max_output_size,
+                        clip_bbox=args.clip_bbox, input_shape=input_shape,
+                        resize_method=args.resize_method, letterbox_pad=args.letterbox_pad, split=args.split,
+                        workers=default_workers() if args.workers is None else args.workers,
+                        results_path=args.save_results, stats_json=args.stats_json)
 
 
 def main(argv=None):
@@ -837,104 +973,11 @@ def main(argv=None):
     argv = list(sys.argv[1:] if argv is None else argv)
     try:
         if argv[:1] == ["predict"]:
-            parser = argparse.ArgumentParser(prog="eval.py predict", description="Draw detections on images.")
-            _add_common_flags(parser)
-            parser.add_argument("images", nargs="+", help="image files")
-            parser.add_argument("-o", "--out", required=True, help="output folder")
-            parser.add_argument("--score_threshold", type=float, default=0.3, help="draw detections above this")
-            args = parser.parse_args(argv[1:])
-            _check_flags(args)
-            if os.path.exists(args.out) and not os.path.isdir(args.out):
-                raise EvalInputError(f"-o {args.out} is a file: give a folder for the pictures (made if missing)")
-            missing = [f for f in args.images if not os.path.isfile(f)]
-            if missing:
-                raise EvalInputError(f"{len(missing)} of the images do not exist, e.g. {missing[0]}")
-            # Outputs are named after the inputs (x.jpg -> OUT/x.png): two inputs of one name
-            # would overwrite each other's picture.
-            stems = [os.path.splitext(os.path.basename(f))[0] for f in args.images]
-            twins = sorted({f for f, stem in zip(args.images, stems) if stems.count(stem) > 1})
-            if twins:
-                raise EvalInputError(f"{', '.join(twins[:4])}: these inputs share a file name, and their "
-                                     f"pictures would overwrite each other in {args.out}; predict them in separate runs")
-            model, info = load_model(_checkpoint_or_default(args.model), det_header=args.det_header,
-                                     input_shape=_input_shape(args.input_shape), device=args.device)
-            _check_stride(model, _input_shape(args.input_shape))
-            predict(model, args.images, args.out, class_names=info["class_names"],
-                    score_threshold=args.score_threshold, nms=args.nms, nms_mode=args.nms_mode,
-                    nms_iou_or_sigma=args.nms_iou_or_sigma, nms_topk=args.nms_topk,
-                    max_output_size=args.nms_max_output_size, resize_method=args.resize_method,
-                    letterbox_pad=args.letterbox_pad)
-            print(f"wrote {len(args.images)} pictures and predictions.json to {args.out}")
-            return 0
-
-        parser = argparse.ArgumentParser(
-            prog="eval.py", description="COCO AP of a model, or of a results json.",
-            epilog="--results mode takes only -d, --split and --stats_json (no model, NMS or loader flags). "
-                   "`python eval.py predict -h`: draw detections on images.")
-        parser.add_argument("-d", "--data", default=None,
-                            help="COCO json, COCO / YOLO dataset folder, or 'shapes' (default: the "
-                                 "data the -m checkpoint was trained on; needed with --results or a preset)")
-        parser.add_argument("--split", default="val", choices=("train", "val"), help="the split of a dataset folder")
-        parser.add_argument("--results", default=None, help="score this COCO results json instead of a model")
-        parser.add_argument("--stats_json", default=None, help="write the 12 numbers here")
-        parser.add_argument("--save_results", default=None, help="write the COCO results json here")
-        parser.add_argument("-b", "--batch_size", type=int, default=8, help="images per forward pass")
-        parser.add_argument("--nms_score_threshold", type=float, default=0.001,
-                            help="drop (prior, class) scores below this before NMS (0.001 for COCO AP)")
-        parser.add_argument("--clip_bbox", action="store_true", help="clip boxes to the original image")
-        parser.add_argument("--workers", type=int, default=None,
-                            help="decode workers (default: 2 on CPU; on a GPU this machine's cores, at most 8)")
-        if "--results" in argv or any(a.startswith("--results=") for a in argv):
-            args = parser.parse_args(argv)
-            if args.data is None:
-                raise EvalInputError("--results needs -d: the COCO json (or dataset folder) its image ids come from")
-            unused = [f for f in ("-b", "--batch_size", "--nms_score_threshold", "--clip_bbox", "--workers",
-                                  "--save_results") if any(a == f or a.startswith(f + "=") for a in argv)]
-            if unused:
-                raise EvalInputError(f"--results scores the detections in the file as they are: {', '.join(unused)} "
-                                     f"would do nothing there; drop it, or evaluate a model with -m")
-            score_results_file(args.results, args.data, args.split, args.stats_json)
-            return 0
-        _add_common_flags(parser)
-        args = parser.parse_args(argv)
-        _check_flags(args)
-        if args.workers is not None and args.workers < 0:
-            raise EvalInputError(f"--workers {args.workers}: give 0 (decode in the main process) or more")
-        if args.data is not None and not os.path.exists(args.data) and args.data != "shapes":
-            # fail before building a model
-            raise EvalInputError(f"-d {args.data}: no such file or folder; give a COCO json, a COCO or "
-                                 f"YOLO dataset folder, or 'shapes'")
-        model_path = _checkpoint_or_default(args.model)
-        model, info = load_model(model_path, det_header=args.det_header,
-                                 input_shape=_input_shape(args.input_shape), device=args.device)
-        _check_stride(model, _input_shape(args.input_shape))
-        data_path = args.data
-        if data_path is None:  # the checkpoint's own training data, split --split
-            data_path = info["data"]
-            if data_path is None:
-                raise EvalInputError(f"-m {model_path}: it records no training data (a preset name, or an "
-                                     f"old checkpoint); give -d (a COCO json, a COCO / YOLO folder, or 'shapes')")
-            if not os.path.exists(data_path) and data_path != "shapes":
-                raise EvalInputError(f"-m {model_path} was trained on --data {data_path}, which is not there "
-                                     f"from here; give -d")
-            print(f"evaluating {model_path} on the {args.split} split of its training data, {data_path}")
-        dataset = open_dataset(data_path, args.split)
-        if info["cat_ids"] is not None and list(info["cat_ids"]) != dataset.cat_ids:
-            # Labels are positions in the category list: another list (or order) would score every
-            # detection as some other class, and the AP would be silently wrong.
-            trained = dict(zip(info["cat_ids"], info["class_names"] or info["cat_ids"]))
-            here = dict(zip(dataset.cat_ids, dataset.class_names))
-            raise EvalInputError(f"-m {model_path} was trained on {_few(trained)} and {data_path} has "
-                                 f"{_few(here)}: evaluate on data with the same categories")
-        run_coco_evaluation(model, dataset, nms_score_threshold=args.nms_score_threshold, nms=args.nms,
-                            nms_mode=args.nms_mode, nms_topk=args.nms_topk, batch_size=args.batch_size,
-                            nms_iou_or_sigma=args.nms_iou_or_sigma,
-                            nms_max_output_size=args.nms_max_output_size, clip_bbox=args.clip_bbox,
-                            input_shape=_input_shape(args.input_shape), resize_method=args.resize_method,
-                            letterbox_pad=args.letterbox_pad,
-                            split=args.split, workers=default_workers() if args.workers is None else args.workers,
-                            results_path=args.save_results,
-                            stats_json=args.stats_json)
+            _predict_main(argv[1:])
+        elif "--results" in argv or any(a.startswith("--results=") for a in argv):
+            _results_main(argv)
+        else:
+            _evaluate_main(argv)
         return 0
     except (ValueError, FileNotFoundError) as e:  # EvalInputError and the data / models checks
         print(f"eval.py: error: {e}", file=sys.stderr)

@@ -696,6 +696,28 @@ PRESETS = list(EFFICIENTDET_PRESETS) + list(YOLOX_PRESETS)
 ANCHORS_MODES = ("efficientdet", "anchor_free")
 
 
+def parse_input_shape(text):
+    """A command line's input size, "512", "512,640" or "512x640", -> (H, W) ints; ValueError
+    naming the accepted forms otherwise (the caller adds its flag's name)."""
+    try:
+        sizes = [int(v) for v in str(text).replace("x", ",").split(",") if v.strip()]
+    except ValueError:
+        sizes = []
+    if len(sizes) not in (1, 2) or min(sizes) <= 0:
+        raise ValueError(f"{text!r}: give one size like 512, or H,W like 512,640")
+    return sizes[0], sizes[-1]
+
+
+def check_input_shape(input_shape, model):
+    """The network halves its maps down to its largest stride, and the neck adds maps of
+    neighbouring levels, so each side must divide by that stride. ValueError otherwise."""
+    stride = max(model.strides)
+    h, w = input_shape
+    if h % stride or w % stride:
+        raise ValueError(f"each side must be divisible by {stride}, the largest stride of "
+                         f"{model.config['det_header']} (e.g. {stride * max(1, round(h / stride))})")
+
+
 def preset_input_shape(det_header):
     """The published input size (H, W) of a preset."""
     if det_header in EFFICIENTDET_PRESETS:

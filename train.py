@@ -17,15 +17,18 @@ The flow of one step, each line of which is a file of this project:
 Around the loop: the recipe (optimizer, learning-rate schedule, weight decay only on weights),
 AMP, EMA, backbone freezing, checkpoints that resume exactly, a CSV + PNG history, and DDP via
 torchrun. Defaults follow keras_cv_attention_models' COCO script (EfficientDet-D0 at 256,
-batch 64, mosaic 0.5, RandAugment magnitude 6, backbone frozen for the first 32 of 105 epochs),
+batch 64, mosaic 0.5, RandAugment magnitude 6, a --pretrained backbone frozen for the first 32
+of 105 epochs),
 except that a `yolox_*` header switches to the YOLOX recipe (SGD, mosaic always, L1 loss and no
 mosaic for the last 15 epochs, EMA).
 """
 import argparse
 import csv
+import io
 import json
 import math
 import os
+import signal
 import sys
 import time
 
@@ -41,6 +44,7 @@ import models
 # The two recipes. A flag left unset on the command line takes its value from the recipe of the
 # chosen detector family; a flag that is given always wins. Unless -e is given, a run lasts the
 # decay plus the cooldown, as in the seed's script: 100 + 5 = 105 epochs, 285 + 15 = 300.
+# One exception: freezing applies to a --pretrained backbone only (see resolve_config).
 EFFICIENTDET_RECIPE = dict(
     input_shape="256", batch_size=64, optimizer="adamw", lr_base_512=8e-3,
     weight_decay=0.02, lr_decay_steps="100", lr_warmup_steps=3.0, lr_cooldown_steps=5,
@@ -107,7 +111,8 @@ def parse_args(argv=None):
     a("--eval_batch_size", type=int, default=16, help="batch size of the per-epoch evaluation")
     a("--resume", default=None, help="a last.pt to continue from, exactly where it stopped")
     a("--pretrained", default=None, help="a checkpoint whose matching weights initialise the model")
-    a("--out", default="runs/train", help="run folder: checkpoints, history.csv, history.png, config.json")
+    a("--out", default=None, help="run folder: checkpoints, history.csv, history.png, config.json "
+      "(default runs/train; with --resume, the checkpoint's folder)")
     return p.parse_args(argv)
 
 
@@ -118,58 +123,64 @@ def fail(message):
 
 
 def resolve_config(args):
-    """Merge the command line with the recipe of the chosen family into one plain dict."""
+    """Merge the command line with the recipe of the chosen family into one plain dict, checking
+    every value before any file is touched (a bad --eval_batch_size would otherwise fail after a
+    whole epoch, as a torch error that names no flag)."""
     recipe = YOLOX_RECIPE if args.det_header.startswith("yolox") else EFFICIENTDET_RECIPE
     cfg = dict(vars(args))
-    if cfg["freeze_backbone_epochs"] is None and not cfg["pretrained"]:
-        # The recipe freezes a PRETRAINED backbone while the new head settles. A random one has
-        # nothing worth keeping: frozen, it would stay random, BatchNorm statistics and all.
-        cfg["freeze_backbone_epochs"] = 0
+    for flag in ("resume", "pretrained"):
+        if cfg[flag] and not os.path.isfile(cfg[flag]):
+            fail(f"--{flag} {cfg[flag]} does not exist: give the last.pt / best.pt of an earlier run")
+    if cfg["out"] is None:  # a resumed run goes on writing where it was
+        cfg["out"] = (os.path.dirname(cfg["resume"]) or ".") if cfg["resume"] else os.path.join("runs", "train")
+    if cfg["freeze_backbone_epochs"] is None:
+        if cfg["resume"]:  # a resumed run keeps the freezing it started with
+            cfg["freeze_backbone_epochs"] = load_checkpoint_file(cfg["resume"]).get(
+                "train_config", {}).get("freeze_backbone_epochs", 0)
+        elif not cfg["pretrained"]:
+            # The recipe freezes a PRETRAINED backbone while the new head settles. A random one has
+            # nothing worth keeping: frozen, it would stay random, BatchNorm statistics and all.
+            cfg["freeze_backbone_epochs"] = 0
     for k, v in recipe.items():
         if cfg.get(k) is None:
             cfg[k] = v
     try:
-        size = [int(s) for s in str(cfg["input_shape"]).replace("x", ",").split(",") if s]
-    except ValueError:
-        size = []
-    if len(size) == 1:
-        size = size * 2
-    if len(size) != 2 or min(size) <= 0:
-        fail(f"--input_shape {cfg['input_shape']!r}: give one size like 256 or H,W like 256,320")
-    cfg["input_shape"] = size
+        cfg["input_shape"] = list(models.parse_input_shape(cfg["input_shape"]))
+    except ValueError as e:
+        fail(f"--input_shape {e}")
     raw = str(cfg["lr_decay_steps"])
     try:
-        cfg["lr_decay_steps"] = [float(s) for s in raw.split(",") if s.strip()]
+        steps = [float(s) for s in raw.split(",") if s.strip()]
     except ValueError:
-        cfg["lr_decay_steps"] = []
-    steps = cfg["lr_decay_steps"]
-    if not steps or min(steps) <= 0 or any(b <= a for a, b in zip(steps, steps[1:])):
+        steps = []
+    if not steps or not all(math.isfinite(s) and s > 0 for s in steps) or any(b <= a for a, b in zip(steps, steps[1:])):
         fail(f"--lr_decay_steps {raw!r}: give one number of epochs (cosine) like 100, or increasing "
              f"epochs like 30,60,90 (step decay)")
-    if cfg["epochs"] is None:
-        cfg["epochs"] = int(math.ceil(cfg["lr_decay_steps"][-1])) + cfg["lr_cooldown_steps"]
-    # Numbers that must be positive (or at least 0): caught here, before any file is touched,
-    # rather than as a torch error mid-run (--eval_batch_size would fail after a whole epoch).
-    for flag, key, low in (("-b/--batch_size", "batch_size", 1), ("-e/--epochs", "epochs", 1),
-                           ("--eval_batch_size", "eval_batch_size", 1), ("--num_layers", "num_layers", 0),
+    cfg["lr_decay_steps"] = steps
+    for flag, key, low in (("-b/--batch_size", "batch_size", 1), ("--eval_batch_size", "eval_batch_size", 1),
                            ("--freeze_backbone_epochs", "freeze_backbone_epochs", 0),
                            ("--close_mosaic_epochs", "close_mosaic_epochs", 0),
                            ("--lr_cooldown_steps", "lr_cooldown_steps", 0)):
         if cfg[key] < low:
             fail(f"{flag} {cfg[key]}: give {low} or more")
-    for flag, key in (("--lr_base_512", "lr_base_512"), ("--weight_decay", "weight_decay"), ("--lr_min", "lr_min"),
-                      ("--lr_warmup_steps", "lr_warmup_steps"), ("--random_crop_mode", "random_crop_mode"),
-                      ("--magnitude", "magnitude")):
-        if not cfg[key] >= 0:  # also catches nan
+    if cfg["epochs"] is None:
+        cfg["epochs"] = int(math.ceil(steps[-1])) + cfg["lr_cooldown_steps"]
+    if cfg["epochs"] < 1:
+        fail(f"-e/--epochs {cfg['epochs']}: give 1 or more")
+    if not (math.isfinite(cfg["lr_base_512"]) and cfg["lr_base_512"] > 0):
+        fail(f"--lr_base_512 {cfg['lr_base_512']}: give a learning rate above 0, like 0.008")
+    for flag, key in (("--weight_decay", "weight_decay"), ("--lr_min", "lr_min"),
+                      ("--lr_warmup_steps", "lr_warmup_steps")):
+        if not (math.isfinite(cfg[key]) and cfg[key] >= 0):
             fail(f"{flag} {cfg[key]}: give 0 or more")
-    if not 0 <= cfg["mosaic_mix_prob"] <= 1:
-        fail(f"--mosaic_mix_prob {cfg['mosaic_mix_prob']}: a probability, in 0..1")
+    try:
+        data.check_augment_args(cfg["random_crop_mode"], cfg["magnitude"], cfg["num_layers"], cfg["mosaic_mix_prob"])
+    except ValueError as e:
+        fail(str(e))
     if not 0 <= cfg["ema_decay"] < 1:
         fail(f"--ema_decay {cfg['ema_decay']}: give a decay in [0, 1) like 0.9998, or 0 for no EMA")
     if os.path.exists(cfg["out"]) and not os.path.isdir(cfg["out"]):
         fail(f"--out {cfg['out']} is a file: give a folder for the run (it is made if missing)")
-    if cfg["lr_base_512"] == 0:
-        fail("--lr_base_512 0: the weights would never move; give a learning rate like 0.008")
     if cfg["optimizer"] not in ("sgd", "adam", "adamw"):
         fail(f"--optimizer {cfg['optimizer']!r} is unknown: choose sgd, adam or adamw")
     if cfg["amp"] is None:
@@ -308,6 +319,19 @@ def append_history(path, row):
         writer.writerow(row)
 
 
+def write_history(path, rows):
+    """Rewrite history.csv with these rows (header from the first), atomically; none: no file."""
+    if not rows:
+        if os.path.exists(path):
+            os.remove(path)
+        return
+    text = io.StringIO()
+    writer = csv.DictWriter(text, fieldnames=list(rows[0]))
+    writer.writeheader()
+    writer.writerows(rows)
+    write_text_atomic(path, text.getvalue())
+
+
 def read_history(path):
     if not os.path.exists(path):
         return []
@@ -382,10 +406,10 @@ def main(argv=None):
                                    num_classes=len(train_set.class_names), input_shape=tuple(cfg["input_shape"]))
     except ValueError as e:
         fail(str(e))
-    stride = max(model.strides)
-    if cfg["input_shape"][0] % stride or cfg["input_shape"][1] % stride:
-        fail(f"--input_shape {cfg['input_shape']}: each side must be divisible by {stride}, the "
-             f"largest stride of {cfg['det_header']} (e.g. {stride * max(1, round(cfg['input_shape'][0] / stride))})")
+    try:
+        models.check_input_shape(cfg["input_shape"], model)
+    except ValueError as e:
+        fail(f"--input_shape {cfg['input_shape']}: {e}")
     if cfg["pretrained"]:
         load_pretrained(model, cfg["pretrained"], log)
     model.to(device)
@@ -402,14 +426,17 @@ def main(argv=None):
     scaler = torch.amp.GradScaler(device.type, enabled=cfg["amp"] == "fp16")
     amp_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(cfg["amp"])
 
-    start_epoch, best_ap = 0, -1.0
+    start_epoch, start_step, start_gen, best_ap = 0, 0, None, -1.0
     os.makedirs(cfg["out"], exist_ok=True)
     if cfg["resume"]:
-        start_epoch, best_ap = load_resume(cfg["resume"], model, ema, optimizer, scaler)
+        start_epoch, start_step, start_gen, best_ap = load_resume(cfg, model, ema, optimizer, scaler, train_set, log)
         if start_epoch >= cfg["epochs"]:
             fail(f"--resume {cfg['resume']} already finished epoch {start_epoch}, and this run has "
                  f"{cfg['epochs']}: give a larger -e to train on")
-        log(f"resumed from {cfg['resume']} at epoch {start_epoch + 1}")
+        log(f"resumed from {cfg['resume']} at epoch {start_epoch + 1}" + (f", step {start_step + 1}" if start_step else ""))
+        history = os.path.join(cfg["out"], "history.csv")
+        if is_main and os.path.exists(history):  # rows past the checkpoint are redone: drop them
+            write_history(history, [r for r in read_history(history) if int(r["epoch"]) <= start_epoch])
     elif is_main:
         # A fresh run starts a fresh history, and no best.pt of an earlier run in this folder may
         # stand in for this one's (eval.py picks runs/train/best.pt up by default).
@@ -435,14 +462,33 @@ def main(argv=None):
 
     epochs = cfg["epochs"]
     # Two ways a flag can quietly reshape the run; one line each, so nobody wonders later.
-    decay_end = cfg["lr_decay_steps"][-1]
+    decay_end, fit = cfg["lr_decay_steps"][-1], epochs - cfg["lr_cooldown_steps"]
     if len(cfg["lr_decay_steps"]) == 1 and epochs < decay_end:
+        how = (f"give --lr_decay_steps {fit} to fit it in" if fit > cfg["lr_warmup_steps"] else
+               f"to fit it in, shorten --lr_warmup_steps ({cfg['lr_warmup_steps']:g}) and --lr_cooldown_steps "
+               f"({cfg['lr_cooldown_steps']}) too")
         log(f"note: -e {epochs} ends the run before the cosine reaches --lr_min at epoch {decay_end:g} "
-            f"(--lr_decay_steps); give --lr_decay_steps {max(1, epochs - cfg['lr_cooldown_steps'])} to fit it in")
+            f"(--lr_decay_steps); {how}")
     if cfg["mosaic_mix_prob"] > 0 and cfg["close_mosaic_epochs"] >= epochs:
         log(f"note: --close_mosaic_epochs {cfg['close_mosaic_epochs']} covers all {epochs} epochs: no mosaic in this run")
-    last_good, evaluated = None, False
-    # Ctrl-C anywhere in an epoch (a step, the evaluation, the writing) leaves a resumable last.pt.
+    if cfg["freeze_backbone_epochs"] >= epochs:
+        log(f"note: --freeze_backbone_epochs {cfg['freeze_backbone_epochs']} covers all {epochs} epochs: "
+            f"the backbone does not train in this run")
+    # The checkpoint to go back to if the run stops: the one resumed from, then each epoch's last.pt.
+    last_good, evaluated = cfg["resume"], False
+    # Ctrl-C: the step running ends, its state is saved as last.pt and the run stops; --resume then
+    # continues with the next step exactly. A second Ctrl-C stops at once, keeping last.pt as it
+    # was (the last finished epoch). Under torchrun the first one stops at once: the processes
+    # would have to agree on the step, which costs a wait for the GPU every step.
+    stop = {"asked": False}
+
+    def on_ctrl_c(signum, frame):
+        if stop["asked"] or world > 1:
+            raise KeyboardInterrupt
+        stop["asked"] = True
+        print("\nCtrl-C: stopping after this step, with its state saved (Ctrl-C again: stop at once)", flush=True)
+
+    previous_handler = signal.signal(signal.SIGINT, on_ctrl_c)
     epoch = start_epoch
     try:
         for epoch in range(start_epoch, epochs):
@@ -463,21 +509,28 @@ def main(argv=None):
 
             # A new loader and generator per epoch, both seeded by (seed, epoch): an epoch's batches
             # depend on nothing but those two numbers, which is what makes resume exact.
+            # A run resumed mid-epoch starts at the step it stopped before, with the generator as it was.
+            skip = start_step if epoch == start_epoch else 0
             loader = data.make_loader(train_set, cfg["batch_size"], shuffle=True, workers=cfg["workers"],
                                       seed=cfg["seed"] * 1000 + epoch, drop_last=True, distributed=world > 1,
-                                      pin_memory=device.type == "cuda")  # pinned: the copy to the GPU runs async
+                                      pin_memory=device.type == "cuda",  # pinned: the copy to the GPU runs async
+                                      skip_batches=skip)
             # A CPU generator even on a GPU: augment turns every draw into a small CPU matrix, and
             # a draw on the GPU would make the CPU wait for the GPU's queue before each one.
             gen = torch.Generator().manual_seed(cfg["seed"] * 1000 + epoch)
-            steps = len(loader)
+            if skip:
+                gen.set_state(start_gen)
+            steps = skip + len(loader)  # the whole epoch's steps, which the schedule counts in
             if steps == 0:
                 fail(f"--batch_size {cfg['batch_size']} is larger than the {len(train_set)} training images of {cfg['data']}")
+            # The steps that end each quarter of the epoch: 32, 63, 94, 125 for 125 steps.
+            quarter_ends = {math.ceil(steps * q / 4) for q in (1, 2, 3, 4)}
             # The loss parts are summed on the device and read (a GPU -> CPU sync) only when a
             # progress line is printed: a read every step would stall the GPU's queue every step.
-            sums, nonfinite, seen, t0, wait = {}, None, 0, time.time(), 0.0
+            sums, nonfinite, seen, ran, t0, wait = {}, None, 0, 0, time.time(), 0.0
             last_line = t0
             t_data = time.time()
-            for i, batch in enumerate(data.batches(loader)):  # an unreadable image: one line, below
+            for i, batch in enumerate(data.batches(loader), start=skip):  # an unreadable image: one line, below
                 wait += time.time() - t_data
                 lr = learning_rate(epoch + i / steps, cfg, lr_max)
                 for group in optimizer.param_groups:
@@ -505,14 +558,14 @@ def main(argv=None):
                 if ema is not None:
                     ema.update()
 
-                seen += batch["images"].shape[0] * world
+                seen, ran = seen + batch["images"].shape[0] * world, ran + 1
                 for k, v in losses.items():
                     sums[k] = sums.get(k, 0.0) + v.detach()
                 step_bad = ~torch.isfinite(losses["total"].detach())
                 nonfinite = step_bad if nonfinite is None else nonfinite | step_bad
                 # Reading a GPU value makes the CPU wait for the GPU, so the loss is looked at only at
                 # fixed steps, the same on every process: each quarter of the epoch and every 50 steps.
-                quarter = (i + 1) * 4 // steps != i * 4 // steps  # the steps that end a quarter
+                quarter = i + 1 in quarter_ends
                 if quarter or (i + 1) % 50 == 0:
                     bad = nonfinite.float()
                     if world > 1:  # a NaN on any process stops them all, together
@@ -520,7 +573,7 @@ def main(argv=None):
                     if bool(bad):
                         if not is_main:
                             sys.exit(2)
-                        means = {k: round(float(v) / (i + 1), 4) for k, v in sums.items()}
+                        means = {k: round(float(v) / ran, 4) for k, v in sums.items()}
                         fail(f"the loss became non-finite at epoch {epoch + 1}, by step {i + 1} (epoch means so "
                              f"far: {means}); stopped. {last_good or 'No checkpoint was written yet'} is the last "
                              f"good one: lower --lr_base_512 (now {cfg['lr_base_512']}) or try --amp off, then "
@@ -530,8 +583,8 @@ def main(argv=None):
                     last_line = time.time()
                     elapsed = last_line - t0
                     ips = seen / max(elapsed, 1e-9)
-                    eta = (steps - i - 1) * elapsed / (i + 1)
-                    parts = " ".join(f"{k} {float(sums[k]) / (i + 1):.4f}" for k in losses)
+                    eta = (steps - i - 1) * elapsed / ran
+                    parts = " ".join(f"{k} {float(sums[k]) / ran:.4f}" for k in losses)
                     line = (f"epoch {epoch + 1}/{epochs} {i + 1}/{steps} {parts} lr {lr:.2e} "
                             f"{ips:.1f} img/s eta {eta:.0f}s{' [frozen backbone]' if frozen else ''}")
                     # On a terminal the line updates in place; in a log file it is written a few times an epoch.
@@ -539,6 +592,16 @@ def main(argv=None):
                         print("\r" + line, end="", flush=True)
                     else:
                         print(line, flush=True)
+                if stop["asked"] and i + 1 < steps:  # Ctrl-C in this step: save it (unless NaN), stop
+                    if bool(nonfinite):
+                        print(f"stopped: the loss became non-finite by step {i + 1}; {last_good or 'no checkpoint'} "
+                              f"was left as it was: resume it with a lower --lr_base_512 or --amp off")
+                    else:
+                        last_good = os.path.join(cfg["out"], "last.pt")
+                        save_atomic(checkpoint_state(model, ema, optimizer, scaler, epoch, best_ap, run_config,
+                                                     step=i + 1, generator=gen), last_good)
+                        print(f"stopped after epoch {epoch + 1}, step {i + 1}: continue with --resume {last_good}")
+                    sys.exit(130)
                 t_data = time.time()
             if is_main and sys.stdout.isatty():
                 print()
@@ -546,7 +609,7 @@ def main(argv=None):
             # ---- end of epoch: evaluate (rank 0), history, checkpoints
             row = {"epoch": epoch + 1, "lr": lr, "images_per_s": round(seen / (time.time() - t0), 2),
                    "data_wait_frac": round(wait / max(time.time() - t0, 1e-9), 4)}
-            row.update({f"loss_{k}": round(float(v) / steps, 6) for k, v in sums.items()})
+            row.update({f"loss_{k}": round(float(v) / max(ran, 1), 6) for k, v in sums.items()})
             stats = None
             if is_main and epoch + 1 >= cfg["eval_start_epoch"]:
                 eval_model = ema.module if ema is not None else model
@@ -559,9 +622,9 @@ def main(argv=None):
                     f"(evaluated {len(val_set)} images in {time.time() - t_eval:.0f}s)")
             row["AP"] = round(stats["AP"], 6) if stats else ""
             row["AP50"] = round(stats["AP50"], 6) if stats else ""
+            last_good = os.path.join(cfg["out"], "last.pt")  # on every rank: any of them may name it
             if is_main:
                 state = checkpoint_state(model, ema, optimizer, scaler, epoch + 1, best_ap, run_config)
-                last_good = os.path.join(cfg["out"], "last.pt")
                 if stats is not None and stats["AP"] > best_ap:
                     best_ap = state["best_ap"] = stats["AP"]
                     save_atomic(state, os.path.join(cfg["out"], "best.pt"))
@@ -571,22 +634,20 @@ def main(argv=None):
                 plot_history(read_history(history), os.path.join(cfg["out"], "history.png"))
             if world > 1:
                 dist.barrier()  # the others wait while rank 0 evaluates and writes
+            if stop["asked"] and epoch + 1 < epochs:  # Ctrl-C in the epoch's last step or its evaluation
+                print(f"stopped after epoch {epoch + 1}: continue with --resume {last_good}")
+                sys.exit(130)
 
     except data.DataLoadError as e:  # an image that cannot be read, in training or evaluation
         fail(f"{e}; " + (f"fix the file, then --resume {last_good} (the last finished epoch)" if last_good
                          else "fix the file and start again (no epoch had finished)"))
-    except KeyboardInterrupt:
-        if is_main and not all(bool(torch.isfinite(p).all()) for p in model.parameters()):
-            # The loss went NaN in the steps since the last check: keep the last good last.pt.
-            print(f"\ninterrupted, with weights that had become non-finite: {last_good or 'no checkpoint'} "
-                  f"was left as it was; resume it with a lower --lr_base_512 or --amp off")
-        elif is_main:
-            # The interrupted epoch is redone on resume, starting from the weights reached so far.
-            save_atomic(checkpoint_state(model, ema, optimizer, scaler, epoch, best_ap, run_config),
-                        os.path.join(cfg["out"], "last.pt"))
-            print(f"\ninterrupted: {os.path.join(cfg['out'], 'last.pt')} holds the state; "
-                  f"continue with --resume {os.path.join(cfg['out'], 'last.pt')}")
+    except KeyboardInterrupt:  # a second Ctrl-C, or the first under torchrun: no step to finish
+        if is_main:
+            print(f"\nstopped at once: " + (f"{last_good} (as it was) holds the last saved state; continue with "
+                                             f"--resume {last_good}" if last_good else "nothing was saved yet"))
         sys.exit(130)
+    finally:
+        signal.signal(signal.SIGINT, previous_handler)
     if is_main:
         best = (f"best.pt (AP {best_ap:.4f})" if best_ap >= 0 else
                 "no best.pt (the val split has no boxes to score)" if evaluated else
@@ -597,10 +658,13 @@ def main(argv=None):
     return best_ap
 
 
-def checkpoint_state(model, ema, optimizer, scaler, epoch, best_ap, run_config):
+def checkpoint_state(model, ema, optimizer, scaler, epoch, best_ap, run_config, step=0, generator=None):
     """Everything needed to continue exactly: the weights, the EMA, the optimizer's moments, the
-    loss scaler, the next epoch and the RNG states. The config lets eval.py rebuild the model."""
+    loss scaler, the epochs finished and the RNG states; after a Ctrl-C also the steps finished in
+    the next epoch and its augmentation generator. The config lets eval.py rebuild the model."""
     return {
+        "step": step,
+        "generator": generator.get_state() if generator is not None else None,
         "config": dict(run_config["model_config"], class_names=run_config["class_names"],
                        cat_ids=run_config["cat_ids"]),
         "train_config": run_config,
@@ -625,10 +689,19 @@ def load_checkpoint_file(path):
         fail(f"{path} is not a readable plaindet checkpoint ({type(e).__name__}: {e})")
 
 
-def load_resume(path, model, ema, optimizer, scaler):
+def load_resume(cfg, model, ema, optimizer, scaler, train_set, log):
+    """Load a checkpoint's whole training state. Returns (epochs finished, steps finished in the
+    next epoch, that epoch's augmentation generator state or None, best AP so far)."""
+    path = cfg["resume"]
     ckpt = load_checkpoint_file(path)
     if "optimizer" not in ckpt or "model" not in ckpt:
         fail(f"{path} holds weights only, not a training state: use --pretrained {path} instead")
+    saved = ckpt.get("train_config", {})
+    # Labels are positions in the class list: other classes, or another order, would go on
+    # training each output as some other class without any error.
+    if saved.get("class_names", train_set.class_names) != train_set.class_names:
+        fail(f"--resume {path} was trained on the classes {saved['class_names'][:5]}... and --data {cfg['data']} "
+             f"has {train_set.class_names[:5]}...: resume with the data it was trained on")
     try:
         model.load_state_dict(ckpt["model"])
     except RuntimeError:
@@ -643,7 +716,13 @@ def load_resume(path, model, ema, optimizer, scaler):
     torch.set_rng_state(ckpt["rng_cpu"])
     if ckpt.get("rng_cuda") is not None and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(ckpt["rng_cuda"])
-    return ckpt["epoch"], ckpt.get("best_ap", -1.0)
+    # A resumed run takes its flags from the command line, as the first one did; a flag that
+    # now differs is allowed (a longer -e is the usual one) but said, since it changes the run.
+    skip = ("resume", "out", "pretrained", "workers", "eval_batch_size", "eval_start_epoch", "compile", "epochs")
+    changed = [f"{k} {cfg[k]} (was {saved[k]})" for k in cfg if k in saved and k not in skip and saved[k] != cfg[k]]
+    if changed:
+        log(f"note: resuming with settings that differ from the checkpoint's run: {', '.join(changed)}")
+    return ckpt["epoch"], ckpt.get("step", 0), ckpt.get("generator"), ckpt.get("best_ap", -1.0)
 
 
 def load_pretrained(model, path, log):

@@ -469,7 +469,7 @@ def test_bad_inputs(tmp_path):
     ds = data.open_dataset(path, "train")
     assert len(ds[0]["boxes"]) == 0  # an image without annotations is a background image
     os.remove(tmp_path / "images" / "a.jpg")
-    with pytest.raises(FileNotFoundError, match="a.jpg is missing"):
+    with pytest.raises(data.DataLoadError, match="a.jpg is missing"):
         ds[0]
     (tmp_path / "images" / "a.jpg").write_bytes(b"not a jpeg")
     with pytest.raises(ValueError, match="a.jpg cannot be decoded"):
@@ -665,6 +665,29 @@ def test_yolo_names_from_data_yaml(tmp_path, yaml_text):
     (root / "data.yaml").write_text(yaml_text)
     ds = data.open_dataset(str(root), "train")
     assert ds.class_names == ["person", "car"] and ds[0]["labels"].tolist() == [1]
+
+
+def test_yolo_names_the_way_editors_and_exports_write_them(tmp_path):
+    # A byte-order mark (Windows editors) must not stick to the first name or the first class.
+    root = write_yolo(tmp_path, {"a": "\ufeff1 0.5 0.5 0.2 0.2\n"}, names="\ufeffperson\ncar\n")
+    ds = data.open_dataset(str(root), "train")
+    assert ds.class_names == ["person", "car"] and ds[0]["labels"].tolist() == [1]
+    os.remove(root / "obj.names")
+    # Quoted names keep their commas and #; a `names:` nested under another key is not the one.
+    (root / "data.yaml").write_text("\ufeffdownload:\n  names: [wrong]\nnames: ['traffic light, red', \"no. #1\"]  # two\n")
+    assert data.open_dataset(str(root), "train").class_names == ["traffic light, red", "no. #1"]
+    (root / "data.yaml").write_text("names:\n  - 'a #1'  # first\n  - b\n")
+    assert data.open_dataset(str(root), "train").class_names == ["a #1", "b"]
+    (root / "data.yaml").write_text("names: []\n")
+    with pytest.raises(ValueError, match=r"data\.yaml lists no class names"):
+        data.open_dataset(str(root), "train")
+
+
+def test_yolo_class_must_be_a_whole_number(tmp_path):
+    for text, shown in (("1.7 0.5 0.5 0.2 0.2\n", "1.7"), ("nan 0.5 0.5 0.2 0.2\n", "nan")):
+        root = write_yolo(tmp_path / shown, {"a": text})
+        with pytest.raises(ValueError, match=rf"a\.txt:1: class {shown} is not a whole number"):
+            data.read_yolo(str(root))
 
 
 def test_yolo_data_yaml_errors(tmp_path):

@@ -362,10 +362,14 @@ def test_cli_defaults_to_the_default_run_and_its_training_data(tmp_path, monkeyp
         assert torch.equal(seen["model"].state_dict()[key], value)
     other = write_small_coco(str(tmp_path / "other"))
     assert ev.main(["-d", other, "--nms", "hard"]) == 0 and seen["dataset"].source == other  # -d given wins
-    assert ev.main(["--results", "r.json"]) == 2
-    assert "--results needs -d" in capsys.readouterr().err
-    assert ev.main(["--results", "r.json", "-d", small, "--clip_bbox"]) == 2  # would be silently ignored
-    assert "--clip_bbox would do nothing there" in capsys.readouterr().err
+    # --results mode has its own parser: -d is required, and a flag that would do nothing there
+    # (even abbreviated) is refused, not silently ignored.
+    for argv, message in ((["--results", "r.json"], "the following arguments are required: -d/--data"),
+                          (["--results", "r.json", "-d", small, "--clip_bbox"], "unrecognized arguments: --clip_bbox"),
+                          (["--results", "r.json", "-d", small, "--save", "x.json"], "unrecognized arguments: --save")):
+        with pytest.raises(SystemExit) as exc:
+            ev.main(argv)
+        assert exc.value.code == 2 and message in capsys.readouterr().err
 
 
 def test_categories_must_match_the_checkpoint(tmp_path, capsys):
@@ -377,8 +381,10 @@ def test_categories_must_match_the_checkpoint(tmp_path, capsys):
     assert "trained on 20 categories (1 class0, 2 class1, 3 class2, 4 class3, ...)" in err
     assert "has 20 categories (2 class1," in err and "Traceback" not in err
     fewer = write_small_coco(str(tmp_path / "fewer"), cat_ids=range(1, 6))
-    assert ev.main(["-m", "yolox_nano", "-d", fewer, "-i", "64", "--device", "cpu"]) == 2  # preset: 80 classes
-    assert "the model predicts 80 classes and" in capsys.readouterr().err
+    # A preset (random weights) is built for the data's 5 classes; a model of 80 is refused.
+    assert ev.main(["-m", "yolox_nano", "-d", fewer, "-i", "64", "--device", "cpu"]) == 0
+    with pytest.raises(ev.EvalInputError, match="the model predicts 80 classes and .* has 5"):
+        ev.run_coco_evaluation(models.build_model("yolox_nano", input_shape=(64, 64)), fewer, verbose=False)
 
 
 def test_clip_bbox_with_a_json_that_has_no_image_sizes(tmp_path):
@@ -403,8 +409,8 @@ def test_clip_bbox_with_a_json_that_has_no_image_sizes(tmp_path):
     (["--nms_topk", "-5"], "--nms_topk -5"),
     (["--nms_score_threshold", "2"], "--nms_score_threshold 2.0: scores are in 0..1"),
     (["-b", "0"], "-b/--batch_size 0: give 1 or more"),
-    (["-i", "100"], "-i/--input_shape 100 100: each side must be a multiple of 32, the largest stride of yolox_nano (e.g. 96)"),
-    (["-i", "abc"], "-i/--input_shape abc: give H, or H W"),
+    (["-i", "100"], "-i/--input_shape 100 100: each side must be divisible by 32, the largest stride of yolox_nano (e.g. 96)"),
+    (["-i", "abc"], "-i/--input_shape 'abc': give one size like 512, or H,W like 512,640"),
 ])
 def test_cli_flag_errors_name_the_flag(tmp_path, capsys, flags, message):
     small = write_small_coco(str(tmp_path / "small"))
@@ -447,6 +453,21 @@ def test_cli_paths_and_results_entries_are_checked(tmp_path, capsys):
         assert ev.main(["predict", "-m", ckpt, "--device", "cpu", *argv]) == 2
         assert message in capsys.readouterr().err
     assert not (tmp_path / "p").exists()
+    # The output folder is the input's own: its picture would overwrite the photo.
+    assert ev.main(["predict", "-m", ckpt, "--device", "cpu", "-o", str(tmp_path / "other"),
+                    str(tmp_path / "other" / "1.jpg")]) == 0  # 1.jpg -> 1.png: no clash
+    png = tmp_path / "other" / "1.png"
+    assert ev.main(["predict", "-m", ckpt, "--device", "cpu", "-o", str(tmp_path / "other"), str(png)]) == 2
+    assert "would be written over the image itself" in capsys.readouterr().err
+    # A folder stands for its images. A 128 x 16 picture is mostly letterbox padding at 128 x 128:
+    # of the 100 detections kept, the ones in the padding clip to lines and are left out.
+    from PIL import Image
+    Image.new("RGB", (128, 16), (90, 90, 90)).save(tmp_path / "small" / "images" / "wide.jpg")
+    assert ev.main(["predict", "-m", ckpt, "--device", "cpu", "--score_threshold", "0", "-o", str(tmp_path / "f"),
+                    str(tmp_path / "small" / "images")]) == 0
+    predictions = json.loads((tmp_path / "f" / "predictions.json").read_text())
+    assert sorted(predictions) == ["1.jpg", "2.jpg", "wide.jpg"] and 0 < len(predictions["wide.jpg"]) < 100
+    assert all(d["box"][2] > d["box"][0] and d["box"][3] > d["box"][1] for d in predictions["wide.jpg"])
     # -i as train.py writes it (H,W) works too.
     assert ev.main(["predict", "-m", ckpt, "--device", "cpu", "-i", "64,96", "-o", str(tmp_path / "p"), image]) == 0
     assert (tmp_path / "p" / "1.png").exists()

@@ -4,6 +4,7 @@ import json
 import math
 import os
 import shutil
+import signal
 import subprocess
 import sys
 
@@ -179,7 +180,14 @@ def test_ddp_two_processes_on_gloo(tiny_shapes, tmp_path):
     (["-b", "0"], "-b/--batch_size 0: give 1 or more"),
     (["-e", "0"], "-e/--epochs 0: give 1 or more"),
     (["--eval_batch_size", "0"], "--eval_batch_size 0: give 1 or more"),
-    (["--lr_base_512", "-1"], "--lr_base_512 -1.0: give 0 or more"),
+    (["--lr_base_512", "-1"], "--lr_base_512 -1.0: give a learning rate above 0"),
+    (["--lr_base_512", "inf"], "--lr_base_512 inf: give a learning rate above 0"),
+    (["--lr_decay_steps", "30,nan"], "--lr_decay_steps '30,nan'"),
+    (["--lr_warmup_steps", "inf"], "--lr_warmup_steps inf: give 0 or more"),
+    (["-e", "-3"], "-e/--epochs -3: give 1 or more"),
+    (["--lr_cooldown_steps", "-200"], "--lr_cooldown_steps -200: give 0 or more"),  # not "-e -100"
+    (["--resume", "/no/last.pt"], "--resume /no/last.pt does not exist"),
+    (["--pretrained", "/no/w.pt"], "--pretrained /no/w.pt does not exist"),
     (["--random_crop_mode", "-1"], "--random_crop_mode -1.0: give 0 or more"),
     (["--ema_decay", "1.5"], "--ema_decay 1.5: give a decay in [0, 1)"),
     (["--mosaic_mix_prob", "2"], "--mosaic_mix_prob 2.0: a probability"),
@@ -269,8 +277,15 @@ def test_notes_when_flags_reshape_the_run(tiny_shapes, tmp_path, capsys):
               "--mosaic_mix_prob", "1.0")
     out = capsys.readouterr().out
     assert "note: -e 1 ends the run before the cosine reaches --lr_min at epoch 285" in out
-    assert "give --lr_decay_steps 1 to fit it in" in out
+    assert "to fit it in, shorten --lr_warmup_steps (0) and --lr_cooldown_steps (15) too" in out  # 1 - 15 < 0
     assert "note: --close_mosaic_epochs 15 covers all 1 epochs: no mosaic in this run" in out
+    assert "--freeze_backbone_epochs" not in out
+    # The EfficientDet recipe (decay 100) with room for the cosine, and a backbone frozen throughout.
+    run_train(tiny_shapes, tmp_path / "d0", "--det_header", "efficientdet_d0", "-i", "128", "-e", "2", "-b", "8",
+              "--lr_cooldown_steps", "1", "--freeze_backbone_epochs", "2")
+    out = capsys.readouterr().out
+    assert "at epoch 100 (--lr_decay_steps); give --lr_decay_steps 1 to fit it in" in out
+    assert "note: --freeze_backbone_epochs 2 covers all 2 epochs: the backbone does not train in this run" in out
 
 
 def test_run_length_is_decay_plus_cooldown_unless_given():
@@ -283,12 +298,17 @@ def test_run_length_is_decay_plus_cooldown_unless_given():
     assert epochs("-e", "7", "--lr_cooldown_steps", "3") == 7
 
 
-def test_recipe_freezes_only_a_pretrained_backbone():
+def test_recipe_freezes_only_a_pretrained_backbone(tmp_path):
     def freeze(*argv):
         return train.resolve_config(train.parse_args(list(argv)))["freeze_backbone_epochs"]
-    assert freeze() == 0 and freeze("--pretrained", "w.pt") == 32  # EfficientDet recipe: 32 when pretrained
+    weights = str(tmp_path / "w.pt")
+    torch.save({"model": {}}, weights)
+    assert freeze() == 0 and freeze("--pretrained", weights) == 32  # EfficientDet recipe: 32 when pretrained
     assert freeze("--freeze_backbone_epochs", "3") == 3  # a given flag always wins
-    assert freeze("--det_header", "yolox_s", "--pretrained", "w.pt") == 0
+    assert freeze("--det_header", "yolox_s", "--pretrained", weights) == 0
+    # A resumed run keeps the freezing it started with, whether or not --pretrained is repeated.
+    torch.save({"model": {}, "train_config": {"freeze_backbone_epochs": 32}}, tmp_path / "last.pt")
+    assert freeze("--resume", str(tmp_path / "last.pt")) == 32
 
 
 def test_learning_rate_schedule():
@@ -375,26 +395,91 @@ def test_a_nan_between_checks_is_not_forgotten(tiny_shapes, tmp_path, capsys, mo
 
 
 def test_ctrl_c_after_an_unchecked_nan_keeps_the_good_checkpoint(tiny_shapes, tmp_path, capsys, monkeypatch):
-    # Batch 1: 8 steps an epoch, the loss is checked at steps 2, 4, 6, 8. Epoch 2's step 1 turns
-    # the weights NaN, and Ctrl-C comes in step 2, before any check: last.pt must keep epoch 1.
+    # Batch 1: 8 steps an epoch, the loss is checked at steps 2, 4, 6, 8. Ctrl-C comes in epoch
+    # 2's step 1, whose loss is NaN: the step ends before any check, and last.pt must keep epoch 1.
     real_loss, calls = train.assign.detection_loss, {"n": 0}
 
-    def loss_then_ctrl_c(*args, **kwargs):
+    def nan_loss_and_ctrl_c(*args, **kwargs):
         calls["n"] += 1
-        if calls["n"] == 10:
-            raise KeyboardInterrupt
         out = real_loss(*args, **kwargs)
         if calls["n"] == 9:
+            os.kill(os.getpid(), signal.SIGINT)
             out["total"] = out["total"] * float("nan")
         return out
-    monkeypatch.setattr(train.assign, "detection_loss", loss_then_ctrl_c)
+    monkeypatch.setattr(train.assign, "detection_loss", nan_loss_and_ctrl_c)
     with pytest.raises(SystemExit) as exc:
         run_train(tiny_shapes, tmp_path, "--det_header", "yolox_nano", "-i", "64", "-e", "3", "-b", "1")
     assert exc.value.code == 130
-    assert "non-finite" in capsys.readouterr().out
+    assert "the loss became non-finite by step 1" in capsys.readouterr().out
     ckpt = torch.load(tmp_path / "last.pt", weights_only=False)
-    assert ckpt["epoch"] == 1
+    assert ckpt["epoch"] == 1 and ckpt["step"] == 0
     assert all(torch.isfinite(v).all() for v in ckpt["model"].values() if v.dtype.is_floating_point)
+
+
+def test_ctrl_c_mid_epoch_then_resume_is_exact(tiny_shapes, tmp_path, capsys, monkeypatch):
+    # Ctrl-C in epoch 1's step 3 (of 8): the step ends, last.pt holds epoch 0 + 3 steps and the
+    # augmentation generator; resuming gives the same weights, EMA and history as a straight run.
+    common = ["--det_header", "yolox_nano", "-i", "64", "-e", "2", "-b", "1", "--ema_decay", "0.9",
+              "--mosaic_mix_prob", "1", "--magnitude", "6", "--random_crop_mode", "1"]
+    run_train(tiny_shapes, tmp_path / "straight", *common)
+    straight = torch.load(tmp_path / "straight" / "last.pt", weights_only=False)
+
+    real_loss, calls = train.assign.detection_loss, {"n": 0}
+
+    def ctrl_c_in_step_3(*args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] == 3:
+            os.kill(os.getpid(), signal.SIGINT)  # the handler runs now, mid-step, as a real Ctrl-C would
+        return real_loss(*args, **kwargs)
+    monkeypatch.setattr(train.assign, "detection_loss", ctrl_c_in_step_3)
+    with pytest.raises(SystemExit) as exc:
+        run_train(tiny_shapes, tmp_path / "stopped", *common)
+    assert exc.value.code == 130
+    assert "stopped after epoch 1, step 3: continue with --resume" in capsys.readouterr().out
+    stopped = torch.load(tmp_path / "stopped" / "last.pt", weights_only=False)
+    assert (stopped["epoch"], stopped["step"]) == (0, 3) and calls["n"] == 3
+    monkeypatch.setattr(train.assign, "detection_loss", real_loss)
+    run_train(tiny_shapes, tmp_path / "stopped", *common, "--resume", str(tmp_path / "stopped" / "last.pt"))
+    assert "resumed from" in capsys.readouterr().out
+    resumed = torch.load(tmp_path / "stopped" / "last.pt", weights_only=False)
+    assert resumed["epoch"] == 2 and resumed["step"] == 0
+    for part in ("model", "ema"):
+        for k, v in straight[part].items():
+            if v.dtype.is_floating_point:
+                assert torch.allclose(v, resumed[part][k], atol=1e-6, rtol=0), f"{part}.{k} differs after resume"
+    assert [r["epoch"] for r in history(tmp_path / "stopped")] == ["1", "2"]
+
+
+def test_resume_keeps_the_history_straight_and_the_classes_fixed(tiny_shapes, tmp_path, capsys):
+    run = tmp_path / "run"
+    common = ["--det_header", "yolox_nano", "-i", "64", "-b", "8"]
+    run_train(tiny_shapes, run, *common, "-e", "1")
+    shutil.copy(run / "last.pt", tmp_path / "epoch1.pt")
+    run_train(tiny_shapes, run, *common, "-e", "2", "--resume", str(run / "last.pt"))
+    # Epoch 2 again, from epoch 1's checkpoint, with no --out: into the checkpoint's folder...
+    shutil.copy(tmp_path / "epoch1.pt", run / "epoch1.pt")
+    argv = ["-d", tiny_shapes, "-b", "8", "--workers", "0", "--seed", "3", "--mosaic_mix_prob", "0", "--magnitude", "0",
+            "--random_crop_mode", "0", "--lr_warmup_steps", "0", "--eval_start_epoch", "99", "--ema_decay", "0",
+            "--det_header", "yolox_nano", "-i", "64", "-e", "2", "--resume", str(run / "epoch1.pt")]
+    train.main(argv)
+    # ... where the first epoch-2 row gave way to the new one, not a second row for epoch 2.
+    assert [r["epoch"] for r in history(run)] == ["1", "2"]
+    # A changed flag is allowed but said.
+    train.main(argv + ["--lr_base_512", "0.02"])
+    assert "note: resuming with settings that differ from the checkpoint's run: lr_base_512 0.02 (was" in capsys.readouterr().out
+    # The same images with the classes in another order: every output would learn another class.
+    other = tmp_path / "renamed"
+    shutil.copytree(tiny_shapes, other)
+    for split in ("train", "val"):
+        path = other / "annotations" / f"instances_{split}.json"
+        gt = json.loads(path.read_text())
+        names = [c["name"] for c in gt["categories"]][::-1]
+        gt["categories"] = [dict(c, name=n) for c, n in zip(gt["categories"], names)]
+        path.write_text(json.dumps(gt))
+    with pytest.raises(SystemExit):
+        train.main(argv[:1] + [str(other)] + argv[2:] + ["-e", "3"])
+    err = capsys.readouterr().err
+    assert "was trained on the classes" in err and "resume with the data it was trained on" in err
 
 
 def test_ctrl_c_leaves_a_resumable_checkpoint(tiny_shapes, tmp_path):
