@@ -461,7 +461,7 @@ def main(argv=None):
         f"batch {cfg['batch_size']} x {world}, lr {lr_max:.3g}, amp {cfg['amp']}")
 
     epochs = cfg["epochs"]
-    # Two ways a flag can quietly reshape the run; one line each, so nobody wonders later.
+    # Flags that quietly reshape the run get one line each, so nobody wonders later.
     decay_end, fit = cfg["lr_decay_steps"][-1], epochs - cfg["lr_cooldown_steps"]
     if len(cfg["lr_decay_steps"]) == 1 and epochs < decay_end:
         how = (f"give --lr_decay_steps {fit} to fit it in" if fit > cfg["lr_warmup_steps"] else
