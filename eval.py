@@ -938,7 +938,9 @@ def _evaluate_main(argv):
             if not os.path.exists(data_path) and data_path != "shapes":
                 raise EvalInputError(f"-m {model_path} was trained on --data {data_path}, which is not there "
                                      f"from here; give -d")
-            print(f"evaluating {model_path} on the {args.split} split of its training data, {data_path}")
+            one_json = os.path.isfile(data_path)  # a json is one split: train and val are the same images
+            print(f"evaluating {model_path} on the {args.split} split of its training data, {data_path}" +
+                  (" (a single json, so these are its training images)" if one_json else ""))
         dataset = open_dataset(data_path, args.split)
     else:  # a preset name (random weights): built for the classes of the data
         if os.sep in model_path or model_path.endswith((".pt", ".pth")):

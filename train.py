@@ -131,6 +131,9 @@ def resolve_config(args):
     for flag in ("resume", "pretrained"):
         if cfg[flag] and not os.path.isfile(cfg[flag]):
             fail(f"--{flag} {cfg[flag]} does not exist: give the last.pt / best.pt of an earlier run")
+    if cfg["data"] != "shapes" and os.path.exists(cfg["data"]):
+        # Recorded absolute, so eval.py (which defaults to a checkpoint's data) finds it from anywhere.
+        cfg["data"] = os.path.abspath(cfg["data"])
     if cfg["out"] is None:  # a resumed run goes on writing where it was
         cfg["out"] = (os.path.dirname(cfg["resume"]) or ".") if cfg["resume"] else os.path.join("runs", "train")
     if cfg["freeze_backbone_epochs"] is None:

@@ -357,6 +357,7 @@ def test_cli_defaults_to_the_default_run_and_its_training_data(tmp_path, monkeyp
 
     monkeypatch.setattr(ev, "run_coco_evaluation", spy)
     assert ev.main(["--nms", "linear"]) == 0
+    assert "training data, " + small + " (a single json, so these are its training images)" in capsys.readouterr().out
     assert seen["dataset"].source == small and seen["nms"] == "linear" and len(seen["dataset"]) == 2
     for key, value in model.state_dict().items():
         assert torch.equal(seen["model"].state_dict()[key], value)

@@ -298,6 +298,14 @@ def test_run_length_is_decay_plus_cooldown_unless_given():
     assert epochs("-e", "7", "--lr_cooldown_steps", "3") == 7
 
 
+def test_data_path_is_recorded_absolute(tiny_shapes, tmp_path, monkeypatch):
+    # eval.py defaults to a checkpoint's data: a relative path would only work from the same folder.
+    monkeypatch.chdir(os.path.dirname(tiny_shapes))
+    cfg = train.resolve_config(train.parse_args(["-d", os.path.basename(tiny_shapes)]))
+    assert cfg["data"] == tiny_shapes and os.path.isabs(cfg["data"])
+    assert train.resolve_config(train.parse_args(["-d", "shapes"]))["data"] == "shapes"
+
+
 def test_recipe_freezes_only_a_pretrained_backbone(tmp_path):
     def freeze(*argv):
         return train.resolve_config(train.parse_args(list(argv)))["freeze_backbone_epochs"]
