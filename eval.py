@@ -640,6 +640,9 @@ def load_model(path_or_preset, det_header=None, num_classes=None, input_shape=No
     if not os.path.isfile(path_or_preset):
         if os.sep in path_or_preset or path_or_preset.endswith((".pt", ".pth")):
             raise EvalInputError(f"-m {path_or_preset}: no such checkpoint file")
+        if det_header is not None and det_header != path_or_preset:
+            raise EvalInputError(f"--det_header {det_header} with the preset -m {path_or_preset}: give the preset "
+                                 f"you want as -m (--det_header rebuilds a checkpoint as another preset)")
         # input_shape None = the preset's published size (yolox_s 640, efficientdet_d0 512, ...)
         config = {"det_header": path_or_preset, "num_classes": num_classes or 80,
                   "input_shape": None if input_shape is None else tuple(input_shape)}
@@ -774,6 +777,9 @@ def _add_common_flags(parser):
 def _checkpoint_or_default(model):
     """-m as given, or (left out) train.py's default run's best.pt: after `python train.py ...`
     with no --out, `python eval.py --nms gaussian` scores that run on its own val split."""
+    if model is not None and os.path.isdir(model):
+        hint = next((os.path.join(model, n) for n in ("best.pt", "last.pt") if os.path.isfile(os.path.join(model, n))), None)
+        raise EvalInputError(f"-m {model} is a folder: give a checkpoint file" + (f", e.g. {hint}" if hint else ""))
     if model is not None:
         return model
     if os.path.isfile(DEFAULT_CHECKPOINT):

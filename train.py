@@ -263,10 +263,15 @@ class ModelEMA:
 # Checkpoints and history
 # ----------------------------------------------------------------------------------------------
 def save_atomic(obj, path):
-    """torch.save to a temp name, then rename: a crash mid-write never leaves a broken last.pt."""
+    """torch.save to a temp name, then rename: a crash mid-write never leaves a broken last.pt,
+    and a failed write leaves no temp file behind."""
     tmp = path + ".tmp"
-    torch.save(obj, tmp)
-    os.replace(tmp, path)
+    try:
+        torch.save(obj, tmp)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
 
 
 def write_text_atomic(path, text):
@@ -374,6 +379,16 @@ def set_backbone_frozen(model, frozen):
 # The loop
 # ----------------------------------------------------------------------------------------------
 def main(argv=None):
+    """The command line. A Ctrl-C before the training loop (while the data opens, say) has no
+    state to save: one line instead of a traceback. The loop handles its own (see run)."""
+    try:
+        return run(argv)
+    except KeyboardInterrupt:
+        print("\ninterrupted before training began: nothing was saved", file=sys.stderr)
+        sys.exit(130)
+
+
+def run(argv=None):
     args = parse_args(argv)
     cfg = resolve_config(args)
     rank, world, device = setup_distributed()
@@ -432,7 +447,8 @@ def main(argv=None):
     start_epoch, start_step, start_gen, best_ap = 0, 0, None, -1.0
     os.makedirs(cfg["out"], exist_ok=True)
     if cfg["resume"]:
-        start_epoch, start_step, start_gen, best_ap = load_resume(cfg, model, ema, optimizer, scaler, train_set, log)
+        start_epoch, start_step, start_gen, best_ap = load_resume(cfg, model, ema, optimizer, scaler, train_set, world,
+                                                                  log)
         if start_epoch >= cfg["epochs"]:
             fail(f"--resume {cfg['resume']} already finished epoch {start_epoch}, and this run has "
                  f"{cfg['epochs']}: give a larger -e to train on")
@@ -448,7 +464,7 @@ def main(argv=None):
                 os.remove(os.path.join(cfg["out"], name))
 
     run_config = dict(cfg, num_classes=model.num_classes, model_config=model.config,
-                      class_names=train_set.class_names, cat_ids=train_set.cat_ids)
+                      class_names=train_set.class_names, cat_ids=train_set.cat_ids, num_train_images=len(train_set))
     if is_main:
         write_text_atomic(os.path.join(cfg["out"], "config.json"), json.dumps(run_config, indent=2) + "\n")
 
@@ -483,15 +499,21 @@ def main(argv=None):
     # continues with the next step exactly. A second Ctrl-C stops at once, keeping last.pt as it
     # was (the last finished epoch). Under torchrun the first one stops at once: the processes
     # would have to agree on the step, which costs a wait for the GPU every step.
-    stop = {"asked": False}
+    stop, main_pid = {"asked": False, "saving": False}, os.getpid()
 
     def on_ctrl_c(signum, frame):
+        if os.getpid() != main_pid:  # a loader worker, forked before it could ignore Ctrl-C
+            return
+        if stop["saving"]:  # never cut a checkpoint write short: stop once it is written
+            stop["asked"] = True
+            return
         if stop["asked"] or world > 1:
             raise KeyboardInterrupt
         stop["asked"] = True
         print("\nCtrl-C: stopping after this step, with its state saved (Ctrl-C again: stop at once)", flush=True)
 
     previous_handler = signal.signal(signal.SIGINT, on_ctrl_c)
+    last_path = os.path.join(cfg["out"], "last.pt")
     epoch = start_epoch
     try:
         for epoch in range(start_epoch, epochs):
@@ -600,10 +622,11 @@ def main(argv=None):
                         print(f"stopped: the loss became non-finite by step {i + 1}; {last_good or 'no checkpoint'} "
                               f"was left as it was: resume it with a lower --lr_base_512 or --amp off")
                     else:
-                        last_good = os.path.join(cfg["out"], "last.pt")
+                        stop["saving"] = True
                         save_atomic(checkpoint_state(model, ema, optimizer, scaler, epoch, best_ap, run_config,
-                                                     step=i + 1, generator=gen), last_good)
-                        print(f"stopped after epoch {epoch + 1}, step {i + 1}: continue with --resume {last_good}")
+                                                     step=i + 1, generator=gen, world=world), last_path)
+                        last_good = last_path
+                        print(f"stopped in epoch {epoch + 1} after step {i + 1}: continue with --resume {last_good}")
                     sys.exit(130)
                 t_data = time.time()
             if is_main and sys.stdout.isatty():
@@ -625,20 +648,21 @@ def main(argv=None):
                     f"(evaluated {len(val_set)} images in {time.time() - t_eval:.0f}s)")
             row["AP"] = round(stats["AP"], 6) if stats else ""
             row["AP50"] = round(stats["AP50"], 6) if stats else ""
-            last_good = os.path.join(cfg["out"], "last.pt")  # on every rank: any of them may name it
+            stop["saving"] = True  # a Ctrl-C now waits for the files below
             if is_main:
                 state = checkpoint_state(model, ema, optimizer, scaler, epoch + 1, best_ap, run_config)
                 if stats is not None and stats["AP"] > best_ap:
                     best_ap = state["best_ap"] = stats["AP"]
                     save_atomic(state, os.path.join(cfg["out"], "best.pt"))
-                save_atomic(state, last_good)
+                save_atomic(state, last_path)
                 history = os.path.join(cfg["out"], "history.csv")
                 append_history(history, row)
                 plot_history(read_history(history), os.path.join(cfg["out"], "history.png"))
             if world > 1:
                 dist.barrier()  # the others wait while rank 0 evaluates and writes
+            stop["saving"], last_good = False, last_path  # written: on every rank, any may name it
             if stop["asked"] and epoch + 1 < epochs:  # Ctrl-C in the epoch's last step or its evaluation
-                print(f"stopped after epoch {epoch + 1}: continue with --resume {last_good}")
+                print(f"stopped after epoch {epoch + 1} (finished): continue with --resume {last_good}")
                 sys.exit(130)
 
     except data.DataLoadError as e:  # an image that cannot be read, in training or evaluation
@@ -661,13 +685,14 @@ def main(argv=None):
     return best_ap
 
 
-def checkpoint_state(model, ema, optimizer, scaler, epoch, best_ap, run_config, step=0, generator=None):
+def checkpoint_state(model, ema, optimizer, scaler, epoch, best_ap, run_config, step=0, generator=None, world=1):
     """Everything needed to continue exactly: the weights, the EMA, the optimizer's moments, the
     loss scaler, the epochs finished and the RNG states; after a Ctrl-C also the steps finished in
     the next epoch and its augmentation generator. The config lets eval.py rebuild the model."""
     return {
         "step": step,
         "generator": generator.get_state() if generator is not None else None,
+        "world": world,
         "config": dict(run_config["model_config"], class_names=run_config["class_names"],
                        cat_ids=run_config["cat_ids"]),
         "train_config": run_config,
@@ -692,7 +717,7 @@ def load_checkpoint_file(path):
         fail(f"{path} is not a readable plaindet checkpoint ({type(e).__name__}: {e})")
 
 
-def load_resume(cfg, model, ema, optimizer, scaler, train_set, log):
+def load_resume(cfg, model, ema, optimizer, scaler, train_set, world, log):
     """Load a checkpoint's whole training state. Returns (epochs finished, steps finished in the
     next epoch, that epoch's augmentation generator state or None, best AP so far)."""
     path = cfg["resume"]
@@ -721,11 +746,25 @@ def load_resume(cfg, model, ema, optimizer, scaler, train_set, log):
         torch.cuda.set_rng_state_all(ckpt["rng_cuda"])
     # A resumed run takes its flags from the command line, as the first one did; a flag that
     # now differs is allowed (a longer -e is the usual one) but said, since it changes the run.
-    skip = ("resume", "out", "pretrained", "workers", "eval_batch_size", "eval_start_epoch", "compile", "epochs")
+    # (det_header, backbone and mode are the model's, checked by loading its weights above.)
+    skip = ("resume", "out", "pretrained", "workers", "eval_batch_size", "eval_start_epoch", "compile", "epochs",
+            "det_header", "backbone", "anchors_mode")
+    if saved.get("data") not in (None, "shapes"):
+        saved = dict(saved, data=os.path.abspath(saved["data"]))  # recorded relative before c60fc07
     changed = [f"{k} {cfg[k]} (was {saved[k]})" for k in cfg if k in saved and k not in skip and saved[k] != cfg[k]]
     if changed:
         log(f"note: resuming with settings that differ from the checkpoint's run: {', '.join(changed)}")
-    return ckpt["epoch"], ckpt.get("step", 0), ckpt.get("generator"), ckpt.get("best_ap", -1.0)
+    step, generator = ckpt.get("step", 0), ckpt.get("generator")
+    # A run stopped mid-epoch counted its steps in batches of its own size, over its processes and
+    # images: with any of those changed, the same step number is other images, so the epoch
+    # starts again from its first step (the steps already taken stay in the weights).
+    same_batches = (saved.get("batch_size"), ckpt.get("world", 1), saved.get("num_train_images", len(train_set))) == (
+        cfg["batch_size"], world, len(train_set))
+    if step and not same_batches:
+        log(f"note: {path} stopped in epoch {ckpt['epoch'] + 1} after step {step} with other batches (batch size, "
+            f"processes or images changed): epoch {ckpt['epoch'] + 1} starts again from its first step")
+        step, generator = 0, None
+    return ckpt["epoch"], step, generator, ckpt.get("best_ap", -1.0)
 
 
 def load_pretrained(model, path, log):

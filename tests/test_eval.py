@@ -282,6 +282,10 @@ def test_load_model_and_wrong_architecture(tmp_path, capsys):
     assert "yolox_nano" in err and "Traceback" not in err
     assert ev.main(["-m", str(tmp_path / "missing.pt"), "-d", gt]) == 2
     assert "no such checkpoint" in capsys.readouterr().err
+    assert ev.main(["-m", str(tmp_path), "-d", gt]) == 2  # the run folder, not its checkpoint
+    assert f"-m {tmp_path} is a folder: give a checkpoint file" in capsys.readouterr().err
+    with pytest.raises(ev.EvalInputError, match="--det_header yolox_s with the preset -m yolox_nano"):
+        ev.load_model("yolox_nano", det_header="yolox_s")
 
 
 def test_a_preset_name_builds_at_its_published_size():

@@ -443,7 +443,7 @@ def test_ctrl_c_mid_epoch_then_resume_is_exact(tiny_shapes, tmp_path, capsys, mo
     with pytest.raises(SystemExit) as exc:
         run_train(tiny_shapes, tmp_path / "stopped", *common)
     assert exc.value.code == 130
-    assert "stopped after epoch 1, step 3: continue with --resume" in capsys.readouterr().out
+    assert "stopped in epoch 1 after step 3: continue with --resume" in capsys.readouterr().out
     stopped = torch.load(tmp_path / "stopped" / "last.pt", weights_only=False)
     assert (stopped["epoch"], stopped["step"]) == (0, 3) and calls["n"] == 3
     monkeypatch.setattr(train.assign, "detection_loss", real_loss)
@@ -456,6 +456,46 @@ def test_ctrl_c_mid_epoch_then_resume_is_exact(tiny_shapes, tmp_path, capsys, mo
             if v.dtype.is_floating_point:
                 assert torch.allclose(v, resumed[part][k], atol=1e-6, rtol=0), f"{part}.{k} differs after resume"
     assert [r["epoch"] for r in history(tmp_path / "stopped")] == ["1", "2"]
+
+
+def test_ctrl_c_twice_while_saving_waits_for_the_files(tiny_shapes, tmp_path, capsys, monkeypatch):
+    # Two Ctrl-C during epoch 1's checkpoint write: the write finishes (no .tmp left, last.pt
+    # whole), then the run stops, pointing at that last.pt.
+    real_save, presses = train.save_atomic, {"n": 0}
+
+    def save_with_ctrl_c(obj, path):
+        if presses["n"] == 0:
+            presses["n"] = 2
+            os.kill(os.getpid(), signal.SIGINT)
+            os.kill(os.getpid(), signal.SIGINT)
+        real_save(obj, path)
+    monkeypatch.setattr(train, "save_atomic", save_with_ctrl_c)
+    with pytest.raises(SystemExit) as exc:
+        run_train(tiny_shapes, tmp_path, "--det_header", "yolox_nano", "-i", "64", "-e", "3", "-b", "4")
+    assert exc.value.code == 130
+    assert f"stopped after epoch 1 (finished): continue with --resume {tmp_path / 'last.pt'}" in capsys.readouterr().out
+    assert torch.load(tmp_path / "last.pt", weights_only=False)["epoch"] == 1
+    assert not [f for f in os.listdir(tmp_path) if f.endswith(".tmp")]
+
+
+def test_resume_mid_epoch_with_another_batch_size_restarts_the_epoch(tiny_shapes, tmp_path, capsys, monkeypatch):
+    real_loss, calls = train.assign.detection_loss, {"n": 0}
+
+    def ctrl_c_in_step_3(*args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] == 3:
+            os.kill(os.getpid(), signal.SIGINT)
+        return real_loss(*args, **kwargs)
+    monkeypatch.setattr(train.assign, "detection_loss", ctrl_c_in_step_3)
+    common = ["--det_header", "yolox_nano", "-i", "64", "-e", "1"]
+    with pytest.raises(SystemExit):
+        run_train(tiny_shapes, tmp_path, *common, "-b", "1")
+    monkeypatch.setattr(train.assign, "detection_loss", real_loss)
+    # Step 3 of batches of 1 is not step 3 of batches of 2: epoch 1 runs again from its start.
+    run_train(tiny_shapes, tmp_path, *common, "-b", "2", "--resume", str(tmp_path / "last.pt"))
+    out = capsys.readouterr().out
+    assert "stopped in epoch 1 after step 3 with other batches" in out and "starts again from its first step" in out
+    assert "epoch 1/1 4/4" in out and [r["epoch"] for r in history(tmp_path)] == ["1"]
 
 
 def test_resume_keeps_the_history_straight_and_the_classes_fixed(tiny_shapes, tmp_path, capsys):
