@@ -31,6 +31,7 @@ import os
 import signal
 import sys
 import time
+import warnings
 
 import torch
 import torch.distributed as dist
@@ -138,7 +139,7 @@ def resolve_config(args):
         cfg["out"] = (os.path.dirname(cfg["resume"]) or ".") if cfg["resume"] else os.path.join("runs", "train")
     if cfg["freeze_backbone_epochs"] is None:
         if cfg["resume"]:  # a resumed run keeps the freezing it started with
-            cfg["freeze_backbone_epochs"] = load_checkpoint_file(cfg["resume"]).get(
+            cfg["freeze_backbone_epochs"] = load_checkpoint_file(cfg["resume"], mmap=True).get(
                 "train_config", {}).get("freeze_backbone_epochs", 0)
         elif not cfg["pretrained"]:
             # The recipe freezes a PRETRAINED backbone while the new head settles. A random one has
@@ -404,10 +405,16 @@ def run(argv=None):
     if world > 1 and not is_main:
         dist.barrier()
     try:
-        train_set = data.open_dataset(cfg["data"], "train")
-        val_set = data.open_dataset(cfg["data"], "val")
+        # The readers warn about the boxes they had to drop; printed here as plain lines, without
+        # Python's "data.py:123: UserWarning:" and source line, which mean nothing to a user.
+        with warnings.catch_warnings(record=True) as dropped:
+            warnings.simplefilter("always")
+            train_set = data.open_dataset(cfg["data"], "train")
+            val_set = data.open_dataset(cfg["data"], "val")
     except (FileNotFoundError, ValueError) as e:
         fail(f"--data {cfg['data']}: {e}")
+    for w in dropped:
+        log(f"train.py: warning: {w.message}")
     if world > 1 and is_main:
         dist.barrier()
     if not any((r["labels"] >= 0).any() for r in train_set.records):
@@ -708,11 +715,13 @@ def checkpoint_state(model, ema, optimizer, scaler, epoch, best_ap, run_config, 
     }
 
 
-def load_checkpoint_file(path):
+def load_checkpoint_file(path, mmap=False):
+    """torch.load with one clear error for a missing or foreign file. mmap: map the tensors
+    instead of reading them, for a quick look at the config."""
     if not os.path.isfile(path):
         fail(f"{path} does not exist: give the last.pt / best.pt of an earlier run")
     try:
-        return torch.load(path, map_location="cpu", weights_only=False)
+        return torch.load(path, map_location="cpu", weights_only=False, mmap=mmap)
     except Exception as e:  # a truncated or foreign file
         fail(f"{path} is not a readable plaindet checkpoint ({type(e).__name__}: {e})")
 

@@ -270,6 +270,20 @@ def test_an_unreadable_image_is_one_line_even_from_a_worker(tiny_shapes, tmp_pat
     assert "fix the file and start again (no epoch had finished)" in err
 
 
+def test_dropped_boxes_are_a_plain_warning_line(tiny_shapes, tmp_path, capsys):
+    shapes = tmp_path / "shapes"
+    shutil.copytree(tiny_shapes, shapes)
+    path = shapes / "annotations" / "instances_train.json"
+    gt = json.loads(path.read_text())
+    gt["annotations"][0]["bbox"] = [5000, 5000, 10, 10]  # far outside its image
+    path.write_text(json.dumps(gt))
+    run_train(str(shapes), tmp_path / "run", "--det_header", "yolox_nano", "-i", "64", "-e", "1", "-b", "8")
+    captured = capsys.readouterr()
+    lines = [ln for ln in captured.out.splitlines() if ln.startswith("train.py: warning: ")]
+    assert len(lines) == 1 and "skipped 1 bad boxes of" in lines[0]
+    assert "UserWarning" not in captured.out + captured.err
+
+
 def test_notes_when_flags_reshape_the_run(tiny_shapes, tmp_path, capsys):
     # The YOLOX recipe decays over 285 epochs and closes mosaic for the last 15: with -e 1 the run
     # ends at the peak lr and never mosaics, and says both.
