@@ -354,23 +354,24 @@ def _read_yolo_txt(path):
 
 def read_yolo(folder, split="train", images_dir=None):
     """YOLO txt layout -> Dataset. Labels are `class cx cy w h` normalized, one file per image, in
-    labels/<split>/, labels/, or (darknet export) obj_<split>_data/, else obj_train_data/ (so a
-    train-only export serves as val too); images in images/<split>/, images/, beside the txt
+    labels/<split>/ (Ultralytics), <split>/labels/ (Roboflow, whose val split is named "valid"),
+    labels/, or (darknet export) obj_<split>_data/, else obj_train_data/ (so a train-only export
+    serves as val too); images in images/<split>/, <split>/images/, images/, beside the txt
     files, ../images/, or images_dir. Image ids are positions in sorted file order."""
     names = _yolo_names(folder)
-    label_dir = None
-    for d in (os.path.join(folder, "labels", split), os.path.join(folder, "labels"),
-              os.path.join(folder, f"obj_{split}_data"), os.path.join(folder, "obj_train_data")):
-        if os.path.isdir(d) and any(f.endswith(".txt") for f in os.listdir(d)):
-            label_dir = d
-            break
+    splits = (split, "valid") if split == "val" else (split,)
+    looked = ([os.path.join(folder, "labels", s) for s in splits] + [os.path.join(folder, s, "labels") for s in splits]
+              + [os.path.join(folder, "labels"), os.path.join(folder, f"obj_{split}_data"),
+                 os.path.join(folder, "obj_train_data")])
+    label_dir = next((d for d in looked if os.path.isdir(d) and any(f.endswith(".txt") for f in os.listdir(d))), None)
     if label_dir is None:
-        raise ValueError(f"{folder}: no YOLO label files, an empty split '{split}' (looked in labels/{split}/, "
-                         f"labels/, obj_{split}_data/, obj_train_data/): put one `class cx cy w h` txt per image there")
+        shown = ", ".join(os.path.relpath(d, folder) + "/" for d in dict.fromkeys(looked))
+        raise ValueError(f"{folder}: no YOLO label files, an empty split '{split}' (looked in {shown}): put one "
+                         f"`class cx cy w h` txt per image there")
     stems = sorted(f[:-4] for f in os.listdir(label_dir) if f.endswith(".txt"))
-    candidates = [images_dir] if images_dir else [
-        os.path.join(folder, "images", split), os.path.join(folder, "images"), label_dir,
-        os.path.join(os.path.dirname(os.path.abspath(folder)), "images")]
+    candidates = [images_dir] if images_dir else (
+        [os.path.join(folder, "images", s) for s in splits] + [os.path.join(folder, s, "images") for s in splits]
+        + [os.path.join(folder, "images"), label_dir, os.path.join(os.path.dirname(os.path.abspath(folder)), "images")])
     records = []
     bad_count, total, examples, look_like_pixels = 0, 0, [], False  # bad boxes of the whole split
     for image_id, stem in enumerate(stems):

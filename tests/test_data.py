@@ -683,6 +683,22 @@ def test_yolo_names_the_way_editors_and_exports_write_them(tmp_path):
         data.open_dataset(str(root), "train")
 
 
+def test_yolo_roboflow_layout_with_a_valid_split(tmp_path):
+    # Roboflow's export: train/images + train/labels, valid/images + valid/labels, data.yaml.
+    root = tmp_path / "rf"
+    for split, text in (("train", "0 0.5 0.5 0.5 0.5\n"), ("valid", "1 0.25 0.25 0.5 0.5\n")):
+        (root / split / "labels").mkdir(parents=True)
+        (root / split / "images").mkdir()
+        (root / split / "labels" / f"{split}0.txt").write_text(text)
+        Image.new("RGB", (40, 20)).save(root / split / "images" / f"{split}0.jpg")
+    (root / "data.yaml").write_text("train: ../train/images\nval: ../valid/images\nnc: 2\nnames: ['a', 'b']\n")
+    train, val = data.open_dataset(str(root), "train"), data.open_dataset(str(root), "val")
+    assert train.files == [str(root / "train" / "images" / "train0.jpg")]
+    assert val.files == [str(root / "valid" / "images" / "valid0.jpg")]
+    assert np.allclose(train[0]["boxes"], [[10, 5, 30, 15]]) and val[0]["labels"].tolist() == [1]
+    assert np.allclose(val[0]["boxes"], [[0, 0, 20, 10]])
+
+
 def test_yolo_class_must_be_a_whole_number(tmp_path):
     for text, shown in (("1.7 0.5 0.5 0.2 0.2\n", "1.7"), ("nan 0.5 0.5 0.2 0.2\n", "nan")):
         root = write_yolo(tmp_path / shown, {"a": text})
