@@ -626,6 +626,14 @@ def run_coco_evaluation(model, data, nms_score_threshold=0.001, nms="gaussian", 
 # ---------------------------------------------------------------------------------------------
 # 6. Checkpoints, pictures, command line
 # ---------------------------------------------------------------------------------------------
+def _check_preset_name(name):
+    """-m that is not a file must be a preset name; a path is a checkpoint that is not there."""
+    if os.sep in name or name.endswith((".pt", ".pth")):
+        raise EvalInputError(f"-m {name}: no such checkpoint file")
+    if name not in PRESETS:
+        raise EvalInputError(f"-m {name}: neither a checkpoint file nor a preset ({', '.join(PRESETS)})")
+
+
 def load_model(path_or_preset, det_header=None, num_classes=None, input_shape=None, device="cpu"):
     """A Detector in eval mode from a train.py checkpoint or a preset name.
 
@@ -638,8 +646,7 @@ def load_model(path_or_preset, det_header=None, num_classes=None, input_shape=No
     "data": the --data the checkpoint was trained on, or None}.
     """
     if not os.path.isfile(path_or_preset):
-        if os.sep in path_or_preset or path_or_preset.endswith((".pt", ".pth")):
-            raise EvalInputError(f"-m {path_or_preset}: no such checkpoint file")
+        _check_preset_name(path_or_preset)
         if det_header is not None and det_header != path_or_preset:
             raise EvalInputError(f"--det_header {det_header} with the preset -m {path_or_preset}: give the preset "
                                  f"you want as -m (--det_header rebuilds a checkpoint as another preset)")
@@ -949,10 +956,7 @@ def _evaluate_main(argv):
                   (" (a single json, so these are its training images)" if one_json else ""))
         dataset = open_dataset(data_path, args.split)
     else:  # a preset name (random weights): built for the classes of the data
-        if os.sep in model_path or model_path.endswith((".pt", ".pth")):
-            raise EvalInputError(f"-m {model_path}: no such checkpoint file")
-        if model_path not in PRESETS:
-            raise EvalInputError(f"-m {model_path}: neither a checkpoint file nor a preset ({', '.join(PRESETS)})")
+        _check_preset_name(model_path)  # before the data opens, which may take a while
         if args.data is None:
             raise EvalInputError(f"-m {model_path}: a preset name records no data; give -d (a COCO json, "
                                  f"a COCO / YOLO folder, or 'shapes')")

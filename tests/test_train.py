@@ -416,19 +416,28 @@ def test_a_nan_between_checks_is_not_forgotten(tiny_shapes, tmp_path, capsys, mo
     assert "epoch 2, by step 2" in capsys.readouterr().err
 
 
+def press_ctrl_c_in_loss_call(monkeypatch, n, nan=False):
+    """Wrap train.assign.detection_loss so that its n-th call sends this process a real SIGINT
+    (the handler runs then, mid-step, as a terminal's Ctrl-C would) and, with nan, returns a NaN
+    loss. Returns (the call counter, the real loss function to put back)."""
+    real_loss, calls = train.assign.detection_loss, {"n": 0}
+
+    def loss(*args, **kwargs):
+        calls["n"] += 1
+        out = real_loss(*args, **kwargs)
+        if calls["n"] == n:
+            os.kill(os.getpid(), signal.SIGINT)
+            if nan:
+                out["total"] = out["total"] * float("nan")
+        return out
+    monkeypatch.setattr(train.assign, "detection_loss", loss)
+    return calls, real_loss
+
+
 def test_ctrl_c_after_an_unchecked_nan_keeps_the_good_checkpoint(tiny_shapes, tmp_path, capsys, monkeypatch):
     # Batch 1: 8 steps an epoch, the loss is checked at steps 2, 4, 6, 8. Ctrl-C comes in epoch
     # 2's step 1, whose loss is NaN: the step ends before any check, and last.pt must keep epoch 1.
-    real_loss, calls = train.assign.detection_loss, {"n": 0}
-
-    def nan_loss_and_ctrl_c(*args, **kwargs):
-        calls["n"] += 1
-        out = real_loss(*args, **kwargs)
-        if calls["n"] == 9:
-            os.kill(os.getpid(), signal.SIGINT)
-            out["total"] = out["total"] * float("nan")
-        return out
-    monkeypatch.setattr(train.assign, "detection_loss", nan_loss_and_ctrl_c)
+    press_ctrl_c_in_loss_call(monkeypatch, 9, nan=True)
     with pytest.raises(SystemExit) as exc:
         run_train(tiny_shapes, tmp_path, "--det_header", "yolox_nano", "-i", "64", "-e", "3", "-b", "1")
     assert exc.value.code == 130
@@ -446,14 +455,7 @@ def test_ctrl_c_mid_epoch_then_resume_is_exact(tiny_shapes, tmp_path, capsys, mo
     run_train(tiny_shapes, tmp_path / "straight", *common)
     straight = torch.load(tmp_path / "straight" / "last.pt", weights_only=False)
 
-    real_loss, calls = train.assign.detection_loss, {"n": 0}
-
-    def ctrl_c_in_step_3(*args, **kwargs):
-        calls["n"] += 1
-        if calls["n"] == 3:
-            os.kill(os.getpid(), signal.SIGINT)  # the handler runs now, mid-step, as a real Ctrl-C would
-        return real_loss(*args, **kwargs)
-    monkeypatch.setattr(train.assign, "detection_loss", ctrl_c_in_step_3)
+    calls, real_loss = press_ctrl_c_in_loss_call(monkeypatch, 3)
     with pytest.raises(SystemExit) as exc:
         run_train(tiny_shapes, tmp_path / "stopped", *common)
     assert exc.value.code == 130
@@ -493,14 +495,7 @@ def test_ctrl_c_twice_while_saving_waits_for_the_files(tiny_shapes, tmp_path, ca
 
 
 def test_resume_mid_epoch_with_another_batch_size_restarts_the_epoch(tiny_shapes, tmp_path, capsys, monkeypatch):
-    real_loss, calls = train.assign.detection_loss, {"n": 0}
-
-    def ctrl_c_in_step_3(*args, **kwargs):
-        calls["n"] += 1
-        if calls["n"] == 3:
-            os.kill(os.getpid(), signal.SIGINT)
-        return real_loss(*args, **kwargs)
-    monkeypatch.setattr(train.assign, "detection_loss", ctrl_c_in_step_3)
+    calls, real_loss = press_ctrl_c_in_loss_call(monkeypatch, 3)
     common = ["--det_header", "yolox_nano", "-i", "64", "-e", "1"]
     with pytest.raises(SystemExit):
         run_train(tiny_shapes, tmp_path, *common, "-b", "1")
