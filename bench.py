@@ -817,9 +817,10 @@ def train_ours_gpu(name, size, batch, dataset, workers, variant, warmup, steps, 
                    profile=False):
     """Our training step on the GPU exactly as train.py runs it, data included: the loader decodes
     JPEGs in `workers` processes; on the GPU augment (crop mode 1, flip, RandAugment 6, mosaic 0.5,
-    HSV), bf16 forward, float32 assignment + loss, backward, SGD, EMA. variant: "eager" or
-    "compile" (torch.compile, as train.py --compile). The model is channels-last (NHWC) in both,
-    as build_model makes it.
+    HSV), bf16 forward, float32 assignment + loss, backward, SGD, EMA. variant: one of
+    GPU_VARIANTS: "eager", "compile" (torch.compile, as train.py --compile), "reduce-overhead" (compile
+    with CUDA graphs) or "graphs" (train.py --cuda_graphs: train.graph_model). The
+    model is channels-last (NHWC) in all, as build_model makes it.
     After the timed steps, phase_steps more steps run with a sync after each phase, to say where
     the time goes (the syncs make those steps slower than the timed ones; read the shares).
     profile: also record the phase steps with torch.profiler and print the 15 kernels that take the
@@ -838,7 +839,13 @@ def train_ours_gpu(name, size, batch, dataset, workers, variant, warmup, steps, 
                                  anchor_scale=model.anchor_scale)
     optimizer = train.build_optimizer(model, "sgd", 1e-3, 4e-5)
     ema = train.ModelEMA(model, 0.9998)
-    forward = torch.compile(model, dynamic=False) if variant == "compile" else model
+    forward = model
+    if variant == "compile":
+        forward = torch.compile(model, dynamic=False)
+    elif variant == "reduce-overhead":  # Inductor's fused kernels, replayed as CUDA graphs
+        forward = torch.compile(model, dynamic=False, mode="reduce-overhead")
+    elif variant == "graphs":  # as train.py --cuda_graphs
+        forward = train.graph_model(model, batch, (size, size), torch.bfloat16)
     n = batch * (warmup + steps + phase_steps + 1)
     items = torch.utils.data.Subset(dataset, [i % len(dataset) for i in range(n)])
     loader = data.make_loader(items, batch, shuffle=True, workers=workers, seed=0, drop_last=True,
@@ -881,6 +888,8 @@ def train_ours_gpu(name, size, batch, dataset, workers, variant, warmup, steps, 
             b = data.augment(raw, (size, size), random_crop_mode=1.0, magnitude=6, num_layers=2,
                              mosaic_mix_prob=0.5, generator=gen)
             t = mark("augment", t) if timing else t
+            if variant == "reduce-overhead":
+                torch.compiler.cudagraph_mark_step_begin()  # last step's graph outputs are no longer read
             with torch.autocast(device, dtype=torch.bfloat16):
                 outputs = forward(b["images"])
             outputs = [o.float() for o in outputs]
@@ -933,6 +942,9 @@ def profile_report(prof):
     print(prof.key_averages().table(sort_by="self_device_time_total", row_limit=15), flush=True)
 
 
+GPU_VARIANTS = ("eager", "compile", "reduce-overhead", "graphs")
+
+
 def train_gpu(args):
     """The CUDA rows; returns ours / effdet for efficientdet_d0 (eager)."""
     import data
@@ -942,9 +954,9 @@ def train_gpu(args):
         if row == "effdet":
             continue
         parts = row.split(":")
-        if len(parts) != 3 or not parts[1].isdigit() or parts[2] not in ("eager", "compile"):
+        if len(parts) != 3 or not parts[1].isdigit() or parts[2] not in GPU_VARIANTS:
             sys.exit(f"bench.py train: --gpu_rows entry {row!r}: write NAME:SIZE:VARIANT, e.g. "
-                     f"yolox_s:640:eager (VARIANT eager or compile), or effdet")
+                     f"yolox_s:640:eager (VARIANT one of {', '.join(GPU_VARIANTS)}), or effdet")
         rows.append(parts)
     voc = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "shared", "data", "voc2007_100",
                        "instances_coco.json")
@@ -965,7 +977,7 @@ def train_gpu(args):
                                                   args.gpu_warmup, args.gpu_steps, profile=args.gpu_profile)
         if name == "efficientdet_d0" and variant == "eager":
             ours_d0 = ips
-        print(f"  plaindet {name} {size} {variant:7s}, data + aug + model + loss: {ips:8.1f} img/s, "
+        print(f"  plaindet {name} {size} {variant:15s}, data + aug + model + loss: {ips:8.1f} img/s, "
               f"data wait {wait * 100:.1f}% (row took {time.perf_counter() - t:.0f}s)", flush=True)
         print("    ms per step, synced after each phase: "
               + ", ".join(f"{k} {v:.1f}" for k, v in phases.items()), flush=True)
@@ -998,7 +1010,8 @@ def train_main(argv=None):
     p.add_argument("--gpu_steps", type=int, default=30, help="CUDA rows: timed steps")
     p.add_argument("--gpu_rows", default="effdet,efficientdet_d0:512:eager,yolox_s:640:eager,"
                    "efficientdet_d0:512:compile,yolox_s:640:compile",
-                   help="comma list: effdet, and NAME:SIZE:VARIANT with VARIANT eager | compile")
+                   help="comma list: effdet, and NAME:SIZE:VARIANT with VARIANT eager | compile (as train.py "
+                        "--compile) | reduce-overhead (compile with CUDA graphs) | graphs (as train.py --cuda_graphs)")
     p.add_argument("--gpu_profile", action="store_true",
                    help="print the 15 costliest GPU kernels of each of our rows (torch.profiler, after the timed steps)")
     args = p.parse_args(argv)

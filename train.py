@@ -102,6 +102,9 @@ def parse_args(argv=None):
     a("--ema_decay", type=float, default=None, help="EMA of the weights (0 = off); ramped up over the first steps")
     a("--amp", choices=["bf16", "fp16", "off"], default=None, help="mixed precision (default bf16 on CUDA, off on CPU)")
     a("--compile", action="store_true", help="torch.compile the model")
+    a("--cuda_graphs", action="store_true",
+      help="record the model's forward and backward once as CUDA graphs and replay them each step, so "
+           "the CPU launches 2 graphs instead of every kernel (one GPU; not with --compile)")
     a("--sync_bn", action="store_true", help="SyncBatchNorm under DDP")
     a("--workers", type=int, default=None,
       help="DataLoader decode workers per process (default: 2 on CPU; on a GPU the cores of this "
@@ -187,6 +190,13 @@ def resolve_config(args):
         fail(f"--out {cfg['out']} is a file: give a folder for the run (it is made if missing)")
     if cfg["optimizer"] not in ("sgd", "adam", "adamw"):
         fail(f"--optimizer {cfg['optimizer']!r} is unknown: choose sgd, adam or adamw")
+    if cfg["cuda_graphs"]:
+        if cfg["compile"]:
+            fail("--cuda_graphs with --compile: choose one (both cut the CPU's kernel launches)")
+        if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+            fail("--cuda_graphs runs on one GPU: leave it out under torchrun")
+        if not torch.cuda.is_available():
+            fail("--cuda_graphs needs a CUDA GPU, and none is visible: leave the flag out on a CPU")
     if cfg["amp"] is None:
         cfg["amp"] = "bf16" if torch.cuda.is_available() else "off"
     if cfg["workers"] is None:
@@ -367,6 +377,35 @@ def setup_distributed():
     return 0, 1, torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
+def graph_model(model, batch_size, input_shape, amp_dtype):
+    """--cuda_graphs: record the model's forward and its backward once as two CUDA graphs; from
+    then on model(images) in training mode replays them. Why: eager PyTorch makes the CPU launch
+    every kernel itself, about 1,300 a step for YOLOX-S, each costing microseconds of Python and
+    driver time; a replay is one launch, so the CPU is free to prepare the next batch while the
+    GPU works. In eval mode the model runs its normal forward, so evaluation is unchanged.
+
+    What a graph needs, and why train.py meets it: every step the same input shape (the input
+    size is fixed and the loader drops the last, smaller batch), the weights updated in place (all
+    three optimizers do) and the same set of trainable weights. Freezing changes that set, so the
+    loop calls this again when it does. images of the graph: float32 [batch_size, 3, H, W].
+    The recording runs a few warm-up passes, which would move the BatchNorm statistics: they are
+    put back afterwards, so graphing changes no number of the run."""
+    if "forward" in vars(model):  # graphed before (freezing changed): back to the class's forward
+        del model.forward
+    saved = [b.clone() for b in model.buffers()]
+    device = model.mean.device
+    example = torch.rand(batch_size, 3, *input_shape, device=device,
+                         generator=torch.Generator(device).manual_seed(0))  # leaves the global RNG alone
+    # Autocast's weight cache would keep a bf16 copy made before the graph existed: off while
+    # recording, so the graph itself casts the current weights each replay.
+    with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None, cache_enabled=False):
+        torch.cuda.make_graphed_callables(model, (example,))
+    with torch.no_grad():
+        for b, s in zip(model.buffers(), saved):
+            b.copy_(s)
+    return model
+
+
 def set_backbone_frozen(model, frozen):
     """Freezing = no gradient for the backbone's weights, and its BatchNorm statistics held too
     (eval mode), so a pretrained backbone is not disturbed while the new head settles. The
@@ -480,6 +519,7 @@ def run(argv=None):
         # dynamic=False: the input size never changes in a run, so one static graph is enough.
         compiled = torch.compile(model, dynamic=False)
     train_model, wrapped_frozen = compiled, None  # under DDP: wrapped in the epoch loop
+    graphed_frozen = None  # with --cuda_graphs: the freezing the graphs were recorded with
 
     n_params = sum(p.numel() for p in model.parameters())
     log(f"{cfg['det_header']} ({model.anchors_mode}, {n_params / 1e6:.2f}M params) on {device}, "
@@ -538,6 +578,9 @@ def run(argv=None):
                 train_model = torch.nn.parallel.DistributedDataParallel(
                     compiled, device_ids=[device.index] if device.type == "cuda" else None)
                 wrapped_frozen = frozen
+            if cfg["cuda_graphs"] and frozen != graphed_frozen:  # first epoch, or freezing changed
+                graph_model(model, cfg["batch_size"], tuple(cfg["input_shape"]), amp_dtype)
+                graphed_frozen = frozen
 
             # A new loader and generator per epoch, both seeded by (seed, epoch): an epoch's batches
             # depend on nothing but those two numbers, which is what makes resume exact.
@@ -756,8 +799,8 @@ def load_resume(cfg, model, ema, optimizer, scaler, train_set, world, log):
     # A resumed run takes its flags from the command line, as the first one did; a flag that
     # now differs is allowed (a longer -e is the usual one) but said, since it changes the run.
     # (det_header, backbone and mode are the model's, checked by loading its weights above.)
-    skip = ("resume", "out", "pretrained", "workers", "eval_batch_size", "eval_start_epoch", "compile", "epochs",
-            "det_header", "backbone", "anchors_mode")
+    skip = ("resume", "out", "pretrained", "workers", "eval_batch_size", "eval_start_epoch", "compile", "cuda_graphs",
+            "epochs", "det_header", "backbone", "anchors_mode")
     if saved.get("data") not in (None, "shapes"):
         saved = dict(saved, data=os.path.abspath(saved["data"]))  # recorded relative before c60fc07
     changed = [f"{k} {cfg[k]} (was {saved[k]})" for k in cfg if k in saved and k not in skip and saved[k] != cfg[k]]

@@ -191,6 +191,7 @@ def test_ddp_two_processes_on_gloo(tiny_shapes, tmp_path):
     (["--random_crop_mode", "-1"], "--random_crop_mode -1.0: give 0 or more"),
     (["--ema_decay", "1.5"], "--ema_decay 1.5: give a decay in [0, 1)"),
     (["--mosaic_mix_prob", "2"], "--mosaic_mix_prob 2.0: a probability"),
+    (["--cuda_graphs", "--compile"], "--cuda_graphs with --compile: choose one"),
 ])
 def test_clear_errors(tiny_shapes, tmp_path, capsys, flags, message):
     argv = ["-d", tiny_shapes, "--out", str(tmp_path), "--det_header", "yolox_nano", "-i", "64", "-e", "1"]
@@ -596,3 +597,62 @@ def test_a_training_step_never_waits_for_the_gpu(tiny_shapes, tmp_path, monkeypa
     finally:
         torch.cuda.set_sync_debug_mode("default")
     assert calls["ema"] == 8 and float(history(tmp_path)[0]["loss_total"]) > 0
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="a GPU is visible here: the flag is valid")
+def test_cuda_graphs_without_a_gpu_is_a_clear_error(tiny_shapes, tmp_path, capsys):
+    with pytest.raises(SystemExit) as exc:
+        run_train(tiny_shapes, tmp_path, "--det_header", "yolox_nano", "-i", "64", "-e", "1", "--cuda_graphs")
+    assert exc.value.code == 2
+    assert "--cuda_graphs needs a CUDA GPU" in capsys.readouterr().err
+    assert not os.path.exists(tmp_path / "last.pt")
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU: CUDA graphs exist only there")
+def test_cuda_graphs_train_as_eager_does(tiny_shapes, tmp_path):
+    # Two epochs, the backbone frozen in the first: the graphs are recorded frozen, then again
+    # unfrozen. A graph left from epoch 1 would compute no backbone gradient in epoch 2 and the
+    # backbone would not move; BN statistics left moved by the recording's warm-up passes would
+    # differ from eager's by about 1e-2. float32 (--amp off), so only the summation order differs.
+    common = ["--det_header", "yolox_nano", "-i", "64", "-p", "sgd", "--lr_base_512", "0.5", "--amp", "off",
+              "--freeze_backbone_epochs", "1", "-e", "2"]
+    run_train(tiny_shapes, tmp_path / "eager", *common)
+    run_train(tiny_shapes, tmp_path / "graphs", *common, "--cuda_graphs")
+    eager, graphs = (torch.load(tmp_path / d / "last.pt", weights_only=False)["model"] for d in ("eager", "graphs"))
+    torch.manual_seed(3)
+    init = models.build_model("yolox_nano", num_classes=3, input_shape=(64, 64)).state_dict()
+    for name, part in (("eager", eager), ("graphs", graphs)):
+        moved = max(float((v.cpu() - init[k]).abs().max()) for k, v in _weights(part, "backbone.").items())
+        assert moved > 1e-4, f"{name}: the backbone did not move after unfreezing"
+    for k, v in eager.items():
+        if v.dtype.is_floating_point:
+            assert torch.allclose(graphs[k], v, atol=1e-4, rtol=1e-3), f"{k}: graphs and eager differ"
+
+
+
+def test_graph_model_puts_back_bn_statistics_and_records_afresh(monkeypatch):
+    # The recording itself needs a GPU; its bookkeeping does not. A stand-in for
+    # make_graphed_callables runs the warm-up passes the real one runs (they move the BN
+    # statistics), then swaps in a forward, as the real one does.
+    model = models.build_model("yolox_nano", num_classes=3, input_shape=(64, 64)).train()
+    before = [b.clone() for b in model.buffers()]
+    recorded = []
+
+    def record(module, sample_args):
+        assert "forward" not in vars(module), "recorded over an earlier recording's forward"
+        for _ in range(3):
+            outputs = module(*sample_args)
+            torch.autograd.grad(sum(o.sum() for o in outputs), [p for p in module.parameters() if p.requires_grad])
+        moved = max(float((a.float() - b.float()).abs().max()) for a, b in zip(before, module.buffers()))
+        recorded.append((tuple(sample_args[0].shape), moved))
+        plain = module.forward
+        module.forward = lambda images: plain(images)
+        return module
+
+    monkeypatch.setattr(torch.cuda, "make_graphed_callables", record)
+    train.graph_model(model, 2, (64, 96), None)
+    train.set_backbone_frozen(model, True)
+    train.graph_model(model, 2, (64, 96), None)  # freezing changed: recorded again
+    assert [shape for shape, _ in recorded] == [(2, 3, 64, 96)] * 2
+    assert all(moved > 1e-3 for _, moved in recorded)  # the warm-up did move them ...
+    assert all(torch.equal(a, b) for a, b in zip(before, model.buffers()))  # ... and they are back
