@@ -16,6 +16,7 @@ Reading order: readers (COCO, YOLO, the Dataset) -> the built-in shapes set -> t
 augmentation (matrices, boxes, warp, mosaic, colour) -> pictures -> CLI.
 """
 import argparse
+import contextlib
 import json
 import math
 import os
@@ -152,6 +153,16 @@ def _warn_bad_boxes(source, count, total, examples, hint=""):
     every = "; that is every box: no usable box is left in this split" if count == total else ""
     warnings.warn(f"{source}: skipped {count} bad boxes of {total} (NaN, non-positive size or far outside the "
                   f"image){every}. {hint}E.g. {'; '.join(examples)}. Fix those annotations to use them.")
+
+
+@contextlib.contextmanager
+def plain_warnings(prog):
+    """Inside, each warning (the readers' skipped boxes) is printed as one line "PROG: warning: ..."
+    on stderr, like the command lines' errors. Python's default adds "data.py:153: UserWarning:"
+    and the source line, which mean nothing to someone running a command. Restored on the way out."""
+    with warnings.catch_warnings():
+        warnings.showwarning = lambda message, *_, **__: print(f"{prog}: warning: {message}", file=sys.stderr)
+        yield
 
 
 def _numbers(values, sep=" "):
@@ -1266,6 +1277,14 @@ def main(argv=None):
     p.add_argument("-o", "--output", default="batch.png", help="picture to write: .png, or .jpg / .jpeg")
     args = parser.parse_args(argv)
     try:
+        return _main(args)
+    except (ValueError, FileNotFoundError) as e:
+        print(f"data.py: error: {e}", file=sys.stderr)
+        return 2
+
+
+def _main(args):
+    with plain_warnings("data.py"):
         if args.command == "shapes":
             print(make_shapes(args.out, args.num_train, args.num_val, args.seed))
             return 0
@@ -1282,9 +1301,6 @@ def main(argv=None):
                       args.num_layers, args.mosaic_mix_prob, torch.Generator().manual_seed(args.seed))
         print(show_batch_sample(out, args.output, ds.class_names))
         return 0
-    except (ValueError, FileNotFoundError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
 
 
 if __name__ == "__main__":

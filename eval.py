@@ -42,7 +42,8 @@ import torch
 from pycocotools.coco import COCO
 from pycocotools.cocoeval import COCOeval
 
-from data import IMAGE_EXTENSIONS, PAD_VALUE, batches, default_workers, letterbox, make_loader, open_dataset
+from data import (IMAGE_EXTENSIONS, PAD_VALUE, batches, default_workers, letterbox, make_loader, open_dataset,
+                  plain_warnings)
 from models import (PRESETS, build_model, check_input_shape, decode_boxes, flatten_outputs, make_priors,
                     parse_input_shape)
 
@@ -984,12 +985,13 @@ def main(argv=None):
     """The command line; returns the exit code (2 with one clear message for bad input)."""
     argv = list(sys.argv[1:] if argv is None else argv)
     try:
-        if argv[:1] == ["predict"]:
-            _predict_main(argv[1:])
-        elif "--results" in argv or any(a.startswith("--results=") for a in argv):
-            _results_main(argv)
-        else:
-            _evaluate_main(argv)
+        with plain_warnings("eval.py"):  # the readers' skipped boxes, as one line each
+            if argv[:1] == ["predict"]:
+                _predict_main(argv[1:])
+            elif "--results" in argv or any(a.startswith("--results=") for a in argv):
+                _results_main(argv)
+            else:
+                _evaluate_main(argv)
         return 0
     except (ValueError, FileNotFoundError) as e:  # EvalInputError and the data / models checks
         print(f"eval.py: error: {e}", file=sys.stderr)

@@ -389,15 +389,22 @@ def graph_model(model, batch_size, input_shape, amp_dtype):
     three optimizers do) and the same set of trainable weights. Freezing changes that set, so the
     loop calls this again when it does. images of the graph: float32 [batch_size, 3, H, W].
     The recording runs a few warm-up passes, which would move the BatchNorm statistics: they are
-    put back afterwards, so graphing changes no number of the run."""
+    put back afterwards, so graphing changes no number of the run.
+    The gradients a replay hands out are the graph's own buffers, not copies: the loop must clear
+    them with zero_grad(set_to_none=True) (zeroing them in place and adding the next replay's
+    gradient would double it), and before recording again drop the last step's outputs and
+    gradients, which keep the old graphs' memory alive."""
     if "forward" in vars(model):  # graphed before (freezing changed): back to the class's forward
         del model.forward
+        torch.cuda.empty_cache()  # the old graphs' memory, released by the caller, goes back first
     saved = [b.clone() for b in model.buffers()]
     device = model.mean.device
     example = torch.rand(batch_size, 3, *input_shape, device=device,
                          generator=torch.Generator(device).manual_seed(0))  # leaves the global RNG alone
     # Autocast's weight cache would keep a bf16 copy made before the graph existed: off while
-    # recording, so the graph itself casts the current weights each replay.
+    # recording, so the graph itself casts the current weights each replay. (The backward is
+    # recorded under autocast too, unlike eager's; none of this model's backward ops is one that
+    # autocast casts, so the numbers are the same.)
     with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None, cache_enabled=False):
         torch.cuda.make_graphed_callables(model, (example,))
     with torch.no_grad():
@@ -490,10 +497,10 @@ def run(argv=None):
     scaler = torch.amp.GradScaler(device.type, enabled=cfg["amp"] == "fp16")
     amp_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(cfg["amp"])
 
-    start_epoch, start_step, start_gen, best_ap = 0, 0, None, -1.0
+    start_epoch, start_step, start_gen, start_sums, best_ap = 0, 0, None, None, -1.0
     os.makedirs(cfg["out"], exist_ok=True)
     if cfg["resume"]:
-        start_epoch, start_step, start_gen, best_ap = load_resume(cfg, model, ema, optimizer, scaler, train_set, world,
+        start_epoch, start_step, start_gen, start_sums, best_ap = load_resume(cfg, model, ema, optimizer, scaler, train_set, world,
                                                                   log)
         if start_epoch >= cfg["epochs"]:
             fail(f"--resume {cfg['resume']} already finished epoch {start_epoch}, and this run has "
@@ -579,6 +586,8 @@ def run(argv=None):
                     compiled, device_ids=[device.index] if device.type == "cuda" else None)
                 wrapped_frozen = frozen
             if cfg["cuda_graphs"] and frozen != graphed_frozen:  # first epoch, or freezing changed
+                optimizer.zero_grad(set_to_none=True)  # last step's gradients and outputs hold the old graphs
+                outputs = losses = None
                 graph_model(model, cfg["batch_size"], tuple(cfg["input_shape"]), amp_dtype)
                 graphed_frozen = frozen
 
@@ -603,6 +612,11 @@ def run(argv=None):
             # The loss parts are summed on the device and read (a GPU -> CPU sync) only when a
             # progress line is printed: a read every step would stall the GPU's queue every step.
             sums, nonfinite, seen, ran, t0, wait = {}, None, 0, 0, time.time(), 0.0
+            # sums holds the loss parts of `counted` steps: those run here, plus, in an epoch resumed
+            # after a Ctrl-C, the ones run before it, so the epoch's means still cover all its steps.
+            counted = 0
+            if skip and start_sums is not None:
+                sums, counted = {k: torch.tensor(v, device=device) for k, v in start_sums.items()}, skip
             last_line = t0
             t_data = time.time()
             for i, batch in enumerate(data.batches(loader), start=skip):  # an unreadable image: one line, below
@@ -626,14 +640,14 @@ def run(argv=None):
                 outputs = [o.float() for o in outputs]
                 losses = assign.detection_loss(outputs, priors, targets, model.anchors_mode,
                                                use_l1=closing and model.anchors_mode == "anchor_free")
-                optimizer.zero_grad(set_to_none=True)
+                optimizer.zero_grad(set_to_none=True)  # to None, not zeros: see graph_model
                 scaler.scale(losses["total"]).backward()
                 scaler.step(optimizer)  # with fp16 this reads an inf flag back: a wait for the GPU bf16 avoids
                 scaler.update()
                 if ema is not None:
                     ema.update()
 
-                seen, ran = seen + batch["images"].shape[0] * world, ran + 1
+                seen, ran, counted = seen + batch["images"].shape[0] * world, ran + 1, counted + 1
                 for k, v in losses.items():
                     sums[k] = sums.get(k, 0.0) + v.detach()
                 step_bad = ~torch.isfinite(losses["total"].detach())
@@ -648,7 +662,7 @@ def run(argv=None):
                     if bool(bad):
                         if not is_main:
                             sys.exit(2)
-                        means = {k: round(float(v) / ran, 4) for k, v in sums.items()}
+                        means = {k: round(float(v) / counted, 4) for k, v in sums.items()}
                         fail(f"the loss became non-finite at epoch {epoch + 1}, by step {i + 1} (epoch means so "
                              f"far: {means}); stopped. {last_good or 'No checkpoint was written yet'} is the last "
                              f"good one: lower --lr_base_512 (now {cfg['lr_base_512']}) or try --amp off, then "
@@ -659,7 +673,7 @@ def run(argv=None):
                     elapsed = last_line - t0
                     ips = seen / max(elapsed, 1e-9)
                     eta = (steps - i - 1) * elapsed / ran
-                    parts = " ".join(f"{k} {float(sums[k]) / ran:.4f}" for k in losses)
+                    parts = " ".join(f"{k} {float(sums[k]) / counted:.4f}" for k in losses)
                     line = (f"epoch {epoch + 1}/{epochs} {i + 1}/{steps} {parts} lr {lr:.2e} "
                             f"{ips:.1f} img/s eta {eta:.0f}s{' [frozen backbone]' if frozen else ''}")
                     # On a terminal the line updates in place; in a log file it is written a few times an epoch.
@@ -674,7 +688,8 @@ def run(argv=None):
                     else:
                         stop["saving"] = True
                         save_atomic(checkpoint_state(model, ema, optimizer, scaler, epoch, best_ap, run_config,
-                                                     step=i + 1, generator=gen, world=world), last_path)
+                                                     step=i + 1, generator=gen, world=world, epoch_sums=sums),
+                                    last_path)
                         last_good = last_path
                         print(f"stopped in epoch {epoch + 1} after step {i + 1}: continue with --resume {last_good}")
                     sys.exit(130)
@@ -685,7 +700,7 @@ def run(argv=None):
             # ---- end of epoch: evaluate (rank 0), history, checkpoints
             row = {"epoch": epoch + 1, "lr": lr, "images_per_s": round(seen / (time.time() - t0), 2),
                    "data_wait_frac": round(wait / max(time.time() - t0, 1e-9), 4)}
-            row.update({f"loss_{k}": round(float(v) / max(ran, 1), 6) for k, v in sums.items()})
+            row.update({f"loss_{k}": round(float(v) / max(counted, 1), 6) for k, v in sums.items()})
             stats = None
             if is_main and epoch + 1 >= cfg["eval_start_epoch"]:
                 eval_model = ema.module if ema is not None else model
@@ -735,13 +750,16 @@ def run(argv=None):
     return best_ap
 
 
-def checkpoint_state(model, ema, optimizer, scaler, epoch, best_ap, run_config, step=0, generator=None, world=1):
+def checkpoint_state(model, ema, optimizer, scaler, epoch, best_ap, run_config, step=0, generator=None, world=1,
+                     epoch_sums=None):
     """Everything needed to continue exactly: the weights, the EMA, the optimizer's moments, the
     loss scaler, the epochs finished and the RNG states; after a Ctrl-C also the steps finished in
-    the next epoch and its augmentation generator. The config lets eval.py rebuild the model."""
+    the next epoch, its augmentation generator and its loss sums so far (for the epoch's means).
+    The config lets eval.py rebuild the model."""
     return {
         "step": step,
         "generator": generator.get_state() if generator is not None else None,
+        "epoch_sums": {k: float(v) for k, v in epoch_sums.items()} if epoch_sums else None,
         "world": world,
         "config": dict(run_config["model_config"], class_names=run_config["class_names"],
                        cat_ids=run_config["cat_ids"]),
@@ -816,7 +834,8 @@ def load_resume(cfg, model, ema, optimizer, scaler, train_set, world, log):
         log(f"note: {path} stopped in epoch {ckpt['epoch'] + 1} after step {step} with other batches (batch size, "
             f"processes or images changed): epoch {ckpt['epoch'] + 1} starts again from its first step")
         step, generator = 0, None
-    return ckpt["epoch"], step, generator, ckpt.get("best_ap", -1.0)
+    sums = ckpt.get("epoch_sums") if step else None
+    return ckpt["epoch"], step, generator, sums, ckpt.get("best_ap", -1.0)
 
 
 def load_pretrained(model, path, log):

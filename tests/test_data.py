@@ -15,7 +15,7 @@ import torch
 from PIL import Image
 
 import data
-from conftest import shared_path
+from conftest import shapes_with_a_bad_box, shared_path
 
 
 def make_batch(images_hwc, boxes, labels, scales=None):
@@ -683,6 +683,62 @@ def test_yolo_names_the_way_editors_and_exports_write_them(tmp_path):
         data.open_dataset(str(root), "train")
 
 
+@pytest.mark.parametrize("yaml_text,names", [
+    ("\ufeffnames: [person, car]\n", ["person", "car"]),  # the mark right before the key
+    ("names: [c#, f#]\n", ["c#", "f#"]),  # only " #" starts a comment
+    ("names: [person, car, ]\n", ["person", "car"]),  # a trailing comma adds no class
+])
+def test_yolo_names_edge_cases(tmp_path, yaml_text, names):
+    root = write_yolo(tmp_path, {"a": "1 0.5 0.5 0.2 0.2\n"}, names=None)
+    (root / "data.yaml").write_bytes(yaml_text.encode("utf-8"))
+    assert data.open_dataset(str(root), "train").class_names == names
+
+
+def test_yolo_names_mixing_list_and_numbered_forms_is_an_error(tmp_path):
+    root = write_yolo(tmp_path, {"a": "1 0.5 0.5 0.2 0.2\n"}, names=None)
+    (root / "data.yaml").write_text("names:\n  - person\n  1: car\n")
+    with pytest.raises(ValueError, match="mixes forms"):
+        data.open_dataset(str(root), "train")
+
+
+def test_yolo_negative_class_is_an_error_not_an_ignore_region(tmp_path):
+    # Label -1 means "crowd, ignore" inside this project: a -1 in a label file must not become one.
+    root = write_yolo(tmp_path, {"a": "-1 0.5 0.5 0.2 0.2\n"})
+    with pytest.raises(ValueError, match=r"a\.txt:1: class -1 is outside 0\.\.1"):
+        data.read_yolo(str(root))
+
+
+@pytest.mark.parametrize("bbox", [[1, 1, 5, 5, 0.9], ["1", 1, 5, 5]])
+def test_coco_bbox_must_be_4_numbers(tmp_path, bbox):
+    anns = [dict(id=i, image_id=1, category_id=1, bbox=bbox) for i in range(1, 5)]
+    with pytest.raises(ValueError, match="annotation 1 has no bbox of 4 numbers"):
+        data.read_coco(write_coco(tmp_path, anns))
+
+
+@pytest.mark.parametrize("bad", [[1, 1, 0, 5], [1, 100, 5, 5]])  # zero width; below the 40 x 30 image
+def test_coco_bad_box_is_skipped_with_one_warning(tmp_path, bad):
+    anns = [dict(id=1, image_id=1, category_id=1, bbox=bad), dict(id=2, image_id=1, category_id=1, bbox=[1, 1, 5, 5])]
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        ds = data.read_coco(write_coco(tmp_path, anns))
+    assert len(caught) == 1 and "skipped 1 bad boxes of 2" in str(caught[0].message)
+    assert np.allclose(ds[0]["boxes"], [[1, 1, 6, 6]])
+
+
+def test_coco_box_over_the_bottom_edge_is_clipped_to_the_height(tmp_path):
+    ds = data.read_coco(write_coco(tmp_path, [dict(id=1, image_id=1, category_id=1, bbox=[1, 28, 5, 5])]))
+    assert np.allclose(ds[0]["boxes"], [[1, 28, 6, 30]])  # 28 + 5 = 33 > 30
+
+
+def test_loader_skips_whole_batches(tmp_path):
+    # A resumed epoch skips the batches already trained on: with batch 4, skipping 1 batch is 4 images.
+    data.make_shapes(str(tmp_path / "s"), num_train=12, num_val=2, seed=1)
+    ds = data.open_dataset(str(tmp_path / "s"), "train")
+    full = [b["image_ids"].tolist() for b in data.make_loader(ds, 4, True, 0, seed=5)]
+    skipped = [b["image_ids"].tolist() for b in data.make_loader(ds, 4, True, 0, seed=5, skip_batches=1)]
+    assert len(full) == 3 and skipped == full[1:]
+
+
 def test_yolo_roboflow_layout_with_a_valid_split(tmp_path):
     # Roboflow's export: train/images + train/labels, valid/images + valid/labels, data.yaml.
     root = tmp_path / "rf"
@@ -840,3 +896,13 @@ def test_augmented_pixels_and_boxes_agree():
                 else:  # cut by the border: a rotated corner outside still widens the box, not the pixels
                     assert seen[0] >= x0 - 2 and seen[1] >= y0 - 2 and seen[2] <= x1 + 2 and seen[3] <= y1 + 2
     assert checked > 30
+
+
+def test_show_prints_skipped_boxes_as_a_plain_warning_line(shapes_dir, tmp_path, capsys):
+    shapes = shapes_with_a_bad_box(shapes_dir, tmp_path / "shapes")
+    assert data.main(["show", "-d", shapes, "--batch_size", "2", "-i", "32", "-o", str(tmp_path / "b.png")]) == 0
+    err = capsys.readouterr().err
+    lines = [ln for ln in err.splitlines() if ln.startswith("data.py: warning: ")]
+    assert len(lines) == 1 and "skipped 1 bad boxes of" in lines[0]
+    assert "UserWarning" not in err
+

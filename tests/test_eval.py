@@ -486,3 +486,96 @@ def test_progress_line_every_ten_seconds(capsys):
     assert ev._progress("evaluating", 50, 200, now - 10.0, now - 10.0) > now - 1
     line = capsys.readouterr().out
     assert line.startswith("evaluating: 50/200 images, 5.0 img/s, eta 30s"), line
+
+
+def test_skipped_boxes_are_a_plain_warning_line(tmp_path, capsys):
+    small = write_small_coco(str(tmp_path / "small"))
+    gt = json.load(open(small))
+    gt["annotations"][0]["bbox"] = [5000, 5000, 10, 10]  # far outside its 64 x 48 image
+    with open(small, "w") as f:
+        json.dump(gt, f)
+    assert ev.main(["-m", "yolox_nano", "-d", small, "-i", "64", "--device", "cpu"]) == 0
+    err = capsys.readouterr().err
+    lines = [ln for ln in err.splitlines() if ln.startswith("eval.py: warning: ")]
+    assert len(lines) == 1 and "ann.json: skipped 1 bad boxes of 2 (" in lines[0]
+    assert "UserWarning" not in err
+
+
+def test_load_model_takes_the_ema_weights(tmp_path):
+    # A training checkpoint holds the live weights and their EMA; the EMA is the one evaluated.
+    path = str(tmp_path / "n.pt")
+    write_checkpoint(path)
+    ckpt = torch.load(path, weights_only=False)
+    torch.manual_seed(123)
+    ckpt["ema"] = models.build_model("yolox_nano", num_classes=20, input_shape=(128, 128)).state_dict()
+    torch.save(ckpt, path)
+    model, _ = ev.load_model(path)
+    for key, value in ckpt["ema"].items():
+        assert torch.equal(model.state_dict()[key], value), key
+
+
+def test_predict_on_a_tall_image_leaves_out_the_boxes_in_the_padding(tmp_path):
+    # 16 x 128: the letterbox pads on the right, so boxes there clip to vertical lines (x2 == x1).
+    from PIL import Image
+    ckpt = str(tmp_path / "n.pt")
+    write_checkpoint(ckpt)
+    Image.new("RGB", (16, 128), (90, 90, 90)).save(tmp_path / "tall.jpg")
+    assert ev.main(["predict", "-m", ckpt, "--device", "cpu", "--score_threshold", "0", "-o", str(tmp_path / "f"),
+                    str(tmp_path / "tall.jpg")]) == 0
+    boxes = json.loads((tmp_path / "f" / "predictions.json").read_text())["tall.jpg"]
+    assert 0 < len(boxes) < 100 and all(d["box"][2] > d["box"][0] for d in boxes)
+
+
+def test_predict_folder_inputs(tmp_path, capsys, monkeypatch):
+    from PIL import Image
+    ckpt = str(tmp_path / "n.pt")
+    write_checkpoint(ckpt)
+    predict = ["predict", "-m", ckpt, "--device", "cpu"]
+    # a.jpg and a.png would both draw a.png
+    os.makedirs(tmp_path / "twins")
+    Image.new("RGB", (32, 32)).save(tmp_path / "twins" / "a.jpg")
+    Image.new("RGB", (32, 32)).save(tmp_path / "twins" / "a.png")
+    assert ev.main(predict + ["-o", str(tmp_path / "o"), str(tmp_path / "twins")]) == 2
+    assert "share a file name" in capsys.readouterr().err
+    # an upper-case extension is an image too
+    os.makedirs(tmp_path / "upper")
+    Image.new("RGB", (32, 32)).save(tmp_path / "upper" / "B.JPG", format="JPEG")
+    assert ev.main(predict + ["-o", str(tmp_path / "o"), str(tmp_path / "upper")]) == 0
+    assert list(json.loads((tmp_path / "o" / "predictions.json").read_text())) == ["B.JPG"]
+    # a folder without images is refused, not an empty result
+    os.makedirs(tmp_path / "notes")
+    (tmp_path / "notes" / "notes.txt").write_text("x")
+    assert ev.main(predict + ["-o", str(tmp_path / "o2"), str(tmp_path / "notes")]) == 2
+    assert "no .jpg/.jpeg/.png/.bmp/.webp image in" in capsys.readouterr().err
+    # -o . with a relative input: the picture would overwrite the input
+    Image.new("RGB", (32, 32)).save(tmp_path / "x.png")
+    monkeypatch.chdir(tmp_path)
+    assert ev.main(predict + ["-o", ".", "x.png"]) == 2
+    assert "would be written over the image itself" in capsys.readouterr().err
+
+
+def test_predict_letterboxes_to_the_given_input_shape(tmp_path, monkeypatch):
+    from PIL import Image
+    ckpt = str(tmp_path / "n.pt")
+    write_checkpoint(ckpt)  # trained at 128 x 128
+    Image.new("RGB", (32, 32)).save(tmp_path / "x.jpg")
+    shapes, real = [], ev.eval_letterbox
+    monkeypatch.setattr(ev, "eval_letterbox", lambda batch, shape, *a: shapes.append(tuple(shape)) or real(batch, shape, *a))
+    assert ev.main(["predict", "-m", ckpt, "--device", "cpu", "-i", "64,96", "-o", str(tmp_path / "o"),
+                    str(tmp_path / "x.jpg")]) == 0
+    assert shapes == [(64, 96)]
+
+
+def test_cli_evaluates_a_checkpoint_trained_on_the_shapes_set(tmp_path, monkeypatch):
+    # train.py records the built-in set as "shapes", which is no path: eval.py must open it anyway.
+    monkeypatch.chdir(tmp_path)
+    small = write_small_coco(str(tmp_path / "small"))
+    os.makedirs("runs/train")
+    write_checkpoint("runs/train/best.pt")
+    ckpt = torch.load("runs/train/best.pt", weights_only=False)
+    ckpt["train_config"] = {"data": "shapes"}
+    torch.save(ckpt, "runs/train/best.pt")
+    opened, real_open = [], ev.open_dataset
+    monkeypatch.setattr(ev, "open_dataset", lambda path, split: opened.append(path) or real_open(small, split))
+    monkeypatch.setattr(ev, "run_coco_evaluation", lambda *a, **k: None)
+    assert ev.main(["--nms", "hard"]) == 0 and opened == ["shapes"]

@@ -14,6 +14,7 @@ import torch
 import data
 import models
 import train
+from conftest import shapes_with_a_bad_box
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -192,6 +193,11 @@ def test_ddp_two_processes_on_gloo(tiny_shapes, tmp_path):
     (["--ema_decay", "1.5"], "--ema_decay 1.5: give a decay in [0, 1)"),
     (["--mosaic_mix_prob", "2"], "--mosaic_mix_prob 2.0: a probability"),
     (["--cuda_graphs", "--compile"], "--cuda_graphs with --compile: choose one"),
+    (["--lr_min", "-1"], "--lr_min -1.0: give 0 or more"),
+    (["--lr_decay_steps", "0"], "--lr_decay_steps '0'"),
+    (["--lr_decay_steps", "30,30"], "--lr_decay_steps '30,30'"),
+    (["--freeze_backbone_epochs", "-1"], "--freeze_backbone_epochs -1: give 0 or more"),
+    (["--close_mosaic_epochs", "-1"], "--close_mosaic_epochs -1: give 0 or more"),
 ])
 def test_clear_errors(tiny_shapes, tmp_path, capsys, flags, message):
     argv = ["-d", tiny_shapes, "--out", str(tmp_path), "--det_header", "yolox_nano", "-i", "64", "-e", "1"]
@@ -272,13 +278,8 @@ def test_an_unreadable_image_is_one_line_even_from_a_worker(tiny_shapes, tmp_pat
 
 
 def test_dropped_boxes_are_a_plain_warning_line(tiny_shapes, tmp_path, capsys):
-    shapes = tmp_path / "shapes"
-    shutil.copytree(tiny_shapes, shapes)
-    path = shapes / "annotations" / "instances_train.json"
-    gt = json.loads(path.read_text())
-    gt["annotations"][0]["bbox"] = [5000, 5000, 10, 10]  # far outside its image
-    path.write_text(json.dumps(gt))
-    run_train(str(shapes), tmp_path / "run", "--det_header", "yolox_nano", "-i", "64", "-e", "1", "-b", "8")
+    shapes = shapes_with_a_bad_box(tiny_shapes, tmp_path / "shapes")
+    run_train(shapes, tmp_path / "run", "--det_header", "yolox_nano", "-i", "64", "-e", "1", "-b", "8")
     captured = capsys.readouterr()
     lines = [ln for ln in captured.out.splitlines() if ln.startswith("train.py: warning: ")]
     assert len(lines) == 1 and "skipped 1 bad boxes of" in lines[0]
@@ -472,7 +473,75 @@ def test_ctrl_c_mid_epoch_then_resume_is_exact(tiny_shapes, tmp_path, capsys, mo
         for k, v in straight[part].items():
             if v.dtype.is_floating_point:
                 assert torch.allclose(v, resumed[part][k], atol=1e-6, rtol=0), f"{part}.{k} differs after resume"
-    assert [r["epoch"] for r in history(tmp_path / "stopped")] == ["1", "2"]
+    rows, straight_rows = history(tmp_path / "stopped"), history(tmp_path / "straight")
+    assert [r["epoch"] for r in rows] == ["1", "2"]
+    # Epoch 1's loss means cover all its 8 steps, the 3 before the Ctrl-C included.
+    for row, want in zip(rows, straight_rows):
+        for k in (k for k in want if k.startswith("loss_")):
+            assert abs(float(row[k]) - float(want[k])) < 1e-5, (row["epoch"], k, row[k], want[k])
+
+
+def test_ctrl_c_twice_in_a_step_stops_at_once(tiny_shapes, tmp_path, capsys, monkeypatch):
+    # -b 4: 2 steps an epoch. Two Ctrl-C in epoch 2's first step: no waiting for the step to end,
+    # last.pt stays the one epoch 1 wrote.
+    real_loss, calls = train.assign.detection_loss, {"n": 0}
+
+    def loss(*args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] == 3:
+            os.kill(os.getpid(), signal.SIGINT)
+            os.kill(os.getpid(), signal.SIGINT)
+        return real_loss(*args, **kwargs)
+    monkeypatch.setattr(train.assign, "detection_loss", loss)
+    with pytest.raises(SystemExit) as exc:
+        run_train(tiny_shapes, tmp_path, "--det_header", "yolox_nano", "-i", "64", "-e", "3", "-b", "4")
+    assert exc.value.code == 130 and "stopped at once" in capsys.readouterr().out
+    ckpt = torch.load(tmp_path / "last.pt", weights_only=False)
+    assert (ckpt["epoch"], ckpt["step"]) == (1, 0)
+
+
+def test_ctrl_c_in_an_epochs_last_step_finishes_the_epoch(tiny_shapes, tmp_path, capsys, monkeypatch):
+    # Step 2 of 2: the epoch is whole, so it is evaluated and saved as a finished epoch (step 0).
+    press_ctrl_c_in_loss_call(monkeypatch, 2)
+    with pytest.raises(SystemExit) as exc:
+        run_train(tiny_shapes, tmp_path, "--det_header", "yolox_nano", "-i", "64", "-e", "3", "-b", "4")
+    assert exc.value.code == 130 and "stopped after epoch 1 (finished)" in capsys.readouterr().out
+    ckpt = torch.load(tmp_path / "last.pt", weights_only=False)
+    assert (ckpt["epoch"], ckpt["step"]) == (1, 0)
+
+
+@pytest.mark.parametrize("change", ["images", "world"])
+def test_resume_mid_epoch_with_other_images_or_processes_restarts_the_epoch(tiny_shapes, tmp_path, capsys,
+                                                                            monkeypatch, change):
+    _, real_loss = press_ctrl_c_in_loss_call(monkeypatch, 1)
+    with pytest.raises(SystemExit):
+        run_train(tiny_shapes, tmp_path, "--det_header", "yolox_nano", "-i", "64", "-e", "1", "-b", "2")
+    monkeypatch.setattr(train.assign, "detection_loss", real_loss)
+    ckpt = torch.load(tmp_path / "last.pt", weights_only=False)
+    assert ckpt["step"] == 1
+    if change == "images":  # as if the run had 10 training images: step 1 was other images
+        ckpt["train_config"]["num_train_images"] = 10
+    else:  # as if it ran on 2 processes
+        ckpt["world"] = 2
+    torch.save(ckpt, tmp_path / "last.pt")
+    capsys.readouterr()
+    run_train(tiny_shapes, tmp_path, "--det_header", "yolox_nano", "-i", "64", "-e", "1", "-b", "2",
+              "--resume", str(tmp_path / "last.pt"))
+    out = capsys.readouterr().out
+    assert "starts again from its first step" in out and "epoch 1/1 4/4" in out
+
+
+def test_no_notes_when_the_run_has_no_cosine_and_no_mosaic(tiny_shapes, tmp_path, capsys):
+    # The YOLOX recipe with step decay (no cosine to end early) and no mosaic (nothing to close).
+    run_train(tiny_shapes, tmp_path, "--det_header", "yolox_nano", "-i", "64", "-e", "1", "-b", "8",
+              "--lr_decay_steps", "30,60")
+    assert "note:" not in capsys.readouterr().out
+
+
+def test_the_ctrl_c_handler_is_put_back(tiny_shapes, tmp_path):
+    before = signal.getsignal(signal.SIGINT)
+    run_train(tiny_shapes, tmp_path, "--det_header", "yolox_nano", "-i", "64", "-e", "1", "-b", "8")
+    assert signal.getsignal(signal.SIGINT) is before
 
 
 def test_ctrl_c_twice_while_saving_waits_for_the_files(tiny_shapes, tmp_path, capsys, monkeypatch):
@@ -609,15 +678,20 @@ def test_cuda_graphs_without_a_gpu_is_a_clear_error(tiny_shapes, tmp_path, capsy
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU: CUDA graphs exist only there")
-def test_cuda_graphs_train_as_eager_does(tiny_shapes, tmp_path):
-    # Two epochs, the backbone frozen in the first: the graphs are recorded frozen, then again
-    # unfrozen. A graph left from epoch 1 would compute no backbone gradient in epoch 2 and the
-    # backbone would not move; BN statistics left moved by the recording's warm-up passes would
-    # differ from eager's by about 1e-2. float32 (--amp off), so only the summation order differs.
-    common = ["--det_header", "yolox_nano", "-i", "64", "-p", "sgd", "--lr_base_512", "0.5", "--amp", "off",
+@pytest.mark.parametrize("amp,tolerance", [("off", 1e-4), ("bf16", 1e-2)])
+def test_cuda_graphs_train_as_eager_does(tiny_shapes, tmp_path, monkeypatch, amp, tolerance):
+    # Two epochs of 2 steps, the backbone frozen in the first: the graphs are recorded frozen, then
+    # again unfrozen. A graph left from epoch 1 would compute no backbone gradient in epoch 2 and
+    # the backbone would not move; BN statistics left moved by the recording's warm-up passes would
+    # differ from eager's by about 1e-2 (float32: only the summation order differs from eager). A
+    # model quietly running its plain forward would replay nothing: 4 steps x (forward + backward).
+    common = ["--det_header", "yolox_nano", "-i", "64", "-p", "sgd", "--lr_base_512", "0.5", "--amp", amp,
               "--freeze_backbone_epochs", "1", "-e", "2"]
     run_train(tiny_shapes, tmp_path / "eager", *common)
+    replays, replay = [], torch.cuda.CUDAGraph.replay
+    monkeypatch.setattr(torch.cuda.CUDAGraph, "replay", lambda graph: replays.append(1) or replay(graph))
     run_train(tiny_shapes, tmp_path / "graphs", *common, "--cuda_graphs")
+    assert len(replays) == 8
     eager, graphs = (torch.load(tmp_path / d / "last.pt", weights_only=False)["model"] for d in ("eager", "graphs"))
     torch.manual_seed(3)
     init = models.build_model("yolox_nano", num_classes=3, input_shape=(64, 64)).state_dict()
@@ -626,8 +700,7 @@ def test_cuda_graphs_train_as_eager_does(tiny_shapes, tmp_path):
         assert moved > 1e-4, f"{name}: the backbone did not move after unfreezing"
     for k, v in eager.items():
         if v.dtype.is_floating_point:
-            assert torch.allclose(graphs[k], v, atol=1e-4, rtol=1e-3), f"{k}: graphs and eager differ"
-
+            assert torch.allclose(graphs[k], v, atol=tolerance, rtol=tolerance * 10), f"{k}: graphs and eager differ"
 
 
 def test_graph_model_puts_back_bn_statistics_and_records_afresh(monkeypatch):
