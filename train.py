@@ -380,9 +380,10 @@ def setup_distributed():
 def graph_model(model, batch_size, input_shape, amp_dtype):
     """--cuda_graphs: record the model's forward and its backward once as two CUDA graphs; from
     then on model(images) in training mode replays them. Why: eager PyTorch makes the CPU launch
-    every kernel itself, about 1,300 a step for YOLOX-S, each costing microseconds of Python and
-    driver time; a replay is one launch, so the CPU is free to prepare the next batch while the
-    GPU works. In eval mode the model runs its normal forward, so evaluation is unchanged.
+    every kernel itself: the forward and backward of YOLOX-S are about 1,300 operations, each
+    costing microseconds of Python and driver time; a replay is one launch, so the CPU is free to
+    prepare the next batch while the GPU works. In eval mode the model runs its normal forward,
+    so evaluation is unchanged.
 
     What a graph needs, and why train.py meets it: every step the same input shape (the input
     size is fixed and the loader drops the last, smaller batch), the weights updated in place (all
@@ -500,8 +501,8 @@ def run(argv=None):
     start_epoch, start_step, start_gen, start_sums, best_ap = 0, 0, None, None, -1.0
     os.makedirs(cfg["out"], exist_ok=True)
     if cfg["resume"]:
-        start_epoch, start_step, start_gen, start_sums, best_ap = load_resume(cfg, model, ema, optimizer, scaler, train_set, world,
-                                                                  log)
+        start_epoch, start_step, start_gen, start_sums, best_ap = load_resume(cfg, model, ema, optimizer, scaler,
+                                                                             train_set, world, log)
         if start_epoch >= cfg["epochs"]:
             fail(f"--resume {cfg['resume']} already finished epoch {start_epoch}, and this run has "
                  f"{cfg['epochs']}: give a larger -e to train on")
@@ -817,8 +818,8 @@ def load_resume(cfg, model, ema, optimizer, scaler, train_set, world, log):
     # A resumed run takes its flags from the command line, as the first one did; a flag that
     # now differs is allowed (a longer -e is the usual one) but said, since it changes the run.
     # (det_header, backbone and mode are the model's, checked by loading its weights above.)
-    skip = ("resume", "out", "pretrained", "workers", "eval_batch_size", "eval_start_epoch", "compile", "cuda_graphs",
-            "epochs", "det_header", "backbone", "anchors_mode")
+    skip = ("resume", "out", "pretrained", "workers", "eval_batch_size", "eval_start_epoch", "compile",
+            "cuda_graphs", "epochs", "det_header", "backbone", "anchors_mode")
     if saved.get("data") not in (None, "shapes"):
         saved = dict(saved, data=os.path.abspath(saved["data"]))  # recorded relative before c60fc07
     changed = [f"{k} {cfg[k]} (was {saved[k]})" for k in cfg if k in saved and k not in skip and saved[k] != cfg[k]]
