@@ -279,18 +279,23 @@ def test_focal_label_smoothing_softens_only_the_bce_target():
     assert torch.allclose(out, torch.tensor(expected), rtol=1e-5)
 
 
-def test_anchor_loss_by_hand():
-    # Three anchors, two classes. Anchor 0 [0,10]^2 vs box [0,10]x[0,12] (class 1): IoU 0.83 ->
-    # positive; anchor 1 far away -> negative; anchor 2 [0,10]x[0,26]: IoU 120 / 260 = 0.46 ->
-    # ignored, so its (large) class loss must not count. Box target of anchor 0: centre (5, 6)
-    # vs (5, 5), size (10, 12) vs (10, 10): (0, 0.1, 0, log 1.2).
+def _anchor_loss_case():
+    """Three anchors, two classes. Anchor 0 [0,10]^2 vs box [0,10]x[0,12] (class 1): IoU 0.83 ->
+    positive; anchor 1 far away -> negative; anchor 2 [0,10]x[0,26]: IoU 120 / 260 = 0.46 ->
+    ignored, so its (large) class loss must not count. Box target of anchor 0: centre (5, 6)
+    vs (5, 5), size (10, 12) vs (10, 10): (0, 0.1, 0, log 1.2). Returns raw, priors, targets."""
     anchors = torch.tensor([[0, 0, 10, 10], [50, 50, 60, 60], [0, 0, 10, 26]], dtype=torch.float32)
     priors = models.Priors((anchors[:, :2] + anchors[:, 2:]) / 2, torch.full((3,), 8.0), anchors)
     raw = torch.tensor([[[0.05, 0.0, 0.0, 0.3, 0.5, -1.0],
                          [0.0, 0.0, 0.0, 0.0, -2.0, 1.0],
                          [0.0, 0.0, 0.0, 0.0, 3.0, 3.0]]])
     boxes, labels, valid = targets([[[0, 0, 10, 12]]], [[1]])
-    out = assign.anchor_loss(raw, priors, dict(boxes=boxes, labels=labels, valid=valid))
+    return raw, priors, dict(boxes=boxes, labels=labels, valid=valid)
+
+
+def test_anchor_loss_by_hand():
+    raw, priors, tgt = _anchor_loss_case()
+    out = assign.anchor_loss(raw, priors, tgt)
     cls = _focal(0.5, 0) + _focal(-1.0, 1) + _focal(-2.0, 0) + _focal(1.0, 0)
     box = (_huber(0.05) + _huber(0.0 - 0.1) + _huber(0.0) + _huber(0.3 - math.log(1.2))) / 4
     assert math.isclose(float(out["cls"]), cls, rel_tol=1e-5)
@@ -298,9 +303,7 @@ def test_anchor_loss_by_hand():
     assert math.isclose(float(out["total"]), cls + 50 * box, rel_tol=1e-4)
     # The same numbers through the model's list-of-levels layout [B, A, 4 + C, H, W].
     levels = [raw.permute(0, 2, 1).reshape(1, 1, 6, 1, 3)]
-    assert math.isclose(float(assign.anchor_loss(levels, priors, dict(boxes=boxes, labels=labels,
-                                                                      valid=valid))["total"]),
-                        cls + 50 * box, rel_tol=1e-4)
+    assert math.isclose(float(assign.anchor_loss(levels, priors, tgt)["total"]), cls + 50 * box, rel_tol=1e-4)
 
 
 def test_anchor_loss_two_boxes_by_hand():
@@ -557,3 +560,86 @@ def test_an_inf_output_at_a_non_positive_prior_leaves_the_losses_finite():
     (losses["box"] + losses["cls"] + losses["l1"]).backward()
     assert torch.isfinite(flat.grad).all()
     assert flat.grad[0, -1, :6].abs().sum() == 0     # that prior gets no gradient from these terms
+
+
+def test_max_iou_thresholds_are_inclusive():
+    # Box [0,10]^2 (class 0) and a crowd region [100,200]^2.
+    anchors = torch.tensor([
+        [0, 0, 10, 10],        # 0: IoU 1, the box's best anchor        -> positive (forced anyway)
+        [0, 0, 10, 20],        # 1: IoU 100 / 200 = 0.5 exactly           -> positive (IoU >= 0.5)
+        [0, 0, 10, 25],        # 2: IoU 100 / 250 = 0.4 exactly           -> ignored (0.4 <= IoU < 0.5)
+        [0, 0, 10, 26],        # 3: IoU 100 / 260 = 0.385                 -> background
+        [80, 100, 120, 140],   # 4: half inside the crowd (IoA 0.5 exactly) -> ignored
+        [70, 100, 110, 140],   # 5: a quarter inside the crowd (IoA 0.25) -> background
+    ], dtype=torch.float32)
+    boxes, labels, valid = targets([[[0, 0, 10, 10], [100, 100, 200, 200]], [[0, 0, 0, 0]] * 2],
+                                   [[0, -1], [0, 0]], [[True, True], [False, False]])
+    a = assign_max_iou(anchors, boxes, labels, valid)
+    assert a.positive[0].tolist() == [True, True, False, False, False, False]
+    assert a.ignored[0].tolist() == [False, False, True, False, True, False]
+    assert a.gt_index[0].tolist() == [0, 0, -1, -1, -1, -1]
+    # The IoU behind the decision is never below 0: a crowd never matches (its IoU is masked
+    # to -1 inside) and an image with no box at all has nothing to match (-inf inside).
+    assert a.iou[0].tolist() == pytest.approx([1.0, 0.5, 0.4, 100 / 260, 0.0, 0.0], abs=1e-6)
+    assert a.iou[1].tolist() == [0.0] * 6
+
+
+def test_simota_crowd_covers_priors_strictly_inside_only():
+    # Crowd region [4, 20]^2 on the 8-px grid (centres 4, 12, 20, ...): centres 4 and 20 lie on
+    # its edges, so only the prior at (12, 12) (index 9) is inside it and ignored. A real box
+    # far away keeps the assignment going.
+    centers, strides, _ = grid_priors(64, 8)
+    N = centers.shape[0]
+    boxes, labels, valid = targets([[[40, 40, 64, 64], [4, 4, 20, 20]]], [[0, -1]])
+    pred = torch.tensor(FAR).repeat(1, N, 1)
+    a = simota_assign(pred, torch.zeros(1, N, 1), torch.zeros(1, N), centers, strides, boxes, labels, valid)
+    assert a.ignored[0].nonzero().flatten().tolist() == [9]
+
+
+def test_simota_centre_region_boundary_is_outside():
+    # Wide box [0, 48] x [24, 40], centre (24, 32), centre radius 2.5 x 8 = 20. Prior (4, 28)
+    # (index 24) is in the box with |dx| = 20 exactly: outside the centre region, so it pays the
+    # outside cost and its perfect prediction (IoU 1) loses to prior (28, 28) (index 27), inside
+    # both and predicting IoU 0.5. k = floor(1 + 0.5) = 1.
+    centers, strides, _ = grid_priors(64, 8)
+    N = centers.shape[0]
+    boxes, labels, valid = targets([[[0, 24, 48, 40]]], [[0]])
+    pred = torch.tensor(FAR).repeat(1, N, 1)
+    pred[0, 24] = torch.tensor([0, 24, 48, 40])
+    pred[0, 27] = torch.tensor([0, 24, 24, 40])
+    a = simota_assign(pred, torch.zeros(1, N, 1), None, centers, strides, boxes, labels, valid)
+    assert a.positive[0].nonzero().flatten().tolist() == [27]
+    assert float(a.iou[0, 27]) == pytest.approx(0.5, rel=1e-5)
+
+
+def test_anchor_free_label_smoothing_pulls_the_one_hot_to_half():
+    # Smoothing 0.2: one-hot (0, 1) -> (0.1, 0.9), then x IoU 0.75 -> (0.075, 0.675).
+    raw, priors, tgt = _anchor_free_case()
+    out = assign.anchor_free_loss(raw, priors, tgt, label_smoothing=0.2)
+    assert float(out["cls"]) == pytest.approx(_bce(0.3, 0.075) + _bce(-0.4, 0.675), rel=1e-5)
+
+
+def test_anchor_loss_label_smoothing_by_hand():
+    # BCE targets 1 -> 0.9 and 0 -> 0.1; alpha and the modulating factor keep the hard 0 / 1.
+    raw, priors, tgt = _anchor_loss_case()
+    out = assign.anchor_loss(raw, priors, tgt, label_smoothing=0.2)
+
+    def focal(logit, target):
+        p = 1 / (1 + math.exp(-logit))
+        p_t = p if target == 1 else 1 - p
+        return (0.25 if target == 1 else 0.75) * (1 - p_t) ** 1.5 * _bce(logit, 0.9 if target == 1 else 0.1)
+    cls = focal(0.5, 0) + focal(-1.0, 1) + focal(-2.0, 0) + focal(1.0, 0)
+    assert float(out["cls"]) == pytest.approx(cls, rel=1e-5)
+    assert float(assign.anchor_loss(raw, priors, tgt)["cls"]) == pytest.approx(
+        _focal(0.5, 0) + _focal(-1.0, 1) + _focal(-2.0, 0) + _focal(1.0, 0), rel=1e-5)
+
+
+def test_anchor_box_loss_ignores_offsets_at_background_anchors():
+    # Large raw offsets at the background anchor 1 and the ignored anchor 2 change nothing: the
+    # Huber term is summed at the positive anchor 0 only (target (0, 0.1, 0, log 1.2)).
+    raw, priors, tgt = _anchor_loss_case()
+    raw = raw.clone()
+    raw[0, 1, :4] = torch.tensor([0.7, -0.5, 1.0, 2.0])
+    raw[0, 2, :4] = torch.tensor([-0.3, 0.4, 0.2, -1.0])
+    box = (_huber(0.05) + _huber(-0.1) + _huber(0.0) + _huber(0.3 - math.log(1.2))) / 4
+    assert float(assign.anchor_loss(raw, priors, tgt)["box"]) == pytest.approx(box, rel=1e-4)

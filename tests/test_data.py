@@ -906,3 +906,101 @@ def test_show_prints_skipped_boxes_as_a_plain_warning_line(shapes_dir, tmp_path,
     assert len(lines) == 1 and "skipped 1 bad boxes of" in lines[0]
     assert "UserWarning" not in err
 
+
+def _replay(seed, b):
+    return torch.rand(b, 4, generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
+
+
+def test_random_resized_crop_draws_replayed():
+    # Mode 0.6, one 100 x 150 (h x w) image into 64 x 96: the area fraction is 0.6 + 0.4 u0, the
+    # crop's w / h is exp(log 3/4 + u1 log 16/9) x 96/64, and the crop's offsets are u2 and u3 of
+    # the free room in x and in y.
+    b = 400
+    sizes = torch.tensor([[100, 150]]).repeat(b, 1)
+    m = data.crop_matrices(sizes, (64, 96), 0.6, torch.Generator().manual_seed(0))
+    u = _replay(0, b)
+    sx, sy, tx, ty = m[:, 0, 0], m[:, 1, 1], m[:, 0, 2], m[:, 1, 2]
+    cw, ch, x0, y0 = 96 / sx, 64 / sy, -tx / sx, -ty / sy
+    free = (cw < 150 - 1e-6) & (ch < 100 - 1e-6)
+    assert free.sum() > 200
+    ratio = (cw / ch) / 1.5
+    torch.testing.assert_close(ratio[free], torch.exp(math.log(3 / 4) + u[free, 1] * math.log(16 / 9)))
+    torch.testing.assert_close((cw * ch / 15000)[free], 0.6 + 0.4 * u[free, 0])
+    assert ratio[free].min() < 0.8 and ratio[free].max() > 1.25     # the whole 3/4 .. 4/3 range
+    torch.testing.assert_close(x0[free], u[free, 2] * (150 - cw[free]))
+    torch.testing.assert_close(y0[free], u[free, 3] * (100 - ch[free]))
+
+
+def test_random_scale_offsets_replayed():
+    # Mode 2.5: s = letterbox scale (0.64) x (0.1 + 2.4 u0); tx = u2 (96 - 150 s), ty = u3 (64 - 100 s).
+    b = 50
+    sizes = torch.tensor([[100, 150]]).repeat(b, 1)
+    m = data.crop_matrices(sizes, (64, 96), 2.5, torch.Generator().manual_seed(1))
+    u = _replay(1, b)
+    s = 0.64 * (0.1 + 2.4 * u[:, 0])
+    torch.testing.assert_close(m[:, 0, 0], s)
+    torch.testing.assert_close(m[:, 0, 2], u[:, 2] * (96 - 150 * s))
+    torch.testing.assert_close(m[:, 1, 2], u[:, 3] * (64 - 100 * s))
+
+
+def test_flip_mirrors_in_output_pixels():
+    # A 20 x 40 (h x w) image letterboxed to 32 x 64 (scale 1.6) and always flipped: box
+    # [0, 0, 10, 10] -> [0, 0, 16, 16] -> mirrored about the output width 64 -> [48, 0, 64, 16].
+    rng = np.random.default_rng(0)
+    batch = make_batch([rng.integers(0, 256, (20, 40, 3), dtype=np.uint8)], [[[0, 0, 10, 10]]], [[0]])
+    out = data.augment(batch, (32, 64), random_crop_mode=0, magnitude=0, num_layers=0, mosaic_mix_prob=0,
+                       generator=torch.Generator().manual_seed(0), hsv=None, flip_prob=1.0)
+    assert out["valid"][0, 0]
+    assert out["boxes"][0, 0].tolist() == pytest.approx([48.0, 0.0, 64.0, 16.0], abs=1e-4)
+
+
+def test_hue_rotates_the_chroma_plane_by_a_fraction_of_a_turn():
+    # Hue gain 0.1: the angle is u0 x 0.1 x 2 pi, the rotation of (I, Q) in YIQ; Y is kept.
+    u = torch.rand(3, 3, generator=torch.Generator().manual_seed(4), dtype=torch.float64) * 2 - 1
+    m = data.hsv_matrices((0.1, 0.0, 0.0), torch.Generator().manual_seed(4), 3)
+    yiq = data._YIQ
+    for i in range(3):
+        t = float(u[i, 0]) * 0.1 * 2 * math.pi
+        expected = torch.tensor([[1, 0, 0], [0, math.cos(t), -math.sin(t)], [0, math.sin(t), math.cos(t)]],
+                                dtype=torch.float64)
+        torch.testing.assert_close(yiq @ m[i] @ torch.linalg.inv(yiq), expected, atol=1e-9, rtol=0)
+
+
+def test_two_contrasts_compose():
+    # Contrast 0.5 then 0.2 on the same image: v -> 0.5 v + 0.5 g(m), whose mean grey is still
+    # g(m) (the grey weights sum to 1); then 0.2 of that + 0.8 g(m) = 0.1 v + 0.9 g(m).
+    c = data.RANDAUGMENT_OPS.index("contrast")
+    a, cc, d = data.colour_affine(torch.tensor([[c, c]]), torch.tensor([[0.5, 0.2]], dtype=torch.float64), None, None)
+    v = torch.tensor([[0.2, 0.4, 0.8], [0.6, 0.6, 0.6]], dtype=torch.float64).T.reshape(1, 3, 1, 2)
+    grey = float(data._GREY @ v.mean((2, 3))[0])
+    out = data._colour_into(torch.empty(1, 3, 1, 2), (v * 255 - 114).float(), a, cc, d)
+    assert torch.allclose(out.double(), 0.1 * v + 0.9 * grey, atol=1e-5)
+
+
+def test_solarize_inverts_from_the_threshold_up():
+    out = data._solarize(torch.tensor([0.24, 0.25, 0.26]), 0.25)
+    assert out.tolist() == pytest.approx([0.24, 0.75, 0.74])
+
+
+def test_box_filters_are_inclusive_at_their_limits():
+    valid = torch.ones(1, 3, dtype=torch.bool)
+    # Aspect exactly 1:20 is kept, 1:20.5 is not.
+    boxes = torch.tensor([[[0.0, 0.0, 2.0, 40.0], [10.0, 0.0, 12.0, 41.0], [20.0, 0.0, 22.0, 30.0]]])
+    _, keep = data.transform_boxes(boxes, valid, torch.eye(3)[None], (64, 64))
+    assert keep.tolist() == [[True, False, True]]
+    # Shifted left by 7.5, box [0, 10]^2 keeps 2.5 x 10 = 25% of its area: kept at min_area_kept 0.25.
+    shift = torch.tensor([[[1.0, 0.0, -7.5], [0.0, 1.0, 0.0], [0, 0, 1]]])
+    out, keep = data.transform_boxes(torch.tensor([[[0.0, 0.0, 10.0, 10.0]]]), valid[:, :1], shift, (64, 64),
+                                     min_area_kept=0.25)
+    assert keep.tolist() == [[True]] and out[0, 0].tolist() == [0.0, 0.0, 2.5, 10.0]
+
+
+def test_posterize_bits_round_the_magnitude():
+    # Magnitude 4: keep 8 - round(1.6) = 6 bits (steps of 4 / 255): 0.62 * 255 = 158.1 -> 156.
+    ops = torch.tensor([[data.RANDAUGMENT_OPS.index("posterize")]])
+    identity = (torch.eye(3, dtype=torch.float64)[None], torch.zeros(1, 3, dtype=torch.float64),
+                torch.zeros(1, 3, 3, dtype=torch.float64))
+    v = torch.full((1, 3, 1, 1), 0.62)
+    out = data._colour_chunk(torch.empty(1, 3, 1, 1), v * 255 - 114, identity, ops,
+                             torch.ones(1, 1, dtype=torch.float64), 4)
+    assert out.flatten().tolist() == pytest.approx([156 / 255] * 3, abs=1e-6)

@@ -238,3 +238,45 @@ def test_timm_backbone_needs_timm():
         with torch.device("meta"):
             model = models.build_model("yolox_nano", backbone="timm:resnet18")
         assert model.backbone.channels == [128, 256, 512]
+
+
+PUBLISHED_INPUT = {
+    "efficientdet_d0": 512, "efficientdet_d1": 640, "efficientdet_d2": 768, "efficientdet_d3": 896,
+    "efficientdet_d4": 1024, "efficientdet_d5": 1280, "efficientdet_d6": 1280, "efficientdet_d7": 1536,
+    "efficientdet_d7x": 1536,
+    "yolox_nano": 416, "yolox_tiny": 416, "yolox_s": 640, "yolox_m": 640, "yolox_l": 640, "yolox_x": 640,
+}
+
+
+def test_preset_input_sizes_are_the_published_ones():
+    assert set(PUBLISHED_INPUT) == set(models.PRESETS)
+    for name, size in PUBLISHED_INPUT.items():
+        assert models.preset_input_shape(name) == (size, size), name
+
+
+@pytest.mark.parametrize("bad", [0, -1, 2.0, "3"])
+def test_num_classes_must_be_a_positive_int(bad):
+    with pytest.raises(ValueError, match="num_classes must be a positive int"):
+        models.build_model("yolox_nano", num_classes=bad)
+
+
+@pytest.mark.parametrize("mode", ["efficientdet", "anchor_free"])
+def test_decode_caps_a_box_at_250_strides(mode):
+    # One stride-8 location. Anchor-free: size = exp(min(t, log 250)) * 8 = 2000 px.
+    # Anchors: the octave-0 1:1 anchor is 32 px, size = exp(min(t, log 62.5)) * 32 = 2000 px.
+    p = models.make_priors((8, 8), (8,), mode)
+    raw = torch.tensor([[0.0, 0.0, 20.0, 20.0]]).expand(len(p), 4)
+    out = models.decode_boxes(raw, p, mode)
+    wh = out[0, 2:] - out[0, :2]
+    assert wh.tolist() == pytest.approx([2000.0, 2000.0], rel=1e-5)
+    # Below the cap nothing is clamped: t = log 50 -> 50 x the reference size.
+    out = models.decode_boxes(torch.tensor([[0.0, 0.0, math.log(50), math.log(50)]]).expand(len(p), 4), p, mode)
+    assert (out[0, 2] - out[0, 0]).item() == pytest.approx(50 * (8 if mode == "anchor_free" else 32), rel=1e-5)
+
+
+def test_encode_of_a_degenerate_box_is_finite():
+    # A zero-size box at the prior's centre (4, 4), stride 8: its size is floored at 1e-3 px.
+    p = models.make_priors((8, 8), (8,), "anchor_free")
+    raw = models.encode_boxes(torch.tensor([[4.0, 4.0, 4.0, 4.0]]), p, "anchor_free")
+    assert torch.isfinite(raw).all()
+    assert raw[0].tolist() == pytest.approx([0.0, 0.0, math.log(1e-3 / 8), math.log(1e-3 / 8)], rel=1e-5)

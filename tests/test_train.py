@@ -10,6 +10,7 @@ import sys
 
 import pytest
 import torch
+from PIL import Image
 
 import data
 import models
@@ -729,3 +730,61 @@ def test_graph_model_puts_back_bn_statistics_and_records_afresh(monkeypatch):
     assert [shape for shape, _ in recorded] == [(2, 3, 64, 96)] * 2
     assert all(moved > 1e-3 for _, moved in recorded)  # the warm-up did move them ...
     assert all(torch.equal(a, b) for a, b in zip(before, model.buffers()))  # ... and they are back
+
+
+def test_optimizers_are_the_recipes():
+    model = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.BatchNorm2d(4))
+    sgd = train.build_optimizer(model, "sgd", 0.1, 1e-4)
+    assert type(sgd) is torch.optim.SGD
+    assert sgd.defaults["momentum"] == 0.9 and sgd.defaults["nesterov"] is True
+    adam = train.build_optimizer(model, "adam", 0.1, 1e-4)
+    assert type(adam) is torch.optim.Adam and adam.param_groups[0]["weight_decay"] == 1e-4
+    adamw = train.build_optimizer(model, "adamw", 0.1, 1e-4)
+    assert type(adamw) is torch.optim.AdamW and adamw.param_groups[0]["weight_decay"] == 1e-4
+    assert [g["weight_decay"] for g in adamw.param_groups] == [1e-4, 0.0]
+
+
+class _Built(Exception):
+    pass
+
+
+@pytest.mark.parametrize("world", [1, 2])
+def test_lr_is_lr_base_512_times_total_batch_over_512(tiny_shapes, tmp_path, monkeypatch, world):
+    # -b 4 on `world` processes, --lr_base_512 0.512: lr = 0.512 x 4 x world / 512 = 0.004 x world.
+    seen = []
+
+    def capture(model, name, lr, weight_decay):
+        seen.append(lr)
+        raise _Built
+    monkeypatch.setattr(train, "build_optimizer", capture)
+    monkeypatch.setattr(train, "setup_distributed", lambda: (0, world, torch.device("cpu")))
+    monkeypatch.setattr(train.dist, "barrier", lambda *a, **k: None)
+    with pytest.raises(_Built):
+        train.main(["-d", tiny_shapes, "--out", str(tmp_path), "--det_header", "yolox_nano", "-i", "64",
+                    "-b", "4", "--lr_base_512", "0.512", "--workers", "0"])
+    assert seen == [pytest.approx(0.004 * world)]
+
+
+def test_ema_decay_ramp_at_the_hundredth_update():
+    model = torch.nn.Linear(1, 1, bias=False)
+    with torch.no_grad():
+        model.weight.fill_(0.0)
+    ema = train.ModelEMA(model, decay=0.9)
+    ema.updates = 99
+    with torch.no_grad():
+        model.weight.fill_(1.0)
+    ema.update()
+    d = 0.9 * (1 - math.exp(-100 / 2000))          # 0.0439
+    assert float(ema.module.weight) == pytest.approx(1 - d, rel=1e-6)
+
+
+def test_history_picture_has_three_panels(tmp_path):
+    rows = [{"epoch": "1", "lr": "0.01", "loss_total": "2.0", "AP": "", "AP50": ""},
+            {"epoch": "2", "lr": "0.005", "loss_total": "1.0", "AP": "0.1", "AP50": "0.2"}]
+    path = str(tmp_path / "history.png")
+    train.plot_history(rows, path)
+    with Image.open(path) as img:
+        assert img.size == (3 * 420, 300)
+        # Each panel has its own frame: a grey outline at x = 40 + 420 i, 40 <= y <= 260.
+        for i in range(3):
+            assert img.getpixel((40 + 420 * i, 150)) != (255, 255, 255), i
