@@ -6,6 +6,7 @@ import shutil
 
 import pytest
 import torch
+from PIL import Image
 
 import data
 import eval as ev
@@ -314,7 +315,6 @@ def test_cli_eval_and_predict(tmp_path, capsys):
 def write_small_coco(folder, cat_ids=range(1, 21), sizes=True):
     """Two 64 x 48 grey pictures with one box each, as a COCO json + images/ (20 classes, ids 1..20
     as write_checkpoint's model has); without `sizes` the json leaves out width and height."""
-    from PIL import Image
     os.makedirs(os.path.join(folder, "images"), exist_ok=True)
     images = []
     for i in (1, 2):
@@ -466,7 +466,6 @@ def test_cli_paths_and_results_entries_are_checked(tmp_path, capsys):
     assert "would be written over the image itself" in capsys.readouterr().err
     # A folder stands for its images. A 128 x 16 picture is mostly letterbox padding at 128 x 128:
     # of the 100 detections kept, the ones in the padding clip to lines and are left out.
-    from PIL import Image
     Image.new("RGB", (128, 16), (90, 90, 90)).save(tmp_path / "small" / "images" / "wide.jpg")
     assert ev.main(["predict", "-m", ckpt, "--device", "cpu", "--score_threshold", "0", "-o", str(tmp_path / "f"),
                     str(tmp_path / "small" / "images")]) == 0
@@ -490,7 +489,8 @@ def test_progress_line_every_ten_seconds(capsys):
 
 def test_skipped_boxes_are_a_plain_warning_line(tmp_path, capsys):
     small = write_small_coco(str(tmp_path / "small"))
-    gt = json.load(open(small))
+    with open(small) as f:
+        gt = json.load(f)
     gt["annotations"][0]["bbox"] = [5000, 5000, 10, 10]  # far outside its 64 x 48 image
     with open(small, "w") as f:
         json.dump(gt, f)
@@ -516,7 +516,6 @@ def test_load_model_takes_the_ema_weights(tmp_path):
 
 def test_predict_on_a_tall_image_leaves_out_the_boxes_in_the_padding(tmp_path):
     # 16 x 128: the letterbox pads on the right, so boxes there clip to vertical lines (x2 == x1).
-    from PIL import Image
     ckpt = str(tmp_path / "n.pt")
     write_checkpoint(ckpt)
     Image.new("RGB", (16, 128), (90, 90, 90)).save(tmp_path / "tall.jpg")
@@ -527,7 +526,6 @@ def test_predict_on_a_tall_image_leaves_out_the_boxes_in_the_padding(tmp_path):
 
 
 def test_predict_folder_inputs(tmp_path, capsys, monkeypatch):
-    from PIL import Image
     ckpt = str(tmp_path / "n.pt")
     write_checkpoint(ckpt)
     predict = ["predict", "-m", ckpt, "--device", "cpu"]
@@ -555,7 +553,6 @@ def test_predict_folder_inputs(tmp_path, capsys, monkeypatch):
 
 
 def test_predict_letterboxes_to_the_given_input_shape(tmp_path, monkeypatch):
-    from PIL import Image
     ckpt = str(tmp_path / "n.pt")
     write_checkpoint(ckpt)  # trained at 128 x 128
     Image.new("RGB", (32, 32)).save(tmp_path / "x.jpg")
@@ -579,47 +576,6 @@ def test_cli_evaluates_a_checkpoint_trained_on_the_shapes_set(tmp_path, monkeypa
     monkeypatch.setattr(ev, "open_dataset", lambda path, split: opened.append(path) or real_open(small, split))
     monkeypatch.setattr(ev, "run_coco_evaluation", lambda *a, **k: None)
     assert ev.main(["--nms", "hard"]) == 0 and opened == ["shapes"]
-
-
-def test_a_score_exactly_at_the_threshold_is_kept():
-    # Two far-apart boxes, scores 0.9 and exactly the threshold 0.25: both survive selection and
-    # the decay step (IoU 0 leaves 0.25 as it is, and 0.25 >= 0.25).
-    boxes = torch.tensor([[[0.0, 0, 10, 10], [100, 100, 110, 110]]])
-    scores = torch.tensor([[[0.9], [0.25]]])
-    image, prior, label, score = ev._select_candidates(scores, 0.25, -1)
-    assert prior.tolist() == [0, 1] and score.tolist() == [pytest.approx(0.9), 0.25]
-    for method in ev.NMS_METHODS:
-        out = ev.batched_nms(boxes, scores, method=method, score_threshold=0.25, topk=-1)
-        assert out[3].tolist() == [2], method
-        assert out[1][0, :2].tolist() == [pytest.approx(0.9), 0.25], method
-
-
-def test_iou_exactly_at_the_threshold_is_not_suppressed():
-    # [0,20]x[0,10] and [0,10]x[0,10]: IoU 100 / 200 = 0.5 exactly. Hard and linear NMS act only
-    # on IoU > threshold, so at 0.5 the second box keeps its score 0.8.
-    boxes = torch.tensor([[[0.0, 0, 20, 10], [0, 0, 10, 10]]])
-    scores = torch.tensor([[[0.9], [0.8]]])
-    for method in ("hard", "linear"):
-        out = ev.batched_nms(boxes, scores, method=method, iou_or_sigma=0.5, score_threshold=0.01, topk=-1)
-        assert out[3].tolist() == [2], method
-        assert out[1][0, :2].tolist() == [pytest.approx(0.9), pytest.approx(0.8)], method
-    # Just under it (0.49) both act: hard drops the box, linear scales it by 1 - 0.5.
-    hard = ev.batched_nms(boxes, scores, method="hard", iou_or_sigma=0.49, topk=-1)
-    assert hard[3].tolist() == [1]
-    linear = ev.batched_nms(boxes, scores, method="linear", iou_or_sigma=0.49, topk=-1)
-    assert linear[1][0, 1].item() == pytest.approx(0.4)
-
-
-def test_topk_keeps_exactly_k_pairs_when_scores_tie():
-    # Five disjoint boxes all scored 0.5 (a saturated head ties a lot): topk 2 keeps exactly
-    # two pairs, the lower priors first.
-    boxes = torch.tensor([[[20.0 * i, 0, 20 * i + 10, 10] for i in range(5)]])
-    scores = torch.full((1, 5, 1), 0.5)
-    image, prior, label, score = ev._select_candidates(scores, 0.1, 2)
-    assert prior.tolist() == [0, 1]
-    out = ev.batched_nms(boxes, scores, method="hard", topk=2, score_threshold=0.1)
-    assert out[3].tolist() == [2]
-    assert out[0][0, :2].tolist() == [[0.0, 0, 10, 10], [20.0, 0, 30, 10]]
 
 
 def test_boxes_to_original_under_a_flip_and_a_rotation():

@@ -193,3 +193,44 @@ def test_kernel_matches_twin(method, iou_or_sigma, mode):
         twin_on_gpu = ev.batched_nms(boxes.cuda(), scores.cuda(), use_kernel=False, **kwargs)
         for a, b in zip(cpu, twin_on_gpu):
             torch.testing.assert_close(b.cpu(), a, atol=1e-5, rtol=1e-5)
+
+
+def test_a_score_exactly_at_the_threshold_is_kept():
+    # Two far-apart boxes, scores 0.9 and exactly the threshold 0.25: both survive selection and
+    # the decay step (IoU 0 leaves 0.25 as it is, and 0.25 >= 0.25).
+    boxes = torch.tensor([[[0.0, 0, 10, 10], [100, 100, 110, 110]]])
+    scores = torch.tensor([[[0.9], [0.25]]])
+    image, prior, label, score = ev._select_candidates(scores, 0.25, -1)
+    assert prior.tolist() == [0, 1] and score.tolist() == [pytest.approx(0.9), 0.25]
+    for method in ev.NMS_METHODS:
+        out = ev.batched_nms(boxes, scores, method=method, score_threshold=0.25, topk=-1)
+        assert out[3].tolist() == [2], method
+        assert out[1][0, :2].tolist() == [pytest.approx(0.9), 0.25], method
+
+
+def test_iou_exactly_at_the_threshold_is_not_suppressed():
+    # [0,20]x[0,10] and [0,10]x[0,10]: IoU 100 / 200 = 0.5 exactly. Hard and linear NMS act only
+    # on IoU > threshold, so at 0.5 the second box keeps its score 0.8.
+    boxes = torch.tensor([[[0.0, 0, 20, 10], [0, 0, 10, 10]]])
+    scores = torch.tensor([[[0.9], [0.8]]])
+    for method in ("hard", "linear"):
+        out = ev.batched_nms(boxes, scores, method=method, iou_or_sigma=0.5, score_threshold=0.01, topk=-1)
+        assert out[3].tolist() == [2], method
+        assert out[1][0, :2].tolist() == [pytest.approx(0.9), pytest.approx(0.8)], method
+    # Just under it (0.49) both act: hard drops the box, linear scales it by 1 - 0.5.
+    hard = ev.batched_nms(boxes, scores, method="hard", iou_or_sigma=0.49, topk=-1)
+    assert hard[3].tolist() == [1]
+    linear = ev.batched_nms(boxes, scores, method="linear", iou_or_sigma=0.49, topk=-1)
+    assert linear[1][0, 1].item() == pytest.approx(0.4)
+
+
+def test_topk_keeps_exactly_k_pairs_when_scores_tie():
+    # Five disjoint boxes all scored 0.5 (a saturated head ties a lot): topk 2 keeps exactly
+    # two pairs, the lower priors first.
+    boxes = torch.tensor([[[20.0 * i, 0, 20 * i + 10, 10] for i in range(5)]])
+    scores = torch.full((1, 5, 1), 0.5)
+    image, prior, label, score = ev._select_candidates(scores, 0.1, 2)
+    assert prior.tolist() == [0, 1]
+    out = ev.batched_nms(boxes, scores, method="hard", topk=2, score_threshold=0.1)
+    assert out[3].tolist() == [2]
+    assert out[0][0, :2].tolist() == [[0.0, 0, 10, 10], [20.0, 0, 30, 10]]
