@@ -215,13 +215,17 @@ def build_optimizer(model, name, lr, weight_decay):
     decay = [p for p in model.parameters() if p.ndim > 1]
     no_decay = [p for p in model.parameters() if p.ndim <= 1]
     groups = [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-    # foreach: each update step is a few ops over lists of tensors instead of a Python loop over
-    # the parameters. torch picks it on a GPU by itself; on a CPU it makes the step ~40% faster.
+    # fused (Adam, AdamW): one kernel updates every parameter of a group, on a CPU as on a GPU,
+    # where foreach issues a few ops per list of parameters: on the CPU the AdamW step of
+    # yolox_nano takes 2.3 ms instead of 6.3 ms (11.5 ms as a Python loop over parameters); the
+    # update is the same arithmetic, to rounding. SGD stays foreach: torch's fused SGD fails
+    # when some parameters of a group have a momentum buffer and others not yet, which is what
+    # unfreezing the backbone leaves behind.
     if name == "sgd":
         return torch.optim.SGD(groups, lr=lr, momentum=0.9, nesterov=True, foreach=True)
     if name == "adam":  # Adam's weight_decay is L2 in the gradient, as torch defines it
-        return torch.optim.Adam(groups, lr=lr, foreach=True)
-    return torch.optim.AdamW(groups, lr=lr, foreach=True)
+        return torch.optim.Adam(groups, lr=lr, fused=True)
+    return torch.optim.AdamW(groups, lr=lr, fused=True)
 
 
 def learning_rate(epoch_float, cfg, lr_max):

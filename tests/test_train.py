@@ -1,4 +1,5 @@
 """train.py: every head x prior mode trains, freezing, exact resume, DDP on gloo, clear errors."""
+import copy
 import csv
 import json
 import math
@@ -15,7 +16,7 @@ from PIL import Image
 import data
 import models
 import train
-from conftest import shapes_with_a_bad_box
+from conftest import shapes_with_a_bad_box, shared_path
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -744,6 +745,34 @@ def test_optimizers_are_the_recipes():
     assert [g["weight_decay"] for g in adamw.param_groups] == [1e-4, 0.0]
 
 
+@pytest.mark.parametrize("name, plain", [("adam", torch.optim.Adam), ("adamw", torch.optim.AdamW),
+                                         ("sgd", torch.optim.SGD)])
+def test_optimizer_steps_through_an_unfreeze_like_the_plain_loop(name, plain):
+    # Step 1 moves only the head (the backbone is frozen: no gradients); steps 2-3 move both, as
+    # after --freeze_backbone_epochs. build_optimizer's fused / foreach update must survive a
+    # group where some parameters have state and others not yet, and land where torch's plain
+    # per-parameter loop does.
+    torch.manual_seed(0)
+    a = torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.Linear(4, 2))
+    b = copy.deepcopy(a)
+    first = a[0].weight.detach().clone()
+    ours = train.build_optimizer(a, name, 0.1, 0.05)
+    kwargs = dict(momentum=0.9, nesterov=True) if name == "sgd" else {}
+    groups = [{"params": [p for p in b.parameters() if p.ndim > 1], "weight_decay": 0.05},
+              {"params": [p for p in b.parameters() if p.ndim <= 1], "weight_decay": 0.0}]
+    ref = plain(groups, lr=0.1, foreach=False, **kwargs)
+    x = torch.randn(5, 3)
+    for step in range(3):
+        for model, opt in ((a, ours), (b, ref)):
+            opt.zero_grad(set_to_none=True)
+            model[0].requires_grad_(step > 0)
+            model(x).square().sum().backward()
+            opt.step()
+    assert not torch.allclose(a[0].weight, first, atol=1e-3), "the unfrozen layer did not move"
+    for p, q in zip(a.parameters(), b.parameters()):
+        torch.testing.assert_close(p, q, atol=1e-6, rtol=1e-6)
+
+
 class _Built(Exception):
     pass
 
@@ -788,3 +817,40 @@ def test_history_picture_has_three_panels(tmp_path):
         # Each panel has its own frame: a grey outline at x = 40 + 420 i, 40 <= y <= 260.
         for i in range(3):
             assert img.getpixel((40 + 420 * i, 150)) != (255, 255, 255), i
+
+
+def test_yolox_s_recipe_runs_as_is_on_a_coco_2017_folder_of_real_photos(tmp_path, capsys):
+    # The issue's promise: `python train.py --det_header yolox_s -d DIR` on a folder laid out as
+    # COCO ships it (annotations/instances_{train,val}2017.json beside train2017/ and val2017/),
+    # here the 100 VOC photos split 80 / 20, with the full YOLOX recipe (SGD, mosaic, RandAugment,
+    # EMA, L1 for the closing epochs). Only the size (128) and length (2 epochs) are cut to fit a
+    # test; the second epoch is a closing one (no mosaic, L1 on).
+    with open(shared_path("voc2007_100", "instances_coco.json")) as f:
+        gt = json.load(f)
+    images = sorted(gt["images"], key=lambda im: im["id"])
+    root = tmp_path / "coco"
+    os.makedirs(root / "annotations")
+    for split, part in (("train", images[:80]), ("val", images[80:])):
+        ids = {im["id"] for im in part}
+        os.makedirs(root / f"{split}2017")
+        for im in part:
+            os.symlink(os.path.join(shared_path("voc2007_100", "images"), im["file_name"]),
+                       root / f"{split}2017" / im["file_name"])
+        with open(root / "annotations" / f"instances_{split}2017.json", "w") as f:
+            json.dump(dict(gt, images=part, annotations=[a for a in gt["annotations"] if a["image_id"] in ids]), f)
+    out = tmp_path / "run"
+    train.main(["--det_header", "yolox_s", "-d", str(root), "--out", str(out), "-i", "128", "-e", "2",
+                "-b", "8", "--close_mosaic_epochs", "1", "--eval_start_epoch", "2", "--workers", "0"])
+    text = capsys.readouterr().out
+    assert "evaluated 20 images" in text and "Average Precision" in text
+    rows = history(out)
+    assert [int(r["epoch"]) for r in rows] == [1, 2]
+    for r in rows:  # every loss part finite, the L1 part only in the closing epoch
+        assert all(math.isfinite(float(r[f"loss_{k}"])) for k in ("box", "obj", "cls", "total"))
+    assert float(rows[0]["loss_l1"]) == 0 and float(rows[1]["loss_l1"]) > 0
+    assert 0 <= float(rows[1]["AP"]) <= 1
+    last = torch.load(out / "last.pt", weights_only=False)
+    assert last["config"]["det_header"] == "yolox_s" and last["epoch"] == 2
+    assert last["config"]["num_classes"] == 20 and last["config"]["class_names"][:2] == ["person", "cat"]
+    recipe = last["train_config"]
+    assert recipe["optimizer"] == "sgd" and recipe["mosaic_mix_prob"] == 1.0 and recipe["ema_decay"] > 0
