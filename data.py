@@ -67,10 +67,11 @@ class Dataset(torch.utils.data.Dataset):
     def load(self, i, max_side=None):
         """Decode item i; if max_side is given and the longer side is above it, shrink the image
         (JPEG draft mode makes this nearly free). Returns (image, boxes, labels, image_id, scale)
-        where scale = output px per original px."""
+        where scale = (x, y) output px per original px (two numbers: rounding the shrunk width and
+        height to whole pixels makes them differ slightly)."""
         r = self.records[i]
-        image, scale = decode_image(r["file"], max_side)
-        return image, r["boxes"] * np.float32(scale), r["labels"], r["image_id"], scale
+        image, scale = decode_image(r["file"], max_side, size=(r["width"], r["height"]))
+        return image, r["boxes"] * np.float32(scale + scale), r["labels"], r["image_id"], scale
 
     def coco_gt(self):
         """COCO-format ground truth of this split (images, annotations incl. iscrowd, categories)."""
@@ -96,35 +97,78 @@ class DataLoadError(ValueError):
     """An image of the dataset could not be read while batches were being made (see batches())."""
 
 
-def decode_image(path, max_side=None):
-    """PIL decode to uint8 [H, W, 3] RGB. Returns (image, scale). Raises DataLoadError, naming the
-    file and the fix, for a missing or undecodable image."""
+# EXIF orientation tag (1..8) -> the transpose that shows the stored pixels upright; tags 5 to 8
+# turn the picture by 90 degrees, swapping its width and height.
+_UPRIGHT = {2: Image.Transpose.FLIP_LEFT_RIGHT, 3: Image.Transpose.ROTATE_180, 4: Image.Transpose.FLIP_TOP_BOTTOM,
+            5: Image.Transpose.TRANSPOSE, 6: Image.Transpose.ROTATE_270, 7: Image.Transpose.TRANSVERSE,
+            8: Image.Transpose.ROTATE_90}
+_SWAPPING = {_UPRIGHT[tag] for tag in (5, 6, 7, 8)}
+
+
+def _upright(im, size=None):
+    """The transpose that shows im upright, or None. Phones store the pixels as the sensor saw
+    them and write the turn into an EXIF tag; labelling tools, browsers and the readers of YOLOX,
+    detectron2 and mmdetection all show (and label) the upright picture, so boxes refer to it.
+    size: the (width, height) the annotations give, if any. Where it is the stored size and not
+    the upright one, the boxes were drawn on the stored pixels, and those are kept as stored."""
+    try:
+        turn = _UPRIGHT.get(im.getexif().get(0x0112, 1))
+    except Exception:  # a broken EXIF block is no reason to reject pixels that decode fine
+        return None
+    if turn is None or size is None:
+        return turn
+    upright_size = im.size[::-1] if turn in _SWAPPING else im.size
+    if tuple(size) != tuple(upright_size) and tuple(size) == tuple(im.size):
+        return None
+    return turn
+
+
+def _rgb(im):
+    """im as 8-bit RGB. convert("RGB") clips 16-bit greyscale (PNG exports of depth, thermal or
+    medical images) at 255, which turns such a picture white: its top 8 bits are kept instead."""
+    if im.mode == "I" or im.mode.startswith("I;16"):
+        im = Image.fromarray((np.asarray(im).astype(np.int64) >> 8).clip(0, 255).astype(np.uint8), "L")
+    return im.convert("RGB")
+
+
+def decode_image(path, max_side=None, size=None, fix="remove its entry from the annotations"):
+    """PIL decode to uint8 [H, W, 3] RGB, upright (see _upright; size: the annotations' (width,
+    height), if known). Returns (image, scale): scale = (x, y) output px per original px, (1, 1)
+    unless max_side shrank it. Raises DataLoadError, naming the file and the fix, for a missing
+    or undecodable image; fix: what else the user can do with the file."""
     if not os.path.exists(path):
-        raise DataLoadError(f"image {path} is missing: restore the file, or remove its entry from the annotations")
+        raise DataLoadError(f"image {path} is missing: restore the file, or {fix}")
     try:
         with Image.open(path) as im:
-            scale = 1.0
+            turn = _upright(im, size)
+            width, height = im.size  # as stored
+            scale = (1.0, 1.0)
             if max_side and max(im.size) > max_side:
-                width = im.size[0]
                 shrink = max_side / max(im.size)
-                target = (max(1, round(width * shrink)), max(1, round(im.size[1] * shrink)))
+                target = (max(1, round(width * shrink)), max(1, round(height * shrink)))
                 im.draft("RGB", target)  # JPEG: decode at 1/2, 1/4 or 1/8 size directly, far cheaper
-                im = im.convert("RGB").resize(target, Image.BILINEAR)
-                scale = target[0] / width
-            image = np.array(im.convert("RGB"))  # writable, so torch.from_numpy is safe
+                im = _rgb(im).resize(target, Image.BILINEAR)
+                scale = (target[0] / width, target[1] / height)
+            im = _rgb(im)
+            if turn is not None:
+                im = im.transpose(turn)
+                if turn in _SWAPPING:  # x of the upright picture is y as stored
+                    scale = scale[::-1]
+            image = np.array(im)  # writable, so torch.from_numpy is safe
     except (OSError, SyntaxError, ValueError) as e:
-        raise DataLoadError(f"image {path} cannot be decoded ({e}): replace it with a valid JPEG/PNG "
-                         f"or remove its entry") from None
+        raise DataLoadError(f"image {path} cannot be decoded ({e}): replace it with a valid JPEG/PNG, or {fix}") from None
     return image, scale
 
 
 def _image_size(path, fix):
-    """(width, height) from the image header only, no pixel decoding. A file PIL cannot read is
-    reported here, when the dataset is opened, rather than later inside a DataLoader worker.
-    fix: what else the user can do with the file (the reader knows where it is listed)."""
+    """(width, height) of the upright picture, from the image header only, no pixel decoding. A
+    file PIL cannot read is reported here, when the dataset is opened, rather than later inside a
+    DataLoader worker. fix: what else the user can do with the file (the reader knows where it is
+    listed)."""
     try:
         with Image.open(path) as im:
-            return im.size
+            turn = _upright(im)
+            return im.size[::-1] if turn in _SWAPPING else im.size
     except (OSError, SyntaxError, ValueError) as e:
         raise ValueError(f"image {path} cannot be read ({e}): replace it with a valid JPEG/PNG or {fix}") from None
 
@@ -136,13 +180,15 @@ def _clean_boxes(boxes_xyxy, widths, heights):
     w_img, h_img = np.asarray(widths, np.float64), np.asarray(heights, np.float64)
     finite = np.isfinite(boxes_xyxy).all(1)
     b = np.where(finite[:, None], boxes_xyxy, 0)
-    positive = (b[:, 2] > b[:, 0]) & (b[:, 3] > b[:, 1])
     margin = 0.1 * np.maximum(w_img, h_img)  # a few pixels outside is annotation noise, more is a bug
     inside = (b[:, 0] > -margin) & (b[:, 1] > -margin) & (b[:, 2] < w_img + margin) & (b[:, 3] < h_img + margin)
-    keep = finite & positive & inside
     np.clip(boxes_xyxy[:, 0::2], 0, w_img[:, None], out=boxes_xyxy[:, 0::2])
     np.clip(boxes_xyxy[:, 1::2], 0, h_img[:, None], out=boxes_xyxy[:, 1::2])
-    return keep
+    # Size is judged after clipping: a box just past the edge clips to zero width, and kept it
+    # would be an object nothing can find (pycocotools counts an area-0 box as a miss).
+    b = np.where(finite[:, None], boxes_xyxy, 0)
+    positive = (b[:, 2] > b[:, 0]) & (b[:, 3] > b[:, 1])
+    return finite & positive & inside
 
 
 def _warn_bad_boxes(source, count, total, examples, hint=""):
@@ -180,6 +226,35 @@ def _find_image_dir(candidates, file_names, what):
                             f"of those folders")
 
 
+def check_coco_json(coco, json_path):
+    """A loaded COCO instances json, checked before anything reads it by key (a missing key would
+    otherwise stop a run as a bare KeyError, perhaps after an epoch of training); in place, the
+    keys pycocotools and the per-class table read that some exporters leave out get COCO's
+    meaning: iscrowd 0 (not a crowd), area = the bbox's w x h, a category's name = its id.
+    Raises ValueError naming json_path, the entry and the fix."""
+    if not isinstance(coco, dict) or not all(k in coco for k in ("images", "annotations", "categories")):
+        raise ValueError(f"{json_path} is not a COCO instances file (needs 'images', 'annotations' and 'categories' "
+                         f"lists): convert it to COCO format")
+    for key, needed in (("images", ("id", "file_name")), ("annotations", ("image_id", "category_id")),
+                        ("categories", ("id",))):
+        if not isinstance(coco[key], list) or not all(isinstance(e, dict) for e in coco[key]):
+            raise ValueError(f"{json_path}: '{key}' is not a list of objects: convert the file to COCO format")
+        for entry in coco[key]:
+            absent = [k for k in needed if k not in entry]
+            if absent:
+                raise ValueError(f"{json_path}: an entry of '{key}' has no '{absent[0]}' ({json.dumps(entry)[:80]}): "
+                                 f"add it, or remove the entry")
+    for a in coco["annotations"]:
+        bbox = a.get("bbox")  # checked one by one, so the error names the annotation rather than numpy's shapes
+        if not (isinstance(bbox, list) and len(bbox) == 4 and all(isinstance(v, (int, float)) for v in bbox)):
+            raise ValueError(f"{json_path}: annotation {a.get('id')} has no bbox of 4 numbers [x, y, w, h]: fix or "
+                             f"remove it (it has {'no bbox' if bbox is None else 'bbox ' + json.dumps(bbox)[:60]})")
+        a.setdefault("iscrowd", 0)
+        a.setdefault("area", bbox[2] * bbox[3])
+    for c in coco["categories"]:
+        c.setdefault("name", str(c["id"]))
+
+
 def read_coco(json_path, images_dir=None, split=None):
     """COCO instances json -> Dataset. iscrowd objects become label -1; images without
     annotations stay (background images); category ids map to contiguous labels by sorted id."""
@@ -191,9 +266,7 @@ def read_coco(json_path, images_dir=None, split=None):
             coco = json.load(f)
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise ValueError(f"{json_path} is not valid JSON ({e}): re-export or re-download it") from None
-    if not isinstance(coco, dict) or not all(k in coco for k in ("images", "annotations", "categories")):
-        raise ValueError(f"{json_path} is not a COCO instances file (needs 'images', 'annotations' and 'categories' "
-                         f"lists): convert it to COCO format")
+    check_coco_json(coco, json_path)
     if not coco["images"]:
         raise ValueError(f"{json_path} has no images (empty split): point to a split that has images")
     cats = sorted(coco["categories"], key=lambda c: c["id"])
@@ -225,11 +298,6 @@ def read_coco(json_path, images_dir=None, split=None):
             raise ValueError(f"{json_path}: annotation {a.get('id')} has category_id {a.get('category_id')} "
                              f"that is not in 'categories': add the category or fix the annotation")
     anns = [a for im in coco["images"] for a in per_image[im["id"]]]
-    for a in anns:  # checked one by one, so the error names the annotation rather than numpy's shapes
-        bbox = a.get("bbox")
-        if not (isinstance(bbox, list) and len(bbox) == 4 and all(isinstance(v, (int, float)) for v in bbox)):
-            raise ValueError(f"{json_path}: annotation {a.get('id')} has no bbox of 4 numbers [x, y, w, h]: fix or "
-                             f"remove it (it has {'no bbox' if bbox is None else 'bbox ' + json.dumps(bbox)[:60]})")
     size_of = {im["id"]: (im.get("width"), im.get("height")) for im in coco["images"]}
     for im in coco["images"]:
         if not im.get("width") or not im.get("height"):  # read only the header for a missing size
@@ -251,17 +319,23 @@ def read_coco(json_path, images_dir=None, split=None):
                             width=size_of[im["id"]][0], height=size_of[im["id"]][1],
                             boxes=xyxy[k:k + n][sel].astype(np.float32).reshape(-1, 4), labels=labels.reshape(-1)[sel]))
         k += n
-    names = [c.get("name", str(c["id"])) for c in cats]
+    names = [c["name"] for c in cats]
     return Dataset(records, names, cat_ids, json_path, coco)
 
 
-def _yolo_names(folder):
-    """Class names of a YOLO folder: a names file (one name per line), else data.yaml's `names`."""
+def _is_names_file(name):
+    return name.endswith(".names") or name in ("classes.txt", "names.txt")
+
+
+def _yolo_names(folder, label_dir):
+    """Class names of a YOLO folder: a names file (one name per line) in the folder or beside the
+    label files (where LabelImg writes its classes.txt), else data.yaml's `names`."""
     # utf-8-sig: Windows editors put a byte-order mark in front, which would stick to the first name.
     names, source = None, None
-    for name in sorted(os.listdir(folder)):
-        if name.endswith(".names") or name in ("classes.txt", "names.txt"):
-            source = os.path.join(folder, name)
+    for name, where in [(n, folder) for n in sorted(os.listdir(folder))] + [(n, label_dir) for n in
+                                                                            sorted(os.listdir(label_dir))]:
+        if _is_names_file(name):
+            source = os.path.join(where, name)
             with open(source, encoding="utf-8-sig") as f:
                 names = [line.strip() for line in f if line.strip()]
             break
@@ -369,26 +443,37 @@ def read_yolo(folder, split="train", images_dir=None):
     labels/, or (darknet export) obj_<split>_data/, else obj_train_data/ (so a train-only export
     serves as val too); images in images/<split>/, <split>/images/, images/, beside the txt
     files, ../images/, or images_dir. Image ids are positions in sorted file order."""
-    names = _yolo_names(folder)
     splits = (split, "valid") if split == "val" else (split,)
     looked = ([os.path.join(folder, "labels", s) for s in splits] + [os.path.join(folder, s, "labels") for s in splits]
               + [os.path.join(folder, "labels"), os.path.join(folder, f"obj_{split}_data"),
                  os.path.join(folder, "obj_train_data")])
-    label_dir = next((d for d in looked if os.path.isdir(d) and any(f.endswith(".txt") for f in os.listdir(d))), None)
+    label_dir = next((d for d in looked if os.path.isdir(d) and any(f.endswith(".txt") and not _is_names_file(f)
+                                                                    for f in os.listdir(d))), None)
     if label_dir is None:
         shown = ", ".join(os.path.relpath(d, folder) + "/" for d in dict.fromkeys(looked))
         raise ValueError(f"{folder}: no YOLO label files, an empty split '{split}' (looked in {shown}): put one "
                          f"`class cx cy w h` txt per image there")
-    stems = sorted(f[:-4] for f in os.listdir(label_dir) if f.endswith(".txt"))
+    names = _yolo_names(folder, label_dir)
+    stems = sorted(f[:-4] for f in os.listdir(label_dir) if f.endswith(".txt") and not _is_names_file(f))
     candidates = [images_dir] if images_dir else (
         [os.path.join(folder, "images", s) for s in splits] + [os.path.join(folder, s, "images") for s in splits]
         + [os.path.join(folder, "images"), label_dir, os.path.join(os.path.dirname(os.path.abspath(folder)), "images")])
+    # Each folder listed once: stem -> image file, whatever the case of its extension (cameras write
+    # IMG_0001.JPG, and on Linux exists("IMG_0001.jpg") is False); IMAGE_EXTENSIONS' order decides
+    # between a.jpg and a.png.
+    def image_files(d):
+        ext = lambda f: os.path.splitext(f)[1].lower()
+        files = sorted(f for f in os.listdir(d) if ext(f) in IMAGE_EXTENSIONS) if os.path.isdir(d) else []
+        found = {}
+        for f in sorted(files, key=lambda f: IMAGE_EXTENSIONS.index(ext(f))):
+            found.setdefault(os.path.splitext(f)[0], os.path.join(d, f))
+        return found
+    images_of = {d: image_files(d) for d in dict.fromkeys(candidates)}
     records = []
     bad_count, total, examples, look_like_pixels = 0, 0, [], False  # bad boxes of the whole split
     for image_id, stem in enumerate(stems):
         path = os.path.join(label_dir, stem + ".txt")
-        file = next((os.path.join(d, stem + e) for d in candidates for e in IMAGE_EXTENSIONS
-                     if os.path.exists(os.path.join(d, stem + e))), None)
+        file = next((images_of[d][stem] for d in candidates if stem in images_of[d]), None)
         if file is None:
             raise FileNotFoundError(f"{path}: no image {stem}.jpg/.png in {candidates}: put the image in one of "
                                     f"those folders, or remove the label file")
@@ -636,7 +721,7 @@ class _Decoded(torch.utils.data.Dataset):
         if hasattr(self.dataset, "load"):
             return self.dataset.load(i, self.max_side)
         d = self.dataset[i]
-        return d["image"], d["boxes"], d["labels"], d["image_id"], 1.0
+        return d["image"], d["boxes"], d["labels"], d["image_id"], (1.0, 1.0)
 
 
 class _Collate:
@@ -663,7 +748,7 @@ class _Collate:
                     sizes=torch.tensor([it[0].shape[:2] for it in items], dtype=torch.int64).reshape(b, 2),
                     boxes=boxes, labels=labels, valid=valid,
                     image_ids=torch.tensor([int(it[3]) for it in items], dtype=torch.int64),
-                    scales=torch.tensor([it[4] for it in items], dtype=torch.float32))
+                    scales=torch.tensor([it[4] for it in items], dtype=torch.float32).reshape(b, 2))
 
 
 def _seed_worker(worker_id):
@@ -692,8 +777,8 @@ def make_loader(dataset, batch_size, shuffle, workers, seed, max_boxes=100, drop
     """DataLoader whose batches are dicts of CPU tensors:
     images uint8 [B, 3, Hc, Wc] (each image top-left in a canvas filled with 114), sizes int64 [B, 2]
     (h, w), boxes float32 [B, M, 4] xyxy canvas px, labels int64 [B, M] (-1 ignore), valid bool
-    [B, M], image_ids int64 [B], scales float32 [B] (canvas px per original px; != 1 only when a
-    worker shrank an image whose longer side was above max_side). M = max_boxes.
+    [B, M], image_ids int64 [B], scales float32 [B, 2] ((x, y) canvas px per original px; != 1 only
+    when a worker shrank an image whose longer side was above max_side). M = max_boxes.
     Same seed -> same order. Under torchrun (distributed=True) each process gets its own share
     (DistributedSampler, seeded by `seed`: give a new seed each epoch for a new order).
     skip_batches: start at that batch of the order, as a run resumed mid-epoch does."""
@@ -1090,8 +1175,10 @@ def _colour_chunk(out, warped, affine, ops, factors, magnitude):
     for layer in range(ops.shape[1]):
         op, f = ops[:, layer], factors[:, layer]
         _apply_on(x, op == RANDAUGMENT_OPS.index("sharpness"), lambda t, i: _sharpness(t, f[i]))
+        # posterize rounds to the 8-bit grid first, as PIL works on uint8: in float32, 64 / 255 * 255 / 64
+        # is just under 1 and would floor to 0
         _apply_on(x, op == RANDAUGMENT_OPS.index("posterize"),
-                  lambda t, i: torch.floor(t * (255 / step_q)) * (step_q / 255))
+                  lambda t, i: torch.floor(torch.round(t * 255) / step_q) * (step_q / 255))
         _apply_on(x, op == RANDAUGMENT_OPS.index("solarize"), lambda t, i: _solarize(t, threshold))
         _apply_on(x, op == RANDAUGMENT_OPS.index("equalize"), lambda t, i: _equalize(t))
         _apply_on(x, op == RANDAUGMENT_OPS.index("autocontrast"), lambda t, i: _autocontrast(t))
@@ -1111,9 +1198,12 @@ CPU_CHUNK_BYTES = 8 << 20
 def check_augment_args(random_crop_mode, magnitude, num_layers, mosaic_mix_prob):
     """The augmentation flags of train.py and `data.py show`, checked before any work, each error
     naming its flag (a negative crop mode would otherwise fail deep in a step as a NaN size)."""
-    for flag, value in (("--random_crop_mode", random_crop_mode), ("--magnitude", magnitude)):
-        if not (math.isfinite(value) and value >= 0):
-            raise ValueError(f"{flag} {value}: give 0 or more")
+    if not (math.isfinite(random_crop_mode) and random_crop_mode >= 0):
+        raise ValueError(f"--random_crop_mode {random_crop_mode}: give 0 or more")
+    # RandAugment's scale ends at 10: beyond it the enhance factors 1 +- 0.09 m turn negative (a
+    # black image), solarize inverts every pixel and at 20 the scale op shrinks the image to a point.
+    if not (math.isfinite(magnitude) and 0 <= magnitude <= 10):
+        raise ValueError(f"--magnitude {magnitude}: give 0 to 10 (RandAugment's scale, 10 the strongest)")
     if num_layers < 0:
         raise ValueError(f"--num_layers {num_layers}: give 0 or more")
     if not 0 <= mosaic_mix_prob <= 1:
@@ -1157,8 +1247,8 @@ def augment(batch, input_shape, random_crop_mode=1.0, magnitude=0, num_layers=2,
     boxes, valid = transform_boxes(batch["boxes"].float(), batch["valid"], to_device(fwd.float(), batch["boxes"].device),
                                    (hh, ww), min_area_kept=min_area_kept)
     labels = batch["labels"]
-    scales = batch.get("scales", torch.ones(b)).double().cpu()
-    matrices = (torch.diag_embed(torch.stack([1 / scales, 1 / scales, torch.ones(b, dtype=torch.float64)], 1))
+    scales = batch.get("scales", torch.ones(b, 2)).double().cpu()  # [B, 2] (x, y)
+    matrices = (torch.diag_embed(torch.cat([1 / scales, torch.ones(b, 1, dtype=torch.float64)], 1))
                 @ inverse)[:, :2].float()
     matrices = to_device(matrices, dev)
 

@@ -42,8 +42,8 @@ import torch
 from pycocotools.coco import COCO
 from pycocotools.cocoeval import COCOeval
 
-from data import (IMAGE_EXTENSIONS, PAD_VALUE, batches, default_workers, letterbox, make_loader, open_dataset,
-                  plain_warnings)
+from data import (IMAGE_EXTENSIONS, PAD_VALUE, DataLoadError, batches, check_coco_json, decode_image,
+                  default_workers, letterbox, make_loader, open_dataset, plain_warnings)
 from models import (PRESETS, build_model, check_input_shape, decode_boxes, flatten_outputs, make_priors,
                     parse_input_shape)
 
@@ -332,7 +332,7 @@ def eval_letterbox(batch, input_shape, resize_method="bilinear", letterbox_pad=-
         raise EvalInputError(f"--letterbox_pad {letterbox_pad} leaves no room in input {h}x{w}")
     inner = letterbox(batch, (h - letterbox_pad, w - letterbox_pad), mode=resize_method)
     m = inner["matrices"]  # [B, 2, 3]: original px per output px in m[:, 0, 0] and m[:, 1, 1]
-    original_hw = batch["sizes"].to(m) / batch["scales"].to(m)[:, None]  # [B, 2]
+    original_hw = batch["sizes"].to(m) / batch["scales"].to(m).flip(-1)  # [B, 2] (h, w); scales are (x, y)
     content_hw = torch.ceil(original_hw / torch.stack([m[:, 1, 1], m[:, 0, 0]], -1) - 1e-3).long()
     content_hw = torch.minimum(content_hw, torch.tensor([h - letterbox_pad, w - letterbox_pad], device=m.device))
     offset = torch.div(torch.tensor([h, w], device=m.device) - content_hw, 2, rounding_mode="floor")  # [B, 2] (y, x)
@@ -442,7 +442,11 @@ def check_results(results, coco_gt, source="results"):
             raise EvalInputError(f"{source}: detection {i} has bbox {box} and score {score}: a bbox is 4 "
                                  f"finite numbers [x, y, w, h] in pixels and a score one finite number")
     for key, known, what in (("image_id", image_ids, "image ids"), ("category_id", cat_ids, "category ids")):
-        unknown = sorted({r[key] for r in results} - known)
+        odd = next((r[key] for r in results if not isinstance(r[key], (int, str)) or isinstance(r[key], bool)), None)
+        if odd is not None:
+            raise EvalInputError(f"{source}: a detection has {key} {json.dumps(odd)[:40]}: ids are whole numbers "
+                                 f"(or strings), as in the ground truth")
+        unknown = sorted({r[key] for r in results} - known, key=str)  # str: ints and strings may mix
         if unknown:
             raise EvalInputError(
                 f"{source}: {len(unknown)} {what} are not in the ground truth (e.g. {unknown[:5]}); "
@@ -525,9 +529,7 @@ def load_ground_truth(data, split="val"):
                 gt = json.load(f)
         except json.JSONDecodeError as e:
             raise EvalInputError(f"{data}: not valid json ({e})") from e
-        if not all(key in gt for key in ("images", "annotations", "categories")):
-            raise EvalInputError(f"{data}: a COCO ground truth json needs 'images', 'annotations' "
-                                 f"and 'categories'")
+        check_coco_json(gt, data)  # one clear error for a broken entry; COCO's defaults for optional keys
         return gt
     return open_dataset(data, split).coco_gt()
 
@@ -710,18 +712,18 @@ def predict(model, image_paths, out_dir, class_names=None, score_threshold=0.3, 
     model.eval()
     t0 = last_line = time.time()
     for done, path in enumerate(image_paths, 1):
-        try:
-            image = Image.open(path).convert("RGB")
-        except (OSError, ValueError) as e:
-            raise EvalInputError(f"{path}: cannot read the image ({e}): replace it with a valid JPEG/PNG or "
-                                 f"leave it out") from e
-        pixels = torch.from_numpy(np.asarray(image).copy()).permute(2, 0, 1)[None].to(device)  # [1, 3, H, W]
+        try:  # upright (a phone photo's EXIF turn applied), 16-bit greyscale scaled: as in training
+            array, _ = decode_image(path, fix="leave it out")
+        except DataLoadError as e:
+            raise EvalInputError(str(e)) from None
+        image = Image.fromarray(array)
+        pixels = torch.from_numpy(array).permute(2, 0, 1)[None].to(device)  # [1, 3, H, W]
         h, w = pixels.shape[-2:]
         # A one-image batch in make_loader's layout (one padding box: no ground truth here);
         # only the pixels on the device, as in the evaluation loop.
         batch = {"images": pixels, "sizes": torch.tensor([[h, w]]), "boxes": torch.zeros((1, 1, 4)),
                  "labels": torch.full((1, 1), -1, dtype=torch.long), "valid": torch.zeros((1, 1), dtype=torch.bool),
-                 "image_ids": torch.zeros(1, dtype=torch.long), "scales": torch.ones(1)}
+                 "image_ids": torch.zeros(1, dtype=torch.long), "scales": torch.ones(1, 2)}
         with torch.inference_mode():
             letterboxed = eval_letterbox(batch, tuple(input_shape), resize_method, letterbox_pad)
             boxes, scores = decode_predictions(model(letterboxed["images"]), priors, model.anchors_mode)

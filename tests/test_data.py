@@ -12,7 +12,7 @@ import warnings
 import numpy as np
 import pytest
 import torch
-from PIL import Image
+from PIL import Image, ImageOps
 
 import data
 from conftest import shapes_with_a_bad_box, shared_path
@@ -21,7 +21,8 @@ from conftest import shapes_with_a_bad_box, shared_path
 def make_batch(images_hwc, boxes, labels, scales=None):
     """A loader-style batch from numpy images [H, W, 3] and per-image box / label lists."""
     items = [(img, np.asarray(b, np.float32).reshape(-1, 4), np.asarray(l, np.int64), i,
-              1.0 if scales is None else scales[i]) for i, (img, b, l) in enumerate(zip(images_hwc, boxes, labels))]
+              (1.0, 1.0) if scales is None else tuple(np.broadcast_to(scales[i], 2).tolist()))
+             for i, (img, b, l) in enumerate(zip(images_hwc, boxes, labels))]
     return data._Collate(max_boxes=8)(items)
 
 
@@ -119,12 +120,15 @@ def test_letterbox_size_boxes_and_exact_inverse():
         assert (back.reshape(-1, 4) - batch["boxes"][i, v]).abs().max() < 1e-4
 
 
-def test_matrices_reach_original_pixels_when_worker_shrank():
+@pytest.mark.parametrize("scale, corner", [((0.5, 0.5), (100.0, 60.0)), ((0.5, 0.25), (100.0, 120.0))])
+def test_matrices_reach_original_pixels_when_worker_shrank(scale, corner):
+    # canvas corner (50, 30) / (x, y) scale; the y scale differs from the x one when rounding the
+    # shrunk height to whole pixels did (a thin image, say)
     rng = np.random.default_rng(2)
-    batch = make_batch([random_image(rng, 50, 100)], [[[10, 10, 50, 30]]], [[0]], scales=[0.5])
+    batch = make_batch([random_image(rng, 50, 100)], [[[10, 10, 50, 30]]], [[0]], scales=[scale])
     out = data.letterbox(batch, (100, 100))
-    corner = out["matrices"][0] @ torch.tensor([out["boxes"][0, 0, 2], out["boxes"][0, 0, 3], 1.0])
-    assert torch.allclose(corner, torch.tensor([100.0, 60.0]), atol=1e-4)  # canvas px / 0.5
+    back = out["matrices"][0] @ torch.tensor([out["boxes"][0, 0, 2], out["boxes"][0, 0, 3], 1.0])
+    assert torch.allclose(back, torch.tensor(corner), atol=1e-4)
 
 
 @pytest.mark.parametrize("mode", [0.5, 1.0, 2.5])
@@ -348,7 +352,7 @@ def test_randaugment_strength_on_a_uniform_grey_batch():
     b, g = 64, 114 / 255
     batch = dict(images=torch.full((b, 3, 40, 40), 114, dtype=torch.uint8), sizes=torch.tensor([[40, 40]] * b),
                  boxes=torch.zeros(b, 1, 4), labels=torch.zeros(b, 1, dtype=torch.long),
-                 valid=torch.zeros(b, 1, dtype=torch.bool), image_ids=torch.arange(b), scales=torch.ones(b))
+                 valid=torch.zeros(b, 1, dtype=torch.bool), image_ids=torch.arange(b), scales=torch.ones(b, 2))
     out = data.augment(batch, (32, 32), random_crop_mode=0, magnitude=6, num_layers=1, mosaic_mix_prob=0,
                        generator=torch.Generator().manual_seed(0), hsv=None)["images"]
     values = out.amin((1, 2, 3))
@@ -409,10 +413,10 @@ def test_worker_downscale_records_scale(shapes_dir):
     full = ds.load(0)
     small = ds.load(0, max_side=128)
     h, w = full[0].shape[:2]
-    assert max(small[0].shape[:2]) == 128 and small[4] == small[0].shape[1] / w
-    assert np.allclose(small[1], full[1] * small[4])
+    assert max(small[0].shape[:2]) == 128 and small[4] == (small[0].shape[1] / w, small[0].shape[0] / h)
+    assert np.allclose(small[1], full[1] * np.array(small[4] * 2))
     batch = next(iter(data.make_loader(ds, 2, False, 0, 0, max_side=128)))
-    assert batch["scales"][0] == small[4] and max(batch["images"].shape[-2:]) == 128
+    assert torch.equal(batch["scales"][0], torch.tensor(small[4])) and max(batch["images"].shape[-2:]) == 128
 
 
 def test_crowd_regions_never_targets(tmp_path):
@@ -871,7 +875,7 @@ def test_augmented_pixels_and_boxes_agree():
         boxes[i, 0] = torch.tensor([x0, y0, x1, y1], dtype=torch.float32)
     batch = dict(images=images, sizes=torch.tensor([[hc, wc]] * b), boxes=boxes,
                  labels=torch.tensor([[0, -1]] * b), valid=torch.tensor([[True, False]] * b),
-                 image_ids=torch.arange(b), scales=torch.ones(b))
+                 image_ids=torch.arange(b), scales=torch.ones(b, 2))
     checked = 0
     for seed in range(6):
         for mode in (0.0, 0.6, 1.0, 2.5):
@@ -1004,3 +1008,130 @@ def test_posterize_bits_round_the_magnitude():
     out = data._colour_chunk(torch.empty(1, 3, 1, 1), v * 255 - 114, identity, ops,
                              torch.ones(1, 1, dtype=torch.float64), 4)
     assert out.flatten().tolist() == pytest.approx([156 / 255] * 3, abs=1e-6)
+
+
+# ----------------------------------------------------------------------------------------------
+# Pixels and files as they come from cameras and exporters
+# ----------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("magnitude", [1, 4, 10])
+def test_posterize_matches_pil_on_every_8_bit_level(magnitude):
+    # Every level 0..255 through the colour stage's posterize against PIL's on uint8. Flooring the
+    # float32 value without rounding it to the grid first dropped 90 of the 256 levels by one at
+    # magnitude 1 (8 bits kept: posterize must change nothing there).
+    levels = torch.arange(256, dtype=torch.float32).reshape(1, 1, 16, 16).expand(1, 3, 16, 16).contiguous()
+    ops = torch.tensor([[data.RANDAUGMENT_OPS.index("posterize")]])
+    identity = (torch.eye(3, dtype=torch.float64)[None], torch.zeros(1, 3, dtype=torch.float64),
+                torch.zeros(1, 3, 3, dtype=torch.float64))
+    out = data._colour_chunk(torch.empty(1, 3, 16, 16), levels - 114, identity, ops,
+                             torch.ones(1, 1, dtype=torch.float64), magnitude)
+    bits = 8 - round(magnitude * 0.4)
+    pil = ImageOps.posterize(Image.fromarray(np.arange(256, dtype=np.uint8).reshape(16, 16)), bits)
+    assert torch.equal(torch.round(out[0, 0] * 255).to(torch.uint8), torch.from_numpy(np.array(pil)))
+
+
+def test_magnitude_beyond_randaugment_scale_is_refused():
+    data.check_augment_args(1.0, 10, 2, 0.5)  # the strongest RandAugment
+    with pytest.raises(ValueError, match=r"--magnitude 10\.5: give 0 to 10"):
+        data.check_augment_args(1.0, 10.5, 2, 0.5)
+
+
+def test_a_box_clipped_to_zero_size_is_dropped_with_the_warning(tmp_path):
+    # 100 x 80 image: cx 1.03, w 0.04 is x 101..105, inside the 10% margin, so it used to be
+    # clipped to 100..100 and kept: an area-0 ground truth that pycocotools counts as a miss.
+    root = write_yolo(tmp_path, {"a": "0 1.03 0.5 0.04 0.2\n0 0.5 0.5 0.2 0.2\n"}, size=(100, 80))
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        ds = data.read_yolo(str(root))
+    assert len(caught) == 1 and "skipped 1 bad boxes of 2 (" in str(caught[0].message)
+    assert np.allclose(ds[0]["boxes"], [[40, 32, 60, 48]])
+    assert [a["area"] for a in ds.coco_gt()["annotations"]] == [320.0]
+
+
+def test_16_bit_greyscale_png_keeps_its_top_8_bits(tmp_path):
+    values = np.linspace(0, 65535, 64 * 64).astype(np.uint16).reshape(64, 64)
+    Image.fromarray(values).save(tmp_path / "g.png")
+    assert Image.open(tmp_path / "g.png").mode == "I;16"
+    image, scale = data.decode_image(str(tmp_path / "g.png"))  # convert("RGB") alone: 99.6% white
+    assert image.shape == (64, 64, 3) and scale == (1.0, 1.0)
+    assert np.array_equal(image[..., 0], values >> 8) and np.array_equal(image[..., 2], values >> 8)
+
+
+def _phone_photo(path, stored_wh=(60, 41)):
+    """A JPEG stored 60 wide x 41 high with EXIF orientation 6 (shown turned 90 degrees clockwise:
+    upright it is 41 x 60), white over stored x 0..20, y 0..10, black elsewhere. Turning (x, y)
+    clockwise maps it to (41 - y, x): upright x 31..41, y 0..20."""
+    stored = np.zeros((stored_wh[1], stored_wh[0], 3), np.uint8)
+    stored[:10, :20] = 255
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    Image.fromarray(stored).save(path, quality=100, exif=exif)
+
+
+def test_exif_orientation_yolo_labels_refer_to_the_upright_picture(tmp_path):
+    root = write_yolo(tmp_path, {"a": f"0 {36 / 41} {10 / 60} {10 / 41} {20 / 60}\n"})
+    _phone_photo(root / "images" / "a.jpg")
+    ds = data.read_yolo(str(root))
+    assert (ds.records[0]["width"], ds.records[0]["height"]) == (41, 60)
+    assert np.allclose(ds[0]["boxes"], [[31, 0, 41, 20]], atol=1e-4)
+    image = ds[0]["image"]
+    assert image.shape == (60, 41, 3)
+    assert image[1:19, 32:40].min() > 200 and image[22:, :].max() < 60 and image[:, :29].max() < 60
+    # Shrunk by a worker: stored 60 x 41 -> 30 x 20 (41 / 2 rounds to 20), i.e. x 1/2 and y 20/41 as
+    # stored; upright the two swap, and the box follows each axis with its own factor.
+    small, boxes, _, _, scale = ds.load(0, max_side=30)
+    assert small.shape == (30, 20, 3) and scale == (20 / 41, 0.5)
+    assert np.allclose(boxes, [[31 * 20 / 41, 0, 20, 10]], atol=1e-4)
+
+
+@pytest.mark.parametrize("json_size, expect_hw", [((41, 60), (60, 41)), ((60, 41), (41, 60))])
+def test_exif_orientation_coco_size_says_which_way_up_the_boxes_are(tmp_path, json_size, expect_hw):
+    # A json whose width / height are the upright picture's gets it upright; one that gives the
+    # stored size was drawn on the stored pixels, which then stay as stored.
+    (tmp_path / "images").mkdir()
+    _phone_photo(tmp_path / "images" / "a.jpg")
+    coco = dict(images=[dict(id=1, file_name="a.jpg", width=json_size[0], height=json_size[1])],
+                annotations=[dict(id=1, image_id=1, category_id=1, bbox=[1, 1, 5, 5], iscrowd=0, area=25)],
+                categories=[dict(id=1, name="x")])
+    (tmp_path / "instances.json").write_text(json.dumps(coco))
+    ds = data.read_coco(str(tmp_path / "instances.json"), str(tmp_path / "images"))
+    assert ds[0]["image"].shape[:2] == expect_hw
+
+
+@pytest.mark.parametrize("edit, message", [
+    (lambda c: c["images"][0].pop("file_name"), r"an entry of 'images' has no 'file_name' \(\{\"id\": 1"),
+    (lambda c: c["categories"][0].pop("id"), r"an entry of 'categories' has no 'id'"),
+    (lambda c: c.update(images={"1": c["images"][0]}), r"'images' is not a list of objects"),
+])
+def test_coco_json_entries_without_their_keys_are_named(tmp_path, edit, message):
+    Image.new("RGB", (40, 30)).save(tmp_path / "a.jpg")
+    coco = dict(images=[dict(id=1, file_name="a.jpg", width=40, height=30)],
+                annotations=[dict(id=1, image_id=1, category_id=1, bbox=[1, 1, 5, 5])],
+                categories=[dict(id=1, name="x")])
+    edit(coco)
+    (tmp_path / "instances.json").write_text(json.dumps(coco))
+    with pytest.raises(ValueError, match=message):
+        data.read_coco(str(tmp_path / "instances.json"))
+
+
+def test_coco_json_without_the_optional_keys_gets_coco_defaults(tmp_path):
+    # iscrowd, area and a category's name are optional to the reader; pycocotools and the per-class
+    # table read them, so the ground truth handed on gets COCO's meaning for each one.
+    Image.new("RGB", (40, 30)).save(tmp_path / "a.jpg")
+    coco = dict(images=[dict(id=1, file_name="a.jpg", width=40, height=30)],
+                annotations=[dict(id=1, image_id=1, category_id=7, bbox=[1, 1, 5, 4])],
+                categories=[dict(id=7)])
+    (tmp_path / "instances.json").write_text(json.dumps(coco))
+    gt = data.read_coco(str(tmp_path / "instances.json")).coco_gt()
+    assert gt["annotations"][0]["iscrowd"] == 0 and gt["annotations"][0]["area"] == 20
+    assert gt["categories"][0]["name"] == "7"
+
+
+def test_yolo_upper_case_extensions_and_labelimg_classes_txt(tmp_path):
+    # A camera's a.JPG is found (Linux file names are case-sensitive), and LabelImg's classes.txt
+    # beside the label files names the classes instead of being read as the label file of "classes".
+    root = write_yolo(tmp_path, {"a": "1 0.5 0.5 0.5 0.5\n"}, names=None)
+    os.rename(root / "images" / "a.jpg", root / "images" / "a.JPG")
+    (root / "labels" / "classes.txt").write_text("cat\ndog\n")
+    ds = data.read_yolo(str(root))
+    assert ds.class_names == ["cat", "dog"] and len(ds) == 1 and ds.files[0].endswith("a.JPG")
+    assert ds[0]["labels"].tolist() == [1]

@@ -107,6 +107,29 @@ def test_unknown_image_ids_and_missing_files_are_clear(tmp_path, capsys):
     assert "no_data: no such file or folder" in capsys.readouterr().err
     assert ev.main(["-m", "yolox_nano", "-d", gt, "--workers", "-1"]) == 2
     assert "--workers -1: give 0" in capsys.readouterr().err
+    # ids that are lists, or ints and strings mixed, used to fail in Python's set / sort
+    for ids, shown in (([[1]], "image_id [1]"), ([1, "a", 99999], "not in the ground truth (e.g. [")):
+        bad.write_text(json.dumps([{"image_id": i, "category_id": 1, "bbox": [0, 0, 5, 5], "score": 0.5}
+                                   for i in ids]))
+        assert ev.main(["--results", str(bad), "-d", gt]) == 2
+        err = capsys.readouterr().err
+        assert shown in err and "Traceback" not in err
+
+
+def test_ground_truth_without_optional_keys_scores_as_coco_defines_them(tmp_path):
+    # Exporters may leave out iscrowd, area and the category names; pycocotools needs the first two
+    # (KeyError) and the per-class table the last. Filled with COCO's meaning, the numbers are those
+    # of the full file (its areas are the boxes' w x h).
+    gt, results = remapped_voc_results()
+    for a in gt["annotations"]:
+        assert a["area"] == pytest.approx(a["bbox"][2] * a["bbox"][3]) and a["iscrowd"] == 0
+        del a["area"], a["iscrowd"]
+    for c in gt["categories"]:
+        del c["name"]
+    (tmp_path / "gt.json").write_text(json.dumps(gt))
+    (tmp_path / "results.json").write_text(json.dumps(results))
+    stats = ev.score_results_file(str(tmp_path / "results.json"), str(tmp_path / "gt.json"))
+    assert abs(stats["AP"] - 0.346958) < 1e-6 and abs(stats["AP50"] - 0.61003) < 1e-5
 
 
 # ---------------------------------------------------------------------------------------------
@@ -156,7 +179,7 @@ def test_letterbox_undo(max_side):
     assert (batch["scales"] < 1).any() == (max_side is not None)
     out = data.letterbox(batch, (320, 256))
     back = ev.boxes_to_original(out["boxes"], ev.eval_letterbox(batch, (320, 256))["matrices"])
-    original = batch["boxes"] / batch["scales"][:, None, None]
+    original = batch["boxes"] / batch["scales"].repeat(1, 2)[:, None, :]  # (x, y, x, y)
     valid = batch["valid"] & out["valid"]
     assert valid.sum() > 5
     assert (back[valid] - original[valid]).abs().max() < 1e-4
@@ -458,6 +481,17 @@ def test_cli_paths_and_results_entries_are_checked(tmp_path, capsys):
         assert ev.main(["predict", "-m", ckpt, "--device", "cpu", *argv]) == 2
         assert message in capsys.readouterr().err
     assert not (tmp_path / "p").exists()
+    assert ev.main(["predict", "-m", ckpt, "--device", "cpu", "-o", str(tmp_path / "q"), str(tmp_path / "afile")]) == 2
+    err = capsys.readouterr().err
+    assert "afile cannot be decoded (" in err and "replace it with a valid JPEG/PNG, or leave it out" in err
+    assert "Traceback" not in err
+    # A phone photo stored 60 x 41 with EXIF orientation 6 is drawn upright, 41 x 60, as viewers show it.
+    stored, exif = Image.new("RGB", (60, 41)), Image.Exif()
+    exif[0x0112] = 6
+    stored.save(tmp_path / "other" / "phone.jpg", exif=exif)
+    assert ev.main(["predict", "-m", ckpt, "--device", "cpu", "-o", str(tmp_path / "up"),
+                    str(tmp_path / "other" / "phone.jpg")]) == 0
+    assert Image.open(tmp_path / "up" / "phone.png").size == (41, 60)
     # The output folder is the input's own: its picture would overwrite the photo.
     assert ev.main(["predict", "-m", ckpt, "--device", "cpu", "-o", str(tmp_path / "other"),
                     str(tmp_path / "other" / "1.jpg")]) == 0  # 1.jpg -> 1.png: no clash
