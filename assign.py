@@ -424,13 +424,18 @@ def _split_outputs(outputs, extra):
     if num_classes < 1:
         raise ValueError(f"assign.py: outputs have {flat.shape[-1]} channels per prior; expected 4 box + "
                          f"C class{' + 1 objectness' if extra else ''}")
+    flat = flat.float()  # the losses' logs and exps in float32 even for bf16 / fp16 outputs (no copy if already)
     return flat[..., :4], flat[..., 4:4 + num_classes], flat[..., 4 + num_classes:]
 
 
 def _targets_on(targets, device):
     """targets dict -> (boxes [B, M, 4], labels [B, M]) on `device` (the outputs'), and valid
     [B, M] left where it is: on the CPU, counting the boxes costs no GPU wait (_valid_boxes)."""
-    return _host_to(targets["boxes"], device), _host_to(targets["labels"], device), targets["valid"]
+    boxes, labels, valid = targets["boxes"], targets["labels"], targets["valid"]
+    if boxes.shape[1] == 0:  # padded to no box at all: one padding slot, so the gathers have a slot to read
+        boxes, labels, valid = boxes.new_zeros(len(boxes), 1, 4), labels.new_full((len(labels), 1), -1), \
+            valid.new_zeros(len(valid), 1)
+    return _host_to(boxes, device), _host_to(labels, device), valid
 
 
 def _check_priors(flat_box, priors):

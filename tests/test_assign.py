@@ -562,6 +562,32 @@ def test_an_inf_output_at_a_non_positive_prior_leaves_the_losses_finite():
     assert flat.grad[0, -1, :6].abs().sum() == 0     # that prior gets no gradient from these terms
 
 
+@pytest.mark.parametrize("mode, channels", [("anchor_free", 4 + 2 + 1), ("efficientdet", 4 + 2)])
+def test_a_batch_padded_to_no_box_slot_equals_one_with_only_padding(mode, channels):
+    # Targets [B, 0, 4]: the gathers of the assigned boxes used to read slot 0 of an empty
+    # dimension (an IndexError here, a device assert on a GPU). It is the all-background batch.
+    priors = models.make_priors((64, 64), (8, 16, 32), mode)
+    flat = torch.randn(2, priors.centers.shape[0], channels, generator=torch.Generator().manual_seed(0))
+    empty = dict(boxes=torch.zeros(2, 0, 4), labels=torch.zeros(2, 0, dtype=torch.long),
+                 valid=torch.zeros(2, 0, dtype=torch.bool))
+    padding = dict(boxes=torch.zeros(2, 1, 4), labels=torch.full((2, 1), -1), valid=torch.zeros(2, 1, dtype=torch.bool))
+    got, want = assign.detection_loss(flat, priors, empty, mode), assign.detection_loss(flat, priors, padding, mode)
+    assert want["total"] > 0 and all(torch.equal(got[k], want[k]) for k in want)
+
+
+@pytest.mark.parametrize("mode, channels", [("anchor_free", 4 + 2 + 1), ("efficientdet", 4 + 2)])
+def test_losses_of_bf16_outputs_are_computed_in_float32(mode, channels):
+    # Outputs handed over in bf16 (outside autocast, say): the losses upcast them first. In bf16
+    # arithmetic the anchor-free objectness BCE of these logits came out 3.05 instead of 3.45.
+    priors = models.make_priors((64, 64), (8, 16, 32), mode)
+    flat = (torch.randn(2, priors.centers.shape[0], channels, generator=torch.Generator().manual_seed(0)) - 4.6)
+    flat = flat.bfloat16()
+    boxes, labels, valid = targets([[[4, 4, 30, 30]], [[20, 10, 60, 50]]], [[0], [1]])
+    t = dict(boxes=boxes, labels=labels, valid=valid)
+    got, want = assign.detection_loss(flat, priors, t, mode), assign.detection_loss(flat.float(), priors, t, mode)
+    assert all(got[k].dtype == torch.float32 and torch.allclose(got[k], want[k], rtol=1e-6) for k in want)
+
+
 def test_max_iou_thresholds_are_inclusive():
     # Box [0,10]^2 (class 0) and a crowd region [100,200]^2.
     anchors = torch.tensor([
