@@ -660,7 +660,8 @@ def load_model(path_or_preset, det_header=None, num_classes=None, input_shape=No
         return model.to(device).eval(), {"class_names": None, "cat_ids": None, "data": None}
 
     try:
-        checkpoint = torch.load(path_or_preset, map_location="cpu", weights_only=False)
+        # weights_only: a checkpoint from elsewhere cannot run code while it loads
+        checkpoint = torch.load(path_or_preset, map_location="cpu", weights_only=True)
     except Exception as e:  # truncated download, a file of another program: say which file
         raise EvalInputError(f"-m {path_or_preset}: not a readable checkpoint ({type(e).__name__}: {e}); "
                              f"give a last.pt / best.pt written by train.py, or a preset name") from None

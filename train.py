@@ -24,6 +24,7 @@ mosaic for the last 15 epochs, EMA).
 """
 import argparse
 import csv
+import datetime
 import io
 import json
 import math
@@ -60,13 +61,19 @@ YOLOX_RECIPE = dict(  # Megvii YOLOX: lr 0.01 per 64 images with SGD, 300 epochs
 )
 
 
+# What a resumed run takes from the run it resumes when the flag is left unset (see resolve_config).
+RESUMED_SETTINGS = ("data", "det_header", "backbone", "anchors_mode", "epochs", "num_layers", "seed",
+                    "eval_start_epoch", *EFFICIENTDET_RECIPE)
+
+
 def parse_args(argv=None):
     p = argparse.ArgumentParser(
         description="Train an EfficientDet / YOLOX detector on COCO-format data.",
         epilog="Flags left unset take their value from a recipe (EFFICIENTDET_RECIPE, or YOLOX_RECIPE "
-        "when --det_header is yolox_*; see the top of train.py); -e defaults to the decay plus the cooldown.")
+        "when --det_header is yolox_*; see the top of train.py); -e defaults to the decay plus the cooldown. "
+        "With --resume, a flag left unset takes the value of the run being resumed.")
     a = p.add_argument
-    a("-d", "--data", default="shapes", help="'shapes' (built-in set, made on first use), a COCO "
+    a("-d", "--data", default=None, help="'shapes' (the default: built-in set, made on first use), a COCO "
       "folder (annotations/instances_{train,val}.json or the download's instances_{train,val}2017.json, + images), "
       "a COCO json, or a YOLO folder")
     a("-i", "--input_shape", default=None, help="model input 'S' or 'H,W'; divisible by the largest stride")
@@ -83,7 +90,7 @@ def parse_args(argv=None):
       help="epochs after the decay (at --lr_min after a cosine, at the last step's lr after a list); "
            "sets the run's length when -e is not given")
     a("--lr_min", type=float, default=None, help="learning rate at the end of the decay")
-    a("--det_header", default="efficientdet_d0", help="preset: efficientdet_d0..d7, d7x, yolox_nano..yolox_x")
+    a("--det_header", default=None, help="preset: efficientdet_d0 (the default)..d7, d7x, yolox_nano..yolox_x")
     a("--backbone", default=None, help="swap the backbone: cspdarknet, efficientnet_b0..b7, "
       "efficientnetv2_b0, resnet50, timm:NAME")
     mode = p.add_mutually_exclusive_group()
@@ -97,7 +104,7 @@ def parse_args(argv=None):
     a("--random_crop_mode", type=float, default=None, help="0 letterbox; (0,1) random resized crop; "
       "1 random largest crop; >1 random scale in [0.1, mode]")
     a("--magnitude", type=float, default=None, help="RandAugment magnitude (0 = off)")
-    a("--num_layers", type=int, default=2, help="RandAugment ops per image")
+    a("--num_layers", type=int, default=None, help="RandAugment ops per image (default 2)")
     a("--close_mosaic_epochs", type=int, default=None, help="last epochs without mosaic (and with L1 loss when anchor-free)")
     a("--ema_decay", type=float, default=None, help="EMA of the weights (0 = off); ramped up over the first steps")
     a("--amp", choices=["bf16", "fp16", "off"], default=None, help="mixed precision (default bf16 on CUDA, off on CPU)")
@@ -109,9 +116,9 @@ def parse_args(argv=None):
     a("--workers", type=int, default=None,
       help="DataLoader decode workers per process (default: 2 on CPU; on a GPU the cores of this "
            "machine shared among its processes, at most 8 each)")
-    a("--seed", type=int, default=0, help="same seed, same batches; same weights on the CPU (a GPU's "
-      "kernels, chosen by timing, may sum in another order)")
-    a("--eval_start_epoch", type=int, default=1, help="evaluate COCO AP from this epoch (1-based) on")
+    a("--seed", type=int, default=None, help="same seed, same batches; same weights on the CPU (a GPU's "
+      "kernels, chosen by timing, may sum in another order); default 0")
+    a("--eval_start_epoch", type=int, default=None, help="evaluate COCO AP from this epoch (1-based) on; default 1")
     a("--eval_batch_size", type=int, default=16, help="batch size of the per-epoch evaluation")
     a("--resume", default=None, help="a last.pt to continue from, exactly where it stopped")
     a("--pretrained", default=None, help="a checkpoint whose matching weights initialise the model")
@@ -130,24 +137,36 @@ def resolve_config(args):
     """Merge the command line with the recipe of the chosen family into one plain dict, checking
     every value before any file is touched (a bad --eval_batch_size would otherwise fail after a
     whole epoch, as a torch error that names no flag)."""
-    recipe = YOLOX_RECIPE if args.det_header.startswith("yolox") else EFFICIENTDET_RECIPE
     cfg = dict(vars(args))
     for flag in ("resume", "pretrained"):
         if cfg[flag] and not os.path.isfile(cfg[flag]):
             fail(f"--{flag} {cfg[flag]} does not exist: give the last.pt / best.pt of an earlier run")
+    # A resumed run continues the run it resumes: a flag left unset takes that run's value (its
+    # checkpoint records them all, resolved), so `--resume last.pt` alone goes on as it was; a flag
+    # given on the command line wins, and load_resume names it. Machine-bound settings (workers,
+    # amp, compile, ...) are this machine's, as for a new run.
+    if cfg["resume"]:
+        saved = load_checkpoint_file(cfg["resume"], mmap=True).get("train_config", {})
+        for k in RESUMED_SETTINGS:
+            if cfg[k] is None and saved.get(k) is not None:
+                cfg[k] = saved[k]
+        for k in ("input_shape", "lr_decay_steps"):  # recorded as lists of numbers: back to the flag's text
+            if isinstance(cfg[k], list):
+                cfg[k] = ",".join(f"{v:g}" for v in cfg[k])
+    for k, default in (("data", "shapes"), ("det_header", "efficientdet_d0"), ("num_layers", 2), ("seed", 0),
+                       ("eval_start_epoch", 1)):
+        if cfg[k] is None:
+            cfg[k] = default
+    recipe = YOLOX_RECIPE if cfg["det_header"].startswith("yolox") else EFFICIENTDET_RECIPE
     if cfg["data"] != "shapes" and os.path.exists(cfg["data"]):
         # Recorded absolute, so eval.py (which defaults to a checkpoint's data) finds it from anywhere.
         cfg["data"] = os.path.abspath(cfg["data"])
     if cfg["out"] is None:  # a resumed run goes on writing where it was
         cfg["out"] = (os.path.dirname(cfg["resume"]) or ".") if cfg["resume"] else os.path.join("runs", "train")
-    if cfg["freeze_backbone_epochs"] is None:
-        if cfg["resume"]:  # a resumed run keeps the freezing it started with
-            cfg["freeze_backbone_epochs"] = load_checkpoint_file(cfg["resume"], mmap=True).get(
-                "train_config", {}).get("freeze_backbone_epochs", 0)
-        elif not cfg["pretrained"]:
-            # The recipe freezes a PRETRAINED backbone while the new head settles. A random one has
-            # nothing worth keeping: frozen, it would stay random, BatchNorm statistics and all.
-            cfg["freeze_backbone_epochs"] = 0
+    if cfg["freeze_backbone_epochs"] is None and not cfg["pretrained"]:
+        # The recipe freezes a PRETRAINED backbone while the new head settles. A random one has
+        # nothing worth keeping: frozen, it would stay random, BatchNorm statistics and all.
+        cfg["freeze_backbone_epochs"] = 0
     for k, v in recipe.items():
         if cfg.get(k) is None:
             cfg[k] = v
@@ -372,12 +391,15 @@ def setup_distributed():
     world = int(os.environ.get("WORLD_SIZE", "1"))
     if world > 1:
         local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+        # The other processes wait at a barrier while rank 0 evaluates each epoch: a large model
+        # on COCO's 5,000 val images can take longer than NCCL's default 10 minutes of waiting.
+        timeout = datetime.timedelta(hours=1)
         if torch.cuda.is_available():
             torch.cuda.set_device(local_rank)
-            dist.init_process_group("nccl")
+            dist.init_process_group("nccl", timeout=timeout)
             device = torch.device("cuda", local_rank)
         else:
-            dist.init_process_group("gloo")
+            dist.init_process_group("gloo", timeout=timeout)
             device = torch.device("cpu")
         return dist.get_rank(), world, device
     return 0, 1, torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -704,10 +726,16 @@ def run(argv=None):
             if is_main and sys.stdout.isatty():
                 print()
 
-            # ---- end of epoch: evaluate (rank 0), history, checkpoints
+            # ---- end of epoch: last.pt, evaluation (rank 0), history
             row = {"epoch": epoch + 1, "lr": lr, "images_per_s": round(seen / (time.time() - t0), 2),
                    "data_wait_frac": round(wait / max(time.time() - t0, 1e-9), 4)}
             row.update({f"loss_{k}": round(float(v) / max(counted, 1), 6) for k, v in sums.items()})
+            if is_main:
+                # Saved before the evaluation, so one that fails (out of GPU memory, an unreadable
+                # val image) costs no training; written again below if the epoch sets a new best AP.
+                stop["saving"] = True  # a Ctrl-C now waits for the file
+                save_atomic(checkpoint_state(model, ema, optimizer, scaler, epoch + 1, best_ap, run_config), last_path)
+                stop["saving"], last_good = False, last_path
             stats = None
             if is_main and epoch + 1 >= cfg["eval_start_epoch"]:
                 eval_model = ema.module if ema is not None else model
@@ -722,11 +750,11 @@ def run(argv=None):
             row["AP50"] = round(stats["AP50"], 6) if stats else ""
             stop["saving"] = True  # a Ctrl-C now waits for the files below
             if is_main:
-                state = checkpoint_state(model, ema, optimizer, scaler, epoch + 1, best_ap, run_config)
                 if stats is not None and stats["AP"] > best_ap:
-                    best_ap = state["best_ap"] = stats["AP"]
+                    best_ap = stats["AP"]
+                    state = checkpoint_state(model, ema, optimizer, scaler, epoch + 1, best_ap, run_config)
                     save_atomic(state, os.path.join(cfg["out"], "best.pt"))
-                save_atomic(state, last_path)
+                    save_atomic(state, last_path)  # the best AP so far, which a resumed run must beat
                 history = os.path.join(cfg["out"], "history.csv")
                 append_history(history, row)
                 plot_history(read_history(history), os.path.join(cfg["out"], "history.png"))
@@ -789,9 +817,14 @@ def load_checkpoint_file(path, mmap=False):
     if not os.path.isfile(path):
         fail(f"{path} does not exist: give the last.pt / best.pt of an earlier run")
     try:
-        return torch.load(path, map_location="cpu", weights_only=False, mmap=mmap)
+        # weights_only: tensors, numbers, strings and containers only; a checkpoint from elsewhere
+        # (a --pretrained download) can then not run code while it loads.
+        ckpt = torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
     except Exception as e:  # a truncated or foreign file
         fail(f"{path} is not a readable plaindet checkpoint ({type(e).__name__}: {e})")
+    if not isinstance(ckpt, dict):
+        fail(f"{path} holds a {type(ckpt).__name__}, not a checkpoint: give the last.pt / best.pt of an earlier run")
+    return ckpt
 
 
 def load_resume(cfg, model, ema, optimizer, scaler, train_set, world, log):
@@ -816,16 +849,27 @@ def load_resume(cfg, model, ema, optimizer, scaler, train_set, world, log):
     if ema is not None and ckpt.get("ema") is not None:
         ema.module.load_state_dict(ckpt["ema"])
         ema.updates = ckpt.get("ema_updates", 0)
+    # The optimizer's state is its own kind's (SGD keeps momentum, Adam two moments and a step):
+    # another -p cannot take it over.
+    if saved.get("optimizer", cfg["optimizer"]) != cfg["optimizer"]:
+        fail(f"--resume {path} trained with -p {saved['optimizer']}, whose state -p {cfg['optimizer']} cannot take "
+             f"over: resume with -p {saved['optimizer']}, or start a new run from its weights with --pretrained {path}")
     optimizer.load_state_dict(ckpt["optimizer"])
-    scaler.load_state_dict(ckpt["scaler"])
+    # load_state_dict brings back the saved run's hyperparameters; the learning rate is set every
+    # step, and the weight decay given now must win too (the note below says it changed).
+    optimizer.param_groups[0]["weight_decay"] = cfg["weight_decay"]
+    if ckpt.get("scaler") and scaler.is_enabled():  # empty when the run did not use fp16: the scaler starts fresh
+        scaler.load_state_dict(ckpt["scaler"])
     torch.set_rng_state(ckpt["rng_cpu"])
     if ckpt.get("rng_cuda") is not None and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(ckpt["rng_cuda"])
-    # A resumed run takes its flags from the command line, as the first one did; a flag that
-    # now differs is allowed (a longer -e is the usual one) but said, since it changes the run.
+        # one state per GPU the saving process saw; another machine may have fewer
+        for i, state in enumerate(ckpt["rng_cuda"][:torch.cuda.device_count()]):
+            torch.cuda.set_rng_state(state, i)
+    # A flag given now that differs from the resumed run's is allowed (a longer -e is the usual
+    # one) but said, since it changes the run (unset flags took the run's values: resolve_config).
     # (det_header, backbone and mode are the model's, checked by loading its weights above.)
     skip = ("resume", "out", "pretrained", "workers", "eval_batch_size", "eval_start_epoch", "compile",
-            "cuda_graphs", "epochs", "det_header", "backbone", "anchors_mode")
+            "cuda_graphs", "det_header", "backbone", "anchors_mode")
     if saved.get("data") not in (None, "shapes"):
         saved = dict(saved, data=os.path.abspath(saved["data"]))  # recorded relative before c60fc07
     changed = [f"{k} {cfg[k]} (was {saved[k]})" for k in cfg if k in saved and k not in skip and saved[k] != cfg[k]]

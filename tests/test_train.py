@@ -244,6 +244,22 @@ def test_clear_errors_that_need_files(tiny_shapes, tmp_path, capsys):
     last = str(tmp_path / "run" / "last.pt")
     assert "already finished epoch 1, and this run has 1: give a larger -e" in error(
         "--out", str(tmp_path / "run2"), "-e", "1", "--resume", last)
+    # SGD's momentum is not Adam's moments: another -p cannot take the saved state over.
+    assert f"--resume {last} trained with -p sgd, whose state -p adamw cannot take over: resume with -p sgd, or " \
+        f"start a new run from its weights with --pretrained {last}" in error(
+            "--out", str(tmp_path / "run2"), "-e", "2", "-p", "adamw", "--resume", last)
+    # A file torch reads that is not a checkpoint (it used to fail on .get, as a traceback).
+    torch.save(torch.zeros(3), tmp_path / "tensor.pt")
+    for flag in ("--resume", "--pretrained"):
+        assert "tensor.pt holds a Tensor, not a checkpoint: give the last.pt / best.pt" in error(
+            "--out", str(tmp_path / "run2"), "-e", "2", flag, str(tmp_path / "tensor.pt"))
+    # A weight decay given on resume is the one used (load_state_dict put the saved one back), and
+    # fp16 resumed from a run without it starts a fresh loss scaler (its saved state is empty).
+    train.main(base + ["--out", str(tmp_path / "run7"), "-e", "2", "--weight_decay", "0.1", "--amp", "fp16",
+                       "--resume", last])
+    assert "epochs 2 (was 1), weight_decay 0.1 (was 0.0005), amp fp16 (was off)\n" in capsys.readouterr().out
+    groups = torch.load(tmp_path / "run7" / "last.pt")["optimizer"]["param_groups"]
+    assert [g["weight_decay"] for g in groups] == [0.1, 0.0]
     # A checkpoint of another backbone: nothing of it fits efficientdet_d0's EfficientNet.
     err = error("--out", str(tmp_path / "run3"), "-e", "1", "--det_header", "efficientdet_d0", "-i", "128",
                 "--pretrained", last)
@@ -438,6 +454,17 @@ def press_ctrl_c_in_loss_call(monkeypatch, n, nan=False):
     return calls, real_loss
 
 
+def test_an_evaluation_that_fails_costs_no_training(tiny_shapes, tmp_path, monkeypatch):
+    # Out of GPU memory in the evaluation, say: the epoch's training is in last.pt already.
+    def broken(*args, **kwargs):
+        raise RuntimeError("CUDA out of memory")
+    monkeypatch.setattr(train.evaluation, "run_coco_evaluation", broken)
+    with pytest.raises(RuntimeError, match="out of memory"):
+        run_train(tiny_shapes, tmp_path, "--det_header", "yolox_nano", "-i", "64", "-e", "2", "--eval_start_epoch", "1")
+    ckpt = torch.load(tmp_path / "last.pt")
+    assert (ckpt["epoch"], ckpt["step"], ckpt["best_ap"]) == (1, 0, -1.0)
+
+
 def test_ctrl_c_after_an_unchecked_nan_keeps_the_good_checkpoint(tiny_shapes, tmp_path, capsys, monkeypatch):
     # Batch 1: 8 steps an epoch, the loss is checked at steps 2, 4, 6, 8. Ctrl-C comes in epoch
     # 2's step 1, whose loss is NaN: the step ends before any check, and last.pt must keep epoch 1.
@@ -467,8 +494,11 @@ def test_ctrl_c_mid_epoch_then_resume_is_exact(tiny_shapes, tmp_path, capsys, mo
     stopped = torch.load(tmp_path / "stopped" / "last.pt", weights_only=False)
     assert (stopped["epoch"], stopped["step"]) == (0, 3) and calls["n"] == 3
     monkeypatch.setattr(train.assign, "detection_loss", real_loss)
-    run_train(tiny_shapes, tmp_path / "stopped", *common, "--resume", str(tmp_path / "stopped" / "last.pt"))
-    assert "resumed from" in capsys.readouterr().out
+    # What the message says, and nothing else: every flag left unset (data, preset, seed, recipe
+    # overrides, -e) takes the stopped run's value, so the run goes on unchanged and no flag is named.
+    train.main(["--resume", str(tmp_path / "stopped" / "last.pt"), "--workers", "0"])
+    out = capsys.readouterr().out
+    assert "resumed from" in out and "note: resuming" not in out and "AP" not in out  # no eval before epoch 99
     resumed = torch.load(tmp_path / "stopped" / "last.pt", weights_only=False)
     assert resumed["epoch"] == 2 and resumed["step"] == 0
     for part in ("model", "ema"):
@@ -590,12 +620,16 @@ def test_resume_keeps_the_history_straight_and_the_classes_fixed(tiny_shapes, tm
     argv = ["-d", tiny_shapes, "-b", "8", "--workers", "0", "--seed", "3", "--mosaic_mix_prob", "0", "--magnitude", "0",
             "--random_crop_mode", "0", "--lr_warmup_steps", "0", "--eval_start_epoch", "99", "--ema_decay", "0",
             "--det_header", "yolox_nano", "-i", "64", "-e", "2", "--resume", str(run / "epoch1.pt")]
+    capsys.readouterr()
     train.main(argv)
     # ... where the first epoch-2 row gave way to the new one, not a second row for epoch 2.
     assert [r["epoch"] for r in history(run)] == ["1", "2"]
-    # A changed flag is allowed but said.
+    # A changed flag is allowed but said: a longer -e, the usual one, too.
+    assert "note: resuming with settings that differ from the checkpoint's run: epochs 2 (was 1)\n" in \
+        capsys.readouterr().out
     train.main(argv + ["--lr_base_512", "0.02"])
-    assert "note: resuming with settings that differ from the checkpoint's run: lr_base_512 0.02 (was" in capsys.readouterr().out
+    assert "note: resuming with settings that differ from the checkpoint's run: epochs 2 (was 1), lr_base_512 0.02 " \
+        "(was" in capsys.readouterr().out
     # The same images with the classes in another order: every output would learn another class.
     other = tmp_path / "renamed"
     shutil.copytree(tiny_shapes, other)
