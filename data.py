@@ -1024,7 +1024,9 @@ def mosaic_plan(b, h, w, generator, split_range=(0.25, 0.75)):
 
 def mosaic_boxes(boxes, labels, valid, plan, min_area_kept=0.15):
     """Boxes of the mosaicked batch: each quadrant takes its source's boxes cut to the quadrant,
-    filtered like any crop. boxes [B, M, 4] -> [B, M, 4] (survivors first; beyond M are dropped)."""
+    filtered like any crop. boxes [B, M, 4] -> [B, M', 4], survivors first, M' = M or, when the
+    four sources leave an output more survivors than that, their number: a box dropped for want
+    of room would leave its object in the pixels as background to learn."""
     regions, src = plan
     b, m = boxes.shape[:2]
     src = to_device(src, boxes.device)
@@ -1034,7 +1036,9 @@ def mosaic_boxes(boxes, labels, valid, plan, min_area_kept=0.15):
     ident = torch.eye(3, dtype=boxes.dtype, device=boxes.device).expand(b, 3, 3)
     h, w = regions[3][1], regions[3][3]
     qb, qv = transform_boxes(qb, qv, ident, (h, w), clip_to=clip, min_area_kept=min_area_kept)
-    order = torch.sort(qv.to(torch.int8), dim=1, descending=True, stable=True).indices[:, :m]
+    # Counting survivors is free on the CPU, where train.py keeps the boxes (on a GPU it would wait).
+    width = max(m, int(qv.sum(1).max()))
+    order = torch.sort(qv.to(torch.int8), dim=1, descending=True, stable=True).indices[:, :width]
     return qb.gather(1, order[..., None].expand(-1, -1, 4)), ql.gather(1, order), qv.gather(1, order)
 
 

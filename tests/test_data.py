@@ -187,7 +187,8 @@ def test_mosaic_quadrants_and_scale():
     cy, cx = round(h * (0.25 + 0.5 * float(u[0]))), round(w * (0.25 + 0.5 * float(u[1])))
     quads = torch.tensor([[0, 0, cx, cy], [cx, 0, w, cy], [0, cy, cx, h], [cx, cy, w, h]], dtype=torch.float32)
     sources = []
-    assert ob.shape == (b, 1, 4)  # M stays the input's M: the first surviving boxes are kept
+    # M = 1 box per image, up to 4 per mosaic: the width grows to the most survivors of an output
+    assert ob.shape == (b, int(ov.sum(1).max()), 4) and ob.shape[1] > 1
     pad = torch.zeros(b, 3, dtype=torch.bool)  # M = 4 slots, one real box: room for all 4 quadrants' boxes
     out2, ob2, ol2, ov2 = data.mosaic(images, boxes.repeat(1, 4, 1), labels.repeat(1, 4), torch.cat([valid, pad], 1),
                                       torch.Generator().manual_seed(5), min_area_kept=0.0)  # keep even small corners
@@ -212,6 +213,21 @@ def test_mosaic_filters_boxes_cut_away():
     kept = ob[ov]
     assert len(kept) == 2  # one top-left box and one bottom-right box among the two outputs
     assert sorted(kept[:, 0].tolist()) == [1.0, 35.0]
+
+
+def test_mosaic_keeps_every_surviving_box_beyond_m():
+    # Image q holds its M = 3 boxes inside quadrant q's region (split at (20, 20) of 40 x 40);
+    # output 0 shows quadrant q of image q, so all 12 boxes survive there. Keeping only M of them
+    # left 9 objects in the pixels unlabelled.
+    regions = [(0, 20, 0, 20), (0, 20, 20, 40), (20, 40, 0, 20), (20, 40, 20, 40)]  # (y0, y1, x0, x1)
+    corner = torch.tensor([[0.0, 0.0], [20.0, 0.0], [0.0, 20.0], [20.0, 20.0]])  # (x, y) of each quadrant
+    small = torch.tensor([[2.0, 2, 6, 6], [8, 8, 12, 12], [13, 2, 18, 9]])
+    boxes = small[None] + corner.repeat(1, 2)[:, None, :]  # [4, 3, 4]
+    labels = torch.arange(12).reshape(4, 3)
+    src = torch.tensor([[0, 1, 2, 3], [1, 0, 3, 2], [2, 3, 0, 1], [3, 2, 1, 0]])
+    ob, ol, ov = data.mosaic_boxes(boxes, labels, torch.ones(4, 3, dtype=torch.bool), (regions, src))
+    assert ob.shape == (4, 12, 4) and ov.sum(1).tolist() == [12, 0, 0, 0]
+    assert torch.equal(ob[0], boxes.reshape(12, 4)) and ol[0].tolist() == list(range(12))
 
 
 def test_region_warp_matches_full_warp():
