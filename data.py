@@ -442,7 +442,8 @@ def read_yolo(folder, split="train", images_dir=None):
     labels/<split>/ (Ultralytics), <split>/labels/ (Roboflow, whose val split is named "valid"),
     labels/, or (darknet export) obj_<split>_data/, else obj_train_data/ (so a train-only export
     serves as val too); images in images/<split>/, <split>/images/, images/, beside the txt
-    files, ../images/, or images_dir. Image ids are positions in sorted file order."""
+    files, ../images/, or images_dir; an image of the split's own folder without a txt is a
+    background image. Image ids are positions in sorted file order."""
     splits = (split, "valid") if split == "val" else (split,)
     looked = ([os.path.join(folder, "labels", s) for s in splits] + [os.path.join(folder, s, "labels") for s in splits]
               + [os.path.join(folder, "labels"), os.path.join(folder, f"obj_{split}_data"),
@@ -469,6 +470,16 @@ def read_yolo(folder, split="train", images_dir=None):
             found.setdefault(os.path.splitext(f)[0], os.path.join(d, f))
         return found
     images_of = {d: image_files(d) for d in dict.fromkeys(candidates)}
+    # An image without a label file is a background image (no object), as in Ultralytics' layout,
+    # where such images teach the model what not to detect. They are taken from the folder that
+    # holds the split's labelled images when that folder is the split's own: one shared by the
+    # splits (images/ beside labels/train/ and labels/val/) cannot say which split they are in.
+    home = next((d for d in candidates if stems[0] in images_of[d]), None)
+    own = [images_dir] if images_dir else (
+        [os.path.join(folder, "images", s) for s in splits] + [os.path.join(folder, s, "images") for s in splits]
+        + [label_dir] + ([os.path.join(folder, "images")] if label_dir == os.path.join(folder, "labels") else []))
+    if home in own:
+        stems = sorted(set(stems) | set(images_of[home]))
     records = []
     bad_count, total, examples, look_like_pixels = 0, 0, [], False  # bad boxes of the whole split
     for image_id, stem in enumerate(stems):
@@ -477,8 +488,8 @@ def read_yolo(folder, split="train", images_dir=None):
         if file is None:
             raise FileNotFoundError(f"{path}: no image {stem}.jpg/.png in {candidates}: put the image in one of "
                                     f"those folders, or remove the label file")
-        width, height = _image_size(file, f"remove it and its label {path}")
-        rows, line_numbers = _read_yolo_txt(path)
+        width, height = _image_size(file, f"remove it" + (f" and its label {path}" if os.path.exists(path) else ""))
+        rows, line_numbers = _read_yolo_txt(path) if os.path.exists(path) else (np.zeros((0, 5)), [])
         cls = rows[:, 0].astype(np.int64)
         outside = np.nonzero((cls < 0) | (cls >= len(names)))[0]
         if len(outside):

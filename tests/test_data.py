@@ -1151,3 +1151,30 @@ def test_yolo_upper_case_extensions_and_labelimg_classes_txt(tmp_path):
     ds = data.read_yolo(str(root))
     assert ds.class_names == ["cat", "dog"] and len(ds) == 1 and ds.files[0].endswith("a.JPG")
     assert ds[0]["labels"].tolist() == [1]
+
+
+def test_yolo_images_without_a_label_file_are_background_images_of_their_own_split(tmp_path):
+    root = tmp_path / "yolo"
+    (root / "labels" / "train").mkdir(parents=True)
+    (root / "images" / "train").mkdir(parents=True)
+    (root / "obj.names").write_text("a\n")
+    (root / "labels" / "train" / "b.txt").write_text("0 0.5 0.5 0.5 0.5\n")
+    for stem in ("a", "b", "c"):
+        Image.new("RGB", (40, 30)).save(root / "images" / "train" / f"{stem}.jpg")
+    ds = data.read_yolo(str(root))  # Ultralytics' layout: a.jpg and c.jpg have no txt
+    assert [os.path.basename(f) for f in ds.files] == ["a.jpg", "b.jpg", "c.jpg"] and ds.image_ids == [0, 1, 2]
+    assert [len(ds[i]["boxes"]) for i in range(3)] == [0, 1, 0]
+    assert len(ds.coco_gt()["images"]) == 3  # so their false positives count in the AP
+    # One images/ folder for every split: an image without a txt belongs to no split we can name.
+    shutil.move(str(root / "images" / "train"), str(root / "shared"))
+    shutil.rmtree(root / "images")
+    shutil.move(str(root / "shared"), str(root / "images"))
+    (root / "labels" / "val").mkdir()
+    (root / "labels" / "val" / "c.txt").write_text("")
+    assert [os.path.basename(f) for f in data.read_yolo(str(root)).files] == ["b.jpg"]
+    assert [os.path.basename(f) for f in data.read_yolo(str(root), "val").files] == ["c.jpg"]
+    # images/ beside a labels/ without splits: the whole folder is the one split.
+    shutil.rmtree(root / "labels" / "val")
+    shutil.move(str(root / "labels" / "train" / "b.txt"), str(root / "labels" / "b.txt"))
+    (root / "labels" / "train").rmdir()
+    assert [os.path.basename(f) for f in data.read_yolo(str(root)).files] == ["a.jpg", "b.jpg", "c.jpg"]
