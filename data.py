@@ -149,7 +149,8 @@ def decode_image(path, max_side=None, size=None, fix="remove its entry from the 
                 im.draft("RGB", target)  # JPEG: decode at 1/2, 1/4 or 1/8 size directly, far cheaper
                 im = _rgb(im).resize(target, Image.BILINEAR)
                 scale = (target[0] / width, target[1] / height)
-            im = _rgb(im)
+            else:
+                im = _rgb(im)
             if turn is not None:
                 im = im.transpose(turn)
                 if turn in _SWAPPING:  # x of the upright picture is y as stored
