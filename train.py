@@ -53,10 +53,10 @@ EFFICIENTDET_RECIPE = dict(
     lr_min=1e-6, freeze_backbone_epochs=32, mosaic_mix_prob=0.5, random_crop_mode=1.0,
     magnitude=6, close_mosaic_epochs=0, ema_decay=0.0,
 )
-YOLOX_RECIPE = dict(  # Megvii YOLOX: lr 0.01 per 64 images with SGD, 300 epochs, 15 without mosaic
+YOLOX_RECIPE = dict(  # Megvii YOLOX: lr 0.01 per 64 images with SGD down to 5% of it, 300 epochs, 15 without mosaic
     input_shape="640", batch_size=64, optimizer="sgd", lr_base_512=0.08,
     weight_decay=5e-4, lr_decay_steps="285", lr_warmup_steps=5.0, lr_cooldown_steps=15,
-    lr_min=5e-4, freeze_backbone_epochs=0, mosaic_mix_prob=1.0, random_crop_mode=2.0,
+    lr_min="5%", freeze_backbone_epochs=0, mosaic_mix_prob=1.0, random_crop_mode=2.0,
     magnitude=6, close_mosaic_epochs=15, ema_decay=0.9998,
 )
 
@@ -89,7 +89,8 @@ def parse_args(argv=None):
     a("--lr_cooldown_steps", type=int, default=None,
       help="epochs after the decay (at --lr_min after a cosine, at the last step's lr after a list); "
            "sets the run's length when -e is not given")
-    a("--lr_min", type=float, default=None, help="learning rate at the end of the decay")
+    a("--lr_min", default=None, help="learning rate at the end of the decay: a number like 1e-5, or a share of "
+      "the peak like 5%% (which follows the batch size, as the peak does)")
     a("--det_header", default=None, help="preset: efficientdet_d0 (the default)..d7, d7x, yolox_nano..yolox_x")
     a("--backbone", default=None, help="swap the backbone: cspdarknet, efficientnet_b0..b7, "
       "efficientnetv2_b0, resnet50, timm:NAME")
@@ -163,6 +164,10 @@ def resolve_config(args):
         cfg["data"] = os.path.abspath(cfg["data"])
     if cfg["out"] is None:  # a resumed run goes on writing where it was
         cfg["out"] = (os.path.dirname(cfg["resume"]) or ".") if cfg["resume"] else os.path.join("runs", "train")
+        if not cfg["resume"] and os.path.exists(os.path.join(cfg["out"], "last.pt")):
+            # Replacing a run is fine when asked for by name, never by default.
+            fail(f"{cfg['out']} holds an earlier run: continue it with --resume {cfg['out']}/last.pt, or give --out "
+                 f"(a new folder, or {cfg['out']} to replace that run)")
     if cfg["freeze_backbone_epochs"] is None and not cfg["pretrained"]:
         # The recipe freezes a PRETRAINED backbone while the new head settles. A random one has
         # nothing worth keeping: frozen, it would stay random, BatchNorm statistics and all.
@@ -195,6 +200,19 @@ def resolve_config(args):
         fail(f"-e/--epochs {cfg['epochs']}: give 1 or more")
     if not (math.isfinite(cfg["lr_base_512"]) and cfg["lr_base_512"] > 0):
         fail(f"--lr_base_512 {cfg['lr_base_512']}: give a learning rate above 0, like 0.008")
+    # The peak rate scales with the total batch; a floor written as a share of it scales along.
+    # (A fixed floor tuned for batch 64 would sit at 40% of the peak at batch 8, above it at 2.)
+    total_batch = cfg["batch_size"] * int(os.environ.get("WORLD_SIZE", "1"))
+    lr_peak = cfg["lr_base_512"] * total_batch / 512
+    text = str(cfg["lr_min"]).strip()
+    try:
+        cfg["lr_min"] = float(text[:-1]) / 100 * lr_peak if text.endswith("%") else float(text)
+    except ValueError:
+        fail(f"--lr_min {text!r}: give a learning rate like 1e-5, or a share of the peak like 5%")
+    if len(steps) == 1 and cfg["lr_min"] > lr_peak:
+        fail(f"--lr_min {text} is above the peak learning rate {lr_peak:.3g} of this run (--lr_base_512 "
+             f"{cfg['lr_base_512']:g} x total batch {total_batch} / 512): the cosine would climb; give a smaller "
+             f"--lr_min, or a share of the peak like 5%")
     for flag, key in (("--weight_decay", "weight_decay"), ("--lr_min", "lr_min"),
                       ("--lr_warmup_steps", "lr_warmup_steps")):
         if not (math.isfinite(cfg[key]) and cfg[key] >= 0):
@@ -526,6 +544,10 @@ def run(argv=None):
     scaler = torch.amp.GradScaler(device.type, enabled=cfg["amp"] == "fp16")
     amp_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(cfg["amp"])
 
+    if len(train_set) // world < cfg["batch_size"]:  # checked before anything in --out is replaced
+        fail(f"-b/--batch_size {cfg['batch_size']} is larger than the {len(train_set)} training images of "
+             f"{cfg['data']}" + (f" shared by {world} processes" if world > 1 else "") +
+             f": give -b {max(1, len(train_set) // world)} or less")
     start_epoch, start_step, start_gen, start_sums, best_ap = 0, 0, None, None, -1.0
     os.makedirs(cfg["out"], exist_ok=True)
     if cfg["resume"]:
@@ -541,6 +563,8 @@ def run(argv=None):
     elif is_main:
         # A fresh run starts a fresh history, and no best.pt of an earlier run in this folder may
         # stand in for this one's (eval.py picks runs/train/best.pt up by default).
+        if os.path.exists(os.path.join(cfg["out"], "last.pt")):
+            log(f"note: --out {cfg['out']} held an earlier run: its last.pt, best.pt and history are replaced")
         for name in ("history.csv", "best.pt"):
             if os.path.exists(os.path.join(cfg["out"], name)):
                 os.remove(os.path.join(cfg["out"], name))
@@ -634,8 +658,6 @@ def run(argv=None):
             if skip:
                 gen.set_state(start_gen)
             steps = skip + len(loader)  # the whole epoch's steps, which the schedule counts in
-            if steps == 0:
-                fail(f"--batch_size {cfg['batch_size']} is larger than the {len(train_set)} training images of {cfg['data']}")
             # The steps that end each quarter of the epoch: 32, 63, 94, 125 for 125 steps.
             quarter_ends = {math.ceil(steps * q / 4) for q in (1, 2, 3, 4)}
             # The loss parts are summed on the device and read (a GPU -> CPU sync) only when a

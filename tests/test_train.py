@@ -196,6 +196,9 @@ def test_ddp_two_processes_on_gloo(tiny_shapes, tmp_path):
     (["--mosaic_mix_prob", "2"], "--mosaic_mix_prob 2.0: a probability"),
     (["--cuda_graphs", "--compile"], "--cuda_graphs with --compile: choose one"),
     (["--lr_min", "-1"], "--lr_min -1.0: give 0 or more"),
+    (["--lr_min", "abc"], "--lr_min 'abc': give a learning rate like 1e-5, or a share of the peak like 5%"),
+    (["--lr_min", "0.5"], "--lr_min 0.5 is above the peak learning rate 0.01 of this run (--lr_base_512 0.08 x "
+                          "total batch 64 / 512): the cosine would climb"),
     (["--lr_decay_steps", "0"], "--lr_decay_steps '0'"),
     (["--lr_decay_steps", "30,30"], "--lr_decay_steps '30,30'"),
     (["--freeze_backbone_epochs", "-1"], "--freeze_backbone_epochs -1: give 0 or more"),
@@ -208,6 +211,42 @@ def test_clear_errors(tiny_shapes, tmp_path, capsys, flags, message):
     assert exc.value.code == 2
     err = capsys.readouterr().err
     assert message in err and "Traceback" not in err
+
+
+def test_the_yolox_floor_is_a_share_of_the_peak_and_follows_the_batch():
+    # YOLOX decays to 5% of its peak. As a fixed 5e-4 (right for batch 64) it was 40% of the peak at
+    # batch 8 and above the peak at batch 2, where the "decay" climbed.
+    for batch in (64, 8, 2):
+        cfg = train.resolve_config(train.parse_args(["--det_header", "yolox_s", "-b", str(batch)]))
+        peak = 0.08 * batch / 512
+        assert cfg["lr_min"] == pytest.approx(0.05 * peak)
+        lrs = [train.learning_rate(e, cfg, peak) for e in (5, 100, 200, 285, 299)]
+        assert lrs[0] == pytest.approx(peak) and lrs[-2] == lrs[-1] == pytest.approx(0.05 * peak)
+        assert lrs == sorted(lrs, reverse=True)
+    cfg = train.resolve_config(train.parse_args(["--det_header", "yolox_s", "--lr_min", "1e-5"]))
+    assert cfg["lr_min"] == 1e-5  # a number stays a number
+
+
+def test_an_earlier_run_is_replaced_only_when_named(tiny_shapes, tmp_path, capsys, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    base = ["-d", tiny_shapes, "--det_header", "yolox_nano", "-i", "64", "-e", "1", "--workers", "0",
+            "--eval_start_epoch", "99", "--mosaic_mix_prob", "0", "--magnitude", "0"]
+    train.main(base + ["-b", "4"])  # the default folder, runs/train
+    assert os.path.exists("runs/train/last.pt")
+    with pytest.raises(SystemExit):  # again by default: refused, nothing touched
+        train.main(base + ["-b", "4"])
+    assert "runs/train holds an earlier run: continue it with --resume runs/train/last.pt, or give --out (a new " \
+        "folder, or runs/train to replace that run)" in capsys.readouterr().err
+    # Named, it is replaced, and said so; but a run that cannot start leaves it standing.
+    torch.save({"stale": True}, "runs/train/best.pt")
+    with pytest.raises(SystemExit):
+        train.main(base + ["-b", "9", "--out", "runs/train"])
+    assert "-b/--batch_size 9 is larger than the 8 training images of " in capsys.readouterr().err
+    assert os.path.exists("runs/train/best.pt") and os.path.exists("runs/train/history.csv")
+    train.main(base + ["-b", "4", "--out", "runs/train"])
+    assert "note: --out runs/train held an earlier run: its last.pt, best.pt and history are replaced" in \
+        capsys.readouterr().out
+    assert not os.path.exists("runs/train/best.pt")
 
 
 def test_four_progress_lines_an_epoch_in_a_log(tiny_shapes, tmp_path, capsys):
