@@ -694,8 +694,8 @@ def load_model(path_or_preset, det_header=None, num_classes=None, input_shape=No
     return model.to(device).eval(), info
 
 
-def predict(model, image_paths, out_dir, class_names=None, score_threshold=0.3, nms="gaussian",
-            nms_mode="per_class", nms_iou_or_sigma=0.5, nms_topk=5000, max_output_size=100,
+def predict(model, image_paths, out_dir, class_names=None, score_threshold=0.3, nms="hard",
+            nms_mode="per_class", nms_iou_or_sigma=0.45, nms_topk=5000, max_output_size=100,
             input_shape=None, resize_method="bilinear", letterbox_pad=-1):
     """Detect objects in image files; draw each as OUT/<name>.png and write OUT/predictions.json.
 
@@ -851,6 +851,10 @@ def _predict_main(argv):
     """`python eval.py predict -m CHECKPOINT IMAGES... -o FOLDER`."""
     parser = argparse.ArgumentParser(prog="eval.py predict", description="Draw detections on images.")
     _add_common_flags(parser)
+    # Pictures are for people: hard NMS leaves one box per object (0.45, as YOLOX's demo). The
+    # evaluation's soft-NMS keeps overlapping boxes with decayed scores, which helps AP's ranking
+    # but would draw a duplicate wherever a decayed score stays above --score_threshold.
+    parser.set_defaults(nms="hard", nms_iou_or_sigma=0.45)
     parser.add_argument("images", nargs="+", help="image files, or folders of them")
     parser.add_argument("-o", "--out", required=True, help="output folder")
     parser.add_argument("--score_threshold", type=float, default=0.3,
@@ -891,7 +895,7 @@ def _predict_main(argv):
             nms_iou_or_sigma=args.nms_iou_or_sigma, nms_topk=args.nms_topk,
             max_output_size=args.nms_max_output_size, resize_method=args.resize_method,
             letterbox_pad=args.letterbox_pad)
-    print(f"wrote {len(images)} pictures and predictions.json to {args.out}")
+    print(f"wrote {len(images)} picture{'s' if len(images) != 1 else ''} and predictions.json to {args.out}")
 
 
 def _results_main(argv):

@@ -1,6 +1,7 @@
 """eval.py: pycocotools scoring on real data, decode, letterbox undo, the evaluation loop with an
 oracle model, checkpoints, predict and the CLI's error messages. (NMS is in tests/test_nms.py.)"""
 import json
+import math
 import os
 import shutil
 
@@ -333,6 +334,28 @@ def test_cli_eval_and_predict(tmp_path, capsys):
     predictions = json.loads((out / "predictions.json").read_text())
     assert sorted(predictions) == images
     assert all((out / (os.path.splitext(f)[0] + ".png")).exists() for f in images)
+
+
+def test_predict_draws_one_box_per_object_with_hard_nms(tmp_path, monkeypatch):
+    # Box 1 overlaps box 0 at IoU 80 / 120 = 0.67. The evaluation's gaussian soft-NMS keeps it,
+    # decayed to 0.85 exp(-0.67^2 / 0.5) = 0.35: above predict's 0.3, a duplicate on the picture.
+    boxes = torch.tensor([[[0, 0, 10, 10], [0, 2, 10, 12], [30, 30, 40, 40]]], dtype=torch.float32)
+    scores = torch.tensor([[[0.9], [0.85], [0.8]]])
+    kept = {}
+    for method, iou in (("gaussian", 0.5), ("hard", 0.45)):
+        _, s, _, n = ev.batched_nms(boxes, scores, method=method, mode="per_class", iou_or_sigma=iou,
+                                    score_threshold=0.3, topk=5000, max_output_size=100)
+        kept[method] = s[0, :int(n[0])].tolist()
+    assert kept["gaussian"] == pytest.approx([0.9, 0.8, 0.85 * math.exp(-(80 / 120) ** 2 / 0.5)], abs=1e-5)
+    assert kept["hard"] == pytest.approx([0.9, 0.8])
+    # ... so predict draws with hard NMS at 0.45 (YOLOX's demo) unless told otherwise.
+    path = str(tmp_path / "nano.pt")
+    write_checkpoint(path)
+    calls = []
+    monkeypatch.setattr(ev, "predict", lambda *args, **kwargs: calls.append(kwargs))
+    image = shared_path("voc2007_100", "images", sorted(os.listdir(shared_path("voc2007_100", "images")))[0])
+    assert ev.main(["predict", "-m", path, image, "-o", str(tmp_path / "p"), "--device", "cpu"]) == 0
+    assert (calls[0]["nms"], calls[0]["nms_iou_or_sigma"]) == ("hard", 0.45)
 
 
 def write_small_coco(folder, cat_ids=range(1, 21), sizes=True):
