@@ -157,7 +157,8 @@ def decode_image(path, max_side=None, size=None, fix="remove its entry from the 
                     scale = scale[::-1]
             image = np.array(im)  # writable, so torch.from_numpy is safe
     except (OSError, SyntaxError, ValueError) as e:
-        raise DataLoadError(f"image {path} cannot be decoded ({e}): replace it with a valid JPEG/PNG, or {fix}") from None
+        raise DataLoadError(f"image {path} cannot be decoded ({e}): replace it with a valid JPEG/PNG, "
+                            f"or {fix}") from None
     return image, scale
 
 

@@ -756,7 +756,8 @@ def run(argv=None):
                 # Saved before the evaluation, so one that fails (out of GPU memory, an unreadable
                 # val image) costs no training; written again below if the epoch sets a new best AP.
                 stop["saving"] = True  # a Ctrl-C now waits for the file
-                save_atomic(checkpoint_state(model, ema, optimizer, scaler, epoch + 1, best_ap, run_config), last_path)
+                state = checkpoint_state(model, ema, optimizer, scaler, epoch + 1, best_ap, run_config, world=world)
+                save_atomic(state, last_path)
                 stop["saving"], last_good = False, last_path
             stats = None
             if is_main and epoch + 1 >= cfg["eval_start_epoch"]:
@@ -774,7 +775,7 @@ def run(argv=None):
             if is_main:
                 if stats is not None and stats["AP"] > best_ap:
                     best_ap = stats["AP"]
-                    state = checkpoint_state(model, ema, optimizer, scaler, epoch + 1, best_ap, run_config)
+                    state = checkpoint_state(model, ema, optimizer, scaler, epoch + 1, best_ap, run_config, world=world)
                     save_atomic(state, os.path.join(cfg["out"], "best.pt"))
                     save_atomic(state, last_path)  # the best AP so far, which a resumed run must beat
                 history = os.path.join(cfg["out"], "history.csv")
@@ -895,6 +896,9 @@ def load_resume(cfg, model, ema, optimizer, scaler, train_set, world, log):
     if saved.get("data") not in (None, "shapes"):
         saved = dict(saved, data=os.path.abspath(saved["data"]))  # recorded relative before c60fc07
     changed = [f"{k} {cfg[k]} (was {saved[k]})" for k in cfg if k in saved and k not in skip and saved[k] != cfg[k]]
+    if ckpt.get("world", 1) != world:  # no flag says it, but the total batch, and with it the lr, follows it
+        changed.append(f"processes {world} (was {ckpt.get('world', 1)}: the total batch and the learning rate "
+                       f"scale with them)")
     if changed:
         log(f"note: resuming with settings that differ from the checkpoint's run: {', '.join(changed)}")
     step, generator = ckpt.get("step", 0), ckpt.get("generator")

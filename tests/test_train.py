@@ -142,7 +142,7 @@ train.main(sys.argv[1:])
 """
 
 
-def test_ddp_two_processes_on_gloo(tiny_shapes, tmp_path):
+def test_ddp_two_processes_on_gloo(tiny_shapes, tmp_path, capsys):
     # Two processes on gloo, 2 images each per step: each rank sees its own half of the 8 images,
     # the gradients are averaged, so both ranks end with the same weights; rank 0 alone writes.
     # The backbone is frozen in epoch 1 and trains in epoch 2, which DDP must follow.
@@ -169,6 +169,11 @@ def test_ddp_two_processes_on_gloo(tiny_shapes, tmp_path):
     apart = max(float((w - ranks[1]["weights"][n]).abs().max()) for n, w in ranks[0]["weights"].items())
     backbone = max(float((w - start[n]).abs().max()) for n, w in ranks[0]["weights"].items() if n.startswith("backbone."))
     assert moved > 1e-3 and backbone > 1e-3 and apart < 1e-6, (moved, backbone, apart)
+    # Resumed in one process: half the total batch, so half the learning rate. No flag says so,
+    # the note does.
+    train.main(["--resume", str(tmp_path / "last.pt"), "-e", "3", "--workers", "0"])
+    assert "epochs 3 (was 2), processes 1 (was 2: the total batch and the learning rate scale with them)" in \
+        capsys.readouterr().out
 
 
 @pytest.mark.parametrize("flags,message", [
