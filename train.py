@@ -54,7 +54,7 @@ EFFICIENTDET_RECIPE = dict(
     magnitude=6, close_mosaic_epochs=0, ema_decay=0.0,
 )
 YOLOX_RECIPE = dict(  # Megvii YOLOX: lr 0.01 per 64 images with SGD down to 5% of it, 300 epochs, 15 without mosaic
-    input_shape="640", batch_size=64, optimizer="sgd", lr_base_512=0.08,
+    input_shape="preset", batch_size=64, optimizer="sgd", lr_base_512=0.08,  # preset: nano / tiny 416, others 640
     weight_decay=5e-4, lr_decay_steps="285", lr_warmup_steps=5.0, lr_cooldown_steps=15,
     lr_min="5%", freeze_backbone_epochs=0, mosaic_mix_prob=1.0, random_crop_mode=2.0,
     magnitude=6, close_mosaic_epochs=15, ema_decay=0.9998,
@@ -175,6 +175,8 @@ def resolve_config(args):
     for k, v in recipe.items():
         if cfg.get(k) is None:
             cfg[k] = v
+    if cfg["input_shape"] == "preset":  # the size the preset was published at, as Megvii trains it
+        cfg["input_shape"] = str(models.YOLOX_PRESETS.get(cfg["det_header"], (640,))[-1])
     try:
         cfg["input_shape"] = list(models.parse_input_shape(cfg["input_shape"]))
     except ValueError as e:

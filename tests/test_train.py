@@ -218,7 +218,19 @@ def test_clear_errors(tiny_shapes, tmp_path, capsys, flags, message):
     assert message in err and "Traceback" not in err
 
 
-def test_the_yolox_floor_is_a_share_of_the_peak_and_follows_the_batch():
+def test_the_yolox_recipe_trains_each_preset_at_its_published_size(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)  # the default --out, runs/train, may hold a run where the tests run
+    # Megvii trains nano and tiny at 416, the rest at 640; EfficientDet follows the seed's 256.
+    sizes = {d: train.resolve_config(train.parse_args(["--det_header", d]))["input_shape"]
+             for d in ("yolox_nano", "yolox_tiny", "yolox_s", "yolox_x", "efficientdet_d3")}
+    assert sizes == {"yolox_nano": [416, 416], "yolox_tiny": [416, 416], "yolox_s": [640, 640],
+                     "yolox_x": [640, 640], "efficientdet_d3": [256, 256]}
+    cfg = train.resolve_config(train.parse_args(["--det_header", "yolox_nano", "-i", "320,256"]))
+    assert cfg["input_shape"] == [320, 256]
+
+
+def test_the_yolox_floor_is_a_share_of_the_peak_and_follows_the_batch(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)  # the default --out, runs/train, may hold a run where the tests run
     # YOLOX decays to 5% of its peak. As a fixed 5e-4 (right for batch 64) it was 40% of the peak at
     # batch 8 and above the peak at batch 2, where the "decay" climbed.
     for batch in (64, 8, 2):
@@ -366,8 +378,9 @@ def test_notes_when_flags_reshape_the_run(tiny_shapes, tmp_path, capsys):
     assert "note: --freeze_backbone_epochs 2 covers all 2 epochs: the backbone does not train in this run" in out
 
 
-def test_run_length_is_decay_plus_cooldown_unless_given():
+def test_run_length_is_decay_plus_cooldown_unless_given(tmp_path, monkeypatch):
     # The seed's rule: with -e unset a run is the decay, then the cooldown at lr_min.
+    monkeypatch.chdir(tmp_path)  # the default --out, runs/train, may hold a run where the tests run
     def epochs(*argv):
         return train.resolve_config(train.parse_args(list(argv)))["epochs"]
     assert epochs() == 100 + 5 and epochs("--det_header", "yolox_s") == 285 + 15
@@ -384,7 +397,8 @@ def test_data_path_is_recorded_absolute(tiny_shapes, tmp_path, monkeypatch):
     assert train.resolve_config(train.parse_args(["-d", "shapes"]))["data"] == "shapes"
 
 
-def test_recipe_freezes_only_a_pretrained_backbone(tmp_path):
+def test_recipe_freezes_only_a_pretrained_backbone(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)  # the default --out, runs/train, may hold a run where the tests run
     def freeze(*argv):
         return train.resolve_config(train.parse_args(list(argv)))["freeze_backbone_epochs"]
     weights = str(tmp_path / "w.pt")
