@@ -520,7 +520,8 @@ def read_yolo(folder, split="train", images_dir=None):
 def open_dataset(path, split, images_dir=None):
     """path: "shapes" (built-in set, generated into data_cache/shapes on first use), a COCO folder
     (annotations/instances_<split>.json, or COCO's own instances_<split>2017.json / 2014.json,
-    + images), a COCO json file, or a YOLO folder."""
+    + images; or Roboflow's <split>/_annotations.coco.json; a train split alone is val too), a
+    COCO json file, or a YOLO folder."""
     if split not in ("train", "val"):
         raise ValueError(f"split must be 'train' or 'val', got {split!r}")
     if path == "shapes":
@@ -546,6 +547,19 @@ def open_dataset(path, split, images_dir=None):
         coco_json = os.path.join(path, "annotations", name)
         if os.path.exists(coco_json):
             return read_coco(coco_json, images_dir, split)
+    # Roboflow's COCO export: train/, valid/ (and test/), each an _annotations.coco.json among its images.
+    for folder in ((split, "valid") if split == "val" else (split,)):
+        coco_json = os.path.join(path, folder, "_annotations.coco.json")
+        if os.path.exists(coco_json):
+            return read_coco(coco_json, images_dir, split)
+    # A train split alone serves as val too, as one json does (train.py then says its AP is
+    # measured on the training images).
+    if split == "val":
+        for name in ("instances_train.json", "instances_train2017.json", "instances_train2014.json"):
+            if os.path.exists(os.path.join(path, "annotations", name)):
+                return read_coco(os.path.join(path, "annotations", name), images_dir, "train")
+        if os.path.exists(os.path.join(path, "train", "_annotations.coco.json")):
+            return read_coco(os.path.join(path, "train", "_annotations.coco.json"), images_dir, "train")
     if os.path.isdir(os.path.join(path, "annotations")):
         found = sorted(f for f in os.listdir(os.path.join(path, "annotations")) if f.endswith(".json"))
         raise FileNotFoundError(f"{os.path.join(path, 'annotations')} has no '{split}' split: looked for "

@@ -972,9 +972,12 @@ def _evaluate_main(argv):
         model, info = load_model(model_path, det_header=args.det_header, input_shape=input_shape, device=args.device,
                                  num_classes=len(dataset.cat_ids))
     _check_stride(model, input_shape)
-    if info["cat_ids"] is not None and list(info["cat_ids"]) != dataset.cat_ids:
+    same_names = info["class_names"] is not None and list(info["class_names"]) == dataset.class_names
+    if info["cat_ids"] is not None and list(info["cat_ids"]) != dataset.cat_ids and not same_names:
         # Labels are positions in the category list: another list (or order) would score every
-        # detection as some other class, and the AP would be silently wrong.
+        # detection as some other class, and the AP would be silently wrong. The same names in the
+        # same order are the same classes under other ids (a YOLO export numbers from 0, COCO's
+        # from 1): label k is then written with this data's id k (detections_to_coco).
         trained = dict(zip(info["cat_ids"], info["class_names"] or info["cat_ids"]))
         here = dict(zip(dataset.cat_ids, dataset.class_names))
         raise EvalInputError(f"-m {model_path} was trained on {_few(trained)} and {data_path} has "

@@ -1178,3 +1178,26 @@ def test_yolo_images_without_a_label_file_are_background_images_of_their_own_spl
     shutil.move(str(root / "labels" / "train" / "b.txt"), str(root / "labels" / "b.txt"))
     (root / "labels" / "train").rmdir()
     assert [os.path.basename(f) for f in data.read_yolo(str(root)).files] == ["a.jpg", "b.jpg", "c.jpg"]
+
+
+def test_roboflow_coco_export_and_a_train_only_coco_folder(shapes_dir, tmp_path):
+    # Roboflow: train/ and valid/, each with _annotations.coco.json among its images.
+    rf = tmp_path / "rf"
+    for split, folder in (("train", "train"), ("val", "valid")):
+        shutil.copytree(os.path.join(shapes_dir, split), rf / folder)
+        shutil.copy(os.path.join(shapes_dir, "annotations", f"instances_{split}.json"),
+                    rf / folder / "_annotations.coco.json")
+    for split, folder in (("train", "train"), ("val", "valid")):
+        ds, want = data.open_dataset(str(rf), split), data.open_dataset(shapes_dir, split)
+        assert [os.path.basename(f) for f in ds.files] == [os.path.basename(f) for f in want.files]
+        assert all(os.path.dirname(f) == str(rf / folder) for f in ds.files) and len(ds) == len(want)
+    # With no val split, the train split serves as val (as one json does; train.py says so).
+    shutil.rmtree(rf / "valid")
+    assert data.open_dataset(str(rf), "val").files == data.open_dataset(str(rf), "train").files
+    coco = tmp_path / "coco"
+    shutil.copytree(os.path.join(shapes_dir, "train"), coco / "train2017")
+    (coco / "annotations").mkdir()
+    shutil.copy(os.path.join(shapes_dir, "annotations", "instances_train.json"),
+                coco / "annotations" / "instances_train2017.json")
+    val = data.open_dataset(str(coco), "val")
+    assert len(val) == 24 and val.files == data.open_dataset(str(coco), "train").files

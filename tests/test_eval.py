@@ -643,3 +643,25 @@ def test_boxes_to_original_under_a_flip_and_a_rotation():
     # Rotation (x, y) -> (100 - y, x): corners (80, 10), (80, 30), (60, 10), (60, 30).
     rot = torch.tensor([[[0.0, -1.0, 100.0], [1.0, 0.0, 0.0]]])
     assert ev.boxes_to_original(box, rot).tolist() == [[[60.0, 10.0, 80.0, 30.0]]]
+
+
+def test_categories_match_by_name_and_order_whatever_their_ids(tmp_path, capsys):
+    # The checkpoint's classes are class0..class19 with COCO ids 1..20. The same names in the same
+    # order under ids 0..19 (a YOLO export's numbering) are the same classes; another order is not.
+    path = str(tmp_path / "nano.pt")
+    write_checkpoint(path)
+    gt_path = write_small_coco(str(tmp_path / "small"))
+    gt = json.loads(open(gt_path).read())
+    for c in gt["categories"]:
+        c["id"] -= 1
+    for a in gt["annotations"]:
+        a["category_id"] -= 1
+    open(gt_path, "w").write(json.dumps(gt))
+    results = tmp_path / "results.json"
+    argv = ["-m", path, "-d", gt_path, "--device", "cpu", "-i", "64", "--save_results", str(results)]
+    assert ev.main(argv) == 0
+    assert {r["category_id"] for r in json.loads(results.read_text())} <= set(range(20))  # this data's ids
+    gt["categories"][0]["name"], gt["categories"][1]["name"] = "class1", "class0"
+    open(gt_path, "w").write(json.dumps(gt))
+    assert ev.main(argv) == 2
+    assert "evaluate on data with the same categories" in capsys.readouterr().err
