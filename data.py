@@ -560,6 +560,9 @@ def open_dataset(path, split, images_dir=None):
                 return read_coco(os.path.join(path, "annotations", name), images_dir, "train")
         if os.path.exists(os.path.join(path, "train", "_annotations.coco.json")):
             return read_coco(os.path.join(path, "train", "_annotations.coco.json"), images_dir, "train")
+    if os.path.basename(os.path.normpath(path)) == "annotations" and not os.path.isdir(os.path.join(path, "annotations")):
+        raise FileNotFoundError(f"{path} is the annotations folder of a COCO dataset: give the dataset folder "
+                                f"above it, {os.path.dirname(os.path.abspath(path))}, or one json in it")
     if os.path.isdir(os.path.join(path, "annotations")):
         found = sorted(f for f in os.listdir(os.path.join(path, "annotations")) if f.endswith(".json"))
         raise FileNotFoundError(f"{os.path.join(path, 'annotations')} has no '{split}' split: looked for "
@@ -1388,7 +1391,7 @@ def main(argv=None):
     p.add_argument("-d", "--data", default="shapes", help="'shapes', a COCO folder, a COCO json or a YOLO folder")
     p.add_argument("--split", default="train", choices=["train", "val"], help="which split to read")
     p.add_argument("--batch_size", type=int, default=16, help="images in the picture")
-    p.add_argument("-i", "--input_shape", type=int, default=256, help="output side in pixels (square)")
+    p.add_argument("-i", "--input_shape", default="256", help="output size in pixels: S, or H,W as train.py's -i")
     p.add_argument("--random_crop_mode", type=float, default=1.0,
                    help="0 letterbox, (0,1) random resized crop, 1 random largest crop, >1 random scale")
     p.add_argument("--magnitude", type=float, default=6, help="RandAugment magnitude (0 = off)")
@@ -1411,14 +1414,19 @@ def _main(args):
             return 0
         # Numbers checked before any file is read, with the flag named, rather than as a torch
         # error (--batch_size 0) or a singular matrix (--input_shape 0) further down.
-        for flag, value in (("--batch_size", args.batch_size), ("-i/--input_shape", args.input_shape)):
-            if value < 1:
-                raise ValueError(f"{flag} {value}: give 1 or more")
+        try:
+            hw = [int(v) for v in args.input_shape.replace("x", ",").split(",")]
+        except ValueError:
+            hw = []
+        if len(hw) not in (1, 2) or min(hw) < 1:
+            raise ValueError(f"-i/--input_shape {args.input_shape!r}: give one size like 256, or H,W like 256,320")
+        if args.batch_size < 1:
+            raise ValueError(f"--batch_size {args.batch_size}: give 1 or more")
         check_augment_args(args.random_crop_mode, args.magnitude, args.num_layers, args.mosaic_mix_prob)
         picture_format(args.output)  # a bad -o fails now, not after the batch is made
         ds = open_dataset(args.data, args.split)
         batch = next(iter(make_loader(ds, args.batch_size, True, 0, args.seed)))
-        out = augment(batch, (args.input_shape, args.input_shape), args.random_crop_mode, args.magnitude,
+        out = augment(batch, (hw[0], hw[-1]), args.random_crop_mode, args.magnitude,
                       args.num_layers, args.mosaic_mix_prob, torch.Generator().manual_seed(args.seed))
         print(show_batch_sample(out, args.output, ds.class_names))
         return 0

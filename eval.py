@@ -767,8 +767,8 @@ def _add_common_flags(parser):
     parser.add_argument("--resize_method", default="bilinear", choices=("bilinear", "bicubic", "nearest"),
                         help="sampling of the letterbox resize")
     parser.add_argument("--disable_antialias", action="store_true",
-                        help="kept for the seed's command lines: the letterbox resamples with grid_sample, "
-                             "which never antialiases, i.e. it always runs as the seed's EfficientDet-D0 eval")
+                        help="accepted so keras_cv_attention_models' eval command lines run as written; changes "
+                             "nothing: the letterbox resamples with grid_sample, which never antialiases")
     parser.add_argument("--letterbox_pad", type=int, default=-1,
                         help="-1: image at the top-left of the input; >= 0: resize into input - pad and "
                              "centre it (pad / 2 grey pixels or more on each side)")

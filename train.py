@@ -159,6 +159,8 @@ def resolve_config(args):
         if cfg[k] is None:
             cfg[k] = default
     recipe = YOLOX_RECIPE if cfg["det_header"].startswith("yolox") else EFFICIENTDET_RECIPE
+    if cfg["resume"] and args.data is None and cfg["data"] != "shapes" and not os.path.exists(cfg["data"]):
+        fail(f"--resume {cfg['resume']}: its run's data, {cfg['data']}, is not there: give -d with where it is now")
     if cfg["data"] != "shapes" and os.path.exists(cfg["data"]):
         # Recorded absolute, so eval.py (which defaults to a checkpoint's data) finds it from anywhere.
         cfg["data"] = os.path.abspath(cfg["data"])
@@ -227,6 +229,7 @@ def resolve_config(args):
         fail(f"--ema_decay {cfg['ema_decay']}: give a decay in [0, 1) like 0.9998, or 0 for no EMA")
     if os.path.exists(cfg["out"]) and not os.path.isdir(cfg["out"]):
         fail(f"--out {cfg['out']} is a file: give a folder for the run (it is made if missing)")
+    cfg["optimizer"] = cfg["optimizer"].lower()  # -p AdamW as torch spells it
     if cfg["optimizer"] not in ("sgd", "adam", "adamw"):
         fail(f"--optimizer {cfg['optimizer']!r} is unknown: choose sgd, adam or adamw")
     if cfg["cuda_graphs"]:
@@ -507,7 +510,8 @@ def run(argv=None):
             train_set = data.open_dataset(cfg["data"], "train")
             val_set = data.open_dataset(cfg["data"], "val")
     except (FileNotFoundError, ValueError) as e:
-        fail(f"--data {cfg['data']}: {e}")
+        # the readers' messages name the file or folder; the flag's value is said once
+        fail(f"--data: {e}" if cfg["data"] in str(e) else f"--data {cfg['data']}: {e}")
     for w in dropped:
         log(f"train.py: warning: {w.message}")
     if world > 1 and is_main:

@@ -801,13 +801,17 @@ def test_cli(shapes_dir, tmp_path, capsys):
     assert data.main(["show", "--data", shapes_dir, "--batch_size", "4", "--input_shape", "64", "-o", str(png)]) == 0
     with Image.open(png) as im:
         assert im.size == (4 * 68, 68)  # 4 columns of 64 px + 4 px gaps
+    assert data.main(["show", "--data", shapes_dir, "--batch_size", "4", "-i", "64,32", "-o", str(png)]) == 0
+    with Image.open(png) as im:
+        assert im.size == (4 * 36, 68)  # H,W as train.py's -i: 64 high, 32 wide
     assert data.main(["show", "--data", str(tmp_path / "missing")]) == 2
     assert "does not exist" in capsys.readouterr().err
 
 
 
 def test_cli_show_flags_checked_with_their_names(shapes_dir, tmp_path, capsys):
-    for flags, message in ((["--input_shape", "0"], "error: -i/--input_shape 0: give 1 or more"),
+    for flags, message in ((["--input_shape", "0"], "error: -i/--input_shape '0': give one size like 256, or H,W"),
+                           (["-i", "64,x"], "error: -i/--input_shape '64,x': give one size like 256, or H,W"),
                            (["--batch_size", "0"], "error: --batch_size 0: give 1 or more"),
                            (["-o", str(tmp_path / "b.gif")], "cannot tell the picture format from '.gif': end the "
                                                               "name with .png or .jpg")):
@@ -1201,3 +1205,9 @@ def test_roboflow_coco_export_and_a_train_only_coco_folder(shapes_dir, tmp_path)
                 coco / "annotations" / "instances_train2017.json")
     val = data.open_dataset(str(coco), "val")
     assert len(val) == 24 and val.files == data.open_dataset(str(coco), "train").files
+
+
+def test_the_annotations_folder_given_for_the_dataset_names_its_parent(shapes_dir):
+    with pytest.raises(FileNotFoundError, match=r"annotations is the annotations folder of a COCO dataset: give the "
+                                                r"dataset folder above it, .*set, or one json in it"):
+        data.open_dataset(os.path.join(shapes_dir, "annotations"), "train")

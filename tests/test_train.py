@@ -220,6 +220,7 @@ def test_clear_errors(tiny_shapes, tmp_path, capsys, flags, message):
 
 def test_the_yolox_recipe_trains_each_preset_at_its_published_size(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)  # the default --out, runs/train, may hold a run where the tests run
+    assert train.resolve_config(train.parse_args(["-p", "AdamW"]))["optimizer"] == "adamw"  # as torch spells it
     # Megvii trains nano and tiny at 416, the rest at 640; EfficientDet follows the seed's 256.
     sizes = {d: train.resolve_config(train.parse_args(["--det_header", d]))["input_shape"]
              for d in ("yolox_nano", "yolox_tiny", "yolox_s", "yolox_x", "efficientdet_d3")}
@@ -304,6 +305,16 @@ def test_clear_errors_that_need_files(tiny_shapes, tmp_path, capsys):
     assert f"--resume {last} trained with -p sgd, whose state -p adamw cannot take over: resume with -p sgd, or " \
         f"start a new run from its weights with --pretrained {last}" in error(
             "--out", str(tmp_path / "run2"), "-e", "2", "-p", "adamw", "--resume", last)
+    # The run's data moved: said, with the fix; given with -d, the run goes on (and the note names it).
+    shutil.copytree(tiny_shapes, tmp_path / "moved")
+    train.main(base + ["-d", str(tmp_path / "moved"), "--out", str(tmp_path / "run8"), "-e", "1"])
+    os.rename(tmp_path / "moved", tmp_path / "here")
+    with pytest.raises(SystemExit):
+        train.main(["--resume", str(tmp_path / "run8" / "last.pt"), "-e", "2"])
+    assert f"its run's data, {tmp_path / 'moved'}, is not there: give -d with where it is now" in \
+        capsys.readouterr().err
+    train.main(["--resume", str(tmp_path / "run8" / "last.pt"), "-e", "2", "-d", str(tmp_path / "here")])
+    assert f"data {tmp_path / 'here'} (was {tmp_path / 'moved'})" in capsys.readouterr().out
     # A file torch reads that is not a checkpoint (it used to fail on .get, as a traceback).
     torch.save(torch.zeros(3), tmp_path / "tensor.pt")
     for flag in ("--resume", "--pretrained"):
