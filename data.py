@@ -370,11 +370,12 @@ def _yaml_names(path):
     """`names` of a YOLO data.yaml. This is not a YAML parser (no pyyaml here): it reads only the
     subset of YAML that YOLO exports write for the names, one of
 
-        names: [person, car]        names:                names:
+        names: [person, car]        names:                names:           names: {0: person, 1: car}
                                       0: person             - person
                                       1: car                - car
 
-    and says so clearly when the file holds something else."""
+    (a [...] or {...} may go on over several lines), and says so clearly when the file holds
+    something else."""
     with open(path, encoding="utf-8-sig", errors="replace") as f:
         lines = [line.rstrip() for line in f]
     how = "write it as `names: [a, b]`, or as a block of `  0: a` lines or of `  - a` lines"
@@ -382,8 +383,20 @@ def _yaml_names(path):
         if not line.startswith("names:"):  # a top-level key: at column 0, not nested under another
             continue
         rest = line[len("names:"):].strip()
-        if rest.startswith("[") and "]" in rest:  # one line: names: [a, b]
-            return _split_names(rest[1:].rsplit("]", 1)[0])
+        if rest[:1] in ("[", "{"):  # flow style: names: [a, b] or {0: a, 1: b}, maybe over more lines
+            close, j = "]" if rest[0] == "[" else "}", i
+            while close not in rest and j + 1 < len(lines):
+                j += 1
+                rest += " " + lines[j].strip()
+            if close not in rest:
+                raise ValueError(f"{path}:{i + 1}: `names:` opens {rest[0]} and never closes it: {how}")
+            items = _split_names(rest[1:].rsplit(close, 1)[0])
+            if close == "]":
+                return items
+            pairs = [item.split(":", 1) for item in items]
+            if not all(len(p) == 2 and p[0].strip().isdigit() for p in pairs):
+                raise ValueError(f"{path}:{i + 1}: cannot read `{line.strip()}`: {how}")
+            return _numbered_names({int(k): _unquote(v) for k, v in pairs}, path, i, how)
         if rest and not rest.startswith("#"):
             raise ValueError(f"{path}:{i + 1}: cannot read `{line.strip()}`: {how}")
         # A block: the lines below, indented deeper than `names:` (a list may also sit at its level).
@@ -404,10 +417,41 @@ def _yaml_names(path):
                 raise ValueError(f"{path}:{j + 1}: cannot read `{text}` under `names:`: {how}")
         if listed and not numbered:
             return listed
-        if numbered and not listed and sorted(numbered) == list(range(len(numbered))):
-            return [numbered[k] for k in range(len(numbered))]
-        raise ValueError(f"{path}:{i + 1}: `names:` is empty, mixes forms, or is not numbered 0, 1, 2, ...: {how}")
+        return _numbered_names(numbered if not listed else {}, path, i, how)  # both forms: an error
     raise ValueError(f"{path} has no `names:` line: add the class names in label order, {how}")
+
+
+def _numbered_names(numbered, path, i, how):
+    """{0: a, 1: b, ...} -> [a, b, ...]: the numbers must be 0, 1, 2, ... (they are the labels)."""
+    if numbered and sorted(numbered) == list(range(len(numbered))):
+        return [numbered[k] for k in range(len(numbered))]
+    raise ValueError(f"{path}:{i + 1}: `names:` is empty, mixes forms, or is not numbered 0, 1, 2, ...: {how}")
+
+
+def _yaml_split_dirs(folder, split):
+    """Ultralytics' data.yaml names each split's image folder (`train: images/train2017`, under
+    `path:`); its label files sit where the path's last `images` becomes `labels`. Returns
+    (image folder, label folder) when the yaml names this split and the folders exist, else None
+    (the layouts of read_yolo are then looked for). `path:` is often written for Ultralytics'
+    own datasets folder, so the split's folder is also looked for straight under `folder`."""
+    yaml = os.path.join(folder, "data.yaml")
+    if not os.path.exists(yaml):
+        return None
+    with open(yaml, encoding="utf-8-sig", errors="replace") as f:
+        top = dict(line.rstrip().split(":", 1) for line in f if re.match(r"[A-Za-z_]+:", line))
+    value = _unquote(top.get(split, "") or (top.get("valid", "") if split == "val" else ""))
+    if not value or value.startswith("["):  # absent, or a list of folders: not read here
+        return None
+    root = _unquote(top.get("path", ""))
+    for image_dir in (os.path.join(folder, root, value), os.path.join(folder, value),
+                      os.path.join(folder, re.sub(r"^(\.\./)+", "", value))):
+        parts = os.path.normpath(image_dir).split(os.sep)
+        if os.path.isdir(image_dir) and "images" in parts:
+            at = len(parts) - 1 - parts[::-1].index("images")
+            label_dir = os.sep.join(parts[:at] + ["labels"] + parts[at + 1:])
+            if os.path.isdir(label_dir):
+                return os.path.normpath(image_dir), label_dir
+    return None
 
 
 def _read_yolo_txt(path):
@@ -447,7 +491,8 @@ def read_yolo(folder, split="train", images_dir=None):
     files, ../images/, or images_dir; an image of the split's own folder without a txt is a
     background image. Image ids are positions in sorted file order."""
     splits = (split, "valid") if split == "val" else (split,)
-    looked = ([os.path.join(folder, "labels", s) for s in splits] + [os.path.join(folder, s, "labels") for s in splits]
+    from_yaml = _yaml_split_dirs(folder, split)  # (images, labels) named by data.yaml, or None
+    looked = ([from_yaml[1]] if from_yaml else []) + ([os.path.join(folder, "labels", s) for s in splits] + [os.path.join(folder, s, "labels") for s in splits]
               + [os.path.join(folder, "labels"), os.path.join(folder, f"obj_{split}_data"),
                  os.path.join(folder, "obj_train_data")])
     label_dir = next((d for d in looked if os.path.isdir(d) and any(f.endswith(".txt") and not _is_names_file(f)
@@ -459,7 +504,8 @@ def read_yolo(folder, split="train", images_dir=None):
     names = _yolo_names(folder, label_dir)
     stems = sorted(f[:-4] for f in os.listdir(label_dir) if f.endswith(".txt") and not _is_names_file(f))
     candidates = [images_dir] if images_dir else (
-        [os.path.join(folder, "images", s) for s in splits] + [os.path.join(folder, s, "images") for s in splits]
+        ([from_yaml[0]] if from_yaml else [])
+        + [os.path.join(folder, "images", s) for s in splits] + [os.path.join(folder, s, "images") for s in splits]
         + [os.path.join(folder, "images"), label_dir, os.path.join(os.path.dirname(os.path.abspath(folder)), "images")])
     # Each folder listed once: stem -> image file, whatever the case of its extension (cameras write
     # IMG_0001.JPG, and on Linux exists("IMG_0001.jpg") is False); IMAGE_EXTENSIONS' order decides
@@ -478,7 +524,7 @@ def read_yolo(folder, split="train", images_dir=None):
     # splits (images/ beside labels/train/ and labels/val/) cannot say which split they are in.
     home = next((d for d in candidates if stems[0] in images_of[d]), None)
     own = [images_dir] if images_dir else (
-        [os.path.join(folder, "images", s) for s in splits] + [os.path.join(folder, s, "images") for s in splits]
+        ([from_yaml[0]] if from_yaml else []) + [os.path.join(folder, "images", s) for s in splits] + [os.path.join(folder, s, "images") for s in splits]
         + [label_dir] + ([os.path.join(folder, "images")] if label_dir == os.path.join(folder, "labels") else []))
     if home in own:
         stems = sorted(set(stems) | set(images_of[home]))

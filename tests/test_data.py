@@ -679,6 +679,8 @@ def test_coco_every_image_must_be_on_disk(tmp_path):
     "path: .\nnc: 2\nnames:\n  0: person\n  1: car\n\ndownload: no\n",  # numbered block (Ultralytics)
     "# classes\nnames:\n- person\n- 'car'  # second\nnc: 2\n",  # list block, at the key's own level
     "names:\n    - person\n    - car\ntrain: images\n",  # list block, indented
+    "names: {0: person, 1: 'car'}\n",  # flow mapping
+    "nc: 2\nnames: ['person',\n        'car']  # YOLOv5's VOC.yaml style\n",  # a flow list over two lines
 ])
 def test_yolo_names_from_data_yaml(tmp_path, yaml_text):
     root = write_yolo(tmp_path, {"a": "1 0.5 0.5 0.2 0.2\n"}, names=None)
@@ -1211,3 +1213,21 @@ def test_the_annotations_folder_given_for_the_dataset_names_its_parent(shapes_di
     with pytest.raises(FileNotFoundError, match=r"annotations is the annotations folder of a COCO dataset: give the "
                                                 r"dataset folder above it, .*set, or one json in it"):
         data.open_dataset(os.path.join(shapes_dir, "annotations"), "train")
+
+
+def test_ultralytics_data_yaml_names_the_split_folders(tmp_path):
+    # coco128's layout: images/train2017 + labels/train2017, named by data.yaml under a `path:`
+    # written for Ultralytics' own datasets folder (not there from here).
+    root = tmp_path / "coco128"
+    for split, stems in (("train2017", "ab"), ("val2017", "c")):
+        (root / "images" / split).mkdir(parents=True)
+        (root / "labels" / split).mkdir(parents=True)
+        for stem in stems:
+            Image.new("RGB", (40, 30)).save(root / "images" / split / f"{stem}.jpg")
+            (root / "labels" / split / f"{stem}.txt").write_text("1 0.5 0.5 0.5 0.5\n")
+    (root / "data.yaml").write_text("path: ../datasets/coco128\ntrain: images/train2017\nval: images/val2017\n"
+                                    "names:\n  0: person\n  1: bicycle\n")
+    train_set, val_set = data.open_dataset(str(root), "train"), data.open_dataset(str(root), "val")
+    assert [os.path.basename(f) for f in train_set.files] == ["a.jpg", "b.jpg"]
+    assert [os.path.basename(f) for f in val_set.files] == ["c.jpg"] and val_set.class_names == ["person", "bicycle"]
+    assert np.allclose(val_set[0]["boxes"], [[10, 7.5, 30, 22.5]]) and val_set[0]["labels"].tolist() == [1]
