@@ -682,15 +682,18 @@ def load_model(path_or_preset, det_header=None, num_classes=None, input_shape=No
     state = checkpoint.get("ema") or checkpoint["model"]
     try:
         model.load_state_dict(state)
-    except RuntimeError as e:
-        first = str(e).strip().splitlines()
+    except RuntimeError:
+        # torch's own text lists every tensor; counting them says enough
+        own = model.state_dict()
+        missing, extra = len(set(own) - set(state)), len(set(state) - set(own))
+        shapes = sum(1 for k in set(own) & set(state) if own[k].shape != state[k].shape)
         raise EvalInputError(
             f"-m {path_or_preset}: the checkpoint was trained as det_header={saved.get('det_header')!r} "
             f"(backbone={saved.get('backbone')!r}, anchors_mode={saved.get('anchors_mode')!r}, "
             f"num_classes={saved.get('num_classes')}); its weights do not fit the model built as "
             f"det_header={config.get('det_header')!r}, num_classes={config.get('num_classes')} "
-            f"({first[0] if first else 'state_dict mismatch'}). Drop --det_header to use the "
-            f"checkpoint's own") from None
+            f"({missing} tensors missing, {extra} unexpected, {shapes} of another shape). Drop --det_header "
+            f"to use the checkpoint's own") from None
     return model.to(device).eval(), info
 
 
