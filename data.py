@@ -228,16 +228,18 @@ def _find_image_dir(candidates, file_names, what):
                             f"of those folders")
 
 
-def check_coco_json(coco, json_path):
+def check_coco_json(coco, json_path, need_files=True):
     """A loaded COCO instances json, checked before anything reads it by key (a missing key would
     otherwise stop a run as a bare KeyError, perhaps after an epoch of training); in place, the
     keys pycocotools and the per-class table read that some exporters leave out get COCO's
     meaning: iscrowd 0 (not a crowd), area = the bbox's w x h, a category's name = its id.
+    need_files: images must name their file (not when only scoring results against it).
     Raises ValueError naming json_path, the entry and the fix."""
     if not isinstance(coco, dict) or not all(k in coco for k in ("images", "annotations", "categories")):
         raise ValueError(f"{json_path} is not a COCO instances file (needs 'images', 'annotations' and 'categories' "
                          f"lists): convert it to COCO format")
-    for key, needed in (("images", ("id", "file_name")), ("annotations", ("image_id", "category_id")),
+    for key, needed in (("images", ("id", "file_name") if need_files else ("id",)),
+                        ("annotations", ("image_id", "category_id")),
                         ("categories", ("id",))):
         if not isinstance(coco[key], list) or not all(isinstance(e, dict) for e in coco[key]):
             raise ValueError(f"{json_path}: '{key}' is not a list of objects: convert the file to COCO format")
@@ -492,7 +494,8 @@ def read_yolo(folder, split="train", images_dir=None):
     background image. Image ids are positions in sorted file order."""
     splits = (split, "valid") if split == "val" else (split,)
     from_yaml = _yaml_split_dirs(folder, split)  # (images, labels) named by data.yaml, or None
-    looked = ([from_yaml[1]] if from_yaml else []) + ([os.path.join(folder, "labels", s) for s in splits] + [os.path.join(folder, s, "labels") for s in splits]
+    looked = (([from_yaml[1]] if from_yaml else []) + [os.path.join(folder, "labels", s) for s in splits]
+              + [os.path.join(folder, s, "labels") for s in splits]
               + [os.path.join(folder, "labels"), os.path.join(folder, f"obj_{split}_data"),
                  os.path.join(folder, "obj_train_data")])
     label_dir = next((d for d in looked if os.path.isdir(d) and any(f.endswith(".txt") and not _is_names_file(f)
@@ -503,10 +506,11 @@ def read_yolo(folder, split="train", images_dir=None):
                          f"`class cx cy w h` txt per image there")
     names = _yolo_names(folder, label_dir)
     stems = sorted(f[:-4] for f in os.listdir(label_dir) if f.endswith(".txt") and not _is_names_file(f))
+    split_dirs = (([from_yaml[0]] if from_yaml else []) + [os.path.join(folder, "images", s) for s in splits]
+                  + [os.path.join(folder, s, "images") for s in splits])  # image folders of this split alone
     candidates = [images_dir] if images_dir else (
-        ([from_yaml[0]] if from_yaml else [])
-        + [os.path.join(folder, "images", s) for s in splits] + [os.path.join(folder, s, "images") for s in splits]
-        + [os.path.join(folder, "images"), label_dir, os.path.join(os.path.dirname(os.path.abspath(folder)), "images")])
+        split_dirs + [os.path.join(folder, "images"), label_dir,
+                      os.path.join(os.path.dirname(os.path.abspath(folder)), "images")])
     # Each folder listed once: stem -> image file, whatever the case of its extension (cameras write
     # IMG_0001.JPG, and on Linux exists("IMG_0001.jpg") is False); IMAGE_EXTENSIONS' order decides
     # between a.jpg and a.png.
@@ -523,9 +527,9 @@ def read_yolo(folder, split="train", images_dir=None):
     # holds the split's labelled images when that folder is the split's own: one shared by the
     # splits (images/ beside labels/train/ and labels/val/) cannot say which split they are in.
     home = next((d for d in candidates if stems[0] in images_of[d]), None)
+    shared = os.path.join(folder, "images")  # the split's own only when the labels have no splits either
     own = [images_dir] if images_dir else (
-        ([from_yaml[0]] if from_yaml else []) + [os.path.join(folder, "images", s) for s in splits] + [os.path.join(folder, s, "images") for s in splits]
-        + [label_dir] + ([os.path.join(folder, "images")] if label_dir == os.path.join(folder, "labels") else []))
+        split_dirs + [label_dir] + ([shared] if label_dir == os.path.join(folder, "labels") else []))
     if home in own:
         stems = sorted(set(stems) | set(images_of[home]))
     records = []
@@ -598,15 +602,19 @@ def open_dataset(path, split, images_dir=None):
         coco_json = os.path.join(path, folder, "_annotations.coco.json")
         if os.path.exists(coco_json):
             return read_coco(coco_json, images_dir, split)
-    # A train split alone serves as val too, as one json does (train.py then says its AP is
-    # measured on the training images).
+    # A train split alone serves as val too, as one json does, with a warning: an AP measured
+    # on the training images says little about new ones.
     if split == "val":
+        alone = f"{path} has no val split: its train split serves as val, so an AP is measured on the training images"
         for name in ("instances_train.json", "instances_train2017.json", "instances_train2014.json"):
             if os.path.exists(os.path.join(path, "annotations", name)):
+                warnings.warn(alone)
                 return read_coco(os.path.join(path, "annotations", name), images_dir, "train")
         if os.path.exists(os.path.join(path, "train", "_annotations.coco.json")):
+            warnings.warn(alone)
             return read_coco(os.path.join(path, "train", "_annotations.coco.json"), images_dir, "train")
-    if os.path.basename(os.path.normpath(path)) == "annotations" and not os.path.isdir(os.path.join(path, "annotations")):
+    if os.path.basename(os.path.normpath(path)) == "annotations" and not os.path.isdir(
+            os.path.join(path, "annotations")):
         raise FileNotFoundError(f"{path} is the annotations folder of a COCO dataset: give the dataset folder "
                                 f"above it, {os.path.dirname(os.path.abspath(path))}, or one json in it")
     if os.path.isdir(os.path.join(path, "annotations")):
@@ -1129,7 +1137,8 @@ def mosaic_images(images, plan, rows=slice(None)):
 
 
 def mosaic(images, boxes, labels, valid, generator, split_range=(0.25, 0.75), min_area_kept=0.15):
-    """2x2 mosaic of a whole batch: images [B, C, H, W], boxes [B, M, 4] -> the same shapes."""
+    """2x2 mosaic of a whole batch: images [B, C, H, W], boxes [B, M, 4] -> images of the same shape,
+    boxes [B, M', 4] with M' >= M (see mosaic_boxes)."""
     plan = mosaic_plan(len(images), images.shape[2], images.shape[3], generator, split_range)
     return (mosaic_images(images, plan),) + mosaic_boxes(boxes, labels, valid, plan, min_area_kept)
 
@@ -1300,7 +1309,8 @@ def augment(batch, input_shape, random_crop_mode=1.0, magnitude=0, num_layers=2,
     mosaic_plan. generator: a torch.Generator, CPU or the batch's device (every random draw).
     hsv: (hue, saturation, value) gains, or None for off. min_area_kept: drop boxes with less than
     this fraction of their area left after a crop.
-    Returns dict(images float32 [B, 3, H, W] 0..1, boxes [B, M, 4] xyxy output px, labels [B, M],
+    Returns dict(images float32 [B, 3, H, W] 0..1, boxes [B, M, 4] xyxy output px (M may grow past
+    the loader's after a mosaic: see mosaic_boxes), labels [B, M],
     valid [B, M], image_ids [B], matrices float32 [B, 2, 3] output px -> ORIGINAL image px (undefined
     after mosaic)). random_crop_mode=0, magnitude=0, mosaic_mix_prob=0, flip_prob=0, hsv=None is the
     eval letterbox.

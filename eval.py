@@ -442,7 +442,8 @@ def check_results(results, coco_gt, source="results"):
             raise EvalInputError(f"{source}: detection {i} has bbox {box} and score {score}: a bbox is 4 "
                                  f"finite numbers [x, y, w, h] in pixels and a score one finite number")
     for key, known, what in (("image_id", image_ids, "image ids"), ("category_id", cat_ids, "category ids")):
-        odd = next((r[key] for r in results if not isinstance(r[key], (int, str)) or isinstance(r[key], bool)), None)
+        odd = next((r[key] for r in results if isinstance(r[key], bool) or not (isinstance(r[key], (int, str)) or (
+            isinstance(r[key], float) and r[key].is_integer()))), None)  # 1.0 is id 1, as pycocotools reads it
         if odd is not None:
             raise EvalInputError(f"{source}: a detection has {key} {json.dumps(odd)[:40]}: ids are whole numbers "
                                  f"(or strings), as in the ground truth")
@@ -529,7 +530,7 @@ def load_ground_truth(data, split="val"):
                 gt = json.load(f)
         except json.JSONDecodeError as e:
             raise EvalInputError(f"{data}: not valid json ({e})") from e
-        check_coco_json(gt, data)  # one clear error for a broken entry; COCO's defaults for optional keys
+        check_coco_json(gt, data, need_files=False)  # a clear error for a broken entry; COCO's defaults
         return gt
     return open_dataset(data, split).coco_gt()
 
@@ -857,12 +858,14 @@ def _predict_main(argv):
     # Pictures are for people: hard NMS leaves one box per object (0.45, as YOLOX's demo). The
     # evaluation's soft-NMS keeps overlapping boxes with decayed scores, which helps AP's ranking
     # but would draw a duplicate wherever a decayed score stays above --score_threshold.
-    parser.set_defaults(nms="hard", nms_iou_or_sigma=0.45)
+    parser.set_defaults(nms="hard", nms_iou_or_sigma=None)  # None: 0.45 for hard, the evaluation's 0.5 else
     parser.add_argument("images", nargs="+", help="image files, or folders of them")
     parser.add_argument("-o", "--out", required=True, help="output folder")
     parser.add_argument("--score_threshold", type=float, default=0.3,
                         help="draw (and list in predictions.json) detections scoring this or more")
     args = parser.parse_args(argv)
+    if args.nms_iou_or_sigma is None:
+        args.nms_iou_or_sigma = 0.45 if args.nms == "hard" else 0.5
     _check_common_flags(args)
     _check_score_threshold("--score_threshold", args.score_threshold)
     if os.path.exists(args.out) and not os.path.isdir(args.out):

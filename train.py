@@ -208,16 +208,18 @@ def resolve_config(args):
     # (A fixed floor tuned for batch 64 would sit at 40% of the peak at batch 8, above it at 2.)
     total_batch = cfg["batch_size"] * int(os.environ.get("WORLD_SIZE", "1"))
     lr_peak = cfg["lr_base_512"] * total_batch / 512
-    text = str(cfg["lr_min"]).strip()
+    # lr_min stays as given (a resumed run with another batch then takes the same share of its
+    # own peak); lr_floor is the number the schedule uses.
+    text = cfg["lr_min"] = str(cfg["lr_min"]).strip()
     try:
-        cfg["lr_min"] = float(text[:-1]) / 100 * lr_peak if text.endswith("%") else float(text)
+        cfg["lr_floor"] = float(text[:-1]) / 100 * lr_peak if text.endswith("%") else float(text)
     except ValueError:
         fail(f"--lr_min {text!r}: give a learning rate like 1e-5, or a share of the peak like 5%")
-    if len(steps) == 1 and cfg["lr_min"] > lr_peak:
+    if len(steps) == 1 and cfg["lr_floor"] > lr_peak:
         fail(f"--lr_min {text} is above the peak learning rate {lr_peak:.3g} of this run (--lr_base_512 "
              f"{cfg['lr_base_512']:g} x total batch {total_batch} / 512): the cosine would climb; give a smaller "
              f"--lr_min, or a share of the peak like 5%")
-    for flag, key in (("--weight_decay", "weight_decay"), ("--lr_min", "lr_min"),
+    for flag, key in (("--weight_decay", "weight_decay"), ("--lr_min", "lr_floor"),
                       ("--lr_warmup_steps", "lr_warmup_steps")):
         if not (math.isfinite(cfg[key]) and cfg[key] >= 0):
             fail(f"{flag} {cfg[key]}: give 0 or more")
@@ -271,9 +273,9 @@ def build_optimizer(model, name, lr, weight_decay):
 
 
 def learning_rate(epoch_float, cfg, lr_max):
-    """The learning rate at a (fractional) epoch: linear warm-up, then cosine to lr_min over
-    lr_decay_steps epochs, then lr_min for the cooldown epochs; or, for a list of epochs, x0.1 at
-    each of them (lr_min unused: the cooldown stays at the last step's rate)."""
+    """The learning rate at a (fractional) epoch: linear warm-up, then cosine to lr_floor (the
+    resolved --lr_min) over lr_decay_steps epochs, then lr_floor for the cooldown epochs; or, for
+    a list of epochs, x0.1 at each of them (no floor: the cooldown stays at the last step's rate)."""
     warmup = cfg["lr_warmup_steps"]
     if epoch_float < warmup:
         return lr_max * epoch_float / warmup
@@ -282,7 +284,7 @@ def learning_rate(epoch_float, cfg, lr_max):
         return lr_max * 0.1 ** sum(epoch_float >= s for s in steps)
     span = max(steps[0] - warmup, 1e-8)
     progress = min((epoch_float - warmup) / span, 1.0)  # past the decay: the cooldown at lr_min
-    return cfg["lr_min"] + 0.5 * (lr_max - cfg["lr_min"]) * (1 + math.cos(math.pi * progress))
+    return cfg["lr_floor"] + 0.5 * (lr_max - cfg["lr_floor"]) * (1 + math.cos(math.pi * progress))
 
 
 class ModelEMA:
@@ -575,7 +577,7 @@ def run(argv=None):
             if os.path.exists(os.path.join(cfg["out"], name)):
                 os.remove(os.path.join(cfg["out"], name))
 
-    run_config = dict(cfg, num_classes=model.num_classes, model_config=model.config,
+    run_config = dict(cfg, num_classes=model.num_classes, model_config=model.config, world=world,
                       class_names=train_set.class_names, cat_ids=train_set.cat_ids, num_train_images=len(train_set))
     if is_main:
         write_text_atomic(os.path.join(cfg["out"], "config.json"), json.dumps(run_config, indent=2) + "\n")
@@ -898,12 +900,12 @@ def load_resume(cfg, model, ema, optimizer, scaler, train_set, world, log):
     # one) but said, since it changes the run (unset flags took the run's values: resolve_config).
     # (det_header, backbone and mode are the model's, checked by loading its weights above.)
     skip = ("resume", "out", "pretrained", "workers", "eval_batch_size", "eval_start_epoch", "compile",
-            "cuda_graphs", "det_header", "backbone", "anchors_mode")
+            "cuda_graphs", "det_header", "backbone", "anchors_mode", "lr_floor")  # lr_floor: from flags
     if saved.get("data") not in (None, "shapes"):
         saved = dict(saved, data=os.path.abspath(saved["data"]))  # recorded relative before c60fc07
     changed = [f"{k} {cfg[k]} (was {saved[k]})" for k in cfg if k in saved and k not in skip and saved[k] != cfg[k]]
-    if ckpt.get("world", 1) != world:  # no flag says it, but the total batch, and with it the lr, follows it
-        changed.append(f"processes {world} (was {ckpt.get('world', 1)}: the total batch and the learning rate "
+    if saved.get("world", world) != world:  # no flag says it, but the total batch, and with it the lr, follows it
+        changed.append(f"processes {world} (was {saved['world']}: the total batch and the learning rate "
                        f"scale with them)")
     if changed:
         log(f"note: resuming with settings that differ from the checkpoint's run: {', '.join(changed)}")

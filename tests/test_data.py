@@ -1199,13 +1199,16 @@ def test_roboflow_coco_export_and_a_train_only_coco_folder(shapes_dir, tmp_path)
         assert all(os.path.dirname(f) == str(rf / folder) for f in ds.files) and len(ds) == len(want)
     # With no val split, the train split serves as val (as one json does; train.py says so).
     shutil.rmtree(rf / "valid")
-    assert data.open_dataset(str(rf), "val").files == data.open_dataset(str(rf), "train").files
+    with pytest.warns(UserWarning, match="has no val split: its train split serves as val, so an AP is measured on "
+                                         "the training images"):
+        assert data.open_dataset(str(rf), "val").files == data.open_dataset(str(rf), "train").files
     coco = tmp_path / "coco"
     shutil.copytree(os.path.join(shapes_dir, "train"), coco / "train2017")
     (coco / "annotations").mkdir()
     shutil.copy(os.path.join(shapes_dir, "annotations", "instances_train.json"),
                 coco / "annotations" / "instances_train2017.json")
-    val = data.open_dataset(str(coco), "val")
+    with pytest.warns(UserWarning, match="has no val split"):
+        val = data.open_dataset(str(coco), "val")
     assert len(val) == 24 and val.files == data.open_dataset(str(coco), "train").files
 
 

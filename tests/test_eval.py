@@ -127,7 +127,11 @@ def test_ground_truth_without_optional_keys_scores_as_coco_defines_them(tmp_path
         del a["area"], a["iscrowd"]
     for c in gt["categories"]:
         del c["name"]
+    for im in gt["images"]:  # scoring needs no image files, so no file names
+        del im["file_name"]
     (tmp_path / "gt.json").write_text(json.dumps(gt))
+    for r in results:  # ids written as floats: 1.0 is id 1, as pycocotools reads it
+        r["image_id"] = float(r["image_id"])
     (tmp_path / "results.json").write_text(json.dumps(results))
     stats = ev.score_results_file(str(tmp_path / "results.json"), str(tmp_path / "gt.json"))
     assert abs(stats["AP"] - 0.346958) < 1e-6 and abs(stats["AP50"] - 0.61003) < 1e-5
@@ -357,6 +361,10 @@ def test_predict_draws_one_box_per_object_with_hard_nms(tmp_path, monkeypatch):
     image = shared_path("voc2007_100", "images", sorted(os.listdir(shared_path("voc2007_100", "images")))[0])
     assert ev.main(["predict", "-m", path, image, "-o", str(tmp_path / "p"), "--device", "cpu"]) == 0
     assert (calls[0]["nms"], calls[0]["nms_iou_or_sigma"]) == ("hard", 0.45)
+    for method in ("gaussian", "linear"):  # soft-NMS asked for: the evaluation's 0.5
+        assert ev.main(["predict", "-m", path, image, "-o", str(tmp_path / "p"), "--device", "cpu",
+                        "--nms", method]) == 0
+        assert (calls[-1]["nms"], calls[-1]["nms_iou_or_sigma"]) == (method, 0.5)
 
 
 def write_small_coco(folder, cat_ids=range(1, 21), sizes=True):
@@ -659,9 +667,11 @@ def test_categories_match_by_name_and_order_whatever_their_ids(tmp_path, capsys)
         a["category_id"] -= 1
     open(gt_path, "w").write(json.dumps(gt))
     results = tmp_path / "results.json"
-    argv = ["-m", path, "-d", gt_path, "--device", "cpu", "-i", "64", "--save_results", str(results)]
+    argv = ["-m", path, "-d", gt_path, "--device", "cpu", "-i", "64", "--save_results", str(results),
+            "--nms_score_threshold", "0", "--nms_topk", "-1", "--nms_max_output_size", "1000"]  # most classes show
     assert ev.main(argv) == 0
-    assert {r["category_id"] for r in json.loads(results.read_text())} <= set(range(20))  # this data's ids
+    ids = {r["category_id"] for r in json.loads(results.read_text())}
+    assert 0 in ids and ids <= set(range(20))  # label 0 as this data's id 0, not the checkpoint's 1
     gt["categories"][0]["name"], gt["categories"][1]["name"] = "class1", "class0"
     open(gt_path, "w").write(json.dumps(gt))
     assert ev.main(argv) == 2

@@ -200,7 +200,7 @@ def test_ddp_two_processes_on_gloo(tiny_shapes, tmp_path, capsys):
     (["--ema_decay", "1.5"], "--ema_decay 1.5: give a decay in [0, 1)"),
     (["--mosaic_mix_prob", "2"], "--mosaic_mix_prob 2.0: a probability"),
     (["--cuda_graphs", "--compile"], "--cuda_graphs with --compile: choose one"),
-    (["--lr_min", "-1"], "--lr_min -1.0: give 0 or more"),
+    (["--lr_min", "-1"], "--lr_min -1.0: give 0 or more"),  # the number it means
     (["--lr_min", "abc"], "--lr_min 'abc': give a learning rate like 1e-5, or a share of the peak like 5%"),
     (["--lr_min", "0.5"], "--lr_min 0.5 is above the peak learning rate 0.01 of this run (--lr_base_512 0.08 x "
                           "total batch 64 / 512): the cosine would climb"),
@@ -237,12 +237,16 @@ def test_the_yolox_floor_is_a_share_of_the_peak_and_follows_the_batch(tmp_path, 
     for batch in (64, 8, 2):
         cfg = train.resolve_config(train.parse_args(["--det_header", "yolox_s", "-b", str(batch)]))
         peak = 0.08 * batch / 512
-        assert cfg["lr_min"] == pytest.approx(0.05 * peak)
+        assert cfg["lr_min"] == "5%" and cfg["lr_floor"] == pytest.approx(0.05 * peak)
         lrs = [train.learning_rate(e, cfg, peak) for e in (5, 100, 200, 285, 299)]
         assert lrs[0] == pytest.approx(peak) and lrs[-2] == lrs[-1] == pytest.approx(0.05 * peak)
         assert lrs == sorted(lrs, reverse=True)
     cfg = train.resolve_config(train.parse_args(["--det_header", "yolox_s", "--lr_min", "1e-5"]))
-    assert cfg["lr_min"] == 1e-5  # a number stays a number
+    assert cfg["lr_floor"] == 1e-5  # a number stays a number
+    # Resumed with another batch, the floor is the same share of the new peak.
+    torch.save({"train_config": {"det_header": "yolox_s", "batch_size": 8, "lr_min": "5%"}}, tmp_path / "last.pt")
+    cfg = train.resolve_config(train.parse_args(["--resume", str(tmp_path / "last.pt"), "-b", "32"]))
+    assert cfg["lr_floor"] == pytest.approx(0.05 * 0.08 * 32 / 512)
 
 
 def test_an_earlier_run_is_replaced_only_when_named(tiny_shapes, tmp_path, capsys, monkeypatch):
@@ -423,14 +427,14 @@ def test_recipe_freezes_only_a_pretrained_backbone(tmp_path, monkeypatch):
 
 
 def test_learning_rate_schedule():
-    cfg = {"lr_warmup_steps": 2.0, "lr_decay_steps": [12.0], "lr_min": 0.0}
+    cfg = {"lr_warmup_steps": 2.0, "lr_decay_steps": [12.0], "lr_floor": 0.0}
     assert train.learning_rate(1.0, cfg, 1.0) == pytest.approx(0.5)   # half-way through warm-up
     assert train.learning_rate(2.0, cfg, 1.0) == pytest.approx(1.0)   # peak
     assert train.learning_rate(7.0, cfg, 1.0) == pytest.approx(0.5)   # cosine half-way
-    assert train.learning_rate(20.0, cfg, 1.0) == pytest.approx(0.0)  # cooldown at lr_min
-    floor = dict(cfg, lr_min=0.1)  # cosine from 1 down to 0.1: half-way is 0.1 + 0.9 / 2
+    assert train.learning_rate(20.0, cfg, 1.0) == pytest.approx(0.0)  # cooldown at the floor
+    floor = dict(cfg, lr_floor=0.1)  # cosine from 1 down to 0.1: half-way is 0.1 + 0.9 / 2
     assert [train.learning_rate(e, floor, 1.0) for e in (7.0, 12.0, 20.0)] == pytest.approx([0.55, 0.1, 0.1])
-    steps = {"lr_warmup_steps": 0.0, "lr_decay_steps": [3.0, 6.0], "lr_min": 0.0}
+    steps = {"lr_warmup_steps": 0.0, "lr_decay_steps": [3.0, 6.0], "lr_floor": 0.0}
     assert [round(train.learning_rate(e, steps, 1.0), 6) for e in (0, 3, 5, 6)] == [1.0, 0.1, 0.1, 0.01]
 
 
