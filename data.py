@@ -335,14 +335,11 @@ def _yolo_names(folder, label_dir):
     """Class names of a YOLO folder: a names file (one name per line) in the folder or beside the
     label files (where LabelImg writes its classes.txt), else data.yaml's `names`."""
     # utf-8-sig: Windows editors put a byte-order mark in front, which would stick to the first name.
-    names, source = None, None
-    for name, where in [(n, folder) for n in sorted(os.listdir(folder))] + [(n, label_dir) for n in
-                                                                            sorted(os.listdir(label_dir))]:
-        if _is_names_file(name):
-            source = os.path.join(where, name)
-            with open(source, encoding="utf-8-sig") as f:
-                names = [line.strip() for line in f if line.strip()]
-            break
+    files = [os.path.join(d, n) for d in (folder, label_dir) for n in sorted(os.listdir(d)) if _is_names_file(n)]
+    names, source = None, files[0] if files else None
+    if source:
+        with open(source, encoding="utf-8-sig") as f:
+            names = [line.strip() for line in f if line.strip()]
     if names is None and os.path.exists(os.path.join(folder, "data.yaml")):
         source = os.path.join(folder, "data.yaml")
         names = _yaml_names(source)
