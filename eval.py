@@ -701,7 +701,7 @@ def load_model(path_or_preset, det_header=None, num_classes=None, input_shape=No
 def predict(model, image_paths, out_dir, class_names=None, score_threshold=0.3, nms="hard",
             nms_mode="per_class", nms_iou_or_sigma=0.45, nms_topk=5000, max_output_size=100,
             input_shape=None, resize_method="bilinear", letterbox_pad=-1):
-    """Detect objects in image files; draw each as OUT/<name>.png and write OUT/predictions.json.
+    """Detect objects in image files; draw each in OUT (see picture_name) and write OUT/predictions.json.
 
     Returns {file name: [{"box": [x1, y1, x2, y2] px, "score", "label", "name"}, ...]}.
     """
@@ -750,14 +750,22 @@ def predict(model, image_paths, out_dir, class_names=None, score_threshold=0.3, 
             colour = tuple(int(v) for v in (np.array([37, 91, 173]) * (label + 1)) % 255)
             draw.rectangle(box, outline=colour, width=2)
             draw.text((box[0] + 2, box[1] + 1), f"{name} {score:.2f}", fill=colour)
-        name = os.path.splitext(os.path.basename(path))[0]
-        tmp = os.path.join(out_dir, f".{name}.tmp.png")
-        image.save(tmp)
-        os.replace(tmp, os.path.join(out_dir, f"{name}.png"))
+        name = picture_name(path)
+        tmp = os.path.join(out_dir, f".tmp.{name}")  # the extension tells PIL the format
+        image.save(tmp, quality=90)  # quality is read by JPEG only; PNG is lossless
+        os.replace(tmp, os.path.join(out_dir, name))
         all_predictions[os.path.basename(path)] = detections
         last_line = _progress("predicting", done, len(image_paths), t0, last_line)
     write_json_atomic(all_predictions, os.path.join(out_dir, "predictions.json"))
     return all_predictions
+
+
+def picture_name(path):
+    """The file name predict draws an input's picture under: a JPEG keeps its name and stays a
+    JPEG (a photo as PNG is about 6x the bytes); any other image becomes <name>.png."""
+    base = os.path.basename(path)
+    stem, ext = os.path.splitext(base)
+    return base if ext.lower() in (".jpg", ".jpeg") else stem + ".png"
 
 
 def _add_common_flags(parser):
@@ -860,7 +868,9 @@ def _predict_main(argv):
     # but would draw a duplicate wherever a decayed score stays above --score_threshold.
     parser.set_defaults(nms="hard", nms_iou_or_sigma=None)  # None: 0.45 for hard, the evaluation's 0.5 else
     parser.add_argument("images", nargs="+", help="image files, or folders of them")
-    parser.add_argument("-o", "--out", required=True, help="output folder")
+    parser.add_argument("-o", "--out", required=True,
+                        help="output folder (made if missing): a picture per image, named as the image "
+                             "(JPEGs stay JPEG, others become .png), and predictions.json")
     parser.add_argument("--score_threshold", type=float, default=0.3,
                         help="draw (and list in predictions.json) detections scoring this or more")
     args = parser.parse_args(argv)
@@ -881,14 +891,14 @@ def _predict_main(argv):
         raise EvalInputError(f"{len(missing)} of the images do not exist, e.g. {missing[0]}")
     if not images:
         raise EvalInputError(f"no {'/'.join(IMAGE_EXTENSIONS)} image in {', '.join(args.images)}")
-    # Outputs are named after the inputs (x.jpg -> OUT/x.png): two inputs of one name would
-    # overwrite each other's picture, and an input in OUT named x.png would be drawn over.
-    stems = [os.path.splitext(os.path.basename(f))[0] for f in images]
-    twins = sorted({f for f, stem in zip(images, stems) if stems.count(stem) > 1})
+    # Outputs are named after the inputs (x.jpg -> OUT/x.jpg, x.bmp -> OUT/x.png): two inputs of
+    # one picture name would overwrite each other's picture, and an input in OUT would be drawn over.
+    names = [picture_name(f) for f in images]
+    twins = sorted({f for f, name in zip(images, names) if names.count(name) > 1})
     if twins:
         raise EvalInputError(f"{', '.join(twins[:4])}: these inputs share a file name, and their "
                              f"pictures would overwrite each other in {args.out}; predict them in separate runs")
-    outputs = {os.path.realpath(os.path.join(args.out, stem + ".png")) for stem in stems}
+    outputs = {os.path.realpath(os.path.join(args.out, name)) for name in names}
     clobbered = [f for f in images if os.path.realpath(f) in outputs]
     if clobbered:
         raise EvalInputError(f"-o {args.out}: the picture of {clobbered[0]} would be written over the image "

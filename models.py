@@ -185,19 +185,27 @@ class CSPLayer(nn.Module):
 
 class SPP(nn.Module):
     """Spatial pyramid pooling (YOLOX's SPPBottleneck): max-pools of 5, 9, 13 side by side
-    widen the receptive field of the last stage at almost no cost."""
+    widen the receptive field of the last stage at almost no cost.
 
-    def __init__(self, c_in, c_out, kernels=(5, 9, 13)):
+    The three pools are computed as a cascade of 5x5 pools (the "SPPF" trick): a 5x5 max of
+    a 5x5 max is a 9x9 max, and once more a 13x13 max, exactly, because max is associative
+    and the padding is -inf. The output is the same as pooling with 5, 9 and 13 separately
+    (tests/test_models.py checks it bit for bit), at 3 x 25 comparisons per pixel instead of
+    25 + 81 + 169: about half the time of this block, forward and backward, on a CPU.
+    """
+
+    def __init__(self, c_in, c_out):
         super().__init__()
         hidden = c_in // 2
         self.conv1 = ConvBnAct(c_in, hidden, 1)
-        self.kernels = kernels
-        self.conv2 = ConvBnAct(hidden * (len(kernels) + 1), c_out, 1)
+        self.conv2 = ConvBnAct(4 * hidden, c_out, 1)   # x and its three pools, concatenated
 
     def forward(self, x):
         x = self.conv1(x)
-        pools = [F.max_pool2d(x, k, 1, k // 2) for k in self.kernels]
-        return self.conv2(torch.cat([x] + pools, 1))
+        p5 = F.max_pool2d(x, 5, 1, 2)
+        p9 = F.max_pool2d(p5, 5, 1, 2)    # = max_pool2d(x, 9, 1, 4)
+        p13 = F.max_pool2d(p9, 5, 1, 2)   # = max_pool2d(x, 13, 1, 6)
+        return self.conv2(torch.cat([x, p5, p9, p13], 1))
 
 
 # ---------------------------------------------------------------------------------------

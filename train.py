@@ -67,11 +67,18 @@ RESUMED_SETTINGS = ("data", "det_header", "backbone", "anchors_mode", "epochs", 
 
 
 def parse_args(argv=None):
+    # The epilog is a table of both recipes, so -h answers "what runs if I leave a flag out";
+    # RawDescriptionHelpFormatter keeps its lines as written instead of re-wrapping them.
+    rows = [f"  --{name:<24}{str(EFFICIENTDET_RECIPE[name]):<16}{YOLOX_RECIPE[name]}" for name in EFFICIENTDET_RECIPE]
     p = argparse.ArgumentParser(
         description="Train an EfficientDet / YOLOX detector on COCO-format data.",
-        epilog="Flags left unset take their value from a recipe (EFFICIENTDET_RECIPE, or YOLOX_RECIPE "
-        "when --det_header is yolox_*; see the top of train.py); -e defaults to the decay plus the cooldown. "
-        "With --resume, a flag left unset takes the value of the run being resumed.")
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog="Flags left unset take their value from a recipe: YOLOX's when --det_header is yolox_*,\n"
+        "else EfficientDet's (EFFICIENTDET_RECIPE and YOLOX_RECIPE at the top of train.py):\n\n"
+        f"  {'flag':<26}{'EfficientDet':<16}YOLOX\n" + "\n".join(rows) + "\n\n"
+        "'preset' is the preset's published size: 416 for yolox_nano / yolox_tiny, else 640.\n"
+        "-e defaults to the decay plus the cooldown. With --resume, a flag left unset takes the\n"
+        "value of the run being resumed.")
     a = p.add_argument
     a("-d", "--data", default=None, help="'shapes' (the default: built-in set, made on first use), a COCO "
       "folder (annotations/instances_{train,val}.json or the download's instances_{train,val}2017.json, + images), "

@@ -338,7 +338,8 @@ def test_cli_eval_and_predict(tmp_path, capsys):
                     "-o", str(out), "--score_threshold", "0.2", "--letterbox_pad", "32", "--device", "cpu"]) == 0
     predictions = json.loads((out / "predictions.json").read_text())
     assert sorted(predictions) == images
-    assert all((out / (os.path.splitext(f)[0] + ".png")).exists() for f in images)
+    # A JPEG's picture keeps its name and format.
+    assert all(Image.open(out / f).format == "JPEG" for f in images)
 
 
 def test_predict_draws_one_box_per_object_with_hard_nms(tmp_path, monkeypatch):
@@ -523,11 +524,16 @@ def test_cli_paths_and_results_entries_are_checked(tmp_path, capsys):
     stored.save(tmp_path / "other" / "phone.jpg", exif=exif)
     assert ev.main(["predict", "-m", ckpt, "--device", "cpu", "-o", str(tmp_path / "up"),
                     str(tmp_path / "other" / "phone.jpg")]) == 0
-    assert Image.open(tmp_path / "up" / "phone.png").size == (41, 60)
+    assert Image.open(tmp_path / "up" / "phone.jpg").size == (41, 60)
     # The output folder is the input's own: its picture would overwrite the photo.
     assert ev.main(["predict", "-m", ckpt, "--device", "cpu", "-o", str(tmp_path / "other"),
-                    str(tmp_path / "other" / "1.jpg")]) == 0  # 1.jpg -> 1.png: no clash
-    png = tmp_path / "other" / "1.png"
+                    str(tmp_path / "other" / "1.jpg")]) == 2
+    assert "would be written over the image itself" in capsys.readouterr().err
+    Image.new("RGB", (32, 32)).save(tmp_path / "other" / "3.bmp")  # 3.bmp -> 3.png: no clash
+    assert ev.main(["predict", "-m", ckpt, "--device", "cpu", "-o", str(tmp_path / "other"),
+                    str(tmp_path / "other" / "3.bmp")]) == 0
+    png = tmp_path / "other" / "3.png"
+    assert Image.open(png).format == "PNG"
     assert ev.main(["predict", "-m", ckpt, "--device", "cpu", "-o", str(tmp_path / "other"), str(png)]) == 2
     assert "would be written over the image itself" in capsys.readouterr().err
     # A folder stands for its images. A 128 x 16 picture is mostly letterbox padding at 128 x 128:
@@ -540,7 +546,7 @@ def test_cli_paths_and_results_entries_are_checked(tmp_path, capsys):
     assert all(d["box"][2] > d["box"][0] and d["box"][3] > d["box"][1] for d in predictions["wide.jpg"])
     # -i as train.py writes it (H,W) works too.
     assert ev.main(["predict", "-m", ckpt, "--device", "cpu", "-i", "64,96", "-o", str(tmp_path / "p"), image]) == 0
-    assert (tmp_path / "p" / "1.png").exists()
+    assert (tmp_path / "p" / "1.jpg").exists()
 
 
 def test_progress_line_every_ten_seconds(capsys):
@@ -595,9 +601,10 @@ def test_predict_folder_inputs(tmp_path, capsys, monkeypatch):
     ckpt = str(tmp_path / "n.pt")
     write_checkpoint(ckpt)
     predict = ["predict", "-m", ckpt, "--device", "cpu"]
-    # a.jpg and a.png would both draw a.png
+    # a.bmp and a.png would both draw a.png (a.jpg draws a.jpg: no clash)
     os.makedirs(tmp_path / "twins")
     Image.new("RGB", (32, 32)).save(tmp_path / "twins" / "a.jpg")
+    Image.new("RGB", (32, 32)).save(tmp_path / "twins" / "a.bmp")
     Image.new("RGB", (32, 32)).save(tmp_path / "twins" / "a.png")
     assert ev.main(predict + ["-o", str(tmp_path / "o"), str(tmp_path / "twins")]) == 2
     assert "share a file name" in capsys.readouterr().err

@@ -280,3 +280,23 @@ def test_encode_of_a_degenerate_box_is_finite():
     raw = models.encode_boxes(torch.tensor([[4.0, 4.0, 4.0, 4.0]]), p, "anchor_free")
     assert torch.isfinite(raw).all()
     assert raw[0].tolist() == pytest.approx([0.0, 0.0, math.log(1e-3 / 8), math.log(1e-3 / 8)], rel=1e-5)
+
+
+def test_spp_cascade_equals_pools_of_5_9_13():
+    """The SPP computes its 9 and 13 pools as repeated 5x5 pools; they must equal the direct
+    pools, bit for bit, including at the borders (a peak near a corner is clipped)."""
+    torch.manual_seed(0)
+    spp = models.SPP(8, 8).eval()
+    seen = {}
+    spp.conv2.register_forward_hook(lambda m, inputs, out: seen.update(x=inputs[0]))
+    x = torch.randn(2, 8, 11, 13)
+    spp(x)
+    hidden = spp.conv1(x)
+    direct = [torch.nn.functional.max_pool2d(hidden, k, 1, k // 2) for k in (5, 9, 13)]
+    assert torch.equal(seen["x"], torch.cat([hidden] + direct, 1))
+    # By hand: one peak at (1, 2) in a 11 x 13 map of zeros; the 9x9 max spreads it 4 pixels
+    # each way, clipped by the border: rows 0..5 (6 rows) x columns 0..6 (7 columns) = 42.
+    peak = torch.zeros(1, 1, 11, 13)
+    peak[0, 0, 1, 2] = 1
+    p9 = torch.nn.functional.max_pool2d(torch.nn.functional.max_pool2d(peak, 5, 1, 2), 5, 1, 2)
+    assert p9.sum().item() == 42

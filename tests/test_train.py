@@ -961,3 +961,13 @@ def test_yolox_s_recipe_runs_as_is_on_a_coco_2017_folder_of_real_photos(tmp_path
     assert last["config"]["num_classes"] == 20 and last["config"]["class_names"][:2] == ["person", "cat"]
     recipe = last["train_config"]
     assert recipe["optimizer"] == "sgd" and recipe["mosaic_mix_prob"] == 1.0 and recipe["ema_decay"] > 0
+
+
+def test_help_lists_both_recipes(capsys):
+    """-h ends with the two recipes side by side: the values a run takes for flags left out."""
+    with pytest.raises(SystemExit):
+        train.parse_args(["-h"])
+    lines = capsys.readouterr().out.splitlines()
+    assert "  --lr_min                  1e-06           5%" in lines
+    assert "  --optimizer               adamw           sgd" in lines
+    assert "  --ema_decay               0.0             0.9998" in lines
