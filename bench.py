@@ -891,8 +891,7 @@ def train_ours_gpu(name, size, batch, dataset, workers, variant, warmup, steps, 
             if variant == "reduce-overhead":
                 torch.compiler.cudagraph_mark_step_begin()  # last step's graph outputs are no longer read
             with torch.autocast(device, dtype=torch.bfloat16):
-                outputs = forward(b["images"])
-            outputs = [o.float() for o in outputs]
+                outputs = forward(b["images"])  # bf16; detection_loss upcasts, as in train.py
             t = mark("forward", t) if timing else t
             losses = assign.detection_loss(outputs, priors, {k: b[k] for k in ("boxes", "labels", "valid")},
                                            model.anchors_mode)

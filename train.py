@@ -702,8 +702,8 @@ def run(argv=None):
 
                 with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
                     outputs = train_model(batch["images"])
-                # The loss in float32: focal terms and IoUs lose too much in half precision.
-                outputs = [o.float() for o in outputs]
+                # Outside autocast: detection_loss upcasts the bf16 / fp16 outputs and computes in
+                # float32, where focal terms and IoUs keep their precision.
                 losses = assign.detection_loss(outputs, priors, targets, model.anchors_mode,
                                                use_l1=closing and model.anchors_mode == "anchor_free")
                 optimizer.zero_grad(set_to_none=True)  # to None, not zeros: see graph_model
