@@ -11,9 +11,10 @@ predict one of the ground-truth boxes (a positive), nothing (a negative / backgr
 left out of the loss (ignored). That decision is the *assignment*. This file holds both
 flavours the project uses:
 
-* `assign_max_iou`: EfficientDet / RetinaNet style. A fixed rule on anchor-vs-box IoU:
-  IoU >= 0.5 positive, 0.4 <= IoU < 0.5 ignored, below 0.4 background, and every box's best
-  anchor forced positive so that no box goes unlearned.
+* `assign_max_iou`: EfficientDet style. A fixed rule on anchor-vs-box IoU: IoU >= 0.5
+  positive, below 0.5 background (effdet and Google's automl use one threshold; RetinaNet's
+  0.4 <= IoU < 0.5 "ignored" band is the neg_iou=0.4 option), and every box's best anchor
+  forced positive so that no box goes unlearned.
 * `simota_assign`: YOLOX's SimOTA. A dynamic rule that looks at the current predictions: each
   box takes the k priors that are cheapest to make predict it (class cost + 3 x IoU cost),
   with k chosen per box from how well it is already predicted.
@@ -21,8 +22,10 @@ flavours the project uses:
 Both are batched: ground truth arrives padded to M boxes per image with a `valid` mask; the
 G valid boxes of the whole batch become one list, each box tagged with its image, and every
 step works on [G, N] grids (boxes x priors), so there is no Python loop over images, priors or
-boxes. Label -1 marks a crowd / ignore region: never a target, and the
-priors it covers are left out of the background loss.
+boxes. Label -1 marks a crowd / ignore region (COCO's `iscrowd`: one box drawn around a
+group of objects too dense to label one by one): never a target, and the priors it covers are
+left out of the background loss, since they may well be looking at an unlabelled object.
+A box of zero width or height (callers should drop them, as data.py does) is left out too.
 
 Then the losses that consume each assignment:
 
@@ -99,8 +102,7 @@ def box_iou(a, b, aligned=False, kind="iou", eps=1e-7):
     wa, ha = a[..., 2] - a[..., 0], (a[..., 3] - a[..., 1]).clamp(min=eps)
     wb, hb = b[..., 2] - b[..., 0], (b[..., 3] - b[..., 1]).clamp(min=eps)
     v = (4 / math.pi ** 2) * (torch.atan(wb / hb) - torch.atan(wa / ha)) ** 2
-    # The paper treats alpha as a constant when differentiating (its gradient would push the
-    # IoU the wrong way for small boxes), hence the no_grad.
+    # alpha is a trade-off weight; as in the authors' code it gets no gradient, hence the no_grad.
     with torch.no_grad():
         alpha = v / (1 - iou + v + eps)
     return iou - (dx ** 2 + dy ** 2) / diag2 - alpha * v
@@ -127,9 +129,9 @@ class Assignment(NamedTuple):
     ignored:  [B, N] bool, the prior is left out of the background / objectness loss
               (never True where positive is).
     gt_index: [B, N] int64 index into the M padded boxes, -1 where not positive.
-    iou:      [B, N] float32 IoU behind the decision: for max-IoU the anchor's best IoU over
-              its image's boxes (for an anchor forced onto a box it overlaps less than another,
-              that other box's); for SimOTA the predicted box vs its box, 0 where not positive.
+    iou:      [B, N] float32 IoU behind the decision: for max-IoU the anchor's IoU with its
+              assigned box (its best IoU over the image's boxes where not positive); for
+              SimOTA the predicted box vs its box, 0 where not positive.
     """
     positive: torch.Tensor
     ignored: torch.Tensor
@@ -202,14 +204,16 @@ def _argmax_per_image(values, img, slot, B, no_slot):
 # ---------------------------------------------------------------------------------------------
 
 @torch.no_grad()
-def assign_max_iou(anchors, gt_boxes, gt_labels, gt_valid, pos_iou=0.5, neg_iou=0.4, ignore_ioa=0.5):
+def assign_max_iou(anchors, gt_boxes, gt_labels, gt_valid, pos_iou=0.5, neg_iou=0.5, ignore_ioa=0.5):
     """Fixed IoU rule between anchors and boxes, batched.
 
     anchors: [N, 4] xyxy px (priors.boxes). gt_boxes: [B, M, 4] xyxy px; gt_labels: [B, M] int64,
     -1 = crowd / ignore region; gt_valid: [B, M] bool, False = padding (may stay on the CPU:
     see _valid_boxes).
     Returns an Assignment. Each anchor takes the box of its image it overlaps most: IoU >=
-    pos_iou positive, neg_iou <= IoU < pos_iou ignored, below background. Each box's best
+    pos_iou positive, neg_iou <= IoU < pos_iou ignored, below background. The default
+    neg_iou = pos_iou = 0.5 is effdet's and automl's rule (no ignored band); RetinaNet ignores
+    0.4 <= IoU < 0.5 (neg_iou=0.4). Each box's best
     anchor is positive for it whatever its IoU (else a box between anchor sizes would never be
     learned). An anchor with IoA >= ignore_ioa inside a crowd region is ignored unless it is
     positive for a real box.
@@ -223,7 +227,7 @@ def assign_max_iou(anchors, gt_boxes, gt_labels, gt_valid, pos_iou=0.5, neg_iou=
     img, slot, boxes, labels = _valid_boxes(gt_boxes, gt_labels, gt_valid)
     if img.numel() == 0:
         return _empty_assignment(B, anchors.shape[0], gt_boxes.device)
-    is_real = labels >= 0
+    is_real = (labels >= 0) & (boxes[:, 2] > boxes[:, 0]) & (boxes[:, 3] > boxes[:, 1])  # not crowd, not empty
 
     iou = box_iou(boxes, anchors).masked_fill(~is_real[:, None], -1.0)   # [G, N]; crowds never match
     max_iou, gt_index = _argmax_per_image(iou, img, slot, B, M)          # [B, N]
@@ -231,8 +235,8 @@ def assign_max_iou(anchors, gt_boxes, gt_labels, gt_valid, pos_iou=0.5, neg_iou=
     band = (max_iou >= neg_iou) & ~positive
 
     # Force each box's best anchor (argmax over the anchors, one per box). An anchor that is
-    # the best of two boxes goes to the one it overlaps more. A box overlapping no anchor at
-    # all is left unforced.
+    # the best of two boxes goes to the one it overlaps more (effdet gives it to the box listed
+    # first). A box overlapping no anchor at all is left unforced.
     # (A comparison with arange, not F.one_hot: a bool [G, N] rather than an int64 one, and no
     # range check, which on a CPU reads the indexes' min and max.)
     best_iou, best_anchor = iou.max(dim=1)                                # [G]
@@ -241,6 +245,7 @@ def assign_max_iou(anchors, gt_boxes, gt_labels, gt_valid, pos_iou=0.5, neg_iou=
     forced_iou, forced_gt = _argmax_per_image(iou.masked_fill(~forced, -1.0), img, slot, B, M)
     is_forced = forced_iou > 0
     gt_index = torch.where(is_forced, forced_gt, gt_index)
+    max_iou = torch.where(is_forced, forced_iou, max_iou)  # the IoU with the box it now learns
     positive = positive | is_forced
 
     # Crowd regions: IoA (share of the anchor inside the region), not IoU. A crowd box is
@@ -266,12 +271,19 @@ def simota_assign(pred_boxes, cls_logits, obj_logits, centers, strides, gt_boxes
     gt_labels [B, M] (-1 = ignore region), gt_valid [B, M] (may stay on the CPU: see _valid_boxes).
     Returns an Assignment.
 
-    Why no_grad: the assignment reads the predictions (their IoU and class scores decide who is
-    positive), yet it is a *target*, not something to optimise. With gradients flowing through
-    it, the network can lower the loss by moving the targets (for example by worsening the IoU
-    of a box so that it stops being assigned), and the box loss stalls. The seed (kecam) lost
-    weeks to exactly that: its box loss sat at 1 until a stop-gradient went in. The decorator
-    and the .detach() calls below make the cut explicit.
+    Why no_grad and .detach(): the assignment reads the predictions (their IoU and class scores
+    decide who is positive), yet it is a *target*, not something to optimise. Which priors are
+    chosen (topk, comparisons) carries no gradient in any case; what would is the IoU returned
+    with the choice, which anchor_free_loss uses as the class target (one-hot x IoU). Computed
+    from boxes that keep their gradient, that target lets the class loss fall by making the box
+    *worse*: early in training the class scores sit near 0.01 (models.PRIOR_PROB), and pulling
+    the IoU down to meet them is the cheapest way to agree (in a 3-step test, IoU 0.68 -> 0.20
+    while the class loss fell). So the boxes are detached here, and the decorator keeps the
+    [G, N] temporaries out of autograd's memory.
+
+    This follows the YOLOX paper and its first code release (centre region 2.5 strides, inside
+    box or centre region, 1e5 for a pair outside both); later YOLOX code changed to a centre-only
+    region of 1.5 strides, so its numbers differ from these.
 
     Steps, on a [G, N] grid of (box, prior) pairs, G = all valid boxes of the batch:
       1. candidates: priors whose centre is inside a box, or within center_radius strides of a
@@ -294,7 +306,7 @@ def simota_assign(pred_boxes, cls_logits, obj_logits, centers, strides, gt_boxes
     G = img.numel()
     if G == 0:
         return _empty_assignment(B, N, device)
-    is_real = labels >= 0                                            # False: crowd / ignore region
+    is_real = (labels >= 0) & (boxes[:, 2] > boxes[:, 0]) & (boxes[:, 3] > boxes[:, 1])  # not crowd, not empty
 
     # The [G, N] planes below are the big tensors of this function, so the arithmetic on them
     # runs in place where it can (fresh 10-50 MB buffers cost as much as the maths on a CPU).
@@ -330,7 +342,8 @@ def simota_assign(pred_boxes, cls_logits, obj_logits, centers, strides, gt_boxes
     iou = inter.div_(union.add_(1e-7)).mul_(candidate)               # [G, N]
     del px1, py1, px2, py2, union
     # Class cost of a pair (prior n, box of class g) is YOLOX's
-    #   sum_c BCE(p_nc, onehot(g)_c),  p = sqrt(sigmoid(cls) * sigmoid(obj)).
+    #   sum_c BCE(p_nc, onehot(g)_c),  p = sqrt(sigmoid(cls) * sigmoid(obj))
+    # (p = sigmoid(cls) for a head without objectness, obj_logits None).
     # Materialised for every pair that is [G, N, C] (16 images x 50 boxes x 8400 priors x 80
     # classes = 2.1 GB of float32). But BCE against a one-hot splits: every class contributes
     # -log(1 - p_c) except the true one, which contributes -log(p_g) instead. So
@@ -341,12 +354,12 @@ def simota_assign(pred_boxes, cls_logits, obj_logits, centers, strides, gt_boxes
     p = cls_logits.transpose(1, 2).contiguous().sigmoid_()           # [B, C, N]
     if obj_logits is not None:
         p.mul_(obj_logits.detach().float().sigmoid()[:, None, :]).sqrt_()
-    p_true = p[img, labels.clamp(min=0)]                             # [G, N] p of the box's class
-    all_negative = p.neg_().log1p_().clamp_(min=-100).sum(dim=1)     # [B, N] sum_c log(1 - p_c)
-    cost = all_negative[img].neg_()
-    cost -= torch.log(p_true).clamp_(min=-100)
-    cost += torch.log1p(p_true.neg_()).clamp_(min=-100)
-    del p, p_true
+    p_true = p[img, labels.clamp(min=0)]                             # [G, N] p of the box's class (a copy)
+    log_not_p = p.neg_().log1p_().clamp_(min=-100)                   # [B, C, N] log(1 - p), in p's memory
+    cost = log_not_p.sum(dim=1)[img].neg_()                          # [G, N] sum_c -log(1 - p_c)
+    cost -= torch.log(p_true).clamp_(min=-100)                       # the true class: + -log p_g
+    cost += torch.log1p(-p_true).clamp_(min=-100)                    #   instead of -log(1 - p_g)
+    del p, log_not_p, p_true
     cost -= iou_weight * torch.log(iou + 1e-8)
     cost.add_(outside.to(cost.dtype), alpha=outside_cost)
     cost.masked_fill_(~candidate, float("inf"))
@@ -397,7 +410,8 @@ def _num_positives(positive):
 
     Under DDP each rank sees different images; dividing by the mean count over ranks (not
     each rank's own) gives every positive in the global batch the same weight once DDP
-    averages the gradients. Clamped at 1 so a batch with no boxes does not divide by 0.
+    averages the gradients. Clamped at 1 so a batch with no boxes does not divide by 0
+    (effdet divides by num_pos + 1 instead: a hair smaller losses, the same training).
     """
     n = positive.sum().float()
     if torch.distributed.is_available() and torch.distributed.is_initialized():
@@ -457,8 +471,11 @@ def _sum_at(values, mask):
 def sigmoid_focal_loss(logits, targets, alpha=0.25, gamma=1.5, label_smoothing=0.0):
     """Per-element focal loss (Lin et al. 2017): [...] -> [...] (not reduced).
 
-    alpha weighs positives against the far more numerous negatives; (1 - p_t)^gamma shrinks
-    the loss of easy examples so the millions of easy background anchors do not drown the rest.
+    (1 - p_t)^gamma shrinks the loss of easy examples, so the millions of easy background
+    anchors do not drown the rest. alpha weighs the two sides: alpha for positives, 1 - alpha
+    for negatives; with alpha = 0.25 the positives get the *smaller* weight, which the focal
+    loss paper found best once gamma has already quietened the easy negatives. gamma = 1.5
+    (RetinaNet used 2.0), alpha = 0.25, Huber delta = 0.1 and box weight 50 are EfficientDet's.
     Label smoothing pulls the BCE target towards 0.5 (the modulating factor keeps the hard 0/1).
     """
     p = logits.sigmoid()
@@ -471,7 +488,7 @@ def sigmoid_focal_loss(logits, targets, alpha=0.25, gamma=1.5, label_smoothing=0
 
 
 def anchor_loss(outputs, priors, targets, alpha=0.25, gamma=1.5, delta=0.1, box_weight=50.0,
-                label_smoothing=0.0, pos_iou=0.5, neg_iou=0.4, ignore_ioa=0.5):
+                label_smoothing=0.0, pos_iou=0.5, neg_iou=0.5, ignore_ioa=0.5):
     """EfficientDet loss: focal loss on classes + Huber on encoded box offsets.
 
     outputs: the model's raw list (level l: [B, A, 4 + C, H_l, W_l]) or flat [B, N, 4 + C];
@@ -517,8 +534,9 @@ def anchor_free_loss(outputs, priors, targets, use_l1=False, iou_kind="iou", lab
     [B, N, 4 + C + 1]; priors: models.Priors for "anchor_free"; targets as in anchor_loss.
     Returns dict(box, obj, cls, l1, total) of scalar tensors, each divided by the number of
     positives; total = box_weight * box + obj_weight * obj + cls_weight * cls + l1_weight * l1.
-    box: 1 - IoU^2 of decoded prediction vs assigned box at positives (iou_kind "giou" /
-      "ciou": 1 - GIoU / 1 - CIoU).
+    box: 1 - IoU^2 of decoded prediction vs assigned box at positives (YOLOX's IoU loss; iou_kind
+      "giou" / "ciou": 1 - GIoU / 1 - CIoU, which also pull boxes that do not overlap at all),
+      weighted by box_weight 5 (YOLOX's reg_weight).
     obj: BCE over every prior (target 1 at positives, 0 elsewhere), except priors in ignore
       regions that no box took.
     cls: BCE at positives against one-hot x IoU(prediction, box), so class confidence learns to
@@ -537,7 +555,7 @@ def anchor_free_loss(outputs, priors, targets, use_l1=False, iou_kind="iou", lab
     pred_boxes = decode_boxes(raw_box, priors, "anchor_free")              # [B, N, 4] xyxy px
 
     # Assignment under no_grad, on detached predictions: targets must not move with the
-    # weights (see simota_assign for why; the seed's box loss sat at 1 without this cut).
+    # weights (see simota_assign for why: the class target below is scaled by a.iou).
     with torch.no_grad():
         a = simota_assign(pred_boxes.detach(), cls.detach(), obj.detach(), priors.centers, priors.strides,
                           gt_boxes, gt_labels, gt_valid)

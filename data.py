@@ -248,6 +248,13 @@ def check_coco_json(coco, json_path, need_files=True):
             if absent:
                 raise ValueError(f"{json_path}: an entry of '{key}' has no '{absent[0]}' ({json.dumps(entry)[:80]}): "
                                  f"add it, or remove the entry")
+    if need_files:  # the loader carries image ids as an int64 tensor (results are written with them)
+        def whole(v):
+            return not isinstance(v, bool) and (isinstance(v, int) or (isinstance(v, float) and v.is_integer()))
+        odd = next((im["id"] for im in coco["images"] if not whole(im["id"])), None)
+        if odd is not None:
+            raise ValueError(f"{json_path}: image id {json.dumps(odd)} is not a whole number: number the images "
+                             f"1, 2, 3, ... and give each annotation's image_id the same number")
     for a in coco["annotations"]:
         bbox = a.get("bbox")  # checked one by one, so the error names the annotation rather than numpy's shapes
         if not (isinstance(bbox, list) and len(bbox) == 4 and all(isinstance(v, (int, float)) for v in bbox)):
@@ -280,9 +287,9 @@ def read_coco(json_path, images_dir=None, split=None):
     if images_dir is None:
         root = os.path.dirname(json_dir)
         names = [json_dir, os.path.join(json_dir, "images")]
-        if split:
-            names += [os.path.join(root, split), os.path.join(root, "images", split),
-                      os.path.join(root, f"{split}2017"), os.path.join(root, f"{split}2014")]
+        if split:  # the split's folder beside the json (a download unpacked in one folder) or beside annotations/
+            names += [os.path.join(d, name) for d in (json_dir, root) for name in (split, f"{split}2017", f"{split}2014")]
+            names += [os.path.join(root, "images", split)]
         names += [os.path.join(root, "images"), root]
         images_dir = _find_image_dir(names, [im["file_name"] for im in coco["images"][:20]], json_path)
     # The folder was found from the first images; every image must be there too, or training would
@@ -313,6 +320,10 @@ def read_coco(json_path, images_dir=None, split=None):
     if len(bad):
         _warn_bad_boxes(json_path, len(bad), len(anns),
                         [f"annotation {anns[j].get('id')} bbox [{_numbers(xywh[j], ', ')}]" for j in bad[:3]])
+        # Skipped means skipped everywhere: the ground truth that the evaluation scores against
+        # (coco_gt) leaves them out too, else each would count as an object nobody can find.
+        dropped = {id(anns[j]) for j in bad}
+        coco = dict(coco, annotations=[a for a in coco["annotations"] if id(a) not in dropped])
     records, k = [], 0
     for im in coco["images"]:
         n = len(per_image[im["id"]])
@@ -438,9 +449,18 @@ def _yaml_split_dirs(folder, split):
         return None
     with open(yaml, encoding="utf-8-sig", errors="replace") as f:
         top = dict(line.rstrip().split(":", 1) for line in f if re.match(r"[A-Za-z_]+:", line))
-    value = _unquote(top.get(split, "") or (top.get("valid", "") if split == "val" else ""))
-    if not value or value.startswith("["):  # absent, or a list of folders: not read here
+    key = split if top.get(split, "").strip() or split != "val" else "valid"
+    value = _unquote(top.get(key, ""))
+    if not value:
         return None
+    # Ultralytics also takes a list of folders, or a txt file listing image paths (its autosplit
+    # writes those). Neither is read here; falling back to the folder layouts would quietly train
+    # on (and score) other images than the yaml names, perhaps the val images among them.
+    if value.startswith("[") or value.lower().endswith(".txt"):
+        raise ValueError(f"{yaml}: '{key}: {value}' is a {'list of folders' if value.startswith('[') else 'file list'}, "
+                         f"which plaindet does not read: put the split's images in one folder (labels beside, "
+                         f"with images -> labels in the path, e.g. images/{split} and labels/{split}) and name "
+                         f"that folder in '{key}:'")
     root = _unquote(top.get("path", ""))
     for image_dir in (os.path.join(folder, root, value), os.path.join(folder, value),
                       os.path.join(folder, re.sub(r"^(\.\./)+", "", value))):

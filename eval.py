@@ -15,11 +15,24 @@ models.py); everything that turns them into detections lives here, in reading or
    On CUDA tensors the greedy part runs as the hand-written kernel in nms_kernels.cu (through
    cupy, imported only then); on the CPU the same algorithm runs in plain vectorized torch.
 3. boxes_to_original: the `matrices` that data.letterbox returns map output pixels back to the
-   original image, so boxes are scored in the pixels the ground truth is written in.
+   original image, so boxes are scored in the pixels the ground truth is written in; then
+   clip_boxes puts them inside the image (the last of the 0.343 knobs, on by default).
 4. evaluate_coco_results: pycocotools over EVERY image of the split: an image without any
    detection still counts (dropping those, as keras_cv_attention_models did, inflates AP).
 5. run_coco_evaluation: the whole loop over a dataset, the call train.py makes every epoch.
 6. load_model / predict / main: checkpoints, pictures of predictions, the CLI.
+
+What COCO AP rewards, and so why those knobs help: for each class and each IoU threshold
+0.50, 0.55, ..., 0.95, the detections are ranked by score and AP is the area under the
+precision-recall curve; the 12 numbers average that (AP), take it at one threshold (AP50,
+AP75) or by object size, and AR is the share of objects found at all. A low-score detection
+ranked below the good ones can only add recall, never take precision from those above it:
+hence the score threshold of 0.001 rather than a "confident" 0.3. Soft-NMS lowers the score of
+a box overlapping a better one instead of deleting it, so the second person in a crowd
+survives, further down the ranking. Per-class NMS stops a box of one class from suppressing
+another class's. pycocotools reads at most 100 detections per image (maxDets), so the NMS
+keeps the best 100. "The seed" in comments is keras_cv_attention_models (kecam), whose COCO
+README this project reimplements.
 
     python eval.py --nms gaussian         # runs/train/best.pt, on the val split of its training data
     python eval.py -m runs/yolox_s/last.pt -d /data/coco --nms gaussian --nms_mode per_class
@@ -102,6 +115,9 @@ def decode_predictions(outputs, priors, anchors_mode):
 #               at most max_output_size picks per group;
 #   merge:      per image, the best max_output_size picks over all its groups.
 # Ties anywhere go to the lower index, so the kernel and the twin pick the same boxes.
+# sigma is the paper's (Bodla et al. 2017) and effdet's: exp(-IoU^2 / sigma). TensorFlow's
+# soft_nms_sigma is another parameterisation, exp(-0.5 IoU^2 / sigma_tf), so sigma here is
+# 2 x sigma_tf: automl's sigma_tf = 0.5 is sigma 1.0 here.
 
 
 def _box_iou_one_to_many(box, boxes, areas):
@@ -332,7 +348,11 @@ def eval_letterbox(batch, input_shape, resize_method="bilinear", letterbox_pad=-
         raise EvalInputError(f"--letterbox_pad {letterbox_pad} leaves no room in input {h}x{w}")
     inner = letterbox(batch, (h - letterbox_pad, w - letterbox_pad), mode=resize_method)
     m = inner["matrices"]  # [B, 2, 3]: original px per output px in m[:, 0, 0] and m[:, 1, 1]
+    # The loader's `sizes` are of the decoded canvas, which a worker may have shrunk by `scales`;
+    # the matrices map to original pixels, so the original size is the one to divide.
     original_hw = batch["sizes"].to(m) / batch["scales"].to(m).flip(-1)  # [B, 2] (h, w); scales are (x, y)
+    # The picture's extent in output pixels, rounded up; the - 1e-3 keeps a float that lands a
+    # hair above a whole number (100.00001) from rounding up to one pixel more.
     content_hw = torch.ceil(original_hw / torch.stack([m[:, 1, 1], m[:, 0, 0]], -1) - 1e-3).long()
     content_hw = torch.minimum(content_hw, torch.tensor([h - letterbox_pad, w - letterbox_pad], device=m.device))
     offset = torch.div(torch.tensor([h, w], device=m.device) - content_hw, 2, rounding_mode="floor")  # [B, 2] (y, x)
@@ -372,12 +392,16 @@ def detections_to_coco(boxes, scores, labels, count, image_id, cat_ids):
 
     boxes [K, 4] xyxy original px, scores [K], labels [K] contiguous, count = valid rows.
     cat_ids maps a contiguous label to its COCO category id.
+    Left out: boxes of zero area (a box lying wholly in the letterbox padding clips to a line:
+    it can match no object) and boxes that are not finite (the model's outputs overflowed;
+    run_coco_evaluation counts those and says so).
     """
     boxes, scores, labels = boxes[:count].tolist(), scores[:count].tolist(), labels[:count].tolist()
     return [{"image_id": int(image_id), "category_id": int(cat_ids[label]),
              "bbox": [round(x1, 3), round(y1, 3), round(x2 - x1, 3), round(y2 - y1, 3)],
              "score": round(score, 6)}
-            for (x1, y1, x2, y2), score, label in zip(boxes, scores, labels)]
+            for (x1, y1, x2, y2), score, label in zip(boxes, scores, labels)
+            if all(map(math.isfinite, (x1, y1, x2, y2))) and x2 > x1 and y2 > y1]
 
 
 def _progress(what, done, total, t0, last_line, every=10.0):
@@ -556,7 +580,7 @@ def score_results_file(results_path, data, split="val", stats_json=None, verbose
 # ---------------------------------------------------------------------------------------------
 def run_coco_evaluation(model, data, nms_score_threshold=0.001, nms="gaussian", nms_mode="per_class",
                         nms_topk=5000, batch_size=8, nms_iou_or_sigma=0.5, nms_max_output_size=100,
-                        clip_bbox=False, input_shape=None, resize_method="bilinear", letterbox_pad=-1,
+                        clip_bbox=True, input_shape=None, resize_method="bilinear", letterbox_pad=-1,
                         split="val", workers=0, results_path=None, stats_json=None,
                         verbose=True):
     """Evaluate `model` on every image of a split and return the 12 COCO numbers.
@@ -565,6 +589,8 @@ def run_coco_evaluation(model, data, nms_score_threshold=0.001, nms="gaussian", 
     data: a Dataset from data.open_dataset, or a path / "shapes" opened with `split`;
     input_shape: (H, W) of the letterbox, default model.config["input_shape"];
     resize_method / letterbox_pad: how the image is resized and placed (see eval_letterbox);
+    clip_bbox: clip the boxes to the image after undoing the letterbox (the seed's 0.343 recipe
+    does; a box cannot extend past the picture it describes);
     results_path: also write the COCO results json there; stats_json: write the 12 numbers.
     Returns {"AP": ..., "AP50": ..., ..., "ARl": ...}.
     """
@@ -595,6 +621,7 @@ def run_coco_evaluation(model, data, nms_score_threshold=0.001, nms="gaussian", 
     results = []
     done, t0 = 0, time.time()
     last_line = t0
+    nonfinite = 0  # detections whose box is NaN / inf: left out (detections_to_coco), reported
     try:
         with torch.inference_mode():
             for batch in batches(loader):  # an unreadable image: one DataLoadError line
@@ -611,6 +638,7 @@ def run_coco_evaluation(model, data, nms_score_threshold=0.001, nms="gaussian", 
                     hw = torch.tensor([image_sizes[i] for i in image_ids], dtype=torch.float32, device=device)
                     boxes = clip_boxes(boxes, hw[:, 0], hw[:, 1])
                 boxes, scores, labels, counts = boxes.cpu(), scores.cpu(), labels.cpu(), counts.tolist()
+                nonfinite += sum(int((~torch.isfinite(boxes[i, :n]).all(-1)).sum()) for i, n in enumerate(counts))
                 for i, image_id in enumerate(image_ids):
                     results += detections_to_coco(boxes[i], scores[i], labels[i], counts[i], image_id,
                                                   dataset.cat_ids)
@@ -618,6 +646,9 @@ def run_coco_evaluation(model, data, nms_score_threshold=0.001, nms="gaussian", 
                 last_line = _progress("evaluating", done, len(dataset), t0, last_line)
     finally:
         model.train(was_training)
+    if nonfinite:
+        print(f"warning: {nonfinite} detections had a NaN / inf box (the model's outputs overflowed) "
+              f"and were left out of the evaluation", file=sys.stderr)
     if results_path:
         write_json_atomic(results, results_path)
     stats = evaluate_coco_results(results, coco_gt, image_ids=dataset.image_ids,
@@ -703,9 +734,12 @@ def predict(model, image_paths, out_dir, class_names=None, score_threshold=0.3, 
             input_shape=None, resize_method="bilinear", letterbox_pad=-1):
     """Detect objects in image files; draw each in OUT (see picture_name) and write OUT/predictions.json.
 
-    Returns {file name: [{"box": [x1, y1, x2, y2] px, "score", "label", "name"}, ...]}.
+    An image that cannot be decoded is skipped with a warning, as YOLOX's demo does: one bad
+    file in a folder of photos should not cost the pictures of all the others.
+    Returns {file name: [{"box": [x1, y1, x2, y2] px, "score", "label", "name"}, ...]}, the
+    skipped images left out.
     """
-    from PIL import Image, ImageDraw
+    from PIL import Image, ImageDraw, ImageFont
 
     if input_shape is None:
         input_shape = tuple(model.config["input_shape"])
@@ -713,14 +747,15 @@ def predict(model, image_paths, out_dir, class_names=None, score_threshold=0.3, 
     priors = make_priors(tuple(input_shape), model.strides, model.anchors_mode, device=device,
                          anchor_scale=model.anchor_scale)
     os.makedirs(out_dir, exist_ok=True)
-    all_predictions = {}
+    all_predictions, skipped = {}, []
     model.eval()
     t0 = last_line = time.time()
     for done, path in enumerate(image_paths, 1):
         try:  # upright (a phone photo's EXIF turn applied), 16-bit greyscale scaled: as in training
             array, _ = decode_image(path, fix="leave it out")
         except DataLoadError as e:
-            raise EvalInputError(str(e)) from None
+            skipped.append(str(e))
+            continue
         image = Image.fromarray(array)
         pixels = torch.from_numpy(array).permute(2, 0, 1)[None].to(device)  # [1, 3, H, W]
         h, w = pixels.shape[-2:]
@@ -740,6 +775,13 @@ def predict(model, image_paths, out_dir, class_names=None, score_threshold=0.3, 
         n = int(counts[0])
         detections = []
         draw = ImageDraw.Draw(image)
+        # Lines and labels grow with the picture: a 4000-px photo is seen scaled down, where
+        # 2-px boxes and the 11-px default font would all but vanish.
+        thick = max(2, round(max(h, w) / 320))
+        try:
+            font = ImageFont.load_default(size=max(11, round(max(h, w) / 60)))
+        except (TypeError, OSError):  # Pillow before 10.1, or built without FreeType: the fixed bitmap font
+            font = ImageFont.load_default()
         for box, score, label in zip(boxes[0, :n].tolist(), scores[0, :n].tolist(), labels[0, :n].tolist()):
             if box[2] <= box[0] or box[3] <= box[1]:  # a box in the letterbox padding, clipped to a line
                 continue
@@ -748,15 +790,21 @@ def predict(model, image_paths, out_dir, class_names=None, score_threshold=0.3, 
                                "label": label, "name": name})
             # A colour per class from its label, so the same class keeps its colour across images.
             colour = tuple(int(v) for v in (np.array([37, 91, 173]) * (label + 1)) % 255)
-            draw.rectangle(box, outline=colour, width=2)
-            draw.text((box[0] + 2, box[1] + 1), f"{name} {score:.2f}", fill=colour)
+            draw.rectangle(box, outline=colour, width=thick)
+            draw.text((box[0] + thick, box[1] + 1), f"{name} {score:.2f}", fill=colour, font=font)
         name = picture_name(path)
         tmp = os.path.join(out_dir, f".tmp.{name}")  # the extension tells PIL the format
         image.save(tmp, quality=90)  # quality is read by JPEG only; PNG is lossless
         os.replace(tmp, os.path.join(out_dir, name))
         all_predictions[os.path.basename(path)] = detections
         last_line = _progress("predicting", done, len(image_paths), t0, last_line)
+    if skipped and not all_predictions:  # nothing to show: an error, not an empty result
+        raise EvalInputError(skipped[0] if len(skipped) == 1 else f"none of the {len(skipped)} images can be "
+                             f"decoded, e.g. {skipped[0]}")
     write_json_atomic(all_predictions, os.path.join(out_dir, "predictions.json"))
+    if skipped:
+        print(f"warning: skipped {len(skipped)} of {len(image_paths)} images that cannot be decoded, e.g. "
+              f"{skipped[0]}", file=sys.stderr)
     return all_predictions
 
 
@@ -863,7 +911,7 @@ def _predict_main(argv):
     """`python eval.py predict -m CHECKPOINT IMAGES... -o FOLDER`."""
     parser = argparse.ArgumentParser(prog="eval.py predict", description="Draw detections on images.")
     _add_common_flags(parser)
-    # Pictures are for people: hard NMS leaves one box per object (0.45, as YOLOX's demo). The
+    # Pictures are for people: hard NMS leaves one box per object (0.45, as in YOLOX's README demo command). The
     # evaluation's soft-NMS keeps overlapping boxes with decayed scores, which helps AP's ranking
     # but would draw a duplicate wherever a decayed score stays above --score_threshold.
     parser.set_defaults(nms="hard", nms_iou_or_sigma=None)  # None: 0.45 for hard, the evaluation's 0.5 else
@@ -906,12 +954,12 @@ def _predict_main(argv):
     model, info = load_model(_checkpoint_or_default(args.model), det_header=args.det_header,
                              input_shape=_input_shape(args.input_shape), device=args.device)
     _check_stride(model, _input_shape(args.input_shape))
-    predict(model, images, args.out, class_names=info["class_names"],
+    drawn = predict(model, images, args.out, class_names=info["class_names"],
             score_threshold=args.score_threshold, nms=args.nms, nms_mode=args.nms_mode,
             nms_iou_or_sigma=args.nms_iou_or_sigma, nms_topk=args.nms_topk,
             max_output_size=args.nms_max_output_size, resize_method=args.resize_method,
             letterbox_pad=args.letterbox_pad)
-    print(f"wrote {len(images)} picture{'s' if len(images) != 1 else ''} and predictions.json to {args.out}")
+    print(f"wrote {len(drawn)} picture{'s' if len(drawn) != 1 else ''} and predictions.json to {args.out}")
 
 
 def _results_main(argv):
@@ -943,7 +991,10 @@ def _evaluate_main(argv):
     parser.add_argument("-b", "--batch_size", type=int, default=8, help="images per forward pass")
     parser.add_argument("--nms_score_threshold", type=float, default=0.001,
                         help="drop (prior, class) scores below this before NMS (0.001 for COCO AP)")
-    parser.add_argument("--clip_bbox", action="store_true", help="clip boxes to the original image")
+    parser.add_argument("--clip_bbox", action="store_true", default=True,
+                        help="clip boxes to the original image (the default, as in the 0.343 recipe)")
+    parser.add_argument("--no_clip_bbox", dest="clip_bbox", action="store_false",
+                        help="leave boxes unclipped: they may reach past the image's edges")
     parser.add_argument("--workers", type=int, default=None,
                         help="decode workers (default: 2 on CPU; on a GPU this machine's cores, at most 8)")
     _add_common_flags(parser)

@@ -128,8 +128,9 @@ def parse_args(argv=None):
       "kernels, chosen by timing, may sum in another order); default 0")
     a("--eval_start_epoch", type=int, default=None, help="evaluate COCO AP from this epoch (1-based) on; default 1")
     a("--eval_batch_size", type=int, default=16, help="batch size of the per-epoch evaluation")
-    a("--resume", default=None, help="a last.pt to continue from, exactly where it stopped")
-    a("--pretrained", default=None, help="a checkpoint whose matching weights initialise the model")
+    a("--resume", default=None, help="a last.pt (or its run folder) to continue from, exactly where it stopped")
+    a("--pretrained", default=None, help="a checkpoint (or a run folder: its best.pt) whose matching weights "
+      "initialise the model")
     a("--out", default=None, help="run folder: checkpoints, history.csv, history.png, config.json "
       "(default runs/train; with --resume, the checkpoint's folder)")
     return p.parse_args(argv)
@@ -146,9 +147,14 @@ def resolve_config(args):
     every value before any file is touched (a bad --eval_batch_size would otherwise fail after a
     whole epoch, as a torch error that names no flag)."""
     cfg = dict(vars(args))
+    # A run folder stands for the checkpoint a user means by it: last.pt to resume, best.pt for weights.
+    for flag, name in (("resume", "last.pt"), ("pretrained", "best.pt")):
+        if cfg[flag] and os.path.isdir(cfg[flag]) and os.path.isfile(os.path.join(cfg[flag], name)):
+            cfg[flag] = os.path.join(cfg[flag], name)
     for flag in ("resume", "pretrained"):
         if cfg[flag] and not os.path.isfile(cfg[flag]):
-            fail(f"--{flag} {cfg[flag]} does not exist: give the last.pt / best.pt of an earlier run")
+            what = "is a folder without last.pt / best.pt" if os.path.isdir(cfg[flag]) else "does not exist"
+            fail(f"--{flag} {cfg[flag]} {what}: give the last.pt / best.pt of an earlier run")
     # A resumed run continues the run it resumes: a flag left unset takes that run's value (its
     # checkpoint records them all, resolved), so `--resume last.pt` alone goes on as it was; a flag
     # given on the command line wins, and load_resume names it. Machine-bound settings (workers,
@@ -371,6 +377,9 @@ def plot_history(rows, path):
         draw.text((x0 + 2, pad - 4), f"{hi:.3g}", fill="black")
         draw.text((x0 + 2, h - pad - 8), f"{lo:.3g}", fill="black")
         draw.text((x0 + w // 2, h - pad + 8), "epoch", fill="black")
+        draw.text((x0 + pad, h - pad + 4), "1", fill="black")  # the first and last epoch under the axis ends
+        draw.text((x0 + w - 10 - draw.textlength(str(n)), h - pad + 4), str(n), fill="black")
+        legend_x = x0 + pad  # the legend runs in one line above the box, where no curve can cover it
         for j, (k, s) in enumerate(series.items()):
             xy = [(x0 + pad + (e - 1) / (n - 1) * (w - pad - 10), h - pad - (v - lo) / (hi - lo) * (h - 2 * pad))
                   for e, v in s]
@@ -379,7 +388,9 @@ def plot_history(rows, path):
                 draw.line(xy, fill=colour, width=2)
             for x, y in xy:
                 draw.ellipse([x - 2, y - 2, x + 2, y + 2], fill=colour)
-            draw.text((x0 + pad + 6, pad + 4 + 12 * j), k, fill=colour)
+            label = k.removeprefix("loss_")
+            draw.text((legend_x, 24), label, fill=colour)
+            legend_x += draw.textlength(label) + 12
     tmp = path + ".tmp.png"
     img.save(tmp)
     os.replace(tmp, path)
@@ -937,11 +948,17 @@ def load_pretrained(model, path, log):
     state = ckpt.get("ema") or ckpt.get("model") or ckpt
     own = model.state_dict()
     matched = {k: v for k, v in state.items() if k in own and own[k].shape == v.shape}
-    # BatchNorm's batch counters (shape []) fit any model of the same layer names; they say nothing.
-    if not any(k.startswith("backbone.") and not k.endswith("num_batches_tracked") for k in matched):
+    # Most of the backbone must come from the checkpoint: another architecture can share a layer
+    # or two by chance (a 32-channel stem BatchNorm, say), and the recipe would then freeze a
+    # backbone that is nearly all random. BatchNorm's batch counters (shape []) fit any layer of
+    # the same name; they say nothing.
+    def backbone(keys):
+        return [k for k in keys if k.startswith("backbone.") and not k.endswith("num_batches_tracked")]
+    fit, total = len(backbone(matched)), len(backbone(own))
+    if fit < total / 2:
         trained = (ckpt.get("config") or {}).get("det_header", "another model")
-        fail(f"--pretrained {path}: none of its tensors fit this model's backbone ({len(matched)} of {len(own)} "
-             f"fit anywhere; it holds {trained}): give a checkpoint with the same --backbone / --det_header")
+        fail(f"--pretrained {path}: only {fit} of this model's {total} backbone tensors fit it ({len(matched)} of "
+             f"{len(own)} fit anywhere; it holds {trained}): give a checkpoint with the same --backbone / --det_header")
     model.load_state_dict(matched, strict=False)
     log(f"--pretrained: {len(matched)}/{len(own)} tensors loaded from {path}")
 

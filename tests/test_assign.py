@@ -67,7 +67,7 @@ def test_max_iou_thresholds_forced_best_and_crowd():
     anchors = torch.tensor([
         [0, 0, 10, 10],        # 0: IoU 1 with box 0                       -> positive
         [0, 0, 10, 12],        # 1: 100 / 120 = 0.83                        -> positive
-        [0, 0, 10, 22],        # 2: 100 / 220 = 0.45, in [0.4, 0.5)         -> ignored (band)
+        [0, 0, 10, 22],        # 2: 100 / 220 = 0.45, below 0.5             -> negative (0.4 band: ignored)
         [0, 0, 10, 30],        # 3: 100 / 300 = 0.33                        -> negative
         [50, 50, 60, 60],      # 4: matches only the padding slot           -> negative
         [100, 100, 120, 120],  # 5: 400 / 1600 = 0.25 with box 1, its best  -> forced positive
@@ -82,9 +82,14 @@ def test_max_iou_thresholds_forced_best_and_crowd():
         [[True, True, True, False], [False] * 4])
     a = assign_max_iou(anchors, boxes, labels, valid)
     assert a.positive[0].tolist() == [True, True, False, False, False, True, False, False, False]
-    assert a.ignored[0].tolist() == [False, False, True, False, False, False, False, True, False]
+    assert a.ignored[0].tolist() == [False, False, False, False, False, False, False, True, False]
     assert a.gt_index[0].tolist() == [0, 0, -1, -1, -1, 1, -1, -1, -1]
     assert math.isclose(float(a.iou[0, 1]), 100 / 120, rel_tol=1e-5)
+    assert math.isclose(float(a.iou[0, 5]), 0.25, rel_tol=1e-5)
+    # RetinaNet's band: anchor 2 (IoU 0.45) is ignored instead; nothing else changes.
+    band = assign_max_iou(anchors, boxes, labels, valid, neg_iou=0.4)
+    assert band.ignored[0].tolist() == [False, False, True, False, False, False, False, True, False]
+    assert torch.equal(band.positive, a.positive) and torch.equal(band.gt_index, a.gt_index)
     # The second image holds only padding: everything is background.
     assert not a.positive[1].any() and not a.ignored[1].any()
     assert (a.gt_index[1] == -1).all()
@@ -98,6 +103,30 @@ def test_max_iou_forced_anchor_shared_by_two_boxes():
     a = assign_max_iou(anchors, boxes, labels, valid)
     assert a.positive[0].tolist() == [True, False]
     assert a.gt_index[0].tolist() == [1, -1]
+
+
+def test_max_iou_forced_anchor_reports_the_iou_of_its_own_box():
+    # Anchor 1 [0,12]^2 is box A's best (IoU 24 / 168 = 0.143; anchor 0 misses A) but overlaps
+    # box B [0,10]^2 more (100 / 144 = 0.694). B keeps anchor 0 (IoU 1), so anchor 1 is forced
+    # onto A, and its iou is A's 0.143, the box it learns, not B's 0.694.
+    anchors = torch.tensor([[0, 0, 10, 10], [0, 0, 12, 12]], dtype=torch.float32)
+    boxes, labels, valid = targets([[[0, 0, 10, 10], [10, 0, 14, 12]]], [[0, 1]])
+    a = assign_max_iou(anchors, boxes, labels, valid)
+    assert a.gt_index[0].tolist() == [0, 1]
+    assert a.iou[0].tolist() == pytest.approx([1.0, 24 / 168], rel=1e-5)
+
+
+def test_max_iou_and_simota_leave_out_empty_boxes():
+    # A zero-width box [5, 5, 5, 15] (class 0) next to a real one: no anchor or prior learns it.
+    boxes, labels, valid = targets([[[5, 5, 5, 15], [20, 20, 30, 30]]], [[0, 1]])
+    anchors = torch.tensor([[0, 0, 10, 20], [20, 20, 30, 30]], dtype=torch.float32)
+    a = assign_max_iou(anchors, boxes, labels, valid)
+    assert a.gt_index[0].tolist() == [-1, 1] and not a.ignored.any()
+    centers, strides, _ = grid_priors(32, 8)
+    N = centers.shape[0]
+    pred = torch.tensor(FAR).repeat(1, N, 1)
+    s = simota_assign(pred, torch.zeros(1, N, 2), None, centers, strides, boxes, labels, valid)
+    assert set(s.gt_index[0][s.positive[0]].tolist()) == {1} and not s.ignored.any()
 
 
 def test_max_iou_no_boxes_at_all():
@@ -282,8 +311,9 @@ def test_focal_label_smoothing_softens_only_the_bce_target():
 def _anchor_loss_case():
     """Three anchors, two classes. Anchor 0 [0,10]^2 vs box [0,10]x[0,12] (class 1): IoU 0.83 ->
     positive; anchor 1 far away -> negative; anchor 2 [0,10]x[0,26]: IoU 120 / 260 = 0.46 ->
-    ignored, so its (large) class loss must not count. Box target of anchor 0: centre (5, 6)
-    vs (5, 5), size (10, 12) vs (10, 10): (0, 0.1, 0, log 1.2). Returns raw, priors, targets."""
+    negative by default, ignored with RetinaNet's neg_iou=0.4 (then its large class loss must
+    not count). Box target of anchor 0: centre (5, 6) vs (5, 5), size (10, 12) vs (10, 10):
+    (0, 0.1, 0, log 1.2). Returns raw, priors, targets."""
     anchors = torch.tensor([[0, 0, 10, 10], [50, 50, 60, 60], [0, 0, 10, 26]], dtype=torch.float32)
     priors = models.Priors((anchors[:, :2] + anchors[:, 2:]) / 2, torch.full((3,), 8.0), anchors)
     raw = torch.tensor([[[0.05, 0.0, 0.0, 0.3, 0.5, -1.0],
@@ -295,15 +325,20 @@ def _anchor_loss_case():
 
 def test_anchor_loss_by_hand():
     raw, priors, tgt = _anchor_loss_case()
-    out = assign.anchor_loss(raw, priors, tgt)
+    out = assign.anchor_loss(raw, priors, tgt, neg_iou=0.4)  # anchor 2 ignored
     cls = _focal(0.5, 0) + _focal(-1.0, 1) + _focal(-2.0, 0) + _focal(1.0, 0)
     box = (_huber(0.05) + _huber(0.0 - 0.1) + _huber(0.0) + _huber(0.3 - math.log(1.2))) / 4
     assert math.isclose(float(out["cls"]), cls, rel_tol=1e-5)
     assert math.isclose(float(out["box"]), box, rel_tol=1e-4)
     assert math.isclose(float(out["total"]), cls + 50 * box, rel_tol=1e-4)
+    # effdet's rule (the default): anchor 2 is background, its two classes at logit 3 count.
+    default = assign.anchor_loss(raw, priors, tgt)
+    assert math.isclose(float(default["cls"]), cls + 2 * _focal(3.0, 0), rel_tol=1e-5)
+    assert math.isclose(float(default["box"]), box, rel_tol=1e-4)
     # The same numbers through the model's list-of-levels layout [B, A, 4 + C, H, W].
     levels = [raw.permute(0, 2, 1).reshape(1, 1, 6, 1, 3)]
-    assert math.isclose(float(assign.anchor_loss(levels, priors, tgt)["total"]), cls + 50 * box, rel_tol=1e-4)
+    assert math.isclose(float(assign.anchor_loss(levels, priors, tgt, neg_iou=0.4)["total"]), cls + 50 * box,
+                        rel_tol=1e-4)
 
 
 def test_anchor_loss_two_boxes_by_hand():
@@ -593,14 +628,14 @@ def test_max_iou_thresholds_are_inclusive():
     anchors = torch.tensor([
         [0, 0, 10, 10],        # 0: IoU 1, the box's best anchor        -> positive (forced anyway)
         [0, 0, 10, 20],        # 1: IoU 100 / 200 = 0.5 exactly           -> positive (IoU >= 0.5)
-        [0, 0, 10, 25],        # 2: IoU 100 / 250 = 0.4 exactly           -> ignored (0.4 <= IoU < 0.5)
+        [0, 0, 10, 25],        # 2: IoU 100 / 250 = 0.4 exactly           -> ignored (band 0.4 <= IoU < 0.5)
         [0, 0, 10, 26],        # 3: IoU 100 / 260 = 0.385                 -> background
         [80, 100, 120, 140],   # 4: half inside the crowd (IoA 0.5 exactly) -> ignored
         [70, 100, 110, 140],   # 5: a quarter inside the crowd (IoA 0.25) -> background
     ], dtype=torch.float32)
     boxes, labels, valid = targets([[[0, 0, 10, 10], [100, 100, 200, 200]], [[0, 0, 0, 0]] * 2],
                                    [[0, -1], [0, 0]], [[True, True], [False, False]])
-    a = assign_max_iou(anchors, boxes, labels, valid)
+    a = assign_max_iou(anchors, boxes, labels, valid, neg_iou=0.4)
     assert a.positive[0].tolist() == [True, True, False, False, False, False]
     assert a.ignored[0].tolist() == [False, False, True, False, True, False]
     assert a.gt_index[0].tolist() == [0, 0, -1, -1, -1, -1]
@@ -654,10 +689,10 @@ def test_anchor_loss_label_smoothing_by_hand():
         p = 1 / (1 + math.exp(-logit))
         p_t = p if target == 1 else 1 - p
         return (0.25 if target == 1 else 0.75) * (1 - p_t) ** 1.5 * _bce(logit, 0.9 if target == 1 else 0.1)
-    cls = focal(0.5, 0) + focal(-1.0, 1) + focal(-2.0, 0) + focal(1.0, 0)
+    cls = focal(0.5, 0) + focal(-1.0, 1) + focal(-2.0, 0) + focal(1.0, 0) + 2 * focal(3.0, 0)  # anchor 2: background
     assert float(out["cls"]) == pytest.approx(cls, rel=1e-5)
     assert float(assign.anchor_loss(raw, priors, tgt)["cls"]) == pytest.approx(
-        _focal(0.5, 0) + _focal(-1.0, 1) + _focal(-2.0, 0) + _focal(1.0, 0), rel=1e-5)
+        _focal(0.5, 0) + _focal(-1.0, 1) + _focal(-2.0, 0) + _focal(1.0, 0) + 2 * _focal(3.0, 0), rel=1e-5)
 
 
 def test_anchor_box_loss_ignores_offsets_at_background_anchors():

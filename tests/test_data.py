@@ -502,6 +502,12 @@ def test_bad_inputs(tmp_path):
         data.open_dataset(str(tmp_path / "list.json"), "train")
     with pytest.raises(ValueError, match="no images"):
         data.open_dataset(write_coco(tmp_path, [], images=[]), "train")
+    # A string image id (pycocotools takes them, the loader's int64 ids do not): refused when the
+    # data opens, not as a traceback from a DataLoader worker; a float 2.0 is the whole number 2.
+    named = [dict(id="img_1", file_name="a.jpg", width=40, height=30)]
+    with pytest.raises(ValueError, match='image id "img_1" is not a whole number: number the images 1, 2, 3'):
+        data.open_dataset(write_coco(tmp_path, [], images=named), "train")
+    assert data.open_dataset(write_coco(tmp_path, [], images=[dict(named[0], id=2.0)]), "train").image_ids == [2]
     with pytest.raises(FileNotFoundError, match="does not exist"):
         data.open_dataset(str(tmp_path / "nowhere"), "train")
     with pytest.raises(ValueError, match="empty split"):
@@ -528,6 +534,8 @@ def test_coco_download_layout_opens_as_is(shapes_dir, tmp_path):
     shutil.rmtree(root / "annotations")
     with pytest.raises(FileNotFoundError, match="holds instances_val2017.json: point to the annotation json itself"):
         data.open_dataset(str(root), "val")
+    # ... and given so, it finds its images in val2017/ beside it.
+    assert data.open_dataset(str(root / "instances_val2017.json"), "val").files[0] == str(root / "val2017" / "000000.jpg")
 
 
 def test_a_json_file_is_one_split_whichever_is_asked(shapes_dir):
@@ -556,6 +564,10 @@ def test_bad_boxes_counted_warning(tmp_path):
     assert "annotation 2 bbox [nan, 1, 5, 5]; annotation 3 bbox [1, 1, -3, 5]; annotation 4 bbox [500, 1, 5, 5]" \
         in messages[0]  # as written in the json (x, y, w, h), not as the xyxy they became
     assert np.allclose(ds[0]["boxes"], [[1, 1, 6, 6], [38, 1, 40, 6]])
+    # The evaluation's ground truth leaves the skipped boxes out too (the kept one that was
+    # clipped for training keeps its own coordinates there, as pycocotools scores it).
+    assert [a["id"] for a in ds.coco_gt()["annotations"]] == [1, 5]
+    assert ds.coco_gt()["annotations"][1]["bbox"] == [38, 1, 5, 5]
 
 
 
@@ -1234,3 +1246,17 @@ def test_ultralytics_data_yaml_names_the_split_folders(tmp_path):
     assert [os.path.basename(f) for f in train_set.files] == ["a.jpg", "b.jpg"]
     assert [os.path.basename(f) for f in val_set.files] == ["c.jpg"] and val_set.class_names == ["person", "bicycle"]
     assert np.allclose(val_set[0]["boxes"], [[10, 7.5, 30, 22.5]]) and val_set[0]["labels"].tolist() == [1]
+
+
+def test_data_yaml_file_lists_and_folder_lists_are_refused(tmp_path):
+    # Ultralytics' autosplit writes `train: autosplit_train.txt`: read as the folder layouts, the
+    # split would silently be all images (val among them), so the yaml's line is refused instead.
+    root = write_yolo(tmp_path, {"a": "0 0.5 0.5 0.2 0.2\n", "b": "0 0.5 0.5 0.2 0.2\n"}, names=None)
+    (root / "autosplit_train.txt").write_text("./images/a.jpg\n")
+    (root / "data.yaml").write_text("train: autosplit_train.txt\nval: autosplit_val.txt\nnames: [x]\n")
+    with pytest.raises(ValueError, match=r"data\.yaml: 'val: autosplit_val\.txt' is a file list, which plaindet "
+                                         r"does not read: put the split's images in one folder"):
+        data.open_dataset(str(root), "val")
+    (root / "data.yaml").write_text("train: [images/a, images/b]\nnames: [x]\n")
+    with pytest.raises(ValueError, match=r"'train: \[images/a, images/b\]' is a list of folders"):
+        data.open_dataset(str(root), "train")

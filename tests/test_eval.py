@@ -358,7 +358,7 @@ def test_predict_draws_one_box_per_object_with_hard_nms(tmp_path, monkeypatch):
     path = str(tmp_path / "nano.pt")
     write_checkpoint(path)
     calls = []
-    monkeypatch.setattr(ev, "predict", lambda *args, **kwargs: calls.append(kwargs))
+    monkeypatch.setattr(ev, "predict", lambda *args, **kwargs: calls.append(kwargs) or {})
     image = shared_path("voc2007_100", "images", sorted(os.listdir(shared_path("voc2007_100", "images")))[0])
     assert ev.main(["predict", "-m", path, image, "-o", str(tmp_path / "p"), "--device", "cpu"]) == 0
     assert (calls[0]["nms"], calls[0]["nms_iou_or_sigma"]) == ("hard", 0.45)
@@ -451,6 +451,7 @@ def test_categories_must_match_the_checkpoint(tmp_path, capsys):
 def test_clip_bbox_with_a_json_that_has_no_image_sizes(tmp_path):
     # pycocotools needs no image size, and neither may the evaluation: --clip_bbox reads them
     # off the image files when the json leaves them out, and clips to the same box either way.
+    torch.manual_seed(3)  # a random model that puts some of its 200 boxes outside the picture
     model = models.build_model("yolox_nano", num_classes=20, input_shape=(64, 64)).eval()
     def evaluate(name, sizes, clip):  # score threshold 0: the random model's 1e-4 scores all count
         ev.run_coco_evaluation(model, write_small_coco(str(tmp_path / name), sizes=sizes), clip_bbox=clip,
@@ -458,8 +459,22 @@ def test_clip_bbox_with_a_json_that_has_no_image_sizes(tmp_path):
         return json.loads((tmp_path / f"{name}.json").read_text())
 
     results = [evaluate("with", True, True), evaluate("without", False, True)]
-    assert results[0] == results[1] and len(results[0]) == 200
     unclipped = evaluate("unclipped", False, False)
+    assert results[0] == results[1] and len(unclipped) == 200
+    # A box wholly outside the 64 x 48 picture (in the letterbox padding, say) clips to a line
+    # and is left out.
+    outside = [r for r in unclipped if r["bbox"][0] >= 64 or r["bbox"][1] >= 48
+               or r["bbox"][0] + r["bbox"][2] <= 0 or r["bbox"][1] + r["bbox"][3] <= 0]
+    assert outside  # so the leaving out below is tested
+    assert len(results[0]) == 200 - len(outside)
+    # The command line clips by default; --no_clip_bbox gives the unclipped results.
+    ckpt = str(tmp_path / "m.pt")
+    torch.save({"config": dict(model.config, class_names=[f"class{i}" for i in range(20)], cat_ids=list(range(1, 21))),
+                "model": model.state_dict()}, ckpt)
+    for flags, expected in [([], results[1]), (["--no_clip_bbox"], unclipped)]:
+        assert ev.main(["-m", ckpt, "-d", str(tmp_path / "without" / "ann.json"), "--nms_score_threshold", "0", "--device", "cpu",
+                        "--save_results", str(tmp_path / "cli.json"), *flags]) == 0
+        assert json.loads((tmp_path / "cli.json").read_text()) == expected
     assert max(r["bbox"][1] + r["bbox"][3] for r in unclipped) > 48  # so the clipping below does something
     assert max(r["bbox"][0] + r["bbox"][2] for r in results[1]) <= 64 + 1e-3
     assert max(r["bbox"][1] + r["bbox"][3] for r in results[1]) <= 48 + 1e-3
@@ -518,6 +533,14 @@ def test_cli_paths_and_results_entries_are_checked(tmp_path, capsys):
     err = capsys.readouterr().err
     assert "afile cannot be decoded (" in err and "replace it with a valid JPEG/PNG, or leave it out" in err
     assert "Traceback" not in err
+    # Beside a good image, an undecodable one is skipped with a warning: the good one is drawn and listed.
+    shutil.copy(tmp_path / "afile", tmp_path / "other" / "broken.jpg")
+    assert ev.main(["predict", "-m", ckpt, "--device", "cpu", "-o", str(tmp_path / "q"), str(tmp_path / "other")]) == 0
+    captured = capsys.readouterr()
+    assert "warning: skipped 1 of 2 images that cannot be decoded, e.g. " in captured.err and "broken.jpg" in captured.err
+    assert "wrote 1 picture and predictions.json" in captured.out
+    assert list(json.loads((tmp_path / "q" / "predictions.json").read_text())) == ["1.jpg"]
+    os.remove(tmp_path / "other" / "broken.jpg")
     # A phone photo stored 60 x 41 with EXIF orientation 6 is drawn upright, 41 x 60, as viewers show it.
     stored, exif = Image.new("RGB", (60, 41)), Image.Exif()
     exif[0x0112] = 6
@@ -683,3 +706,37 @@ def test_categories_match_by_name_and_order_whatever_their_ids(tmp_path, capsys)
     open(gt_path, "w").write(json.dumps(gt))
     assert ev.main(argv) == 2
     assert "evaluate on data with the same categories" in capsys.readouterr().err
+
+
+def test_detections_to_coco_leaves_out_empty_and_nonfinite_boxes():
+    # Row 1 clipped to a line (all in the padding), rows 2-3 overflowed: only row 0 is written.
+    boxes = torch.tensor([[1.0, 2.0, 11.0, 7.0], [64.0, 5.0, 64.0, 9.0],
+                          [float("nan"), 1.0, 5.0, 5.0], [0.0, 0.0, float("inf"), 5.0]])
+    out = ev.detections_to_coco(boxes, torch.tensor([0.9, 0.8, 0.7, 0.6]), torch.tensor([0, 1, 0, 1]), 4,
+                                image_id=7, cat_ids=[3, 5])
+    assert out == [{"image_id": 7, "category_id": 3, "bbox": [1.0, 2.0, 10.0, 5.0], "score": 0.9}]
+
+
+def test_evaluation_reports_nonfinite_boxes_instead_of_failing(tmp_path, capsys):
+    # A model whose box offsets at one prior overflow to NaN while its class score there is
+    # confident: the evaluation leaves those detections out and says how many, on each image.
+    model = models.build_model("yolox_nano", num_classes=20, input_shape=(64, 64)).eval()
+
+    class Overflowing(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.inner, self.strides, self.anchors_mode = model, model.strides, model.anchors_mode
+            self.config, self.anchor_scale, self.num_classes = model.config, model.anchor_scale, model.num_classes
+
+        def forward(self, images):
+            outputs = [o.clone() for o in self.inner(images)]
+            outputs[0][:, 0, 0, 0, 0] = float("nan")   # x offset of prior 0
+            outputs[0][:, 0, 4:, 0, 0] = 12.0          # every class, and objectness: score ~1
+            return outputs
+
+    stats = ev.run_coco_evaluation(Overflowing(), write_small_coco(str(tmp_path / "small")), verbose=False,
+                                   results_path=str(tmp_path / "r.json"))
+    results = json.loads((tmp_path / "r.json").read_text())
+    assert all(math.isfinite(v) for r in results for v in r["bbox"]) and math.isfinite(stats["AP"])
+    # 2 images x 20 classes at prior 0 (per-class NMS keeps one per class)
+    assert "warning: 40 detections had a NaN / inf box" in capsys.readouterr().err

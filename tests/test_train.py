@@ -317,8 +317,9 @@ def test_clear_errors_that_need_files(tiny_shapes, tmp_path, capsys):
         train.main(["--resume", str(tmp_path / "run8" / "last.pt"), "-e", "2"])
     assert f"its run's data, {tmp_path / 'moved'}, is not there: give -d with where it is now" in \
         capsys.readouterr().err
-    train.main(["--resume", str(tmp_path / "run8" / "last.pt"), "-e", "2", "-d", str(tmp_path / "here")])
+    train.main(["--resume", str(tmp_path / "run8"), "-e", "2", "-d", str(tmp_path / "here")])  # a run folder: its last.pt
     assert f"data {tmp_path / 'here'} (was {tmp_path / 'moved'})" in capsys.readouterr().out
+    assert f"--resume {tmp_path / 'here'} is a folder without last.pt / best.pt" in error("--resume", str(tmp_path / "here"))
     # A file torch reads that is not a checkpoint (it used to fail on .get, as a traceback).
     torch.save(torch.zeros(3), tmp_path / "tensor.pt")
     for flag in ("--resume", "--pretrained"):
@@ -334,7 +335,14 @@ def test_clear_errors_that_need_files(tiny_shapes, tmp_path, capsys):
     # A checkpoint of another backbone: nothing of it fits efficientdet_d0's EfficientNet.
     err = error("--out", str(tmp_path / "run3"), "-e", "1", "--det_header", "efficientdet_d0", "-i", "128",
                 "--pretrained", last)
-    assert "none of its tensors fit this model's backbone" in err and "it holds yolox_nano" in err
+    assert "only 0 of this model's" in err and "backbone tensors fit it" in err and "it holds yolox_nano" in err
+    # yolox_s shares one layer with it by chance (the 32-channel stem's BatchNorm: 4 tensors): still refused,
+    # since the recipe would freeze a backbone that is nearly all random.
+    torch.save({"config": {"det_header": "yolox_s"}, "model": models.build_model("yolox_s", num_classes=3).state_dict()},
+               tmp_path / "s.pt")
+    err = error("--out", str(tmp_path / "run3"), "-e", "1", "--det_header", "efficientdet_d0", "-i", "128",
+                "--pretrained", str(tmp_path / "s.pt"))
+    assert "only 4 of this model's" in err and "it holds yolox_s" in err
     # The same backbone with other classes: everything but the class outputs is loaded.
     train.main(base + ["--out", str(tmp_path / "run4"), "-e", "1", "--pretrained", last])
     out = capsys.readouterr().out
@@ -924,6 +932,11 @@ def test_history_picture_has_three_panels(tmp_path):
         # Each panel has its own frame: a grey outline at x = 40 + 420 i, 40 <= y <= 260.
         for i in range(3):
             assert img.getpixel((40 + 420 * i, 150)) != (255, 255, 255), i
+        # The legend sits in a row above the frame (y 24..35), where curves cannot hide it, and
+        # the first and last epoch are written under the axis ends (y 264..275).
+        def inked(x0, x1, y0, y1):
+            return any(img.getpixel((x, y)) != (255, 255, 255) for x in range(x0, x1) for y in range(y0, y1))
+        assert inked(40, 80, 24, 36) and inked(40, 48, 264, 276) and inked(395, 410, 264, 276)
 
 
 def test_yolox_s_recipe_runs_as_is_on_a_coco_2017_folder_of_real_photos(tmp_path, capsys):
