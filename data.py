@@ -34,7 +34,7 @@ from PIL import Image, ImageDraw
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
 PAD_VALUE = 114  # grey used for every pixel that has no source pixel (canvas padding, letterbox bars)
-IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp")
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff")  # what cameras and label tools write
 
 
 # ----------------------------------------------------------------------------------------------
@@ -438,12 +438,25 @@ def _numbered_names(numbered, path, i, how):
     raise ValueError(f"{path}:{i + 1}: `names:` is empty, mixes forms, or is not numbered 0, 1, 2, ...: {how}")
 
 
-def _yaml_split_dirs(folder, split):
-    """Ultralytics' data.yaml names each split's image folder (`train: images/train2017`, under
-    `path:`); its label files sit where the path's last `images` becomes `labels`. Returns
-    (image folder, label folder) when the yaml names this split and the folders exist, else None
-    (the layouts of read_yolo are then looked for). `path:` is often written for Ultralytics'
-    own datasets folder, so the split's folder is also looked for straight under `folder`."""
+def _labels_path(image_path):
+    """Where Ultralytics keeps an image's label file: the path's last `images` folder becomes
+    `labels`, and the extension .txt (images/train/a.jpg -> labels/train/a.txt)."""
+    parts = os.path.normpath(image_path).split(os.sep)
+    if "images" in parts[:-1]:
+        at = len(parts) - 2 - parts[-2::-1].index("images")
+        parts[at] = "labels"
+    return os.path.splitext(os.sep.join(parts))[0] + ".txt"
+
+
+def _yaml_split(folder, split):
+    """What Ultralytics' data.yaml names for this split, under its `path:`. Either a folder of
+    images (`train: images/train2017`), whose label files sit where the path's last `images`
+    becomes `labels`, or a txt file listing image paths, one per line (`train: autosplit_train.txt`,
+    as its autosplit writes; a line "./x.jpg" is relative to the txt file's folder).
+    Returns ("folders", (image folder, label folder)), ("files", [image paths]), or None when the
+    yaml does not name the split or its folders do not exist (the layouts of read_yolo are then
+    looked for). `path:` is often written for Ultralytics' own datasets folder, so the split's
+    folder (or txt) is also looked for straight under `folder`."""
     yaml = os.path.join(folder, "data.yaml")
     if not os.path.exists(yaml):
         return None
@@ -453,23 +466,34 @@ def _yaml_split_dirs(folder, split):
     value = _unquote(top.get(key, ""))
     if not value:
         return None
-    # Ultralytics also takes a list of folders, or a txt file listing image paths (its autosplit
-    # writes those). Neither is read here; falling back to the folder layouts would quietly train
+    # A list of folders is not read here: falling back to the folder layouts would quietly train
     # on (and score) other images than the yaml names, perhaps the val images among them.
-    if value.startswith("[") or value.lower().endswith(".txt"):
-        raise ValueError(f"{yaml}: '{key}: {value}' is a {'list of folders' if value.startswith('[') else 'file list'}, "
-                         f"which plaindet does not read: put the split's images in one folder (labels beside, "
-                         f"with images -> labels in the path, e.g. images/{split} and labels/{split}) and name "
-                         f"that folder in '{key}:'")
+    if value.startswith("["):
+        raise ValueError(f"{yaml}: '{key}: {value}' is a list of folders, which plaindet does not read: put the "
+                         f"split's images in one folder (labels beside, with images -> labels in the path, e.g. "
+                         f"images/{split} and labels/{split}) and name that folder in '{key}:'")
     root = _unquote(top.get("path", ""))
-    for image_dir in (os.path.join(folder, root, value), os.path.join(folder, value),
-                      os.path.join(folder, re.sub(r"^(\.\./)+", "", value))):
-        parts = os.path.normpath(image_dir).split(os.sep)
-        if os.path.isdir(image_dir) and "images" in parts:
-            at = len(parts) - 1 - parts[::-1].index("images")
-            label_dir = os.sep.join(parts[:at] + ["labels"] + parts[at + 1:])
-            if os.path.isdir(label_dir):
-                return os.path.normpath(image_dir), label_dir
+    places = (os.path.join(folder, root, value), os.path.join(folder, value),
+              os.path.join(folder, re.sub(r"^(\.\./)+", "", value)))
+    if value.lower().endswith(".txt"):
+        listing = next((p for p in places if os.path.isfile(p)), None)
+        if listing is None:
+            raise FileNotFoundError(f"{yaml}: '{key}: {value}' names a file list that is not there (looked for "
+                                    f"{', '.join(dict.fromkeys(os.path.normpath(p) for p in places))}): restore it")
+        base = os.path.dirname(os.path.abspath(listing))
+        with open(listing, encoding="utf-8-sig", errors="replace") as f:
+            lines = [line.strip() for line in f if line.strip() and not line.lstrip().startswith("#")]
+        files = [os.path.normpath(os.path.join(base, line)) for line in lines]  # an absolute line stays as it is
+        missing = [line for line, file in zip(lines, files) if not os.path.isfile(file)]
+        if missing or not files:
+            raise FileNotFoundError(f"{listing}: " + (f"{len(missing)} of its {len(files)} images are missing, e.g. "
+                                    f"{missing[0]} (read relative to {base}): restore them or remove their lines"
+                                    if missing else "lists no image: add the split's image paths, one per line"))
+        return "files", files
+    for image_dir in places:
+        label_dir = os.path.dirname(_labels_path(os.path.join(image_dir, "x.jpg")))
+        if os.path.isdir(image_dir) and label_dir != os.path.normpath(image_dir) and os.path.isdir(label_dir):
+            return "folders", (os.path.normpath(image_dir), label_dir)
     return None
 
 
@@ -508,9 +532,17 @@ def read_yolo(folder, split="train", images_dir=None):
     labels/, or (darknet export) obj_<split>_data/, else obj_train_data/ (so a train-only export
     serves as val too); images in images/<split>/, <split>/images/, images/, beside the txt
     files, ../images/, or images_dir; an image of the split's own folder without a txt is a
-    background image. Image ids are positions in sorted file order."""
+    background image. A data.yaml that names the split's folder, or a txt file listing its images
+    (Ultralytics' autosplit), decides instead (_yaml_split). Image ids are positions in sorted file
+    order (in the listed order for a file list)."""
     splits = (split, "valid") if split == "val" else (split,)
-    from_yaml = _yaml_split_dirs(folder, split)  # (images, labels) named by data.yaml, or None
+    named = _yaml_split(folder, split)
+    if named and named[0] == "files":  # data.yaml lists the split's images: each has its label file
+        files = named[1]
+        label_dir = os.path.dirname(_labels_path(files[0]))  # where a names file may sit too
+        return _yolo_dataset(folder, split, [(f, _labels_path(f)) for f in files],
+                             label_dir if os.path.isdir(label_dir) else folder)
+    from_yaml = named[1] if named else None  # (images, labels) folders named by data.yaml, or None
     looked = (([from_yaml[1]] if from_yaml else []) + [os.path.join(folder, "labels", s) for s in splits]
               + [os.path.join(folder, s, "labels") for s in splits]
               + [os.path.join(folder, "labels"), os.path.join(folder, f"obj_{split}_data"),
@@ -521,7 +553,6 @@ def read_yolo(folder, split="train", images_dir=None):
         shown = ", ".join(os.path.relpath(d, folder) + "/" for d in dict.fromkeys(looked))
         raise ValueError(f"{folder}: no YOLO label files, an empty split '{split}' (looked in {shown}): put one "
                          f"`class cx cy w h` txt per image there")
-    names = _yolo_names(folder, label_dir)
     stems = sorted(f[:-4] for f in os.listdir(label_dir) if f.endswith(".txt") and not _is_names_file(f))
     split_dirs = (([from_yaml[0]] if from_yaml else []) + [os.path.join(folder, "images", s) for s in splits]
                   + [os.path.join(folder, s, "images") for s in splits])  # image folders of this split alone
@@ -549,14 +580,24 @@ def read_yolo(folder, split="train", images_dir=None):
         split_dirs + [label_dir] + ([shared] if label_dir == os.path.join(folder, "labels") else []))
     if home in own:
         stems = sorted(set(stems) | set(images_of[home]))
-    records = []
-    bad_count, total, examples, look_like_pixels = 0, 0, [], False  # bad boxes of the whole split
-    for image_id, stem in enumerate(stems):
+    pairs = []  # (image file, its label file, which may not exist: a background image)
+    for stem in stems:
         path = os.path.join(label_dir, stem + ".txt")
         file = next((images_of[d][stem] for d in candidates if stem in images_of[d]), None)
         if file is None:
             raise FileNotFoundError(f"{path}: no image {stem}.jpg/.png in {candidates}: put the image in one of "
                                     f"those folders, or remove the label file")
+        pairs.append((file, path))
+    return _yolo_dataset(folder, split, pairs, label_dir)
+
+
+def _yolo_dataset(folder, split, pairs, label_dir):
+    """(image file, label file) pairs -> Dataset; a missing label file is a background image.
+    Image ids are positions in `pairs`; names come from the folder (see _yolo_names)."""
+    names = _yolo_names(folder, label_dir)
+    records = []
+    bad_count, total, examples, look_like_pixels = 0, 0, [], False  # bad boxes of the whole split
+    for image_id, (file, path) in enumerate(pairs):
         width, height = _image_size(file, f"remove it" + (f" and its label {path}" if os.path.exists(path) else ""))
         rows, line_numbers = _read_yolo_txt(path) if os.path.exists(path) else (np.zeros((0, 5)), [])
         cls = rows[:, 0].astype(np.int64)

@@ -1248,15 +1248,34 @@ def test_ultralytics_data_yaml_names_the_split_folders(tmp_path):
     assert np.allclose(val_set[0]["boxes"], [[10, 7.5, 30, 22.5]]) and val_set[0]["labels"].tolist() == [1]
 
 
-def test_data_yaml_file_lists_and_folder_lists_are_refused(tmp_path):
-    # Ultralytics' autosplit writes `train: autosplit_train.txt`: read as the folder layouts, the
-    # split would silently be all images (val among them), so the yaml's line is refused instead.
-    root = write_yolo(tmp_path, {"a": "0 0.5 0.5 0.2 0.2\n", "b": "0 0.5 0.5 0.2 0.2\n"}, names=None)
-    (root / "autosplit_train.txt").write_text("./images/a.jpg\n")
-    (root / "data.yaml").write_text("train: autosplit_train.txt\nval: autosplit_val.txt\nnames: [x]\n")
-    with pytest.raises(ValueError, match=r"data\.yaml: 'val: autosplit_val\.txt' is a file list, which plaindet "
-                                         r"does not read: put the split's images in one folder"):
+def test_data_yaml_file_lists_name_the_split_images(tmp_path):
+    # Ultralytics' autosplit: all images in images/, labels in labels/, and data.yaml's
+    # `train: autosplit_train.txt` / `val: autosplit_val.txt` list the images of each split
+    # ("./images/a.jpg", relative to the txt file's folder). A split is exactly its list.
+    root = write_yolo(tmp_path, {"a": "0 0.5 0.5 0.2 0.2\n", "b": "0 0.25 0.5 0.5 0.2\n", "c": ""}, names=None)
+    (root / "autosplit_train.txt").write_text("./images/a.jpg\n./images/c.jpg\n")
+    (root / "autosplit_val.txt").write_text(f"{root / 'images' / 'b.jpg'}\n")  # an absolute line
+    (root / "data.yaml").write_text("path: .\ntrain: autosplit_train.txt\nval: autosplit_val.txt\nnames: [x]\n")
+    train_set, val_set = data.open_dataset(str(root), "train"), data.open_dataset(str(root), "val")
+    assert [os.path.basename(f) for f in train_set.files] == ["a.jpg", "c.jpg"]
+    assert [os.path.basename(f) for f in val_set.files] == ["b.jpg"] and val_set.class_names == ["x"]
+    w, h = Image.open(val_set.files[0]).size
+    assert np.allclose(val_set[0]["boxes"], [[0, 0.4 * h, 0.5 * w, 0.6 * h]])
+    assert len(train_set[1]["boxes"]) == 0  # c.txt is empty: a background image
+    # A listed image that is missing, and a list that is not there: errors naming them.
+    (root / "autosplit_val.txt").write_text("./images/nope.jpg\n")
+    with pytest.raises(FileNotFoundError, match=r"autosplit_val\.txt: 1 of its 1 images are missing, e\.g\. "
+                                                r"\./images/nope\.jpg"):
         data.open_dataset(str(root), "val")
+    os.remove(root / "autosplit_val.txt")
+    with pytest.raises(FileNotFoundError, match=r"'val: autosplit_val\.txt' names a file list that is not there"):
+        data.open_dataset(str(root), "val")
+
+
+def test_data_yaml_folder_lists_are_refused(tmp_path):
+    # `train: [images/a, images/b]`: read as the folder layouts, the split would silently be
+    # other images than the yaml names, so the yaml's line is refused instead.
+    root = write_yolo(tmp_path, {"a": "0 0.5 0.5 0.2 0.2\n"}, names=None)
     (root / "data.yaml").write_text("train: [images/a, images/b]\nnames: [x]\n")
     with pytest.raises(ValueError, match=r"'train: \[images/a, images/b\]' is a list of folders"):
         data.open_dataset(str(root), "train")

@@ -634,13 +634,15 @@ def test_predict_folder_inputs(tmp_path, capsys, monkeypatch):
     # an upper-case extension is an image too
     os.makedirs(tmp_path / "upper")
     Image.new("RGB", (32, 32)).save(tmp_path / "upper" / "B.JPG", format="JPEG")
+    Image.new("RGB", (32, 32)).save(tmp_path / "upper" / "scan.tif")  # a TIFF is an image too (drawn as PNG)
     assert ev.main(predict + ["-o", str(tmp_path / "o"), str(tmp_path / "upper")]) == 0
-    assert list(json.loads((tmp_path / "o" / "predictions.json").read_text())) == ["B.JPG"]
+    assert list(json.loads((tmp_path / "o" / "predictions.json").read_text())) == ["B.JPG", "scan.tif"]
+    assert Image.open(tmp_path / "o" / "scan.png").format == "PNG"
     # a folder without images is refused, not an empty result
     os.makedirs(tmp_path / "notes")
     (tmp_path / "notes" / "notes.txt").write_text("x")
     assert ev.main(predict + ["-o", str(tmp_path / "o2"), str(tmp_path / "notes")]) == 2
-    assert "no .jpg/.jpeg/.png/.bmp/.webp image in" in capsys.readouterr().err
+    assert "no .jpg/.jpeg/.png/.bmp/.webp/.tif/.tiff image in" in capsys.readouterr().err
     # -o . with a relative input: the picture would overwrite the input
     Image.new("RGB", (32, 32)).save(tmp_path / "x.png")
     monkeypatch.chdir(tmp_path)
@@ -740,3 +742,21 @@ def test_evaluation_reports_nonfinite_boxes_instead_of_failing(tmp_path, capsys)
     assert all(math.isfinite(v) for r in results for v in r["bbox"]) and math.isfinite(stats["AP"])
     # 2 images x 20 classes at prior 0 (per-class NMS keeps one per class)
     assert "warning: 40 detections had a NaN / inf box" in capsys.readouterr().err
+
+
+def test_predict_lines_grow_with_the_picture(tmp_path, monkeypatch):
+    # One detection [10, 10, 100, 100] px drawn on a white 1280 x 960 photo: the outline is
+    # round(1280 / 320) = 4 px wide (2 px on a small picture would vanish when it is viewed whole).
+    path = str(tmp_path / "nano.pt")
+    write_checkpoint(path)
+    Image.new("RGB", (1280, 960), "white").save(tmp_path / "big.png")
+
+    def one_box(boxes, scores, **kwargs):  # in letterbox px: 128 / 1280 = 0.1 of the original
+        return (torch.tensor([[[1.0, 1.0, 10.0, 10.0]]]), torch.tensor([[0.9]]), torch.tensor([[0]]),
+                torch.tensor([1]))
+    monkeypatch.setattr(ev, "batched_nms", one_box)
+    assert ev.main(["predict", "-m", path, str(tmp_path / "big.png"), "-o", str(tmp_path / "out"),
+                    "--device", "cpu"]) == 0
+    with Image.open(tmp_path / "out" / "big.png") as img:
+        row = [img.getpixel((x, 60)) != (255, 255, 255) for x in range(6, 18)]  # across the left edge
+    assert row == [False] * 4 + [True] * 4 + [False] * 4
