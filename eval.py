@@ -559,8 +559,40 @@ def load_ground_truth(data, split="val"):
     return open_dataset(data, split).coco_gt()
 
 
+def remap_by_names(exported, coco_gt, source):
+    """Detections another tool exported in COCO's dataset layout (a dict of images, categories
+    and annotations with a score, under its own ids: 0-based, say) -> a results list under the
+    ground truth's ids, matched by image file name and category name, the only keys two exports
+    of the same data share. Raises EvalInputError naming what does not match."""
+    if not all(isinstance(exported.get(k), list) for k in ("images", "categories", "annotations")):
+        raise EvalInputError(f"{source}: a COCO results file is a json list of detections (image_id, category_id, "
+                             f"bbox, score), or a dict of 'images', 'categories' and scored 'annotations'")
+    gt_images = {os.path.basename(str(im.get("file_name", ""))): im["id"] for im in coco_gt["images"]}
+    gt_cats = {str(c.get("name")): c["id"] for c in coco_gt["categories"]}
+    try:
+        image_of = {im["id"]: os.path.basename(str(im["file_name"])) for im in exported["images"]}
+        name_of = {c["id"]: str(c["name"]) for c in exported["categories"]}
+    except (KeyError, TypeError):
+        raise EvalInputError(f"{source}: its images need 'id' and 'file_name', its categories 'id' and 'name', "
+                             f"to be matched to the ground truth's") from None
+    for what, names, known in (("file names", image_of.values(), gt_images), ("category names", name_of.values(), gt_cats)):
+        unknown = sorted(set(names) - set(known))
+        if unknown:
+            raise EvalInputError(f"{source}: {len(unknown)} {what} are not in the ground truth (e.g. {unknown[:3]}): "
+                                 f"the results belong to another split or dataset")
+    results = []
+    for a in exported["annotations"]:
+        if not isinstance(a, dict) or a.get("image_id") not in image_of or a.get("category_id") not in name_of:
+            raise EvalInputError(f"{source}: annotation {json.dumps(a)[:80]} names an image or category that its "
+                                 f"own 'images' / 'categories' do not list")
+        results.append(dict(a, image_id=gt_images[image_of[a["image_id"]]], category_id=gt_cats[name_of[a["category_id"]]]))
+    return results
+
+
 def score_results_file(results_path, data, split="val", stats_json=None, verbose=True):
-    """`python eval.py --results FILE -d GT`: score a COCO results json; returns the 12 numbers."""
+    """`python eval.py --results FILE -d GT`: score a COCO results json; returns the 12 numbers.
+    FILE is a results list, or a dict in COCO's dataset layout with scored annotations, matched
+    to the ground truth by file and category names (remap_by_names)."""
     if not os.path.exists(results_path):
         raise EvalInputError(f"--results {results_path}: no such file")
     try:
@@ -568,8 +600,12 @@ def score_results_file(results_path, data, split="val", stats_json=None, verbose
             results = json.load(f)
     except json.JSONDecodeError as e:
         raise EvalInputError(f"--results {results_path}: not valid json ({e})") from e
-    stats = evaluate_coco_results(results, load_ground_truth(data, split), verbose=verbose,
-                                  source=results_path)
+    coco_gt = load_ground_truth(data, split)
+    if isinstance(results, dict):
+        results = remap_by_names(results, coco_gt, results_path)
+        print(f"--results {results_path}: {len(results)} detections matched to the ground truth by image file "
+              f"name and category name")
+    stats = evaluate_coco_results(results, coco_gt, verbose=verbose, source=results_path)
     if stats_json:
         write_json_atomic(stats, stats_json)
     return stats
@@ -966,7 +1002,8 @@ def _results_main(argv):
     """`python eval.py --results RESULTS.json -d GROUND_TRUTH`: its own parser, so a model, NMS or
     loader flag, which would do nothing here, is refused by argparse instead of ignored."""
     parser = argparse.ArgumentParser(prog="eval.py --results", description="COCO AP of a results json.")
-    parser.add_argument("--results", required=True, help="COCO results json: [{image_id, category_id, bbox, score}]")
+    parser.add_argument("--results", required=True, help="COCO results json: [{image_id, category_id, bbox, score}], "
+                        "or a COCO dataset-layout dict with scored annotations (matched by file and category names)")
     parser.add_argument("-d", "--data", required=True, help="the COCO json (or dataset folder) of its images")
     parser.add_argument("--split", default="val", choices=("train", "val"), help="the split of a dataset folder")
     parser.add_argument("--stats_json", default=None, help="write the 12 numbers here")

@@ -84,6 +84,22 @@ def test_voc_detections_after_remap():
     assert abs(stats["AP"] - 0.346958) < 1e-6 and abs(stats["AP50"] - 0.61003) < 1e-5
 
 
+def test_results_in_dataset_layout_are_matched_by_names(tmp_path, capsys):
+    # The 0-based export as it is (a dict of images, categories, scored annotations): matched to
+    # the ground truth by file and category name, it scores the remapped numbers.
+    gt_path, dets_path = shared_path("voc2007_100", "instances_coco.json"), shared_path("voc2007_100", "dets_coco_0based.json")
+    stats = ev.score_results_file(dets_path, gt_path, verbose=False)
+    assert abs(stats["AP"] - 0.346958) < 1e-6 and abs(stats["AP50"] - 0.61003) < 1e-5
+    assert "452 detections matched to the ground truth by image file name and category name" in capsys.readouterr().out
+    # A category the ground truth does not have: an error naming it, not a silently lower AP.
+    with open(dets_path) as f:
+        dets = json.load(f)
+    dets["categories"][0]["name"] = "people"
+    (tmp_path / "d.json").write_text(json.dumps(dets))
+    assert ev.main(["--results", str(tmp_path / "d.json"), "-d", gt_path]) == 2
+    assert "1 category names are not in the ground truth (e.g. ['people'])" in capsys.readouterr().err
+
+
 def test_images_without_detections_count():
     gt, results = remapped_voc_results()
     half = sorted(im["id"] for im in gt["images"])[:50]
