@@ -1342,7 +1342,7 @@ def _colour_chunk(out, warped, affine, ops, factors, magnitude):
 CPU_CHUNK_BYTES = 8 << 20
 
 
-def check_augment_args(random_crop_mode, magnitude, num_layers, mosaic_mix_prob):
+def check_augment_args(random_crop_mode, magnitude, num_layers, mosaic_mix_prob, flip_prob=0.5):
     """The augmentation flags of train.py and `data.py show`, checked before any work, each error
     naming its flag (a negative crop mode would otherwise fail deep in a step as a NaN size)."""
     if not (math.isfinite(random_crop_mode) and random_crop_mode >= 0):
@@ -1355,6 +1355,8 @@ def check_augment_args(random_crop_mode, magnitude, num_layers, mosaic_mix_prob)
         raise ValueError(f"--num_layers {num_layers}: give 0 or more")
     if not 0 <= mosaic_mix_prob <= 1:
         raise ValueError(f"--mosaic_mix_prob {mosaic_mix_prob}: a probability, in 0..1")
+    if not 0 <= flip_prob <= 1:
+        raise ValueError(f"--flip_prob {flip_prob}: a probability, in 0..1")
 
 
 def augment(batch, input_shape, random_crop_mode=1.0, magnitude=0, num_layers=2, mosaic_mix_prob=0.5, generator=None,
@@ -1511,6 +1513,7 @@ def main(argv=None):
     p.add_argument("--magnitude", type=float, default=6, help="RandAugment magnitude (0 = off)")
     p.add_argument("--num_layers", type=int, default=2, help="RandAugment ops per image")
     p.add_argument("--mosaic_mix_prob", type=float, default=0.5, help="probability that the batch is mosaicked")
+    p.add_argument("--flip_prob", type=float, default=0.5, help="probability of a horizontal flip per image")
     p.add_argument("--seed", type=int, default=0, help="random seed for order and augmentation")
     p.add_argument("-o", "--output", default="batch.png", help="picture to write: .png, or .jpg / .jpeg")
     args = parser.parse_args(argv)
@@ -1536,12 +1539,14 @@ def _main(args):
             raise ValueError(f"-i/--input_shape {args.input_shape!r}: give one size like 256, or H,W like 256,320")
         if args.batch_size < 1:
             raise ValueError(f"--batch_size {args.batch_size}: give 1 or more")
-        check_augment_args(args.random_crop_mode, args.magnitude, args.num_layers, args.mosaic_mix_prob)
+        check_augment_args(args.random_crop_mode, args.magnitude, args.num_layers, args.mosaic_mix_prob,
+                           args.flip_prob)
         picture_format(args.output)  # a bad -o fails now, not after the batch is made
         ds = open_dataset(args.data, args.split)
         batch = next(iter(make_loader(ds, args.batch_size, True, 0, args.seed)))
         out = augment(batch, (hw[0], hw[-1]), args.random_crop_mode, args.magnitude,
-                      args.num_layers, args.mosaic_mix_prob, torch.Generator().manual_seed(args.seed))
+                      args.num_layers, args.mosaic_mix_prob, torch.Generator().manual_seed(args.seed),
+                      flip_prob=args.flip_prob)
         print(show_batch_sample(out, args.output, ds.class_names))
         return 0
 

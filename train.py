@@ -51,13 +51,13 @@ EFFICIENTDET_RECIPE = dict(
     input_shape="256", batch_size=64, optimizer="adamw", lr_base_512=8e-3,
     weight_decay=0.02, lr_decay_steps="100", lr_warmup_steps=3.0, lr_cooldown_steps=5,
     lr_min=1e-6, freeze_backbone_epochs=32, mosaic_mix_prob=0.5, random_crop_mode=1.0,
-    magnitude=6, close_mosaic_epochs=0, ema_decay=0.0,
+    magnitude=6, flip_prob=0.5, close_mosaic_epochs=0, ema_decay=0.0,
 )
 YOLOX_RECIPE = dict(  # Megvii YOLOX: lr 0.01 per 64 images with SGD down to 5% of it, 300 epochs, 15 without mosaic
     input_shape="preset", batch_size=64, optimizer="sgd", lr_base_512=0.08,  # preset: nano / tiny 416, others 640
     weight_decay=5e-4, lr_decay_steps="285", lr_warmup_steps=5.0, lr_cooldown_steps=15,
     lr_min="5%", freeze_backbone_epochs=0, mosaic_mix_prob=1.0, random_crop_mode=2.0,
-    magnitude=6, close_mosaic_epochs=15, ema_decay=0.9998,
+    magnitude=6, flip_prob=0.5, close_mosaic_epochs=15, ema_decay=0.9998,
 )
 
 
@@ -109,6 +109,8 @@ def parse_args(argv=None):
     a("--freeze_backbone_epochs", type=int, default=None, help="train with the backbone frozen for these "
       "first epochs (default: the recipe's, 32 for EfficientDet, when --pretrained is given; else 0)")
     a("--mosaic_mix_prob", type=float, default=None, help="probability that a batch is mosaicked")
+    a("--flip_prob", type=float, default=None, help="probability of a horizontal flip per image (0 where left "
+      "and right differ: text, left / right hands)")
     a("--random_crop_mode", type=float, default=None, help="0 letterbox; (0,1) random resized crop; "
       "1 random largest crop; >1 random scale in [0.1, mode]")
     a("--magnitude", type=float, default=None, help="RandAugment magnitude (0 = off)")
@@ -237,7 +239,8 @@ def resolve_config(args):
         if not (math.isfinite(cfg[key]) and cfg[key] >= 0):
             fail(f"{flag} {cfg[key]}: give 0 or more")
     try:
-        data.check_augment_args(cfg["random_crop_mode"], cfg["magnitude"], cfg["num_layers"], cfg["mosaic_mix_prob"])
+        data.check_augment_args(cfg["random_crop_mode"], cfg["magnitude"], cfg["num_layers"], cfg["mosaic_mix_prob"],
+                                cfg["flip_prob"])
     except ValueError as e:
         fail(str(e))
     if not 0 <= cfg["ema_decay"] < 1:
@@ -708,7 +711,7 @@ def run(argv=None):
                 batch["images"] = batch["images"].to(device, non_blocking=True)
                 batch = data.augment(batch, tuple(cfg["input_shape"]), random_crop_mode=cfg["random_crop_mode"],
                                      magnitude=cfg["magnitude"], num_layers=cfg["num_layers"],
-                                     mosaic_mix_prob=mosaic, generator=gen)
+                                     mosaic_mix_prob=mosaic, flip_prob=cfg["flip_prob"], generator=gen)
                 targets = {k: batch[k] for k in ("boxes", "labels", "valid")}  # on the CPU
 
                 with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):

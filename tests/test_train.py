@@ -199,6 +199,7 @@ def test_ddp_two_processes_on_gloo(tiny_shapes, tmp_path, capsys):
     (["--random_crop_mode", "-1"], "--random_crop_mode -1.0: give 0 or more"),
     (["--ema_decay", "1.5"], "--ema_decay 1.5: give a decay in [0, 1)"),
     (["--mosaic_mix_prob", "2"], "--mosaic_mix_prob 2.0: a probability"),
+    (["--flip_prob", "1.5"], "--flip_prob 1.5: a probability"),
     (["--cuda_graphs", "--compile"], "--cuda_graphs with --compile: choose one"),
     (["--lr_min", "-1"], "--lr_min -1.0: give 0 or more"),  # the number it means
     (["--lr_min", "abc"], "--lr_min 'abc': give a learning rate like 1e-5, or a share of the peak like 5%"),
@@ -984,3 +985,14 @@ def test_help_lists_both_recipes(capsys):
     assert "  --lr_min                  1e-06           5%" in lines
     assert "  --optimizer               adamw           sgd" in lines
     assert "  --ema_decay               0.0             0.9998" in lines
+
+
+def test_flip_prob_reaches_the_augmentation(tiny_shapes, tmp_path, monkeypatch):
+    # --flip_prob 0 for data where left and right differ; left out, the recipe's 0.5.
+    seen, real = [], data.augment
+    monkeypatch.setattr(data, "augment", lambda *a, **k: seen.append(k["flip_prob"]) or real(*a, **k))
+    for flags, expected in ((["--flip_prob", "0"], 0.0), ([], 0.5)):
+        seen.clear()
+        run_train(tiny_shapes, tmp_path / str(expected), "-e", "1", "--det_header", "yolox_nano", "-i", "64", *flags)
+        assert seen == [expected, expected]  # 8 images, batch 4: two steps
+        assert json.loads((tmp_path / str(expected) / "config.json").read_text())["flip_prob"] == expected
