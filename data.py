@@ -125,9 +125,14 @@ def _upright(im, size=None):
 
 def _rgb(im):
     """im as 8-bit RGB. convert("RGB") clips 16-bit greyscale (PNG exports of depth, thermal or
-    medical images) at 255, which turns such a picture white: its top 8 bits are kept instead."""
+    medical images) at 255, which turns such a picture white: its top 8 bits are kept instead;
+    and it would turn a float image of 0..1 values black."""
     if im.mode == "I" or im.mode.startswith("I;16"):
         im = Image.fromarray((np.asarray(im).astype(np.int64) >> 8).clip(0, 255).astype(np.uint8), "L")
+    elif im.mode == "F":  # 32-bit float greyscale (a TIFF): values in 0..1 are scaled to 0..255, others clipped
+        pixels = np.nan_to_num(np.asarray(im, np.float64))
+        pixels = pixels * 255 if pixels.max() <= 1 else pixels
+        im = Image.fromarray(np.round(pixels).clip(0, 255).astype(np.uint8), "L")
     return im.convert("RGB")
 
 
@@ -461,17 +466,37 @@ def _yaml_split(folder, split):
     if not os.path.exists(yaml):
         return None
     with open(yaml, encoding="utf-8-sig", errors="replace") as f:
-        top = dict(line.rstrip().split(":", 1) for line in f if re.match(r"[A-Za-z_]+:", line))
-    key = split if top.get(split, "").strip() or split != "val" else "valid"
+        yaml_lines = [line.rstrip() for line in f]
+    top = dict(line.split(":", 1) for line in yaml_lines if re.match(r"[A-Za-z_]+:", line))
+    key = split if split in top or split != "val" else "valid"
     value = _unquote(top.get(key, ""))
-    if not value:
-        return None
-    # A list of folders is not read here: falling back to the folder layouts would quietly train
-    # on (and score) other images than the yaml names, perhaps the val images among them.
+    if key in top and not value:  # `train:` followed by a block list, `  - images/a` per line
+        at = next(i for i, line in enumerate(yaml_lines) if re.match(rf"{key}:", line))
+        items = []
+        for line in yaml_lines[at + 1:]:  # the block ends at the first line that is not an item
+            m = re.fullmatch(r"\s*-\s+(.+)", line)
+            if not m:
+                break
+            items.append(m.group(1))
+        value = f"[{', '.join(items)}]" if items else ""
     if value.startswith("["):
-        raise ValueError(f"{yaml}: '{key}: {value}' is a list of folders, which plaindet does not read: put the "
-                         f"split's images in one folder (labels beside, with images -> labels in the path, e.g. "
-                         f"images/{split} and labels/{split}) and name that folder in '{key}:'")
+        items = _split_names(value.strip("[]"))
+        if len(items) == 1:  # a list of one folder is that folder
+            value = items[0]
+        else:
+            # Several folders are not read here: falling back to the folder layouts would quietly
+            # train on (and score) other images than the yaml names, perhaps the val images among them.
+            raise ValueError(f"{yaml}: '{key}: {value}' is a list of folders, which plaindet does not read: put the "
+                             f"split's images in one folder (labels beside, with images -> labels in the path, e.g. "
+                             f"images/{split} and labels/{split}) and name that folder in '{key}:'")
+    if not value:
+        # The train split named by a file list and no val: the folder layouts would make val of
+        # every image, the training images among them.
+        train = _unquote(top.get("train", ""))
+        if split == "val" and train.lower().endswith(".txt"):
+            raise ValueError(f"{yaml}: 'train: {train}' lists the training images but no 'val:' is given: add "
+                             f"'val:' with the list (or folder) of the validation images")
+        return None
     root = _unquote(top.get("path", ""))
     places = (os.path.join(folder, root, value), os.path.join(folder, value),
               os.path.join(folder, re.sub(r"^(\.\./)+", "", value)))
@@ -485,8 +510,9 @@ def _yaml_split(folder, split):
             lines = [line.strip() for line in f if line.strip() and not line.lstrip().startswith("#")]
         files = [os.path.normpath(os.path.join(base, line)) for line in lines]  # an absolute line stays as it is
         missing = [line for line, file in zip(lines, files) if not os.path.isfile(file)]
+        files = list(dict.fromkeys(files))  # an image listed twice is read once
         if missing or not files:
-            raise FileNotFoundError(f"{listing}: " + (f"{len(missing)} of its {len(files)} images are missing, e.g. "
+            raise FileNotFoundError(f"{listing}: " + (f"{len(missing)} of its {len(lines)} images are missing, e.g. "
                                     f"{missing[0]} (read relative to {base}): restore them or remove their lines"
                                     if missing else "lists no image: add the split's image paths, one per line"))
         return "files", files
@@ -540,6 +566,10 @@ def read_yolo(folder, split="train", images_dir=None):
     if named and named[0] == "files":  # data.yaml lists the split's images: each has its label file
         files = named[1]
         label_dir = os.path.dirname(_labels_path(files[0]))  # where a names file may sit too
+        unlabelled = [f for f in files if not os.path.exists(_labels_path(f))]
+        if unlabelled:  # background images, as in Ultralytics; but a wrong list would look the same
+            warnings.warn(f"{folder}: {len(unlabelled)} of the {len(files)} {split} images data.yaml lists have no "
+                          f"label file (e.g. {_labels_path(unlabelled[0])}): read as background images")
         return _yolo_dataset(folder, split, [(f, _labels_path(f)) for f in files],
                              label_dir if os.path.isdir(label_dir) else folder)
     from_yaml = named[1] if named else None  # (images, labels) folders named by data.yaml, or None

@@ -816,7 +816,7 @@ def predict(model, image_paths, out_dir, class_names=None, score_threshold=0.3, 
         thick = max(2, round(max(h, w) / 320))
         try:
             font = ImageFont.load_default(size=max(11, round(max(h, w) / 60)))
-        except (TypeError, OSError):  # Pillow before 10.1, or built without FreeType: the fixed bitmap font
+        except (TypeError, OSError, ImportError):  # Pillow before 10.1, or without FreeType: the bitmap font
             font = ImageFont.load_default()
         for box, score, label in zip(boxes[0, :n].tolist(), scores[0, :n].tolist(), labels[0, :n].tolist()):
             if box[2] <= box[0] or box[3] <= box[1]:  # a box in the letterbox padding, clipped to a line

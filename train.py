@@ -77,6 +77,7 @@ def parse_args(argv=None):
         "else EfficientDet's (EFFICIENTDET_RECIPE and YOLOX_RECIPE at the top of train.py):\n\n"
         f"  {'flag':<26}{'EfficientDet':<16}YOLOX\n" + "\n".join(rows) + "\n\n"
         "'preset' is the preset's published size: 416 for yolox_nano / yolox_tiny, else 640.\n"
+        "--freeze_backbone_epochs applies with --pretrained only (else 0).\n"
         "-e defaults to the decay plus the cooldown. With --resume, a flag left unset takes the\n"
         "value of the run being resumed.")
     a = p.add_argument
@@ -131,7 +132,7 @@ def parse_args(argv=None):
     a("--eval_start_epoch", type=int, default=None, help="evaluate COCO AP from this epoch (1-based) on; default 1")
     a("--eval_batch_size", type=int, default=16, help="batch size of the per-epoch evaluation")
     a("--resume", default=None, help="a last.pt (or its run folder) to continue from, exactly where it stopped")
-    a("--pretrained", default=None, help="a checkpoint (or a run folder: its best.pt) whose matching weights "
+    a("--pretrained", default=None, help="a checkpoint (or a run folder: its best.pt, else last.pt) whose matching weights "
       "initialise the model")
     a("--out", default=None, help="run folder: checkpoints, history.csv, history.png, config.json "
       "(default runs/train; with --resume, the checkpoint's folder)")
@@ -149,10 +150,12 @@ def resolve_config(args):
     every value before any file is touched (a bad --eval_batch_size would otherwise fail after a
     whole epoch, as a torch error that names no flag)."""
     cfg = dict(vars(args))
-    # A run folder stands for the checkpoint a user means by it: last.pt to resume, best.pt for weights.
-    for flag, name in (("resume", "last.pt"), ("pretrained", "best.pt")):
-        if cfg[flag] and os.path.isdir(cfg[flag]) and os.path.isfile(os.path.join(cfg[flag], name)):
-            cfg[flag] = os.path.join(cfg[flag], name)
+    # A run folder stands for the checkpoint a user means by it: last.pt to resume, best.pt for
+    # weights (last.pt when the run was never evaluated).
+    for flag, names in (("resume", ["last.pt"]), ("pretrained", ["best.pt", "last.pt"])):
+        if cfg[flag] and os.path.isdir(cfg[flag]):
+            found = [os.path.join(cfg[flag], n) for n in names if os.path.isfile(os.path.join(cfg[flag], n))]
+            cfg[flag] = found[0] if found else cfg[flag]
     for flag in ("resume", "pretrained"):
         if cfg[flag] and not os.path.isfile(cfg[flag]):
             what = "is a folder without last.pt / best.pt" if os.path.isdir(cfg[flag]) else "does not exist"
@@ -381,7 +384,8 @@ def plot_history(rows, path):
         draw.text((x0 + 2, h - pad - 8), f"{lo:.3g}", fill="black")
         draw.text((x0 + w // 2, h - pad + 8), "epoch", fill="black")
         draw.text((x0 + pad, h - pad + 4), "1", fill="black")  # the first and last epoch under the axis ends
-        draw.text((x0 + w - 10 - draw.textlength(str(n)), h - pad + 4), str(n), fill="black")
+        if len(rows) > 1:
+            draw.text((x0 + w - 10 - draw.textlength(str(n)), h - pad + 4), str(n), fill="black")
         legend_x = x0 + pad  # the legend runs in one line above the box, where no curve can cover it
         for j, (k, s) in enumerate(series.items()):
             xy = [(x0 + pad + (e - 1) / (n - 1) * (w - pad - 10), h - pad - (v - lo) / (hi - lo) * (h - 2 * pad))

@@ -1090,6 +1090,14 @@ def test_16_bit_greyscale_png_keeps_its_top_8_bits(tmp_path):
     assert np.array_equal(image[..., 0], values >> 8) and np.array_equal(image[..., 2], values >> 8)
 
 
+def test_float_tiff_in_0_to_1_is_scaled_to_8_bits(tmp_path):
+    values = np.array([[0.0, 0.25], [0.5, 1.0]], np.float32)
+    Image.fromarray(values).save(tmp_path / "f.tif")
+    assert Image.open(tmp_path / "f.tif").mode == "F"
+    image, _ = data.decode_image(str(tmp_path / "f.tif"))  # convert("RGB") alone: 0 or 1 of 255, black
+    assert image[..., 1].tolist() == [[0, 64], [128, 255]]
+
+
 def _phone_photo(path, stored_wh=(60, 41)):
     """A JPEG stored 60 wide x 41 high with EXIF orientation 6 (shown turned 90 degrees clockwise:
     upright it is 41 x 60), white over stored x 0..20, y 0..10, black elsewhere. Turning (x, y)
@@ -1273,9 +1281,34 @@ def test_data_yaml_file_lists_name_the_split_images(tmp_path):
 
 
 def test_data_yaml_folder_lists_are_refused(tmp_path):
-    # `train: [images/a, images/b]`: read as the folder layouts, the split would silently be
-    # other images than the yaml names, so the yaml's line is refused instead.
+    # `train: [images/a, images/b]`, in either YAML form: read as the folder layouts, the split
+    # would silently be other images than the yaml names, so the yaml's line is refused instead.
     root = write_yolo(tmp_path, {"a": "0 0.5 0.5 0.2 0.2\n"}, names=None)
     (root / "data.yaml").write_text("train: [images/a, images/b]\nnames: [x]\n")
     with pytest.raises(ValueError, match=r"'train: \[images/a, images/b\]' is a list of folders"):
         data.open_dataset(str(root), "train")
+    (root / "data.yaml").write_text("train:\n  - images/a\n  - images/b\nnames: [x]\n")
+    with pytest.raises(ValueError, match=r"'train: \[images/a, images/b\]' is a list of folders"):
+        data.open_dataset(str(root), "train")
+    # A list of one folder is that folder, in either form.
+    for text in ("train: [images]\nnames: [x]\n", "train:\n  - images\nnames: [x]\n"):
+        (root / "data.yaml").write_text(text)
+        assert [os.path.basename(f) for f in data.open_dataset(str(root), "train").files] == ["a.jpg"]
+
+
+def test_data_yaml_file_list_edge_cases(tmp_path):
+    root = write_yolo(tmp_path, {"a": "0 0.5 0.5 0.2 0.2\n", "b": "0 0.5 0.5 0.2 0.2\n"}, names=None)
+    Image.new("RGB", (40, 30)).save(root / "images" / "nolabel.jpg")
+    # Listed twice: read once. Listed without a label file: a background image, with a warning.
+    (root / "t.txt").write_text("./images/a.jpg\n./images/a.jpg\n./images/nolabel.jpg\n")
+    (root / "v.txt").write_text("./images/b.jpg\n")
+    (root / "data.yaml").write_text("train: t.txt\nval: v.txt\nnames: [x]\n")
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        ds = data.open_dataset(str(root), "train")
+    assert [os.path.basename(f) for f in ds.files] == ["a.jpg", "nolabel.jpg"] and len(ds[1]["boxes"]) == 0
+    assert len(caught) == 1 and "1 of the 2 train images data.yaml lists have no label file" in str(caught[0].message)
+    # A train list without val: the folder layouts would make val of every image, train's among them.
+    (root / "data.yaml").write_text("train: t.txt\nnames: [x]\n")
+    with pytest.raises(ValueError, match=r"'train: t\.txt' lists the training images but no 'val:' is given"):
+        data.open_dataset(str(root), "val")

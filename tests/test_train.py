@@ -345,9 +345,11 @@ def test_clear_errors_that_need_files(tiny_shapes, tmp_path, capsys):
                 "--pretrained", str(tmp_path / "s.pt"))
     assert "only 4 of this model's" in err and "it holds yolox_s" in err
     # The same backbone with other classes: everything but the class outputs is loaded.
-    train.main(base + ["--out", str(tmp_path / "run4"), "-e", "1", "--pretrained", last])
+    # (given as its run folder, which holds no best.pt: never evaluated, so its last.pt)
+    train.main(base + ["--out", str(tmp_path / "run4"), "-e", "1", "--pretrained", str(tmp_path / "run")])
+    assert not (tmp_path / "run" / "best.pt").exists()
     out = capsys.readouterr().out
-    assert "--pretrained: " in out and "tensors loaded" in out
+    assert "--pretrained: " in out and f"tensors loaded from {last}" in out
 
     # Annotations without one usable box: stop before training, not an AP of -1 at the end.
     shutil.copytree(os.path.join(tiny_shapes, "train"), tmp_path / "train")
