@@ -191,7 +191,8 @@ class SPP(nn.Module):
     a 5x5 max is a 9x9 max, and once more a 13x13 max, exactly, because max is associative
     and the padding is -inf. The output is the same as pooling with 5, 9 and 13 separately
     (tests/test_models.py checks it bit for bit), at 3 x 25 comparisons per pixel instead of
-    25 + 81 + 169: about half the time of this block, forward and backward, on a CPU.
+    25 + 81 + 169. (Its backward may route a gradient to another of two tied maxima, which is
+    as valid.)
     """
 
     def __init__(self, c_in, c_out):
