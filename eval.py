@@ -671,8 +671,11 @@ def run_coco_evaluation(model, data, nms_score_threshold=0.001, nms="gaussian", 
                 boxes = boxes_to_original(boxes, letterboxed["matrices"])
                 image_ids = batch["image_ids"].tolist()
                 if clip_bbox:
+                    # Clipping would turn an inf corner into the image's edge: such boxes stay NaN,
+                    # so they are counted and left out like the NaN ones.
+                    overflowed = ~torch.isfinite(boxes).all(-1, keepdim=True)
                     hw = torch.tensor([image_sizes[i] for i in image_ids], dtype=torch.float32, device=device)
-                    boxes = clip_boxes(boxes, hw[:, 0], hw[:, 1])
+                    boxes = clip_boxes(boxes, hw[:, 0], hw[:, 1]).masked_fill(overflowed, float("nan"))
                 boxes, scores, labels, counts = boxes.cpu(), scores.cpu(), labels.cpu(), counts.tolist()
                 nonfinite += sum(int((~torch.isfinite(boxes[i, :n]).all(-1)).sum()) for i, n in enumerate(counts))
                 for i, image_id in enumerate(image_ids):
