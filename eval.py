@@ -581,8 +581,14 @@ def remap_by_names(exported, coco_gt, source):
             raise EvalInputError(f"{source}: {len(unknown)} {what} are not in the ground truth (e.g. {unknown[:3]}): "
                                  f"the results belong to another split or dataset")
     results = []
+    def listed(key, table):
+        try:
+            return key in table
+        except TypeError:  # a list or dict as an id cannot be a key, so it names nothing
+            return False
     for a in exported["annotations"]:
-        if not isinstance(a, dict) or a.get("image_id") not in image_of or a.get("category_id") not in name_of:
+        if not isinstance(a, dict) or not listed(a.get("image_id"), image_of) or not listed(
+                a.get("category_id"), name_of):
             raise EvalInputError(f"{source}: annotation {json.dumps(a)[:80]} names an image or category that its "
                                  f"own 'images' / 'categories' do not list")
         results.append(dict(a, image_id=gt_images[image_of[a["image_id"]]], category_id=gt_cats[name_of[a["category_id"]]]))

@@ -98,6 +98,14 @@ def test_results_in_dataset_layout_are_matched_by_names(tmp_path, capsys):
     (tmp_path / "d.json").write_text(json.dumps(dets))
     assert ev.main(["--results", str(tmp_path / "d.json"), "-d", gt_path]) == 2
     assert "1 category names are not in the ground truth (e.g. ['people'])" in capsys.readouterr().err
+    # An annotation whose image id is a list named no image; it used to fail in a dict lookup.
+    dets["categories"][0]["name"] = "person"
+    dets["annotations"][0]["image_id"] = [dets["annotations"][0]["image_id"]]
+    (tmp_path / "d.json").write_text(json.dumps(dets))
+    assert ev.main(["--results", str(tmp_path / "d.json"), "-d", gt_path]) == 2
+    err = capsys.readouterr().err
+    assert "names an image or category that its own 'images' / 'categories' do not list" in err
+    assert "Traceback" not in err
 
 
 def test_images_without_detections_count():
