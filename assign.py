@@ -332,34 +332,9 @@ def simota_assign(pred_boxes, cls_logits, obj_logits, centers, strides, gt_boxes
     candidate = pool[img] & is_real[:, None]                         # [G, N]
     outside = ~(in_box & in_center)                                  # [G, N]
 
-    # 2. Costs. IoU of each box with every prediction of its image, 0 outside the candidates.
-    pred_planes = pred_boxes.permute(2, 0, 1).contiguous()           # [4, B, N] x1 y1 x2 y2
-    px1, py1, px2, py2 = (pred_planes[i][img] for i in range(4))     # each [G, N]
-    x1, y1, x2, y2 = (boxes[:, i, None] for i in range(4))           # each [G, 1]
-    inter = torch.minimum(px2, x2).sub_(torch.maximum(px1, x1)).clamp_(min=0)
-    inter.mul_(torch.minimum(py2, y2).sub_(torch.maximum(py1, y1)).clamp_(min=0))
-    union = box_area(pred_boxes)[img].add_(box_area(boxes)[:, None]).sub_(inter)
-    iou = inter.div_(union.add_(1e-7)).mul_(candidate)               # [G, N]
-    del px1, py1, px2, py2, union
-    # Class cost of a pair (prior n, box of class g) is YOLOX's
-    #   sum_c BCE(p_nc, onehot(g)_c),  p = sqrt(sigmoid(cls) * sigmoid(obj))
-    # (p = sigmoid(cls) for a head without objectness, obj_logits None).
-    # Materialised for every pair that is [G, N, C] (16 images x 50 boxes x 8400 priors x 80
-    # classes = 2.1 GB of float32). But BCE against a one-hot splits: every class contributes
-    # -log(1 - p_c) except the true one, which contributes -log(p_g) instead. So
-    #   sum_c BCE = sum_c -log(1 - p_c)  +  [-log p_g + log(1 - p_g)]:
-    # a per-prior total [B, N] plus a correction read from column g: only [G, N] floats.
-    # (Logs are clamped at -100 as F.binary_cross_entropy does, so p = 0 or 1 stays finite.)
-    # Class-major [B, C, N] so that reading "class g of image b for every prior" is one row.
-    p = cls_logits.transpose(1, 2).contiguous().sigmoid_()           # [B, C, N]
-    if obj_logits is not None:
-        p.mul_(obj_logits.detach().float().sigmoid()[:, None, :]).sqrt_()
-    p_true = p[img, labels.clamp(min=0)]                             # [G, N] p of the box's class (a copy)
-    log_not_p = p.neg_().log1p_().clamp_(min=-100)                   # [B, C, N] log(1 - p), in p's memory
-    cost = log_not_p.sum(dim=1)[img].neg_()                          # [G, N] sum_c -log(1 - p_c)
-    cost -= torch.log(p_true).clamp_(min=-100)                       # the true class: + -log p_g
-    cost += torch.log1p(-p_true).clamp_(min=-100)                    #   instead of -log(1 - p_g)
-    del p, log_not_p, p_true
+    # 2. Costs: class, IoU (0 outside the candidates), and the price of being outside.
+    iou = _pair_iou(pred_boxes, boxes, img).mul_(candidate)          # [G, N]
+    cost = _pair_class_cost(cls_logits, obj_logits, img, labels)     # [G, N]
     cost -= iou_weight * torch.log(iou + 1e-8)
     cost.add_(outside.to(cost.dtype), alpha=outside_cost)
     cost.masked_fill_(~candidate, float("inf"))
@@ -378,27 +353,75 @@ def simota_assign(pred_boxes, cls_logits, obj_logits, centers, strides, gt_boxes
     pick_cost = low_cost.masked_fill(~take, float("inf"))
     pick_iou = iou.gather(1, low_prior)
 
-    # 5. Conflicts. Several boxes may pick the same prior: it goes to the one it costs least
-    # (YOLOX takes the argmin over all the image's boxes, which can hand the prior to a box that
-    # never picked it; we keep to the boxes that did). Picks are keyed by (image, prior); a
-    # scatter-min finds the cheapest cost per key, then a scatter-min of the box slot among the
-    # picks at that cost names the owner (the lowest slot on an exact tie, like argmin).
+    # 5. Conflicts: a prior picked by several boxes goes to the one it costs least.
+    positive, gt_index, matched_iou = _resolve_conflicts(
+        img, slot, low_prior, pick_cost, take, pick_iou, B, N, no_owner=gt_boxes.shape[1])
+    return Assignment(positive, in_crowd & ~positive, gt_index, matched_iou)
+
+
+def _pair_iou(pred_boxes, boxes, img):
+    """IoU of each box with every prediction of its own image.
+    pred_boxes [B, N, 4] and boxes [G, 4] xyxy px, img [G] the image of each box -> [G, N].
+    Written out rather than box_iou(...) so the [G, N] planes are reused in place."""
+    pred_planes = pred_boxes.permute(2, 0, 1).contiguous()           # [4, B, N] x1 y1 x2 y2
+    px1, py1, px2, py2 = (pred_planes[i][img] for i in range(4))     # each [G, N]
+    x1, y1, x2, y2 = (boxes[:, i, None] for i in range(4))           # each [G, 1]
+    inter = torch.minimum(px2, x2).sub_(torch.maximum(px1, x1)).clamp_(min=0)
+    inter.mul_(torch.minimum(py2, y2).sub_(torch.maximum(py1, y1)).clamp_(min=0))
+    union = box_area(pred_boxes)[img].add_(box_area(boxes)[:, None]).sub_(inter)
+    return inter.div_(union.add_(1e-7))
+
+
+def _pair_class_cost(cls_logits, obj_logits, img, labels):
+    """SimOTA's class cost of every (box, prior) pair of an image -> [G, N].
+    cls_logits [B, N, C], obj_logits [B, N] or None, img [G] and labels [G] of each box.
+
+    The cost of a pair (prior n, box of class g) is YOLOX's
+      sum_c BCE(p_nc, onehot(g)_c),  p = sqrt(sigmoid(cls) * sigmoid(obj))
+    (p = sigmoid(cls) for a head without objectness, obj_logits None).
+    Materialised for every pair that is [G, N, C] (16 images x 50 boxes x 8400 priors x 80
+    classes = 2.1 GB of float32). But BCE against a one-hot splits: every class contributes
+    -log(1 - p_c) except the true one, which contributes -log(p_g) instead. So
+      sum_c BCE = sum_c -log(1 - p_c)  +  [-log p_g + log(1 - p_g)]:
+    a per-prior total [B, N] plus a correction read from column g: only [G, N] floats.
+    (Logs are clamped at -100 as F.binary_cross_entropy does, so p = 0 or 1 stays finite.)"""
+    # Class-major [B, C, N] so that reading "class g of image b for every prior" is one row.
+    p = cls_logits.transpose(1, 2).contiguous().sigmoid_()           # [B, C, N]
+    if obj_logits is not None:
+        p.mul_(obj_logits.detach().float().sigmoid()[:, None, :]).sqrt_()
+    p_true = p[img, labels.clamp(min=0)]                             # [G, N] p of the box's class (a copy)
+    log_not_p = p.neg_().log1p_().clamp_(min=-100)                   # [B, C, N] log(1 - p), in p's memory
+    cost = log_not_p.sum(dim=1)[img].neg_()                          # [G, N] sum_c -log(1 - p_c)
+    cost -= torch.log(p_true).clamp_(min=-100)                       # the true class: + -log p_g
+    cost += torch.log1p(-p_true).clamp_(min=-100)                    #   instead of -log(1 - p_g)
+    return cost
+
+
+def _resolve_conflicts(img, slot, low_prior, pick_cost, take, pick_iou, B, N, no_owner):
+    """SimOTA's last step. Box g of image img[g] (slot slot[g]) picked priors low_prior [G, k]
+    where take [G, k] is set, at pick_cost [G, k] (inf where not taken) and pick_iou [G, k].
+    Several boxes may pick the same prior: it goes to the one it costs least (YOLOX takes the
+    argmin over all the image's boxes, which can hand the prior to a box that never picked it;
+    we keep to the boxes that did). Returns positive [B, N], gt_index [B, N] (the owner's slot,
+    -1 if none) and matched_iou [B, N] (the IoU behind the winning pick).
+
+    Picks are keyed by (image, prior); a scatter-min finds the cheapest cost per key, then a
+    scatter-min of the box slot among the picks at that cost names the owner (the lowest slot
+    on an exact tie, like argmin). no_owner is a slot no box has (M, the padded box count)."""
+    G, k = low_prior.shape
     key = (img[:, None] * N + low_prior).flatten()                   # [G * k] flat prior index
-    best = torch.full((B * N,), float("inf"), device=device)
+    best = torch.full((B * N,), float("inf"), device=key.device)
     best.scatter_reduce_(0, key, pick_cost.flatten(), "amin")
     wins = (take & (pick_cost == best[key].view(G, k))).flatten()
-    no_owner = gt_boxes.shape[1]                                      # a slot no box has
     owner_src = torch.where(wins, slot[:, None].expand(G, k).flatten(), torch.full_like(key, no_owner))
-    owner = torch.full((B * N,), no_owner, dtype=torch.long, device=device)
+    owner = torch.full((B * N,), no_owner, dtype=torch.long, device=key.device)
     owner.scatter_reduce_(0, key, owner_src, "amin")
     positive = owner < no_owner
     # The IoU behind the winning pick (the class target of anchor_free_loss scales by it).
     is_owner = wins & (owner[key] == owner_src)
-    matched_iou = torch.zeros(B * N, device=device)
+    matched_iou = torch.zeros(B * N, device=key.device)
     matched_iou.scatter_reduce_(0, key, torch.where(is_owner, pick_iou.flatten(), 0.0), "amax")
-
-    positive, gt_index = positive.view(B, N), torch.where(positive, owner, -1).view(B, N)
-    return Assignment(positive, in_crowd & ~positive, gt_index, matched_iou.view(B, N))
+    return positive.view(B, N), torch.where(positive, owner, -1).view(B, N), matched_iou.view(B, N)
 
 
 # ---------------------------------------------------------------------------------------------
