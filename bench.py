@@ -755,7 +755,7 @@ def train_our_step_fn(size, batch, data_root, with_data=True):
     ds = data.open_dataset(data_root, "train")
     model = models.build_model("efficientdet_d0", num_classes=len(ds.class_names), input_shape=(size, size))
     model.train()
-    priors = models.make_priors((size, size), model.strides, model.anchors_mode, anchor_scale=model.anchor_scale)
+    priors = model.priors((size, size))
     opt = train.build_optimizer(model, "sgd", 1e-3, 4e-5)
     gen = torch.Generator().manual_seed(0)
     state = {"it": None}
@@ -835,8 +835,7 @@ def train_ours_gpu(name, size, batch, dataset, workers, variant, warmup, steps, 
     import train
     sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
     model = models.build_model(name, num_classes=len(dataset.class_names), input_shape=(size, size)).to(device).train()
-    priors = models.make_priors((size, size), model.strides, model.anchors_mode, device=device,
-                                 anchor_scale=model.anchor_scale)
+    priors = model.priors((size, size), device=device)
     optimizer = train.build_optimizer(model, "sgd", 1e-3, 4e-5)
     ema = train.ModelEMA(model, 0.9998)
     forward = model

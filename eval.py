@@ -57,8 +57,7 @@ from pycocotools.cocoeval import COCOeval
 
 from data import (IMAGE_EXTENSIONS, PAD_VALUE, DataLoadError, batches, check_coco_json, decode_image,
                   default_workers, letterbox, make_loader, open_dataset, plain_warnings)
-from models import (PRESETS, build_model, check_input_shape, decode_boxes, flatten_outputs, make_priors,
-                    parse_input_shape)
+from models import PRESETS, build_model, check_input_shape, decode_boxes, flatten_outputs, parse_input_shape
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 KERNEL_PATH = os.path.join(HERE, "nms_kernels.cu")
@@ -647,8 +646,7 @@ def run_coco_evaluation(model, data, nms_score_threshold=0.001, nms="gaussian", 
         input_shape = tuple(model.config["input_shape"])
     input_shape = (int(input_shape[0]), int(input_shape[1]))
     device = next(model.parameters()).device
-    priors = make_priors(input_shape, model.strides, model.anchors_mode, device=device,
-                         anchor_scale=model.anchor_scale)
+    priors = model.priors(input_shape, device=device)
     if model.num_classes != len(dataset.cat_ids):  # label k is read as dataset.cat_ids[k] below
         raise EvalInputError(f"the model predicts {model.num_classes} classes and {dataset.source} has "
                              f"{len(dataset.cat_ids)}: evaluate on the data the model was trained on")
@@ -789,8 +787,7 @@ def predict(model, image_paths, out_dir, class_names=None, score_threshold=0.3, 
     if input_shape is None:
         input_shape = tuple(model.config["input_shape"])
     device = next(model.parameters()).device
-    priors = make_priors(tuple(input_shape), model.strides, model.anchors_mode, device=device,
-                         anchor_scale=model.anchor_scale)
+    priors = model.priors(input_shape, device=device)
     os.makedirs(out_dir, exist_ok=True)
     all_predictions, skipped = {}, []
     model.eval()

@@ -168,8 +168,9 @@ class Bottleneck(nn.Module):
 
 
 class CSPLayer(nn.Module):
-    """Cross-stage-partial layer: half the channels go through n bottlenecks, half skip them,
-    then a 1x1 conv merges the two halves. Cheaper than running all channels through."""
+    """Cross-stage-partial layer: two 1x1 convs each project the input to c_out / 2 channels;
+    one branch then goes through n bottlenecks, the other skips them, and a 1x1 conv merges the
+    two. Cheaper than running all c_out channels through the bottlenecks."""
 
     def __init__(self, c_in, c_out, n, shortcut, depthwise):
         super().__init__()
@@ -664,6 +665,12 @@ class Detector(nn.Module):
         x = ((images - self.mean) / self.std).contiguous(memory_format=torch.channels_last)
         return self.head(self.neck(self.backbone(x)))
 
+    def priors(self, input_shape, device=None):
+        """make_priors for this model's strides, prior mode and anchor size, at input (H, W):
+        the one call that cannot forget D7's larger anchor_scale."""
+        return make_priors(tuple(input_shape), self.strides, self.anchors_mode, device=device,
+                           anchor_scale=self.anchor_scale)
+
 
 def flatten_outputs(outputs):
     """Per-level raw outputs [B, A, K, H_l, W_l] -> [B, N, K], K = 4 + C + O, N = sum(H_l W_l A)
@@ -718,8 +725,12 @@ def parse_input_shape(text):
 
 
 def check_input_shape(input_shape, model):
-    """The network halves its maps down to its largest stride, and the neck adds maps of
-    neighbouring levels, so each side must divide by that stride. ValueError otherwise."""
+    """Training and evaluation want each side divisible by the largest stride (32 for YOLOX,
+    128 for EfficientDet's P7). The network itself runs at any multiple of 32 (a level is
+    ceil(H / stride) cells, and the neck resizes a map to its neighbour's exact size), but only
+    with sides divisible by the largest stride is every level exactly half the one before, so
+    that a coarse cell and the 2 x 2 finer cells it is upsampled to or pooled from share their
+    centres, as the priors assume. ValueError otherwise."""
     stride = max(model.strides)
     h, w = input_shape
     if h % stride or w % stride:
@@ -738,7 +749,7 @@ def preset_input_shape(det_header):
     return (size, size)
 
 
-def build_model(det_header, backbone=None, anchors_mode=None, num_classes=80, input_shape=(512, 512),
+def build_model(det_header, backbone=None, anchors_mode=None, num_classes=80, input_shape=None,
                 anchor_scale=None):
     """Build a Detector from a preset name.
 
@@ -747,8 +758,8 @@ def build_model(det_header, backbone=None, anchors_mode=None, num_classes=80, in
         YOLOX preset's multipliers (YOLOX-S's under an EfficientDet head).
     anchors_mode: "efficientdet" (9 anchors per location) or "anchor_free" (1 grid point, plus
         objectness); None = the preset's own (EfficientDet: anchors, YOLOX: anchor-free).
-    input_shape: (H, W) the model will be fed (default 512 x 512; None = the preset's); the network itself works
-        at any multiple of 32, this is recorded in `config` for priors and data.
+    input_shape: (H, W) the model will be fed (None = the preset's published size, as
+        preset_input_shape); recorded in `config` for priors and data (see check_input_shape).
     anchor_scale: anchor size in strides at octave 0 (None = the preset's: 4, D7 5), for make_priors.
     `config` holds these arguments: build_model(**model.config) rebuilds the same model.
     """
@@ -876,6 +887,9 @@ def decode_boxes(raw, priors, anchors_mode):
 
     "efficientdet": cx = cx_a + tx * w_a, w = exp(tw) * w_a (and the same for y, h).
     "anchor_free":  cx = cx_p + tx * stride, w = exp(tw) * stride.
+    The grid point is the cell's centre, (x + 0.5) * stride, as the anchors' are; YOLOX measures
+    from the cell's corner, x * stride, so its tx is this tx + 0.5 (Megvii weights would need
+    that shift in the box branch's bias).
     """
     center, size = _reference(priors, anchors_mode)
     c = center + raw[..., :2] * size

@@ -566,8 +566,7 @@ def run(argv=None):
     model.to(device)
     if world > 1 and cfg["sync_bn"]:
         model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
-    priors = models.make_priors(tuple(cfg["input_shape"]), model.strides, model.anchors_mode, device=device,
-                                 anchor_scale=model.anchor_scale)
+    priors = model.priors(cfg["input_shape"], device=device)
 
     total_batch = cfg["batch_size"] * world
     lr_max = cfg["lr_base_512"] * total_batch / 512

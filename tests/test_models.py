@@ -103,6 +103,10 @@ def test_config_rebuilds_the_same_model():
     assert again.load_state_dict(model.state_dict()) is not None
     assert models.build_model("efficientdet_d0").config["anchors_mode"] == "efficientdet"
     assert models.build_model("yolox_nano").config["anchors_mode"] == "anchor_free"
+    # No input size: the preset's published one is recorded (eval.py evaluates at it), not 512.
+    with torch.device("meta"):
+        assert models.build_model("yolox_s").config["input_shape"] == (640, 640)
+        assert models.build_model("efficientdet_d2").config["input_shape"] == (768, 768)
 
 
 def test_parameter_counts_equal_published():
@@ -171,6 +175,11 @@ def test_d7_anchors_are_five_strides_wide():
     assert models.build_model("efficientdet_d0", num_classes=2, input_shape=(64, 64)).anchor_scale == 4.0
     p = models.make_priors((32, 32), (8,), "efficientdet", anchor_scale=5.0)
     assert p.boxes[0].tolist() == [-16, -16, 24, 24]  # centre 4, half size 5 * 8 / 2 = 20
+    # Detector.priors passes the model's own anchor size: D7's first anchor at 128 x 128 is
+    # 5 strides of 8 wide around (4, 4).
+    with torch.device("meta"):
+        d7 = models.build_model("efficientdet_d7", num_classes=2, input_shape=(128, 128))
+    assert d7.priors((128, 128)).boxes[0].tolist() == [-16, -16, 24, 24]
 
 
 def test_flatten_order_matches_priors():
