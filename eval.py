@@ -943,7 +943,7 @@ def _check_score_threshold(flag, value):
 
 def _check_stride(model, input_shape):
     try:
-        check_input_shape(input_shape or model.config["input_shape"], model)
+        check_input_shape(input_shape or model.config["input_shape"], model.config["det_header"])
     except ValueError as e:
         h, w = input_shape or model.config["input_shape"]
         raise EvalInputError(f"-i/--input_shape {h} {w}: {e}") from None

@@ -724,18 +724,29 @@ def parse_input_shape(text):
     return sizes[0], sizes[-1]
 
 
-def check_input_shape(input_shape, model):
+def largest_stride(det_header):
+    """The stride of a preset's coarsest level: 32 for YOLOX (P5); 2 ** (2 + levels) for
+    EfficientDet, 128 for P3-P7 and 256 for D7x's P8 (whatever the backbone: the BiFPN adds
+    the levels past the backbone's last)."""
+    if det_header in EFFICIENTDET_PRESETS:
+        return 2 ** (2 + EFFICIENTDET_PRESETS[det_header][5])
+    if det_header in YOLOX_PRESETS:
+        return 32
+    raise ValueError(f"models.py: unknown det_header {det_header!r}; valid ones: {', '.join(PRESETS)}")
+
+
+def check_input_shape(input_shape, det_header):
     """Training and evaluation want each side divisible by the largest stride (32 for YOLOX,
     128 for EfficientDet's P7). The network itself runs at any multiple of 32 (a level is
     ceil(H / stride) cells, and the neck resizes a map to its neighbour's exact size), but only
     with sides divisible by the largest stride is every level exactly half the one before, so
     that a coarse cell and the 2 x 2 finer cells it is upsampled to or pooled from share their
     centres, as the priors assume. ValueError otherwise."""
-    stride = max(model.strides)
+    stride = largest_stride(det_header)
     h, w = input_shape
     if h % stride or w % stride:
         raise ValueError(f"each side must be divisible by {stride}, the largest stride of "
-                         f"{model.config['det_header']} (e.g. {stride * max(1, round(h / stride))})")
+                         f"{det_header} (e.g. {stride * max(1, round(h / stride))})")
 
 
 def preset_input_shape(det_header):

@@ -47,15 +47,20 @@ import models
 # chosen detector family; a flag that is given always wins. Unless -e is given, a run lasts the
 # decay plus the cooldown, as in the seed's script: 100 + 5 = 105 epochs, 285 + 15 = 300.
 # One exception: freezing applies to a --pretrained backbone only (see resolve_config).
+# The *_steps flags count epochs (fractions allowed), as in keras_cv_attention_models' script.
+# Where YOLOX_RECIPE differs from Megvii's exps: one setting for every size (Megvii gives nano
+# mosaic 0.5 and nano / tiny a scale range of 0.5-1.5 instead of 0.1-2), "mosaic" is kecam's
+# per-batch quadrant mix (data.mosaic_plan), not Megvii's 4-image canvas, and there is no MixUp
+# and no multi-scale training; expect a lower AP than Megvii's table for the same epochs.
 EFFICIENTDET_RECIPE = dict(
     input_shape="256", batch_size=64, optimizer="adamw", lr_base_512=8e-3,
-    weight_decay=0.02, lr_decay_steps="100", lr_warmup_steps=3.0, lr_cooldown_steps=5,
+    weight_decay=0.02, lr_decay_steps="100", lr_warmup_steps=3.0, lr_warmup_power=1.0, lr_cooldown_steps=5,
     lr_min=1e-6, freeze_backbone_epochs=32, mosaic_mix_prob=0.5, random_crop_mode=1.0,
     magnitude=6, flip_prob=0.5, close_mosaic_epochs=0, ema_decay=0.0,
 )
 YOLOX_RECIPE = dict(  # Megvii YOLOX: lr 0.01 per 64 images with SGD down to 5% of it, 300 epochs, 15 without mosaic
     input_shape="preset", batch_size=64, optimizer="sgd", lr_base_512=0.08,  # preset: nano / tiny 416, others 640
-    weight_decay=5e-4, lr_decay_steps="285", lr_warmup_steps=5.0, lr_cooldown_steps=15,
+    weight_decay=5e-4, lr_decay_steps="285", lr_warmup_steps=5.0, lr_warmup_power=2.0, lr_cooldown_steps=15,
     lr_min="5%", freeze_backbone_epochs=0, mosaic_mix_prob=1.0, random_crop_mode=2.0,
     magnitude=6, flip_prob=0.5, close_mosaic_epochs=15, ema_decay=0.9998,
 )
@@ -76,7 +81,8 @@ def parse_args(argv=None):
         epilog="Flags left unset take their value from a recipe: YOLOX's when --det_header is yolox_*,\n"
         "else EfficientDet's (EFFICIENTDET_RECIPE and YOLOX_RECIPE at the top of train.py):\n\n"
         f"  {'flag':<26}{'EfficientDet':<16}YOLOX\n" + "\n".join(rows) + "\n\n"
-        "'preset' is the preset's published size: 416 for yolox_nano / yolox_tiny, else 640.\n"
+        "'preset' is the preset's published size: yolox_nano / yolox_tiny 416, the other YOLOX 640,\n"
+        "efficientdet_d0 512 ... d7 1536 (`python models.py` lists them).\n"
         "--freeze_backbone_epochs applies with --pretrained only (else 0).\n"
         "-e defaults to the decay plus the cooldown. With --resume, a flag left unset takes the\n"
         "value of the run being resumed.")
@@ -93,7 +99,9 @@ def parse_args(argv=None):
     a("--weight_decay", type=float, default=None, help="decay on conv / linear weights only (never norms or biases)")
     a("--lr_decay_steps", default=None, help="one number N: cosine from the end of warm-up down to "
       "--lr_min at epoch N; a list like 30,60,90: multiply by 0.1 at each of those epochs")
-    a("--lr_warmup_steps", type=float, default=None, help="epochs of linear warm-up from 0")
+    a("--lr_warmup_steps", type=float, default=None, help="epochs of warm-up from 0")
+    a("--lr_warmup_power", type=float, default=None, help="warm-up shape: lr = peak x (epoch / warm-up) ** power; "
+      "1 linear (EfficientDet, kecam), 2 quadratic (Megvii YOLOX)")
     a("--lr_cooldown_steps", type=int, default=None,
       help="epochs after the decay (at --lr_min after a cosine, at the last step's lr after a list); "
            "sets the run's length when -e is not given")
@@ -176,7 +184,11 @@ def resolve_config(args):
                        ("eval_start_epoch", 1)):
         if cfg[k] is None:
             cfg[k] = default
-    recipe = YOLOX_RECIPE if cfg["det_header"].startswith("yolox") else EFFICIENTDET_RECIPE
+    if cfg["det_header"] not in models.PRESETS:
+        fail(f"--det_header {cfg['det_header']!r} is unknown: choose one of {', '.join(models.PRESETS)}")
+    if cfg["backbone"] is not None and cfg["backbone"] not in models.BACKBONES and not cfg["backbone"].startswith("timm:"):
+        fail(f"--backbone {cfg['backbone']!r} is unknown: choose one of {', '.join(models.BACKBONES)}, or timm:NAME")
+    recipe = YOLOX_RECIPE if cfg["det_header"] in models.YOLOX_PRESETS else EFFICIENTDET_RECIPE
     if cfg["resume"] and args.data is None and cfg["data"] != "shapes" and not os.path.exists(cfg["data"]):
         fail(f"--resume {cfg['resume']}: its run's data, {cfg['data']}, is not there: give -d with where it is now")
     if cfg["data"] != "shapes" and os.path.exists(cfg["data"]):
@@ -196,11 +208,18 @@ def resolve_config(args):
         if cfg.get(k) is None:
             cfg[k] = v
     if cfg["input_shape"] == "preset":  # the size the preset was published at, as Megvii trains it
-        cfg["input_shape"] = str(models.YOLOX_PRESETS.get(cfg["det_header"], (640,))[-1])
+        cfg["input_shape"] = "x".join(map(str, models.preset_input_shape(cfg["det_header"])))
     try:
         cfg["input_shape"] = list(models.parse_input_shape(cfg["input_shape"]))
+        models.check_input_shape(cfg["input_shape"], cfg["det_header"])
     except ValueError as e:
         fail(f"--input_shape {e}")
+    # BatchNorm in training needs 2+ values per channel: a batch of 1 at an input whose
+    # coarsest level is 1 x 1 cell has one (an error deep inside torch otherwise).
+    stride = models.largest_stride(cfg["det_header"])
+    if cfg["batch_size"] == 1 and tuple(cfg["input_shape"]) == (stride, stride):
+        fail(f"-b 1 at input {stride}: the coarsest level of {cfg['det_header']} is then 1 x 1, too little for "
+             f"BatchNorm; give -b 2 or more, or -i {2 * stride}")
     raw = str(cfg["lr_decay_steps"])
     try:
         steps = [float(s) for s in raw.split(",") if s.strip()]
@@ -241,6 +260,13 @@ def resolve_config(args):
                       ("--lr_warmup_steps", "lr_warmup_steps")):
         if not (math.isfinite(cfg[key]) and cfg[key] >= 0):
             fail(f"{flag} {cfg[key]}: give 0 or more")
+    if not (math.isfinite(cfg["lr_warmup_power"]) and cfg["lr_warmup_power"] > 0):
+        fail(f"--lr_warmup_power {cfg['lr_warmup_power']}: give a power above 0 (1 linear, 2 quadratic)")
+    if len(steps) == 1 and cfg["lr_warmup_steps"] >= steps[0]:
+        # The cosine runs from the end of the warm-up to epoch N: with nothing in between, the
+        # rate would climb to the peak and drop straight to the floor.
+        fail(f"--lr_warmup_steps {cfg['lr_warmup_steps']:g} reaches past the cosine's end at --lr_decay_steps "
+             f"{steps[0]:g}: give a shorter warm-up or a later decay end")
     try:
         data.check_augment_args(cfg["random_crop_mode"], cfg["magnitude"], cfg["num_layers"], cfg["mosaic_mix_prob"],
                                 cfg["flip_prob"])
@@ -260,8 +286,13 @@ def resolve_config(args):
             fail("--cuda_graphs runs on one GPU: leave it out under torchrun")
         if not torch.cuda.is_available():
             fail("--cuda_graphs needs a CUDA GPU, and none is visible: leave the flag out on a CPU")
+    if cfg["sync_bn"] and not torch.cuda.is_available():
+        fail("--sync_bn needs CUDA GPUs (torch's SyncBatchNorm has no CPU kernel): leave it out on a CPU")
     if cfg["amp"] is None:
-        cfg["amp"] = "bf16" if torch.cuda.is_available() else "off"
+        # bf16 where the GPU computes in it (Ampere and later); older GPUs (V100, T4) only
+        # emulate it, slowly, so they take fp16 with its loss scaler.
+        native_bf16 = torch.cuda.is_available() and torch.cuda.is_bf16_supported(including_emulation=False)
+        cfg["amp"] = ("bf16" if native_bf16 else "fp16") if torch.cuda.is_available() else "off"
     if cfg["workers"] is None:
         cfg["workers"] = data.default_workers()
     if cfg["workers"] < 0:
@@ -292,12 +323,14 @@ def build_optimizer(model, name, lr, weight_decay):
 
 
 def learning_rate(epoch_float, cfg, lr_max):
-    """The learning rate at a (fractional) epoch: linear warm-up, then cosine to lr_floor (the
-    resolved --lr_min) over lr_decay_steps epochs, then lr_floor for the cooldown epochs; or, for
-    a list of epochs, x0.1 at each of them (no floor: the cooldown stays at the last step's rate)."""
+    """The learning rate at a (fractional) epoch: warm-up from 0 as (epoch / warm-up) ** power
+    (1 linear; 2 quadratic, as Megvii YOLOX, which starts slower: 4% of the peak after a fifth
+    of the warm-up instead of 20%), then cosine to lr_floor (the resolved --lr_min) over
+    lr_decay_steps epochs, then lr_floor for the cooldown epochs; or, for a list of epochs, x0.1
+    at each of them (no floor: the cooldown stays at the last step's rate)."""
     warmup = cfg["lr_warmup_steps"]
     if epoch_float < warmup:
-        return lr_max * epoch_float / warmup
+        return lr_max * (epoch_float / warmup) ** cfg["lr_warmup_power"]
     steps = cfg["lr_decay_steps"]
     if len(steps) > 1:  # step decay at the listed epochs
         return lr_max * 0.1 ** sum(epoch_float >= s for s in steps)
@@ -504,6 +537,14 @@ def set_backbone_frozen(model, frozen):
 # ----------------------------------------------------------------------------------------------
 # The loop
 # ----------------------------------------------------------------------------------------------
+def augment_seed(seed, epoch, rank, world):
+    """The seed of an epoch's augmentation draws on one process. Unlike the loader's seed
+    (seed * 1000 + epoch, which the DistributedSampler needs equal on every rank to split the
+    images between them), it differs per rank: else image k of every rank would get the same
+    crop, flip, RandAugment ops and mosaic coin. One process (rank 0 of 1) gets the loader's."""
+    return (seed * 1000 + epoch) * world + rank
+
+
 def main(argv=None):
     """The command line. A Ctrl-C before the training loop (while the data opens, say) has no
     state to save: one line instead of a traceback. The loop handles its own (see run)."""
@@ -557,10 +598,6 @@ def run(argv=None):
                                    num_classes=len(train_set.class_names), input_shape=tuple(cfg["input_shape"]))
     except ValueError as e:
         fail(str(e))
-    try:
-        models.check_input_shape(cfg["input_shape"], model)
-    except ValueError as e:
-        fail(f"--input_shape {cfg['input_shape']}: {e}")
     if cfg["pretrained"]:
         load_pretrained(model, cfg["pretrained"], log)
     model.to(device)
@@ -667,6 +704,10 @@ def run(argv=None):
                 # every one of them each step: a backbone frozen (or unfrozen) after that would
                 # hang or fail its reduction. So it is built again whenever freezing changes, at
                 # most twice a run; building it broadcasts rank 0's weights, which all ranks share.
+                # (torch's DDP guide compiles the DDP-wrapped model instead, so that the graph
+                # splits at DDP's gradient buckets and their all-reduce overlaps the backward;
+                # around a compiled model the all-reduce starts once the whole backward is done,
+                # but re-wrapping does not recompile. Not measured on several GPUs.)
                 train_model = torch.nn.parallel.DistributedDataParallel(
                     compiled, device_ids=[device.index] if device.type == "cuda" else None)
                 wrapped_frozen = frozen
@@ -686,7 +727,7 @@ def run(argv=None):
                                       skip_batches=skip)
             # A CPU generator even on a GPU: augment turns every draw into a small CPU matrix, and
             # a draw on the GPU would make the CPU wait for the GPU's queue before each one.
-            gen = torch.Generator().manual_seed(cfg["seed"] * 1000 + epoch)
+            gen = torch.Generator().manual_seed(augment_seed(cfg["seed"], epoch, rank, world))
             if skip:
                 gen.set_state(start_gen)
             steps = skip + len(loader)  # the whole epoch's steps, which the schedule counts in
@@ -884,7 +925,9 @@ def load_checkpoint_file(path, mmap=False):
 
 def load_resume(cfg, model, ema, optimizer, scaler, train_set, world, log):
     """Load a checkpoint's whole training state. Returns (epochs finished, steps finished in the
-    next epoch, that epoch's augmentation generator state or None, best AP so far)."""
+    next epoch, that epoch's augmentation generator state or None, its loss sums so far or None,
+    best AP so far). A mid-epoch state only comes from one process (under torchrun Ctrl-C stops
+    at once), so the generator state is that process's."""
     path = cfg["resume"]
     ckpt = load_checkpoint_file(path)
     if "optimizer" not in ckpt or "model" not in ckpt:

@@ -209,6 +209,12 @@ def test_ddp_two_processes_on_gloo(tiny_shapes, tmp_path, capsys):
     (["--lr_decay_steps", "30,30"], "--lr_decay_steps '30,30'"),
     (["--freeze_backbone_epochs", "-1"], "--freeze_backbone_epochs -1: give 0 or more"),
     (["--close_mosaic_epochs", "-1"], "--close_mosaic_epochs -1: give 0 or more"),
+    (["--det_header", "yolox_ss"], "--det_header 'yolox_ss' is unknown: choose one of"),  # before any data opens
+    (["--backbone", "resnet5"], "--backbone 'resnet5' is unknown"),
+    (["-b", "1", "-i", "32"], "-b 1 at input 32: the coarsest level of yolox_nano is then 1 x 1"),
+    (["--lr_warmup_steps", "5", "--lr_decay_steps", "2"], "--lr_warmup_steps 5 reaches past the cosine's end"),
+    (["--lr_warmup_power", "0"], "--lr_warmup_power 0.0: give a power above 0"),
+    (["--sync_bn"], "--sync_bn needs CUDA GPUs"),
 ])
 def test_clear_errors(tiny_shapes, tmp_path, capsys, flags, message):
     argv = ["-d", tiny_shapes, "--out", str(tmp_path), "--det_header", "yolox_nano", "-i", "64", "-e", "1"]
@@ -229,6 +235,10 @@ def test_the_yolox_recipe_trains_each_preset_at_its_published_size(tmp_path, mon
                      "yolox_x": [640, 640], "efficientdet_d3": [256, 256]}
     cfg = train.resolve_config(train.parse_args(["--det_header", "yolox_nano", "-i", "320,256"]))
     assert cfg["input_shape"] == [320, 256]
+    # -i preset is the published size of an EfficientDet too (it was 640 for all of them).
+    sizes = {d: train.resolve_config(train.parse_args(["--det_header", d, "-i", "preset"]))["input_shape"]
+             for d in ("efficientdet_d0", "efficientdet_d7")}
+    assert sizes == {"efficientdet_d0": [512, 512], "efficientdet_d7": [1536, 1536]}
 
 
 def test_the_yolox_floor_is_a_share_of_the_peak_and_follows_the_batch(tmp_path, monkeypatch):
@@ -438,15 +448,28 @@ def test_recipe_freezes_only_a_pretrained_backbone(tmp_path, monkeypatch):
 
 
 def test_learning_rate_schedule():
-    cfg = {"lr_warmup_steps": 2.0, "lr_decay_steps": [12.0], "lr_floor": 0.0}
+    cfg = {"lr_warmup_steps": 2.0, "lr_warmup_power": 1.0, "lr_decay_steps": [12.0], "lr_floor": 0.0}
     assert train.learning_rate(1.0, cfg, 1.0) == pytest.approx(0.5)   # half-way through warm-up
     assert train.learning_rate(2.0, cfg, 1.0) == pytest.approx(1.0)   # peak
     assert train.learning_rate(7.0, cfg, 1.0) == pytest.approx(0.5)   # cosine half-way
     assert train.learning_rate(20.0, cfg, 1.0) == pytest.approx(0.0)  # cooldown at the floor
     floor = dict(cfg, lr_floor=0.1)  # cosine from 1 down to 0.1: half-way is 0.1 + 0.9 / 2
     assert [train.learning_rate(e, floor, 1.0) for e in (7.0, 12.0, 20.0)] == pytest.approx([0.55, 0.1, 0.1])
-    steps = {"lr_warmup_steps": 0.0, "lr_decay_steps": [3.0, 6.0], "lr_floor": 0.0}
+    steps = {"lr_warmup_steps": 0.0, "lr_warmup_power": 1.0, "lr_decay_steps": [3.0, 6.0], "lr_floor": 0.0}
     assert [round(train.learning_rate(e, steps, 1.0), 6) for e in (0, 3, 5, 6)] == [1.0, 0.1, 0.1, 0.01]
+    # Megvii YOLOX warms up quadratically: a fifth of the way, 4% of the peak (linear: 20%).
+    yolox = train.resolve_config(train.parse_args(["--det_header", "yolox_s"]))
+    assert yolox["lr_warmup_power"] == 2.0 and yolox["lr_warmup_steps"] == 5.0
+    assert train.learning_rate(1.0, yolox, 1.0) == pytest.approx(0.04)
+    assert train.learning_rate(1.0, dict(yolox, lr_warmup_power=1.0), 1.0) == pytest.approx(0.2)
+
+
+def test_each_rank_draws_its_own_augmentation():
+    # Under torchrun the loader's seed is shared (the sampler splits images by it); the
+    # augmentation's must not be, or image k of every rank is cropped and flipped alike.
+    seeds = [train.augment_seed(7, epoch, rank, 4) for epoch in range(3) for rank in range(4)]
+    assert len(set(seeds)) == 12
+    assert [train.augment_seed(7, epoch, 0, 1) for epoch in range(3)] == [7000, 7001, 7002]  # one process: as before
 
 
 def test_weight_decay_skips_norms_and_biases():
