@@ -140,13 +140,20 @@ def decode_image(path, max_side=None, size=None, fix="remove its entry from the 
     """PIL decode to uint8 [H, W, 3] RGB, upright (see _upright; size: the annotations' (width,
     height), if known). Returns (image, scale): scale = (x, y) output px per original px, (1, 1)
     unless max_side shrank it. Raises DataLoadError, naming the file and the fix, for a missing
-    or undecodable image; fix: what else the user can do with the file."""
+    or undecodable image, or one of another size than the annotations give (an image resized
+    after labelling: its boxes would land in the wrong place); fix: what else the user can do
+    with the file."""
     if not os.path.exists(path):
         raise DataLoadError(f"image {path} is missing: restore the file, or {fix}")
     try:
         with Image.open(path) as im:
             turn = _upright(im, size)
             width, height = im.size  # as stored
+            shown = (height, width) if turn in _SWAPPING else (width, height)
+            if size is not None and tuple(map(float, size)) != tuple(map(float, shown)):
+                raise DataLoadError(f"image {path} is {shown[0]}x{shown[1]} but the annotations say "
+                                    f"{size[0]}x{size[1]} (width x height): fix its width and height there, or, if "
+                                    f"the image was resized after labelling, its boxes too")
             scale = (1.0, 1.0)
             if max_side and max(im.size) > max_side:
                 shrink = max_side / max(im.size)
@@ -161,6 +168,8 @@ def decode_image(path, max_side=None, size=None, fix="remove its entry from the 
                 if turn in _SWAPPING:  # x of the upright picture is y as stored
                     scale = scale[::-1]
             image = np.array(im)  # writable, so torch.from_numpy is safe
+    except Image.DecompressionBombError as e:  # PIL refuses images over ~179 megapixels (aerial photos)
+        raise DataLoadError(f"image {path} is too large to decode ({e}): cut it into tiles, or {fix}") from None
     except (OSError, SyntaxError, ValueError) as e:
         raise DataLoadError(f"image {path} cannot be decoded ({e}): replace it with a valid JPEG/PNG, "
                             f"or {fix}") from None
@@ -176,6 +185,8 @@ def _image_size(path, fix):
         with Image.open(path) as im:
             turn = _upright(im)
             return im.size[::-1] if turn in _SWAPPING else im.size
+    except Image.DecompressionBombError as e:
+        raise ValueError(f"image {path} is too large to decode ({e}): cut it into tiles, or {fix}") from None
     except (OSError, SyntaxError, ValueError) as e:
         raise ValueError(f"image {path} cannot be read ({e}): replace it with a valid JPEG/PNG or {fix}") from None
 
@@ -233,6 +244,14 @@ def _find_image_dir(candidates, file_names, what):
                             f"of those folders")
 
 
+def _is_key(value, table):
+    """value in table, where a json list or object (unhashable) is simply not a key."""
+    try:
+        return value in table
+    except TypeError:
+        return False
+
+
 def check_coco_json(coco, json_path, need_files=True):
     """A loaded COCO instances json, checked before anything reads it by key (a missing key would
     otherwise stop a run as a bare KeyError, perhaps after an epoch of training); in place, the
@@ -260,6 +279,12 @@ def check_coco_json(coco, json_path, need_files=True):
         if odd is not None:
             raise ValueError(f"{json_path}: image id {json.dumps(odd)} is not a whole number: number the images "
                              f"1, 2, 3, ... and give each annotation's image_id the same number")
+        file_of = {}  # two images under one id would each get the other's boxes too
+        for im in coco["images"]:
+            if im["id"] in file_of:
+                raise ValueError(f"{json_path}: images {file_of[im['id']]} and {im['file_name']} both have id "
+                                 f"{json.dumps(im['id'])}: give each image its own id, and its annotations that id")
+            file_of[im["id"]] = im["file_name"]
     for a in coco["annotations"]:
         bbox = a.get("bbox")  # checked one by one, so the error names the annotation rather than numpy's shapes
         if not (isinstance(bbox, list) and len(bbox) == 4 and all(isinstance(v, (int, float)) for v in bbox)):
@@ -307,12 +332,25 @@ def read_coco(json_path, images_dir=None, split=None):
                                 f"their annotations) from the json")
 
     per_image = {im["id"]: [] for im in coco["images"]}
+    orphans = []
     for a in coco["annotations"]:
-        if a.get("image_id") in per_image and a.get("category_id") in label_of:
-            per_image[a["image_id"]].append(a)
-        elif a.get("category_id") not in label_of:
-            raise ValueError(f"{json_path}: annotation {a.get('id')} has category_id {a.get('category_id')} "
+        if not _is_key(a["category_id"], label_of):
+            raise ValueError(f"{json_path}: annotation {a.get('id')} has category_id {json.dumps(a['category_id'])} "
                              f"that is not in 'categories': add the category or fix the annotation")
+        if _is_key(a["image_id"], per_image):
+            per_image[a["image_id"]].append(a)
+        else:
+            orphans.append(a)
+    if orphans:  # often ids written as text ("1") against numbers (1): said, never silently trained as background
+        example = (f"annotation {orphans[0].get('id')} has image_id {json.dumps(orphans[0]['image_id'])}, the images "
+                   f"have ids like {json.dumps(coco['images'][0]['id']) if coco['images'] else 'none'}")
+        if len(orphans) == len(coco["annotations"]):
+            raise ValueError(f"{json_path}: none of its {len(orphans)} annotations names an image of 'images' "
+                             f"({example}): give each annotation's image_id the id of its image")
+        warnings.warn(f"{json_path}: skipped {len(orphans)} of its {len(coco['annotations'])} annotations that name "
+                      f"no image of 'images' ({example}). Fix their image_id to use them.")
+        listed = {id(a) for im in coco["images"] for a in per_image[im["id"]]}
+        coco = dict(coco, annotations=[a for a in coco["annotations"] if id(a) in listed])
     anns = [a for im in coco["images"] for a in per_image[im["id"]]]
     size_of = {im["id"]: (im.get("width"), im.get("height")) for im in coco["images"]}
     for im in coco["images"]:
@@ -354,8 +392,11 @@ def _yolo_names(folder, label_dir):
     files = [os.path.join(d, n) for d in (folder, label_dir) for n in sorted(os.listdir(d)) if _is_names_file(n)]
     names, source = None, files[0] if files else None
     if source:
-        with open(source, encoding="utf-8-sig") as f:
-            names = [line.strip() for line in f if line.strip()]
+        try:
+            with open(source, encoding="utf-8-sig") as f:
+                names = [line.strip() for line in f if line.strip()]
+        except UnicodeDecodeError as e:  # a Windows code page (LabelImg with local class names, say)
+            raise ValueError(f"{source} is not UTF-8 text ({e}): save it as UTF-8") from None
     if names is None and os.path.exists(os.path.join(folder, "data.yaml")):
         source = os.path.join(folder, "data.yaml")
         names = _yaml_names(source)
@@ -527,7 +568,9 @@ def _read_yolo_txt(path):
     """One YOLO label file -> (rows float64 [N, 5] = class cx cy w h, line number of each row).
     Each non-empty line must hold exactly 5 numbers, checked line by line: reading the whole file
     and reshaping it to 5 columns would silently re-chunk lines of 4 numbers (class missing) or 6
-    (a confidence column) into wrong boxes. An empty file is a background image."""
+    (a confidence column) into wrong boxes. A line of a class and 3 or more x y pairs is
+    Ultralytics' segmentation label, a polygon: its enclosing box is read, as Ultralytics trains a
+    detector on it. An empty file is a background image."""
     rows, line_numbers = [], []
     # errors="replace": a binary file then fails below as "not numbers", naming its line;
     # utf-8-sig drops the byte-order mark a Windows editor may put in front of the first line
@@ -536,15 +579,21 @@ def _read_yolo_txt(path):
             words = line.split()
             if not words:
                 continue  # a blank line, e.g. at the end
-            if len(words) != 5:
+            polygon = len(words) >= 7 and len(words) % 2 == 1  # class x1 y1 x2 y2 x3 y3 ...
+            if len(words) != 5 and not polygon:
                 raise ValueError(f"{path}:{n} has {len(words)} numbers, expected 5: class cx cy w h (normalized 0..1). "
                                  f"Fix that line (4 numbers: the class is missing; 6: remove the extra column, e.g. "
                                  f"a confidence)")
             try:
-                rows.append([float(w) for w in words])
+                numbers = [float(w) for w in words]
             except ValueError:
                 raise ValueError(f"{path}:{n} is not numbers ({line.strip()[:60]!r}), expected 5: class cx cy w h "
                                  f"(normalized 0..1)") from None
+            if polygon:
+                xs, ys = numbers[1::2], numbers[2::2]
+                x0, x1, y0, y1 = min(xs), max(xs), min(ys), max(ys)
+                numbers = [numbers[0], (x0 + x1) / 2, (y0 + y1) / 2, x1 - x0, y1 - y0]
+            rows.append(numbers)
             if not rows[-1][0].is_integer():  # 1.7 would silently become class 1 (and nan a huge one)
                 raise ValueError(f"{path}:{n}: class {words[0]} is not a whole number: the first number of a "
                                  f"line is the class index 0, 1, 2, ...")
@@ -898,23 +947,24 @@ class _Decoded(torch.utils.data.Dataset):
 
 class _Collate:
     """Pads a list of decoded items into one batch: images top-left in a grey (114) canvas,
-    targets padded to max_boxes with a validity mask (a class, so workers can pickle it)."""
+    targets padded to max_boxes with a validity mask (a class, so workers can pickle it). A batch
+    with an image of more boxes pads to that image's count instead: a box dropped for want of
+    room would leave its object in the pixels, to be learned as background."""
 
     def __init__(self, max_boxes):
         self.max_boxes = max_boxes
 
     def __call__(self, items):
-        b, m = len(items), self.max_boxes
+        b, m = len(items), max([self.max_boxes] + [len(it[2]) for it in items])
         hc, wc = max(it[0].shape[0] for it in items), max(it[0].shape[1] for it in items)
         images = torch.full((b, 3, hc, wc), PAD_VALUE, dtype=torch.uint8)  # planar, as the warp reads it
         boxes, labels = torch.zeros(b, m, 4), torch.full((b, m), -1, dtype=torch.int64)
         valid = torch.zeros(b, m, dtype=torch.bool)
         for i, (image, bx, lb, _, _) in enumerate(items):
             images[i, :, :image.shape[0], :image.shape[1]] = torch.from_numpy(image).permute(2, 0, 1)  # HWC -> CHW
-            order = np.argsort(lb < 0, kind="stable")[:m]  # if too many, keep real objects before crowd regions
-            n = len(order)
-            boxes[i, :n] = torch.from_numpy(bx[order])
-            labels[i, :n] = torch.from_numpy(lb[order])
+            n = len(lb)
+            boxes[i, :n] = torch.from_numpy(bx)
+            labels[i, :n] = torch.from_numpy(lb)
             valid[i, :n] = True
         return dict(images=images,
                     sizes=torch.tensor([it[0].shape[:2] for it in items], dtype=torch.int64).reshape(b, 2),
@@ -950,7 +1000,8 @@ def make_loader(dataset, batch_size, shuffle, workers, seed, max_boxes=100, drop
     images uint8 [B, 3, Hc, Wc] (each image top-left in a canvas filled with 114), sizes int64 [B, 2]
     (h, w), boxes float32 [B, M, 4] xyxy canvas px, labels int64 [B, M] (-1 ignore), valid bool
     [B, M], image_ids int64 [B], scales float32 [B, 2] ((x, y) canvas px per original px; != 1 only
-    when a worker shrank an image whose longer side was above max_side). M = max_boxes.
+    when a worker shrank an image whose longer side was above max_side). M = max_boxes, or the
+    batch's most boxes in one image where that is more (none is dropped).
     Same seed -> same order. Under torchrun (distributed=True) each process gets its own share
     (DistributedSampler, seeded by `seed`: give a new seed each epoch for a new order).
     skip_batches: start at that batch of the order, as a run resumed mid-epoch does."""
@@ -1027,7 +1078,8 @@ def crop_matrices(sizes, input_shape, random_crop_mode, generator):
     Returns [B, 3, 3] float64 mapping source px -> output px.
       0       letterbox: aspect-preserving resize to fit, top-left, pad right / bottom
       (0, 1)  random resized crop: area fraction in (mode, 1), aspect ratio in (3/4, 4/3) x the
-              target's W / H, stretched to fit
+              target's W / H, stretched to fit (a crop too wide or tall for the image shrinks,
+              keeping its aspect: the area may then be below mode)
       1       random largest crop: short side covers the target, random position
       > 1     random scale: factor in [0.1, mode] of the letterbox size, random crop or pad."""
     hh, ww = float(input_shape[0]), float(input_shape[1])
@@ -1042,8 +1094,11 @@ def crop_matrices(sizes, input_shape, random_crop_mode, generator):
     elif random_crop_mode < 1:
         area = h * w * (random_crop_mode + (1 - random_crop_mode) * u[:, 0])
         ratio = torch.exp(math.log(3 / 4) + u[:, 1] * math.log(16 / 9)) * (ww / hh)  # crop w / h, around the target's
-        cw = torch.sqrt(area * ratio).clamp(max=w)
-        ch = (area / cw).clamp(max=h)
+        cw, ch = torch.sqrt(area * ratio), torch.sqrt(area / ratio)
+        # A crop larger than the image on a side shrinks as a whole, keeping its aspect ratio (a
+        # panorama is then cropped, not squashed); its area drops below the drawn one.
+        fit = torch.minimum(torch.ones_like(cw), torch.minimum(w / cw, h / ch))
+        cw, ch = cw * fit, ch * fit
         x0, y0 = u[:, 2] * (w - cw), u[:, 3] * (h - ch)
         sx, sy = ww / cw, hh / ch
         tx, ty = -x0 * sx, -y0 * sy
@@ -1103,7 +1158,10 @@ def randaugment_matrices(ops, signs, magnitude, input_shape):
 
 def transform_boxes(boxes, valid, matrices, input_shape, min_size=2.0, max_aspect=20.0, min_area_kept=0.15,
                     clip_to=None):
-    """Move boxes by their 4 corners -> enclosing box -> clip -> drop degenerate ones.
+    """Move boxes by their 4 corners -> enclosing box -> clip -> drop degenerate ones. A rotation
+    or shear makes the box larger than the object (the hull of a turned rectangle, and objects
+    are not rectangles), and clipping the hull rather than the turned shape adds to that, as in
+    YOLOX and keras_cv_attention_models; the larger the angle, the looser the box.
     boxes: [B, M, 4] xyxy; matrices: [B, 3, 3] (or [B, 2, 3]) source px -> output px;
     clip_to: optional [B, M, 4] xyxy region per box (default the whole output).
     Drops boxes under min_size px a side, thinner than 1:max_aspect, or with less than
@@ -1178,7 +1236,12 @@ def warp_region(images, inverse, region, rows, mode="bilinear"):
 
 
 # ----------------------------------------------------------------------------------------------
-# Mosaic, per batch: a plan (split point + which image fills each quadrant), then boxes and pixels
+# Mosaic, per batch: a plan (split point + which image fills each quadrant), then boxes and pixels.
+# This is keras_cv_attention_models' batch mosaic: with probability mosaic_mix_prob the whole batch
+# is mixed, each quadrant showing the same region of another image at the same place and scale.
+# It is not YOLOX's Mosaic (per image, four whole images rescaled around a random centre of a 2x
+# canvas, then a random affine): objects keep their size here, and each output shows a quarter
+# of each of its four sources.
 # ----------------------------------------------------------------------------------------------
 def mosaic_plan(b, h, w, generator, split_range=(0.25, 0.75)):
     """One random split point (cy, cx) for the batch, returned as (regions, src): regions are the 4
@@ -1235,6 +1298,9 @@ def mosaic(images, boxes, labels, valid, generator, split_range=(0.25, 0.75), mi
 # Colour: the linear ops (HSV jitter, brightness, colour, contrast) fold into one affine map per
 # image, v -> A v + c + D m (m = the image's mean RGB, for contrast); the rest (sharpness,
 # posterize, solarize, equalize, autocontrast) run afterwards on the images that drew them.
+# They run on the warped output, so the grey (114) padding a letterbox or a small scale leaves
+# takes part in the statistics (contrast's mean, equalize's histogram, autocontrast's range),
+# where PIL's ops see the picture alone: cheaper, and a slightly weaker op on padded images.
 # ----------------------------------------------------------------------------------------------
 _YIQ = torch.tensor([[0.299, 0.587, 0.114], [0.596, -0.274, -0.322], [0.211, -0.523, 0.312]], dtype=torch.float64)
 _GREY = _YIQ[0]
@@ -1396,7 +1462,8 @@ def augment(batch, input_shape, random_crop_mode=1.0, magnitude=0, num_layers=2,
     batch: make_loader's dict (images uint8 [B, 3, Hc, Wc] with canvas padding 114, sizes, boxes
     [B, M, 4] xyxy, labels, valid, image_ids, scales). input_shape: (H, W) or an int.
     random_crop_mode, magnitude, num_layers, mosaic_mix_prob: see crop_matrices, randaugment_matrices,
-    mosaic_plan. generator: a torch.Generator, CPU or the batch's device (every random draw).
+    mosaic_plan. generator: a torch.Generator, CPU or the batch's device (every random draw);
+    None draws from torch's global generator (torch.manual_seed sets it), so each call differs.
     hsv: (hue, saturation, value) gains, or None for off. min_area_kept: drop boxes with less than
     this fraction of their area left after a crop.
     Returns dict(images float32 [B, 3, H, W] 0..1, boxes [B, M, 4] xyxy output px (M may grow past
@@ -1410,7 +1477,7 @@ def augment(batch, input_shape, random_crop_mode=1.0, magnitude=0, num_layers=2,
     if isinstance(input_shape, int):
         input_shape = (input_shape, input_shape)
     hh, ww = int(input_shape[0]), int(input_shape[1])
-    generator = generator if generator is not None else torch.Generator().manual_seed(0)
+    generator = generator if generator is not None else torch.default_generator
     images, dev = batch["images"], batch["images"].device
     b = len(images)
 
@@ -1424,18 +1491,26 @@ def augment(batch, input_shape, random_crop_mode=1.0, magnitude=0, num_layers=2,
         ops = torch.zeros_like(ops)  # all "identity": magnitude 0 changes nothing
     fwd = randaugment_matrices(ops, signs, magnitude, (hh, ww)) @ fwd
     inverse = torch.linalg.inv(fwd)  # output px -> canvas px, what the sampling needs
-    boxes, valid = transform_boxes(batch["boxes"].float(), batch["valid"], to_device(fwd.float(), batch["boxes"].device),
-                                   (hh, ww), min_area_kept=min_area_kept)
-    labels = batch["labels"]
     scales = batch.get("scales", torch.ones(b, 2)).double().cpu()  # [B, 2] (x, y)
     matrices = (torch.diag_embed(torch.cat([1 / scales, torch.ones(b, 1, dtype=torch.float64)], 1))
                 @ inverse)[:, :2].float()
     matrices = to_device(matrices, dev)
 
-    # 2. mosaic, decided per batch: its boxes now, its pixels in step 4
+    # 2. mosaic, decided per batch: its boxes now, with the geometry's, its pixels in step 4
     plan = None
     if mosaic_mix_prob > 0 and float(torch.rand(1, generator=generator, device=_where(generator))) < mosaic_mix_prob:
         plan = mosaic_plan(b, hh, ww, generator)
+    boxes, labels, valid = batch["boxes"].float(), batch["labels"], batch["valid"]
+    fwd_boxes = to_device(fwd.float(), boxes.device)
+    if plan is None:
+        boxes, valid = transform_boxes(boxes, valid, fwd_boxes, (hh, ww), min_area_kept=min_area_kept)
+    else:
+        # Moved unclipped, then cut once, to their quadrant: min_area_kept then compares what
+        # the quadrant shows with the whole moved box. Cut to the output first and then to the
+        # quadrant, each cut would keep 15% of what it was given: as little as 2% in all.
+        everywhere = to_device(torch.tensor([-math.inf, -math.inf, math.inf, math.inf]), boxes.device)
+        boxes, valid = transform_boxes(boxes, valid, fwd_boxes, (hh, ww), min_area_kept=0,
+                                       clip_to=everywhere.expand_as(boxes))
         boxes, labels, valid = mosaic_boxes(boxes, labels, valid, plan, min_area_kept)
 
     # 3. colour maps per image (per OUTPUT image: after a mosaic, all four quadrants share one)

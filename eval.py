@@ -65,6 +65,7 @@ KERNEL_PATH = os.path.join(HERE, "nms_kernels.cu")
 # The 12 numbers of COCOeval.summarize(), in its order (the keys of --stats_json).
 STAT_KEYS = ("AP", "AP50", "AP75", "APs", "APm", "APl", "AR1", "AR10", "AR100", "ARs", "ARm", "ARl")
 NMS_METHODS = ("hard", "gaussian", "linear")  # index = the method code of nms_kernels.cu
+NMS_THREADS = 256  # threads per block of the kernel: compiled in as -DNMS_THREADS and launched with
 NMS_MODES = ("global", "per_class")
 # What -m means when it is left out: the best checkpoint of train.py's default run folder (--out
 # runs/train), relative to where the command runs, as train.py's --out is.
@@ -182,7 +183,7 @@ def _nms_cuda_function(device_index):
         source = f.read()
     with cupy.cuda.Device(device_index):
         # --fmad=false: no fused multiply-add, so IoU rounds exactly like the CPU twin.
-        module = cupy.RawModule(code=source, options=("--fmad=false",))
+        module = cupy.RawModule(code=source, options=("--fmad=false", f"-DNMS_THREADS={NMS_THREADS}"))
         return module.get_function("nms_greedy_kernel")
 
 
@@ -205,7 +206,7 @@ def _greedy_nms_cuda(scores, boxes, method, iou_or_sigma, score_threshold, max_o
     function = _nms_cuda_function(device.index)
     stream = torch.cuda.current_stream(device)
     with cupy.cuda.Device(device.index), cupy.cuda.ExternalStream(stream.cuda_stream):
-        function((num_groups,), (256,),  # 256 = NMS_THREADS in nms_kernels.cu
+        function((num_groups,), (NMS_THREADS,),
                  (cupy.asarray(work), cupy.asarray(boxes), cupy.asarray(keep_pos),
                   cupy.asarray(keep_score), np.int32(k), np.int32(max_output_size),
                   np.float32(score_threshold), np.float32(iou_or_sigma),
@@ -220,6 +221,9 @@ def _select_candidates(scores, score_threshold, topk):
     score descending (ties: lower prior, then lower class).
     """
     b, n, c = scores.shape
+    # A NaN score (overflowed outputs) never enters NMS. Left in, topk ranks it above every
+    # number and the k-th best score below becomes NaN, so the image would lose all its pairs.
+    scores = scores.nan_to_num(nan=-1.0)
     if topk == 0:  # one class per prior: its best
         flat, best_label = scores.max(dim=2)            # [B, N]
     else:
@@ -662,6 +666,7 @@ def run_coco_evaluation(model, data, nms_score_threshold=0.001, nms="gaussian", 
     done, t0 = 0, time.time()
     last_line = t0
     nonfinite = 0  # detections whose box is NaN / inf: left out (detections_to_coco), reported
+    nan_scores = 0  # priors with a NaN score: never candidates (_select_candidates), reported
     try:
         with torch.inference_mode():
             for batch in batches(loader):  # an unreadable image: one DataLoadError line
@@ -669,6 +674,7 @@ def run_coco_evaluation(model, data, nms_score_threshold=0.001, nms="gaussian", 
                 batch["images"] = batch["images"].to(device, non_blocking=True)
                 letterboxed = eval_letterbox(batch, input_shape, resize_method, letterbox_pad)
                 boxes, scores = decode_predictions(model(letterboxed["images"]), priors, model.anchors_mode)
+                nan_scores = nan_scores + torch.isnan(scores).any(-1).sum()  # read once, at the end
                 boxes, scores, labels, counts = batched_nms(
                     boxes, scores, method=nms, mode=nms_mode, iou_or_sigma=nms_iou_or_sigma,
                     score_threshold=nms_score_threshold, topk=nms_topk, max_output_size=nms_max_output_size)
@@ -692,6 +698,9 @@ def run_coco_evaluation(model, data, nms_score_threshold=0.001, nms="gaussian", 
     if nonfinite:
         print(f"warning: {nonfinite} detections had a NaN / inf box (the model's outputs overflowed) "
               f"and were left out of the evaluation", file=sys.stderr)
+    if int(nan_scores):
+        print(f"warning: {int(nan_scores)} priors had a NaN score (the model's outputs overflowed) and "
+              f"were left out of the evaluation", file=sys.stderr)
     if results_path:
         write_json_atomic(results, results_path)
     stats = evaluate_coco_results(results, coco_gt, image_ids=dataset.image_ids,

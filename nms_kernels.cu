@@ -9,7 +9,9 @@
 //
 // eval.py loads this file with cupy.RawModule (only when the tensors are on a CUDA device) and
 // runs exactly the same algorithm in plain torch on the CPU (eval._greedy_nms_torch), so the
-// kernel and its twin must agree pick for pick. Keep them in step when changing either one.
+// kernel and its twin agree pick for pick, up to the last bits of the gaussian's exp (CUDA's
+// expf and torch's exp are different approximations; the IoU itself rounds identically, see
+// --fmad=false in eval.py). Keep them in step when changing either one.
 //
 // What a "group" is
 // -----------------
@@ -54,7 +56,12 @@
 //
 // The file includes no headers, so NVRTC (cupy.RawModule) and `nvcc -c` both compile it as is.
 
-#define NMS_THREADS 256  // threads per block; eval.py launches with exactly this many
+// Threads per block. eval.py compiles with -DNMS_THREADS=<its eval.NMS_THREADS> and launches
+// exactly that many: the shared arrays and the tree reduction below are sized by it (a power of
+// two), so a launch with another count would read slots no thread wrote.
+#ifndef NMS_THREADS
+#define NMS_THREADS 256
+#endif
 
 #define NMS_HARD 0
 #define NMS_GAUSSIAN 1

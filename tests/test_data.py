@@ -1312,3 +1312,113 @@ def test_data_yaml_file_list_edge_cases(tmp_path):
     (root / "data.yaml").write_text("train: t.txt\nnames: [x]\n")
     with pytest.raises(ValueError, match=r"'train: t\.txt' lists the training images but no 'val:' is given"):
         data.open_dataset(str(root), "val")
+
+
+# ---- review fixes (session 9) ----------------------------------------------------------------
+def test_augment_without_a_generator_draws_anew_each_call():
+    # It used a fresh generator seeded 0 on every call: the same crop, flip and mosaic coin each
+    # step. Now torch's global generator: two calls differ, and torch.manual_seed replays them.
+    rng = np.random.default_rng(0)
+    batch = make_batch([random_image(rng, 60, 80) for _ in range(4)], [[[5, 5, 40, 30]]] * 4, [[0]] * 4)
+    torch.manual_seed(1)
+    first = data.augment(batch, (64, 64), random_crop_mode=0.5, magnitude=6)
+    second = data.augment(batch, (64, 64), random_crop_mode=0.5, magnitude=6)
+    assert not torch.equal(first["boxes"], second["boxes"])
+    torch.manual_seed(1)
+    assert torch.equal(data.augment(batch, (64, 64), random_crop_mode=0.5, magnitude=6)["boxes"], first["boxes"])
+
+
+def test_a_batch_keeps_every_box_past_max_boxes():
+    # 150 boxes in one image, max_boxes 100: the 50 left out stayed in the pixels as background.
+    boxes = np.array([[i % 15 * 6, i // 15 * 6, i % 15 * 6 + 5, i // 15 * 6 + 5] for i in range(150)], np.float32)
+    items = [(np.zeros((90, 90, 3), np.uint8), boxes, np.arange(150) % 3, 1, (1.0, 1.0)),
+             (np.zeros((40, 40, 3), np.uint8), boxes[:2], np.array([0, 1]), 2, (1.0, 1.0))]
+    batch = data._Collate(max_boxes=100)(items)
+    assert batch["boxes"].shape == (2, 150, 4) and batch["valid"].sum(1).tolist() == [150, 2]
+    assert torch.equal(batch["boxes"][0], torch.from_numpy(boxes))
+    assert data._Collate(max_boxes=100)(items[1:])["boxes"].shape == (1, 100, 4)  # fewer: padded to max_boxes
+
+
+def test_mosaic_min_area_is_of_the_whole_moved_box(monkeypatch):
+    # The crop moves box [0, 0, 100, 100] 80 px left: 20% of it is in the 100 x 100 output. The
+    # mosaic splits at (20, 20): the top-left quadrant then shows [0, 0, 20, 20], 4% of the box,
+    # under min_area_kept 0.15, and the bottom-left [0, 20, 20, 100], 16%. Cut twice (first to the
+    # output, then to the quadrant) the 4% piece was kept: 20 x 20 is 20% of the 20 x 100 left.
+    shift = torch.tensor([[[1.0, 0, -80], [0, 1, 0], [0, 0, 1]]], dtype=torch.float64)
+    monkeypatch.setattr(data, "crop_matrices", lambda sizes, shape, mode, gen: shift.clone())
+    regions = [(0, 20, 0, 20), (0, 20, 20, 100), (20, 100, 0, 20), (20, 100, 20, 100)]
+    monkeypatch.setattr(data, "mosaic_plan", lambda b, h, w, gen: (regions, torch.zeros(1, 4, dtype=torch.int64)))
+    batch = make_batch([np.zeros((100, 200, 3), np.uint8)], [[[0, 0, 100, 100]]], [[0]])
+    out = data.augment(batch, (100, 100), magnitude=0, mosaic_mix_prob=1.0, flip_prob=0.0, hsv=None,
+                       generator=torch.Generator().manual_seed(0))
+    assert out["boxes"][out["valid"]].tolist() == [[0.0, 20.0, 20.0, 100.0]]
+
+
+def test_random_resized_crop_keeps_its_aspect_on_a_panorama():
+    # A 100 x 1000 (h x w) strip into 64 x 64: a crop of the drawn area would be taller than the
+    # image. It used to be clamped to the height alone, squashing x by 2-3.7x; now the crop
+    # shrinks whole, so its x / y scales stay within the drawn 3/4 .. 4/3.
+    sizes = torch.tensor([[100, 1000]]).repeat(500, 1)
+    m = data.crop_matrices(sizes, (64, 64), 0.5, torch.Generator().manual_seed(0))
+    ratio = m[:, 1, 1] / m[:, 0, 0]  # (y scale) / (x scale) = crop w / crop h for a square target
+    assert ratio.min() >= 3 / 4 - 1e-9 and ratio.max() <= 4 / 3 + 1e-9
+    crop_h, crop_w = 64 / m[:, 1, 1], 64 / m[:, 0, 0]
+    assert crop_h.max() <= 100 + 1e-9 and crop_w.max() <= 1000 + 1e-9
+
+
+def test_coco_annotations_that_name_no_image(tmp_path):
+    image = [dict(id=1, file_name="a.jpg", width=40, height=30)]
+    ann = dict(id=7, image_id="1", category_id=1, bbox=[2, 2, 10, 10])  # "1", the image is 1
+    with pytest.raises(ValueError, match=r'none of its 1 annotations names an image of .images. \(annotation 7 '
+                                         r'has image_id "1", the images have ids like 1\)'):
+        data.open_dataset(write_coco(tmp_path, [ann], images=image), "train")
+    # Some of them: a warning with the count, and they leave the evaluation's ground truth too.
+    good = dict(ann, id=8, image_id=1)
+    with pytest.warns(UserWarning, match="skipped 1 of its 2 annotations that name no image"):
+        ds = data.open_dataset(write_coco(tmp_path, [ann, good], images=image), "train")
+    assert ds[0]["boxes"].tolist() == [[2, 2, 12, 12]]
+    assert [a["id"] for a in ds.coco_gt()["annotations"]] == [8]
+
+
+def test_coco_duplicate_image_ids_are_refused(tmp_path):
+    (tmp_path / "images").mkdir()
+    Image.new("RGB", (40, 30)).save(tmp_path / "images" / "b.jpg")
+    images = [dict(id=1, file_name="a.jpg", width=40, height=30), dict(id=1, file_name="b.jpg", width=40, height=30)]
+    path = write_coco(tmp_path, [], images=images)
+    with pytest.raises(ValueError, match="images a.jpg and b.jpg both have id 1: give each image its own id"):
+        data.open_dataset(path, "train")
+
+
+def test_an_image_of_another_size_than_its_json_says(tmp_path):
+    # Resized after labelling: its boxes would land at the wrong place, without a word.
+    path = write_coco(tmp_path, [dict(id=1, image_id=1, category_id=1, bbox=[2, 2, 10, 10])],
+                      images=[dict(id=1, file_name="a.jpg", width=80, height=60)])
+    ds = data.open_dataset(path, "train")
+    with pytest.raises(data.DataLoadError, match=r"a\.jpg is 40x30 but the annotations say 80x60 \(width x height\)"):
+        ds[0]
+
+
+def test_huge_image_is_a_clear_error(tmp_path, monkeypatch):
+    # PIL refuses images over ~179 megapixels with its own exception class, not an OSError.
+    path = write_coco(tmp_path, [])
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 100)  # 40 x 30 is over twice that: PIL raises
+    with pytest.raises(data.DataLoadError, match=r"a\.jpg is too large to decode .*cut it into tiles"):
+        data.decode_image(str(tmp_path / "images" / "a.jpg"))
+    with pytest.raises(ValueError, match=r"a\.jpg is too large to decode .*cut it into tiles"):
+        data._image_size(str(tmp_path / "images" / "a.jpg"), "remove it")
+
+
+def test_yolo_names_file_not_utf8_names_the_file(tmp_path):
+    root = write_yolo(tmp_path, {"a": "0 0.5 0.5 0.2 0.2\n"}, names=None)
+    (root / "obj.names").write_bytes("caf\xe9\n".encode("latin-1"))
+    with pytest.raises(ValueError, match=r"obj\.names is not UTF-8 text .*save it as UTF-8"):
+        data.open_dataset(str(root), "train")
+
+
+def test_yolo_segmentation_polygon_is_read_as_its_box(tmp_path):
+    # Ultralytics' -seg labels: class x1 y1 x2 y2 x3 y3 ...; its enclosing box, in a 40 x 30 image:
+    # x 0.1..0.5 -> 4..20 px, y 0.2..0.6 -> 6..18 px.
+    root = write_yolo(tmp_path, {"a": "1 0.1 0.2 0.5 0.2 0.5 0.6 0.1 0.6\n0 0.5 0.5 0.5 0.5\n"})
+    ds = data.open_dataset(str(root), "train")
+    np.testing.assert_allclose(ds[0]["boxes"], [[4, 6, 20, 18], [10, 7.5, 30, 22.5]], atol=1e-4)
+    assert ds[0]["labels"].tolist() == [1, 0]

@@ -762,6 +762,7 @@ def test_evaluation_reports_nonfinite_boxes_instead_of_failing(tmp_path, capsys)
             outputs = [o.clone() for o in self.inner(images)]
             outputs[0][:, 0, 0, 0, 0] = float("nan")   # x offset of prior 0
             outputs[0][:, 0, 4:, 0, 0] = 12.0          # every class, and objectness: score ~1
+            outputs[0][:, 0, 4, 0, 1] = float("nan")   # class 0 of prior 1: a NaN score
             return outputs
 
     stats = ev.run_coco_evaluation(Overflowing(), write_small_coco(str(tmp_path / "small")), verbose=False,
@@ -769,7 +770,9 @@ def test_evaluation_reports_nonfinite_boxes_instead_of_failing(tmp_path, capsys)
     results = json.loads((tmp_path / "r.json").read_text())
     assert all(math.isfinite(v) for r in results for v in r["bbox"]) and math.isfinite(stats["AP"])
     # 2 images x 20 classes at prior 0 (per-class NMS keeps one per class)
-    assert "warning: 40 detections had a NaN / inf box" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert "warning: 40 detections had a NaN / inf box" in err
+    assert "warning: 2 priors had a NaN score (the model's outputs overflowed)" in err  # 1 on each image
 
 
 def test_predict_lines_grow_with_the_picture(tmp_path, monkeypatch):

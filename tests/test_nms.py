@@ -234,3 +234,13 @@ def test_topk_keeps_exactly_k_pairs_when_scores_tie():
     out = ev.batched_nms(boxes, scores, method="hard", topk=2, score_threshold=0.1)
     assert out[3].tolist() == [2]
     assert out[0][0, :2].tolist() == [[0.0, 0, 10, 10], [20.0, 0, 30, 10]]
+
+
+def test_a_nan_score_is_left_out_not_every_pair_of_its_image():
+    # topk ranks NaN above every number, so the k-th best score became NaN and the pre-cut
+    # "score >= k-th" dropped all 600 pairs of the image. Now the NaN pair alone stays out.
+    scores = torch.rand(1, 200, 3, generator=torch.Generator().manual_seed(0))
+    scores[0, 5, 1] = float("nan")
+    image, prior, label, score = ev._select_candidates(scores, 0.001, 100)
+    assert len(score) == 100 and not torch.isnan(score).any()
+    assert score[0] == scores.nan_to_num(-1).max() and (prior * 3 + label != 5 * 3 + 1).all()
