@@ -244,7 +244,7 @@ def _find_image_dir(candidates, file_names, what):
                             f"of those folders")
 
 
-def _is_key(value, table):
+def is_key(value, table):
     """value in table, where a json list or object (unhashable) is simply not a key."""
     try:
         return value in table
@@ -334,10 +334,10 @@ def read_coco(json_path, images_dir=None, split=None):
     per_image = {im["id"]: [] for im in coco["images"]}
     orphans = []
     for a in coco["annotations"]:
-        if not _is_key(a["category_id"], label_of):
+        if not is_key(a["category_id"], label_of):
             raise ValueError(f"{json_path}: annotation {a.get('id')} has category_id {json.dumps(a['category_id'])} "
                              f"that is not in 'categories': add the category or fix the annotation")
-        if _is_key(a["image_id"], per_image):
+        if is_key(a["image_id"], per_image):
             per_image[a["image_id"]].append(a)
         else:
             orphans.append(a)

@@ -56,7 +56,7 @@ from pycocotools.coco import COCO
 from pycocotools.cocoeval import COCOeval
 
 from data import (IMAGE_EXTENSIONS, PAD_VALUE, DataLoadError, batches, check_coco_json, decode_image,
-                  default_workers, letterbox, make_loader, open_dataset, plain_warnings)
+                  default_workers, is_key, letterbox, make_loader, open_dataset, plain_warnings)
 from models import PRESETS, build_model, check_input_shape, decode_boxes, flatten_outputs, parse_input_shape
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -65,7 +65,7 @@ KERNEL_PATH = os.path.join(HERE, "nms_kernels.cu")
 # The 12 numbers of COCOeval.summarize(), in its order (the keys of --stats_json).
 STAT_KEYS = ("AP", "AP50", "AP75", "APs", "APm", "APl", "AR1", "AR10", "AR100", "ARs", "ARm", "ARl")
 NMS_METHODS = ("hard", "gaussian", "linear")  # index = the method code of nms_kernels.cu
-NMS_THREADS = 256  # threads per block of the kernel: compiled in as -DNMS_THREADS and launched with
+NMS_THREADS = 256  # threads per block: compiled into the kernel (-DNMS_THREADS), and each launch uses as many
 NMS_MODES = ("global", "per_class")
 # What -m means when it is left out: the best checkpoint of train.py's default run folder (--out
 # runs/train), relative to where the command runs, as train.py's --out is.
@@ -584,13 +584,8 @@ def remap_by_names(exported, coco_gt, source):
             raise EvalInputError(f"{source}: {len(unknown)} {what} are not in the ground truth (e.g. {unknown[:3]}): "
                                  f"the results belong to another split or dataset")
     results = []
-    def listed(key, table):
-        try:
-            return key in table
-        except TypeError:  # a list or dict as an id cannot be a key, so it names nothing
-            return False
     for a in exported["annotations"]:
-        if not isinstance(a, dict) or not listed(a.get("image_id"), image_of) or not listed(
+        if not isinstance(a, dict) or not is_key(a.get("image_id"), image_of) or not is_key(
                 a.get("category_id"), name_of):
             raise EvalInputError(f"{source}: annotation {json.dumps(a)[:80]} names an image or category that its "
                                  f"own 'images' / 'categories' do not list")
