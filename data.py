@@ -191,15 +191,19 @@ def _image_size(path, fix):
         raise ValueError(f"image {path} cannot be read ({e}): replace it with a valid JPEG/PNG or {fix}") from None
 
 
-def _clean_boxes(boxes_xyxy, widths, heights):
+def _clean_boxes(boxes_xyxy, widths, heights, framed=None):
     """Clip slightly-outside boxes (in place); find NaN, non-positive-size or far-outside ones.
-    boxes_xyxy: float64 [N, 4]; widths / heights: [N] size of each box's image. Returns a keep
-    mask; the reader reports the dropped boxes, once for the whole split (_warn_bad_boxes)."""
+    boxes_xyxy: float64 [N, 4]; widths / heights: [N] size of each box's image; framed: optional
+    bool [N], boxes whose YOLO numbers are all in 0..1 (the format's own validity rule, as
+    Ultralytics checks it): clipped however far a corner reaches. Returns a keep mask; the reader
+    reports the dropped boxes, once for the whole split (_warn_bad_boxes)."""
     w_img, h_img = np.asarray(widths, np.float64), np.asarray(heights, np.float64)
     finite = np.isfinite(boxes_xyxy).all(1)
     b = np.where(finite[:, None], boxes_xyxy, 0)
     margin = 0.1 * np.maximum(w_img, h_img)  # a few pixels outside is annotation noise, more is a bug
     inside = (b[:, 0] > -margin) & (b[:, 1] > -margin) & (b[:, 2] < w_img + margin) & (b[:, 3] < h_img + margin)
+    if framed is not None:
+        inside |= framed
     np.clip(boxes_xyxy[:, 0::2], 0, w_img[:, None], out=boxes_xyxy[:, 0::2])
     np.clip(boxes_xyxy[:, 1::2], 0, h_img[:, None], out=boxes_xyxy[:, 1::2])
     # Size is judged after clipping: a box just past the edge clips to zero width, and kept it
@@ -686,7 +690,10 @@ def _yolo_dataset(folder, split, pairs, label_dir):
                              f"0..{len(names) - 1}: fix the file or the names file")
         cxcywh = rows[:, 1:] * np.array([width, height, width, height])
         xyxy = np.concatenate([cxcywh[:, :2] - cxcywh[:, 2:] / 2, cxcywh[:, :2] + cxcywh[:, 2:] / 2], 1)
-        keep = _clean_boxes(xyxy, [width] * len(cls), [height] * len(cls))
+        # cx 0.03 with w 0.3 reaches 12% past the left edge, yet every number is in 0..1: such a box
+        # is clipped, not dropped as far outside.
+        framed = ((rows[:, 1:] >= 0) & (rows[:, 1:] <= 1)).all(1)
+        keep = _clean_boxes(xyxy, [width] * len(cls), [height] * len(cls), framed)
         total += len(keep)
         for j in np.nonzero(~keep)[0]:
             bad_count += 1

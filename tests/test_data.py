@@ -1422,3 +1422,14 @@ def test_yolo_segmentation_polygon_is_read_as_its_box(tmp_path):
     ds = data.open_dataset(str(root), "train")
     np.testing.assert_allclose(ds[0]["boxes"], [[4, 6, 20, 18], [10, 7.5, 30, 22.5]], atol=1e-4)
     assert ds[0]["labels"].tolist() == [1, 0]
+
+
+def test_yolo_box_with_numbers_in_0_1_is_clipped_not_dropped(tmp_path):
+    # In a 40 x 30 image, cx 0.03 w 0.3 gives x -4.8 .. 7.2 px: 12% of the width outside, past
+    # the 10% "far outside" margin, yet every number is in 0..1, YOLO's own rule (Ultralytics
+    # clips such a box). Kept and clipped to x 0 .. 7.2; a centre outside 0..1 is still dropped.
+    root = write_yolo(tmp_path, {"a": "0 0.03 0.5 0.3 0.2\n1 1.2 0.5 0.2 0.2\n"})
+    with pytest.warns(UserWarning, match="skipped 1 bad boxes of 2"):
+        ds = data.open_dataset(str(root), "train")
+    np.testing.assert_allclose(ds[0]["boxes"], [[0, 12, 7.2, 18]], atol=1e-4)
+    assert ds[0]["labels"].tolist() == [0]
