@@ -309,3 +309,13 @@ def test_spp_cascade_equals_pools_of_5_9_13():
     peak[0, 0, 1, 2] = 1
     p9 = torch.nn.functional.max_pool2d(torch.nn.functional.max_pool2d(peak, 5, 1, 2), 5, 1, 2)
     assert p9.sum().item() == 42
+
+
+def test_largest_stride_agrees_with_the_built_models():
+    # train.py checks -i against largest_stride before any model exists; it must say what the
+    # built network's coarsest level is, for every preset (D7x has a P8: 256).
+    with torch.device("meta"):
+        for name in models.PRESETS:
+            model = models.build_model(name, num_classes=2)
+            assert models.largest_stride(name) == max(model.strides), name
+    assert models.largest_stride("efficientdet_d7x") == 256 and models.largest_stride("yolox_s") == 32
