@@ -1080,15 +1080,17 @@ def _eye(b):
     return torch.eye(3, dtype=torch.float64).repeat(b, 1, 1)
 
 
-def crop_matrices(sizes, input_shape, random_crop_mode, generator):
+def crop_matrices(sizes, input_shape, random_crop_mode, generator, scale_min=0.1):
     """Scale + translate per image for a crop mode. sizes: [B, 2] (h, w) of the real images.
+    scale_min: the smallest factor of mode > 1 (Megvii's mosaic_scale: 0.1 for yolox_s and
+    larger, 0.5 for nano / tiny, whose few channels learn little from tiny objects).
     Returns [B, 3, 3] float64 mapping source px -> output px.
       0       letterbox: aspect-preserving resize to fit, top-left, pad right / bottom
       (0, 1)  random resized crop: area fraction in (mode, 1), aspect ratio in (3/4, 4/3) x the
               target's W / H, stretched to fit (a crop too wide or tall for the image shrinks,
               keeping its aspect: the area may then be below mode)
       1       random largest crop: short side covers the target, random position
-      > 1     random scale: factor in [0.1, mode] of the letterbox size, random crop or pad."""
+      > 1     random scale: factor in [scale_min, mode] of the letterbox size, random crop or pad."""
     hh, ww = float(input_shape[0]), float(input_shape[1])
     h, w = sizes[:, 0].double().cpu(), sizes[:, 1].double().cpu()
     b = len(sizes)
@@ -1111,7 +1113,7 @@ def crop_matrices(sizes, input_shape, random_crop_mode, generator):
         tx, ty = -x0 * sx, -y0 * sy
     else:
         s = torch.maximum(hh / h, ww / w) if random_crop_mode == 1 else \
-            torch.minimum(hh / h, ww / w) * (0.1 + u[:, 0] * (random_crop_mode - 0.1))
+            torch.minimum(hh / h, ww / w) * (scale_min + u[:, 0] * (random_crop_mode - scale_min))
         sx = sy = s
         # one formula for crop (negative room) and pad (positive room): offset uniform in [0, room]
         tx, ty = u[:, 2] * (ww - s * w), u[:, 3] * (hh - s * h)
@@ -1445,11 +1447,18 @@ def _colour_chunk(out, warped, affine, ops, factors, magnitude):
 CPU_CHUNK_BYTES = 8 << 20
 
 
-def check_augment_args(random_crop_mode, magnitude, num_layers, mosaic_mix_prob, flip_prob=0.5):
+def check_augment_args(random_crop_mode, magnitude, num_layers, mosaic_mix_prob, flip_prob=0.5, scale_min=0.1):
     """The augmentation flags of train.py and `data.py show`, checked before any work, each error
     naming its flag (a negative crop mode would otherwise fail deep in a step as a NaN size)."""
     if not (math.isfinite(random_crop_mode) and random_crop_mode >= 0):
         raise ValueError(f"--random_crop_mode {random_crop_mode}: give 0 or more")
+    # A factor of 0 would shrink an image to a point (a singular matrix); a floor above the
+    # ceiling would draw from an upside-down range.
+    if not (math.isfinite(scale_min) and scale_min > 0):
+        raise ValueError(f"--random_scale_min {scale_min}: give a factor above 0, like 0.1 or 0.5")
+    if random_crop_mode > 1 and scale_min > random_crop_mode:
+        raise ValueError(f"--random_scale_min {scale_min} is above --random_crop_mode {random_crop_mode}, the "
+                         f"largest factor: give a smaller floor or a larger mode")
     # RandAugment's scale ends at 10: beyond it the enhance factors 1 +- 0.09 m turn negative (a
     # black image), solarize inverts every pixel and at 20 the scale op shrinks the image to a point.
     if not (math.isfinite(magnitude) and 0 <= magnitude <= 10):
@@ -1463,7 +1472,7 @@ def check_augment_args(random_crop_mode, magnitude, num_layers, mosaic_mix_prob,
 
 
 def augment(batch, input_shape, random_crop_mode=1.0, magnitude=0, num_layers=2, mosaic_mix_prob=0.5, generator=None,
-            hsv=(0.015, 0.5, 0.3), flip_prob=0.5, min_area_kept=0.15, mode="bilinear"):
+            hsv=(0.015, 0.5, 0.3), flip_prob=0.5, min_area_kept=0.15, mode="bilinear", scale_min=0.1):
     """Augment a loader batch on its own device.
 
     batch: make_loader's dict (images uint8 [B, 3, Hc, Wc] with canvas padding 114, sizes, boxes
@@ -1472,7 +1481,7 @@ def augment(batch, input_shape, random_crop_mode=1.0, magnitude=0, num_layers=2,
     mosaic_plan. generator: a torch.Generator, CPU or the batch's device (every random draw);
     None draws from torch's global generator (torch.manual_seed sets it), so each call differs.
     hsv: (hue, saturation, value) gains, or None for off. min_area_kept: drop boxes with less than
-    this fraction of their area left after a crop.
+    this fraction of their area left after a crop. scale_min: the floor of random_crop_mode > 1.
     Returns dict(images float32 [B, 3, H, W] 0..1, boxes [B, M, 4] xyxy output px (M may grow past
     the loader's after a mosaic: see mosaic_boxes), labels [B, M],
     valid [B, M], image_ids [B], matrices float32 [B, 2, 3] output px -> ORIGINAL image px (undefined
@@ -1489,7 +1498,7 @@ def augment(batch, input_shape, random_crop_mode=1.0, magnitude=0, num_layers=2,
     b = len(images)
 
     # 1. geometry: crop mode, then flip, then RandAugment, composed into one matrix per image
-    fwd = crop_matrices(batch["sizes"], (hh, ww), random_crop_mode, generator)
+    fwd = crop_matrices(batch["sizes"], (hh, ww), random_crop_mode, generator, scale_min)
     flip = torch.rand(b, generator=generator, device=_where(generator)).cpu() < flip_prob
     fwd = flip_matrices(flip, ww) @ fwd
     ops = torch.randint(0, len(RANDAUGMENT_OPS), (b, num_layers), generator=generator, device=_where(generator)).cpu()
@@ -1622,6 +1631,8 @@ def main(argv=None):
     p.add_argument("-i", "--input_shape", default="256", help="output size in pixels: S, or H,W as train.py's -i")
     p.add_argument("--random_crop_mode", type=float, default=1.0,
                    help="0 letterbox, (0,1) random resized crop, 1 random largest crop, >1 random scale")
+    p.add_argument("--random_scale_min", type=float, default=0.1,
+                   help="smallest scale factor when --random_crop_mode > 1 (YOLOX: 0.1; nano / tiny 0.5)")
     p.add_argument("--magnitude", type=float, default=6, help="RandAugment magnitude (0 = off)")
     p.add_argument("--num_layers", type=int, default=2, help="RandAugment ops per image")
     p.add_argument("--mosaic_mix_prob", type=float, default=0.5, help="probability that the batch is mosaicked")
@@ -1652,13 +1663,13 @@ def _main(args):
         if args.batch_size < 1:
             raise ValueError(f"--batch_size {args.batch_size}: give 1 or more")
         check_augment_args(args.random_crop_mode, args.magnitude, args.num_layers, args.mosaic_mix_prob,
-                           args.flip_prob)
+                           args.flip_prob, args.random_scale_min)
         picture_format(args.output)  # a bad -o fails now, not after the batch is made
         ds = open_dataset(args.data, args.split)
         batch = next(iter(make_loader(ds, args.batch_size, True, 0, args.seed)))
         out = augment(batch, (hw[0], hw[-1]), args.random_crop_mode, args.magnitude,
                       args.num_layers, args.mosaic_mix_prob, torch.Generator().manual_seed(args.seed),
-                      flip_prob=args.flip_prob)
+                      flip_prob=args.flip_prob, scale_min=args.random_scale_min)
         print(show_batch_sample(out, args.output, ds.class_names))
         return 0
 

@@ -48,22 +48,28 @@ import models
 # decay plus the cooldown, as in the seed's script: 100 + 5 = 105 epochs, 285 + 15 = 300.
 # One exception: freezing applies to a --pretrained backbone only (see resolve_config).
 # The *_steps flags count epochs (fractions allowed), as in keras_cv_attention_models' script.
-# Where YOLOX_RECIPE differs from Megvii's exps: one setting for every size (Megvii gives nano
-# mosaic 0.5 and nano / tiny a scale range of 0.5-1.5 instead of 0.1-2), "mosaic" is kecam's
-# per-batch quadrant mix (data.mosaic_plan), not Megvii's 4-image canvas, and there is no MixUp
-# and no multi-scale training; expect a lower AP than Megvii's table for the same epochs.
+# Where YOLOX_RECIPE differs from Megvii's exps: "mosaic" is kecam's per-batch quadrant mix
+# (data.mosaic_plan), not Megvii's 4-image canvas, and there is no MixUp and no multi-scale
+# training; expect a lower AP than Megvii's table for the same epochs. The two small sizes change
+# what Megvii's exps change for them (YOLOX_SMALL_SIZES).
 EFFICIENTDET_RECIPE = dict(
     input_shape="256", batch_size=64, optimizer="adamw", lr_base_512=8e-3,
     weight_decay=0.02, lr_decay_steps="100", lr_warmup_steps=3.0, lr_warmup_power=1.0, lr_cooldown_steps=5,
-    lr_min=1e-6, freeze_backbone_epochs=32, mosaic_mix_prob=0.5, random_crop_mode=1.0,
+    lr_min=1e-6, freeze_backbone_epochs=32, mosaic_mix_prob=0.5, random_crop_mode=1.0, random_scale_min=0.1,
     magnitude=6, flip_prob=0.5, close_mosaic_epochs=0, ema_decay=0.0,
 )
 YOLOX_RECIPE = dict(  # Megvii YOLOX: lr 0.01 per 64 images with SGD down to 5% of it, 300 epochs, 15 without mosaic
     input_shape="preset", batch_size=64, optimizer="sgd", lr_base_512=0.08,  # preset: nano / tiny 416, others 640
     weight_decay=5e-4, lr_decay_steps="285", lr_warmup_steps=5.0, lr_warmup_power=2.0, lr_cooldown_steps=15,
-    lr_min="5%", freeze_backbone_epochs=0, mosaic_mix_prob=1.0, random_crop_mode=2.0,
+    lr_min="5%", freeze_backbone_epochs=0, mosaic_mix_prob=1.0, random_crop_mode=2.0, random_scale_min=0.1,
     magnitude=6, flip_prob=0.5, close_mosaic_epochs=15, ema_decay=0.9998,
 )
+# Megvii's exps for the two small sizes scale images by 0.5-1.5 instead of 0.1-2 (a network this
+# narrow gains little from objects shrunk to a few pixels), and nano mosaics half its batches.
+YOLOX_SMALL_SIZES = {
+    "yolox_nano": dict(mosaic_mix_prob=0.5, random_crop_mode=1.5, random_scale_min=0.5),
+    "yolox_tiny": dict(random_crop_mode=1.5, random_scale_min=0.5),
+}
 
 
 # What a resumed run takes from the run it resumes when the flag is left unset (see resolve_config).
@@ -81,6 +87,8 @@ def parse_args(argv=None):
         epilog="Flags left unset take their value from a recipe: YOLOX's when --det_header is yolox_*,\n"
         "else EfficientDet's (EFFICIENTDET_RECIPE and YOLOX_RECIPE at the top of train.py):\n\n"
         f"  {'flag':<26}{'EfficientDet':<16}YOLOX\n" + "\n".join(rows) + "\n\n"
+        "yolox_nano: --mosaic_mix_prob 0.5 --random_crop_mode 1.5 --random_scale_min 0.5;\n"
+        "yolox_tiny: --random_crop_mode 1.5 --random_scale_min 0.5 (as Megvii's exps).\n"
         "'preset' is the preset's published size: yolox_nano / yolox_tiny 416, the other YOLOX 640,\n"
         "efficientdet_d0 512 ... d7 1536 (`python models.py` lists them).\n"
         "--freeze_backbone_epochs applies with --pretrained only (else 0).\n"
@@ -121,7 +129,9 @@ def parse_args(argv=None):
     a("--flip_prob", type=float, default=None, help="probability of a horizontal flip per image (0 where left "
       "and right differ: text, left / right hands)")
     a("--random_crop_mode", type=float, default=None, help="0 letterbox; (0,1) random resized crop; "
-      "1 random largest crop; >1 random scale in [0.1, mode]")
+      "1 random largest crop; >1 random scale in [--random_scale_min, mode]")
+    a("--random_scale_min", type=float, default=None, help="smallest scale factor when --random_crop_mode > 1 "
+      "(Megvii's mosaic_scale floor)")
     a("--magnitude", type=float, default=None, help="RandAugment magnitude (0 = off)")
     a("--num_layers", type=int, default=None, help="RandAugment ops per image (default 2)")
     a("--close_mosaic_epochs", type=int, default=None, help="last epochs without mosaic (and with L1 loss when anchor-free)")
@@ -177,6 +187,8 @@ def resolve_config(args):
         for k in RESUMED_SETTINGS:
             if cfg[k] is None and saved.get(k) is not None:
                 cfg[k] = saved[k]
+        if cfg["random_scale_min"] is None and saved and "random_scale_min" not in saved:
+            cfg["random_scale_min"] = 0.1  # the fixed floor of runs from before the flag
         for k in ("input_shape", "lr_decay_steps"):  # recorded as lists of numbers: back to the flag's text
             if isinstance(cfg[k], list):
                 cfg[k] = ",".join(f"{v:g}" for v in cfg[k])
@@ -188,7 +200,10 @@ def resolve_config(args):
         fail(f"--det_header {cfg['det_header']!r} is unknown: choose one of {', '.join(models.PRESETS)}")
     if cfg["backbone"] is not None and cfg["backbone"] not in models.BACKBONES and not cfg["backbone"].startswith("timm:"):
         fail(f"--backbone {cfg['backbone']!r} is unknown: choose one of {', '.join(models.BACKBONES)}, or timm:NAME")
-    recipe = YOLOX_RECIPE if cfg["det_header"] in models.YOLOX_PRESETS else EFFICIENTDET_RECIPE
+    if cfg["det_header"] in models.YOLOX_PRESETS:
+        recipe = {**YOLOX_RECIPE, **YOLOX_SMALL_SIZES.get(cfg["det_header"], {})}
+    else:
+        recipe = EFFICIENTDET_RECIPE
     if cfg["resume"] and args.data is None and cfg["data"] != "shapes" and not os.path.exists(cfg["data"]):
         fail(f"--resume {cfg['resume']}: its run's data, {cfg['data']}, is not there: give -d with where it is now")
     if cfg["data"] != "shapes" and os.path.exists(cfg["data"]):
@@ -269,7 +284,7 @@ def resolve_config(args):
              f"{steps[0]:g}: give a shorter warm-up or a later decay end")
     try:
         data.check_augment_args(cfg["random_crop_mode"], cfg["magnitude"], cfg["num_layers"], cfg["mosaic_mix_prob"],
-                                cfg["flip_prob"])
+                                cfg["flip_prob"], cfg["random_scale_min"])
     except ValueError as e:
         fail(str(e))
     if not 0 <= cfg["ema_decay"] < 1:
@@ -755,7 +770,8 @@ def run(argv=None):
                 batch["images"] = batch["images"].to(device, non_blocking=True)
                 batch = data.augment(batch, tuple(cfg["input_shape"]), random_crop_mode=cfg["random_crop_mode"],
                                      magnitude=cfg["magnitude"], num_layers=cfg["num_layers"],
-                                     mosaic_mix_prob=mosaic, flip_prob=cfg["flip_prob"], generator=gen)
+                                     mosaic_mix_prob=mosaic, flip_prob=cfg["flip_prob"], generator=gen,
+                                     scale_min=cfg["random_scale_min"])
                 targets = {k: batch[k] for k in ("boxes", "labels", "valid")}  # on the CPU
 
                 with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):

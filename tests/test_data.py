@@ -979,6 +979,20 @@ def test_random_scale_offsets_replayed():
     torch.testing.assert_close(m[:, 0, 0], s)
     torch.testing.assert_close(m[:, 0, 2], u[:, 2] * (96 - 150 * s))
     torch.testing.assert_close(m[:, 1, 2], u[:, 3] * (64 - 100 * s))
+    # YOLOX nano / tiny: mode 1.5 with a floor of 0.5, s = 0.64 x (0.5 + 1.0 u0): 0.32 .. 0.96.
+    m = data.crop_matrices(sizes, (64, 96), 1.5, torch.Generator().manual_seed(1), scale_min=0.5)
+    s = 0.64 * (0.5 + 1.0 * u[:, 0])
+    torch.testing.assert_close(m[:, 0, 0], s)
+    assert m[:, 0, 0].min() >= 0.32 - 1e-9 and m[:, 0, 0].max() <= 0.96 + 1e-9
+
+
+def test_random_scale_floor_is_checked():
+    data.check_augment_args(1.5, 6, 2, 0.5, scale_min=1.5)  # a fixed factor is allowed
+    with pytest.raises(ValueError, match=r"--random_scale_min 0\.0: give a factor above 0"):
+        data.check_augment_args(2.0, 6, 2, 0.5, scale_min=0.0)
+    with pytest.raises(ValueError, match=r"--random_scale_min 2\.5 is above --random_crop_mode 2\.0"):
+        data.check_augment_args(2.0, 6, 2, 0.5, scale_min=2.5)
+    data.check_augment_args(1.0, 6, 2, 0.5, scale_min=2.5)  # modes <= 1 do not scale: the floor is unused
 
 
 def test_flip_mirrors_in_output_pixels():
@@ -1345,7 +1359,7 @@ def test_mosaic_min_area_is_of_the_whole_moved_box(monkeypatch):
     # under min_area_kept 0.15, and the bottom-left [0, 20, 20, 100], 16%. Cut twice (first to the
     # output, then to the quadrant) the 4% piece was kept: 20 x 20 is 20% of the 20 x 100 left.
     shift = torch.tensor([[[1.0, 0, -80], [0, 1, 0], [0, 0, 1]]], dtype=torch.float64)
-    monkeypatch.setattr(data, "crop_matrices", lambda sizes, shape, mode, gen: shift.clone())
+    monkeypatch.setattr(data, "crop_matrices", lambda sizes, shape, mode, gen, scale_min: shift.clone())
     regions = [(0, 20, 0, 20), (0, 20, 20, 100), (20, 100, 0, 20), (20, 100, 20, 100)]
     monkeypatch.setattr(data, "mosaic_plan", lambda b, h, w, gen: (regions, torch.zeros(1, 4, dtype=torch.int64)))
     batch = make_batch([np.zeros((100, 200, 3), np.uint8)], [[[0, 0, 100, 100]]], [[0]])

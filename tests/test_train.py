@@ -241,6 +241,23 @@ def test_the_yolox_recipe_trains_each_preset_at_its_published_size(tmp_path, mon
     assert sizes == {"efficientdet_d0": [512, 512], "efficientdet_d7": [1536, 1536]}
 
 
+def test_yolox_nano_and_tiny_take_megvii_s_scale_range_and_nano_its_mosaic(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)  # the default --out, runs/train, may hold a run where the tests run
+    keys = ("mosaic_mix_prob", "random_crop_mode", "random_scale_min")
+    got = {d: tuple(train.resolve_config(train.parse_args(["--det_header", d]))[k] for k in keys)
+           for d in ("yolox_nano", "yolox_tiny", "yolox_s", "yolox_x", "efficientdet_d0")}
+    assert got == {"yolox_nano": (0.5, 1.5, 0.5), "yolox_tiny": (1.0, 1.5, 0.5), "yolox_s": (1.0, 2.0, 0.1),
+                   "yolox_x": (1.0, 2.0, 0.1), "efficientdet_d0": (0.5, 1.0, 0.1)}
+    cfg = train.resolve_config(train.parse_args(["--det_header", "yolox_nano", "--mosaic_mix_prob", "1",
+                                                 "--random_scale_min", "0.2"]))
+    assert (cfg["mosaic_mix_prob"], cfg["random_crop_mode"], cfg["random_scale_min"]) == (1.0, 1.5, 0.2)
+    # A run from before the flag goes on with the fixed 0.1 it was trained with, not nano's 0.5.
+    torch.save({"train_config": {"det_header": "yolox_nano", "random_crop_mode": 2.0, "mosaic_mix_prob": 1.0}},
+               tmp_path / "last.pt")
+    cfg = train.resolve_config(train.parse_args(["--resume", str(tmp_path / "last.pt")]))
+    assert (cfg["mosaic_mix_prob"], cfg["random_crop_mode"], cfg["random_scale_min"]) == (1.0, 2.0, 0.1)
+
+
 def test_the_yolox_floor_is_a_share_of_the_peak_and_follows_the_batch(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)  # the default --out, runs/train, may hold a run where the tests run
     # YOLOX decays to 5% of its peak. As a fixed 5e-4 (right for batch 64) it was 40% of the peak at
@@ -1021,3 +1038,19 @@ def test_flip_prob_reaches_the_augmentation(tiny_shapes, tmp_path, monkeypatch):
         run_train(tiny_shapes, tmp_path / str(expected), "-e", "1", "--det_header", "yolox_nano", "-i", "64", *flags)
         assert seen == [expected, expected]  # 8 images, batch 4: two steps
         assert json.loads((tmp_path / str(expected) / "config.json").read_text())["flip_prob"] == expected
+
+
+def test_random_scale_min_reaches_the_augmentation(tiny_shapes, tmp_path, monkeypatch):
+    seen, real = [], data.augment
+    monkeypatch.setattr(data, "augment", lambda *a, **k: seen.append(k["scale_min"]) or real(*a, **k))
+    run_train(tiny_shapes, tmp_path, "-e", "1", "--det_header", "yolox_nano", "-i", "64",
+              "--random_crop_mode", "1.5", "--random_scale_min", "0.7")
+    assert seen == [0.7, 0.7]
+
+
+def test_bad_random_scale_min_is_one_clear_error(tiny_shapes, tmp_path, capsys):
+    with pytest.raises(SystemExit) as exc:
+        train.main(["-d", tiny_shapes, "--out", str(tmp_path), "--det_header", "yolox_nano", "-i", "64", "-e", "1",
+                    "--random_crop_mode", "1.5", "--random_scale_min", "2"])
+    err = capsys.readouterr().err
+    assert exc.value.code == 2 and "--random_scale_min 2.0 is above --random_crop_mode 1.5" in err
