@@ -30,8 +30,9 @@ ranked below the good ones can only add recall, never take precision from those 
 hence the score threshold of 0.001 rather than a "confident" 0.3. Soft-NMS lowers the score of
 a box overlapping a better one instead of deleting it, so the second person in a crowd
 survives, further down the ranking. Per-class NMS stops a box of one class from suppressing
-another class's. pycocotools reads at most 100 detections per image (maxDets), so the NMS
-keeps the best 100. "The seed" in comments is keras_cv_attention_models (kecam), whose COCO
+another class's. COCO's rule is 100 detections per image, so the NMS keeps the best 100 of
+each image (pycocotools alone would not hold a file to it: its maxDets cuts at 100 per image
+AND class, so a file with more per image can score higher than the rule allows). "The seed" in comments is keras_cv_attention_models (kecam), whose COCO
 README this project reimplements.
 
     python eval.py --nms gaussian         # runs/train/best.pt, on the val split of its training data
@@ -40,6 +41,7 @@ README this project reimplements.
     python eval.py predict -m runs/yolox_s/last.pt img1.jpg img2.jpg -o predictions/
 """
 import argparse
+import collections
 import contextlib
 import functools
 import glob
@@ -418,6 +420,38 @@ def _progress(what, done, total, t0, last_line, every=10.0):
     return now
 
 
+def check_output_path(flag, path):
+    """Refuse an output file that could not be written, before the work that fills it (an
+    evaluation can take an hour): a folder given as the file, or a file where a folder must be."""
+    if os.path.isdir(path):
+        raise EvalInputError(f"{flag} {path} is a folder: give a file name like "
+                             f"{os.path.join(path, flag.lstrip('-') + '.json')}")
+    parent = os.path.dirname(os.path.abspath(path))
+    while not os.path.exists(parent):  # the folders write_json_atomic would make
+        parent = os.path.dirname(parent)
+    if not os.path.isdir(parent):
+        raise EvalInputError(f"{flag} {path}: {parent} is a file, so no folder can be made there; give another path")
+    if not os.access(parent, os.W_OK):
+        raise EvalInputError(f"{flag} {path}: {parent} is not writable; give another path")
+
+
+def read_json(path, flag):
+    """json.load with one clear error naming the flag and file (not a folder, not UTF-8, not json)."""
+    if not os.path.isfile(path):
+        what = "is a folder" if os.path.isdir(path) else "does not exist"
+        raise EvalInputError(f"{flag} {path} {what}: give a json file")
+    try:
+        with open(path, encoding="utf-8") as f:
+            return json.load(f)
+    except UnicodeDecodeError as e:
+        raise EvalInputError(f"{flag} {path}: not UTF-8 text ({e.reason} at byte {e.start}); json files are "
+                             f"UTF-8: re-save it as UTF-8") from None
+    except json.JSONDecodeError as e:
+        raise EvalInputError(f"{flag} {path}: not valid json ({e})") from None
+    except OSError as e:
+        raise EvalInputError(f"{flag} {path}: cannot be read ({e.strerror})") from None
+
+
 def write_json_atomic(obj, path):
     """Write json to a temporary name beside `path`, then rename: no half-written files, and no
     temporary one left behind if the rename fails."""
@@ -468,6 +502,11 @@ def check_results(results, coco_gt, source="results"):
                 isinstance(score, (int, float)) and math.isfinite(score)):
             raise EvalInputError(f"{source}: detection {i} has bbox {box} and score {score}: a bbox is 4 "
                                  f"finite numbers [x, y, w, h] in pixels and a score one finite number")
+        # pycocotools gives such a box a negative area and then ignores it when unmatched: a false
+        # positive that no longer counts, and the AP goes up. Usually the boxes are [x1, y1, x2, y2].
+        if box[2] < 0 or box[3] < 0:
+            raise EvalInputError(f"{source}: detection {i} has bbox {box}, a negative width or height: COCO boxes "
+                                 f"are [x, y, w, h]; boxes as [x1, y1, x2, y2] need w = x2 - x1, h = y2 - y1")
     for key, known, what in (("image_id", image_ids, "image ids"), ("category_id", cat_ids, "category ids")):
         odd = next((r[key] for r in results if isinstance(r[key], bool) or not (isinstance(r[key], (int, str)) or (
             isinstance(r[key], float) and r[key].is_integer()))), None)  # 1.0 is id 1, as pycocotools reads it
@@ -552,11 +591,7 @@ def load_ground_truth(data, split="val"):
         raise EvalInputError(f"-d {data}: no such file or folder; give a COCO json, a COCO or YOLO "
                              f"dataset folder, or 'shapes'")
     if data.endswith(".json"):
-        try:
-            with open(data) as f:
-                gt = json.load(f)
-        except json.JSONDecodeError as e:
-            raise EvalInputError(f"{data}: not valid json ({e})") from e
+        gt = read_json(data, "-d")
         check_coco_json(gt, data, need_files=False)  # a clear error for a broken entry; COCO's defaults
         return gt
     return open_dataset(data, split).coco_gt()
@@ -570,26 +605,50 @@ def remap_by_names(exported, coco_gt, source):
     if not all(isinstance(exported.get(k), list) for k in ("images", "categories", "annotations")):
         raise EvalInputError(f"{source}: a COCO results file is a json list of detections (image_id, category_id, "
                              f"bbox, score), or a dict of 'images', 'categories' and scored 'annotations'")
-    gt_images = {os.path.basename(str(im.get("file_name", ""))): im["id"] for im in coco_gt["images"]}
-    gt_cats = {str(c.get("name")): c["id"] for c in coco_gt["categories"]}
+    # An image is found by its whole file_name ("a/x.jpg"), else by its base name ("x.jpg") when
+    # that names one ground-truth image only: an export may drop the folders, but a base name
+    # shared by a/x.jpg and b/x.jpg would pour both images' detections into one.
+    gt_full = {str(im.get("file_name", "")): im["id"] for im in coco_gt["images"]}
+    gt_base = collections.defaultdict(list)
+    for name, image_id in gt_full.items():
+        gt_base[os.path.basename(name)].append(image_id)
+    gt_cats = collections.defaultdict(list)
+    for c in coco_gt["categories"]:
+        gt_cats[str(c.get("name"))].append(c["id"])
+    twice = sorted(name for name, ids in gt_cats.items() if len(ids) > 1)
+    if twice:
+        raise EvalInputError(f"{source}: the ground truth names {len(twice)} categories more than once (e.g. "
+                             f"{twice[:3]}), so detections cannot be matched to them by name: give a results list "
+                             f"with the ground truth's category ids")
     try:
-        image_of = {im["id"]: os.path.basename(str(im["file_name"])) for im in exported["images"]}
+        file_of = {im["id"]: str(im["file_name"]) for im in exported["images"]}
         name_of = {c["id"]: str(c["name"]) for c in exported["categories"]}
     except (KeyError, TypeError):
         raise EvalInputError(f"{source}: its images need 'id' and 'file_name', its categories 'id' and 'name', "
                              f"to be matched to the ground truth's") from None
-    for what, names, known in (("file names", image_of.values(), gt_images), ("category names", name_of.values(), gt_cats)):
-        unknown = sorted(set(names) - set(known))
-        if unknown:
-            raise EvalInputError(f"{source}: {len(unknown)} {what} are not in the ground truth (e.g. {unknown[:3]}): "
+    gt_image_of, unknown, ambiguous = {}, [], []
+    for image_id, name in file_of.items():
+        ids = [gt_full[name]] if name in gt_full else gt_base.get(os.path.basename(name), [])
+        if len(ids) == 1:
+            gt_image_of[image_id] = ids[0]
+        else:
+            (ambiguous if ids else unknown).append(name)
+    unknown_cats = sorted(set(name_of.values()) - set(gt_cats))
+    for what, names in (("file names", sorted(unknown)), ("category names", unknown_cats)):
+        if names:
+            raise EvalInputError(f"{source}: {len(names)} {what} are not in the ground truth (e.g. {names[:3]}): "
                                  f"the results belong to another split or dataset")
+    if ambiguous:
+        raise EvalInputError(f"{source}: {len(ambiguous)} file names (e.g. {sorted(ambiguous)[:3]}) match several "
+                             f"ground-truth images in different folders: export the file names with their folders, "
+                             f"as the ground truth has them")
     results = []
     for a in exported["annotations"]:
-        if not isinstance(a, dict) or not is_key(a.get("image_id"), image_of) or not is_key(
+        if not isinstance(a, dict) or not is_key(a.get("image_id"), file_of) or not is_key(
                 a.get("category_id"), name_of):
             raise EvalInputError(f"{source}: annotation {json.dumps(a)[:80]} names an image or category that its "
                                  f"own 'images' / 'categories' do not list")
-        results.append(dict(a, image_id=gt_images[image_of[a["image_id"]]], category_id=gt_cats[name_of[a["category_id"]]]))
+        results.append(dict(a, image_id=gt_image_of[a["image_id"]], category_id=gt_cats[name_of[a["category_id"]]][0]))
     return results
 
 
@@ -597,13 +656,7 @@ def score_results_file(results_path, data, split="val", stats_json=None, verbose
     """`python eval.py --results FILE -d GT`: score a COCO results json; returns the 12 numbers.
     FILE is a results list, or a dict in COCO's dataset layout with scored annotations, matched
     to the ground truth by file and category names (remap_by_names)."""
-    if not os.path.exists(results_path):
-        raise EvalInputError(f"--results {results_path}: no such file")
-    try:
-        with open(results_path) as f:
-            results = json.load(f)
-    except json.JSONDecodeError as e:
-        raise EvalInputError(f"--results {results_path}: not valid json ({e})") from e
+    results = read_json(results_path, "--results")
     coco_gt = load_ground_truth(data, split)
     if isinstance(results, dict):
         results = remap_by_names(results, coco_gt, results_path)
@@ -885,7 +938,8 @@ def _add_common_flags(parser):
     parser.add_argument("--nms_iou_or_sigma", type=float, default=0.5,
                         help="IoU threshold for hard / linear NMS, sigma for gaussian")
     parser.add_argument("--nms_topk", type=int, default=5000,
-                        help="(prior, class) pairs kept per image before NMS; -1 all, 0 one class per prior")
+                        help="(prior, class) pairs kept per image before NMS; -1 all, 0 one class per prior "
+                             "(the seed's meanings: its eval_func takes -1 as all pairs, 0 as off)")
     parser.add_argument("--nms_max_output_size", type=int, default=100, help="detections kept per image")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
                         help="cuda (the NMS kernel) or cpu (its torch twin); default cuda when there is one")
@@ -938,6 +992,10 @@ def _check_common_flags(args):
         raise EvalInputError(f"--nms_max_output_size {args.nms_max_output_size}: give 1 or more")
     if not args.nms_iou_or_sigma > 0:
         raise EvalInputError(f"--nms_iou_or_sigma {args.nms_iou_or_sigma}: give a value above 0, like 0.5")
+    if args.nms in ("hard", "linear") and args.nms_iou_or_sigma >= 1:
+        # No IoU exceeds 1: the NMS would suppress nothing, and the AP would quietly drop.
+        raise EvalInputError(f"--nms_iou_or_sigma {args.nms_iou_or_sigma}: --nms {args.nms} takes an IoU "
+                             f"threshold below 1, like 0.5 (a value of 1 or more suppresses nothing)")
 
 
 def _check_score_threshold(flag, value):
@@ -1018,8 +1076,8 @@ def _results_main(argv):
     parser.add_argument("--split", default="val", choices=("train", "val"), help="the split of a dataset folder")
     parser.add_argument("--stats_json", default=None, help="write the 12 numbers here")
     args = parser.parse_args(argv)
-    if args.stats_json and os.path.isdir(args.stats_json):
-        raise EvalInputError(f"--stats_json {args.stats_json} is a folder: give a file name")
+    if args.stats_json:
+        check_output_path("--stats_json", args.stats_json)
     score_results_file(args.results, args.data, args.split, args.stats_json)
 
 
@@ -1053,9 +1111,8 @@ def _evaluate_main(argv):
     if args.workers is not None and args.workers < 0:
         raise EvalInputError(f"--workers {args.workers}: give 0 (decode in the main process) or more")
     for flag in ("stats_json", "save_results"):
-        path = getattr(args, flag)
-        if path and os.path.isdir(path):
-            raise EvalInputError(f"--{flag} {path} is a folder: give a file name like {os.path.join(path, flag + '.json')}")
+        if getattr(args, flag):
+            check_output_path(f"--{flag}", getattr(args, flag))
     if args.data is not None and not os.path.exists(args.data) and args.data != "shapes":
         raise EvalInputError(f"-d {args.data}: no such file or folder; give a COCO json, a COCO or "
                              f"YOLO dataset folder, or 'shapes'")
@@ -1086,12 +1143,18 @@ def _evaluate_main(argv):
         model, info = load_model(model_path, det_header=args.det_header, input_shape=input_shape, device=args.device,
                                  num_classes=len(dataset.cat_ids))
     _check_stride(model, input_shape)
-    same_names = info["class_names"] is not None and list(info["class_names"]) == dataset.class_names
-    if info["cat_ids"] is not None and list(info["cat_ids"]) != dataset.cat_ids and not same_names:
+    # Names that are only the ids written out (a json without category names) say nothing.
+    trained_names = info["class_names"] if info["class_names"] is not None and list(info["class_names"]) != [
+        str(i) for i in (info["cat_ids"] or [])] else None
+    named_here = dataset.class_names != [str(i) for i in dataset.cat_ids]
+    same_names = trained_names is not None and list(trained_names) == dataset.class_names
+    other_names = trained_names is not None and named_here and not same_names
+    if info["cat_ids"] is not None and (list(info["cat_ids"]) != dataset.cat_ids and not same_names or other_names):
         # Labels are positions in the category list: another list (or order) would score every
         # detection as some other class, and the AP would be silently wrong. The same names in the
         # same order are the same classes under other ids (a YOLO export numbers from 0, COCO's
-        # from 1): label k is then written with this data's id k (detections_to_coco).
+        # from 1): label k is then written with this data's id k (detections_to_coco). The same
+        # ids with other names (two YOLO sets number 0..C-1 whatever their classes) are refused.
         trained = dict(zip(info["cat_ids"], info["class_names"] or info["cat_ids"]))
         here = dict(zip(dataset.cat_ids, dataset.class_names))
         raise EvalInputError(f"-m {model_path} was trained on {_few(trained)} and {data_path} has "
@@ -1117,7 +1180,7 @@ def main(argv=None):
             else:
                 _evaluate_main(argv)
         return 0
-    except (ValueError, FileNotFoundError) as e:  # EvalInputError and the data / models checks
+    except (ValueError, OSError) as e:  # EvalInputError, the data / models checks, a file that cannot be read
         print(f"eval.py: error: {e}", file=sys.stderr)
         return 2
 

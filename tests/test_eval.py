@@ -315,9 +315,9 @@ def test_run_coco_evaluation_with_an_oracle(anchors_mode, nms, sparse_ids, tmp_p
 # ---------------------------------------------------------------------------------------------
 # Checkpoints, predict, the CLI
 # ---------------------------------------------------------------------------------------------
-def write_checkpoint(path, det_header="yolox_nano"):
+def write_checkpoint(path, det_header="yolox_nano", class_names=None):
     model = models.build_model(det_header, num_classes=20, input_shape=(128, 128))
-    config = dict(model.config, class_names=[f"class{i}" for i in range(20)], cat_ids=list(range(1, 21)))
+    config = dict(model.config, class_names=class_names or [f"class{i}" for i in range(20)], cat_ids=list(range(1, 21)))
     torch.save({"config": config, "model": model.state_dict()}, path)
     return model
 
@@ -353,7 +353,8 @@ def test_a_preset_name_builds_at_its_published_size():
 def test_cli_eval_and_predict(tmp_path, capsys):
     voc = shared_path("voc2007_100", "instances_coco.json")
     path = str(tmp_path / "nano.pt")
-    write_checkpoint(path)
+    with open(voc) as f:  # trained on VOC's 20 classes, as the data has them
+        write_checkpoint(path, class_names=[c["name"] for c in sorted(json.load(f)["categories"], key=lambda c: c["id"])])
     stats_path = tmp_path / "stats.json"
     assert ev.main(["-m", path, "-d", voc, "-b", "50", "--nms", "linear", "--nms_mode", "global",
                     "--nms_topk", "0", "--clip_bbox", "--stats_json", str(stats_path), "--device", "cpu"]) == 0
@@ -734,6 +735,22 @@ def test_categories_match_by_name_and_order_whatever_their_ids(tmp_path, capsys)
     open(gt_path, "w").write(json.dumps(gt))
     assert ev.main(argv) == 2
     assert "evaluate on data with the same categories" in capsys.readouterr().err
+    # The checkpoint's own ids 1..20 with two names swapped (two YOLO sets both number 0..C-1,
+    # whatever their classes): the ids agree, the classes do not. This used to run, scoring class0
+    # detections as class1.
+    for c in gt["categories"]:
+        c["id"] += 1
+    for a in gt["annotations"]:
+        a["category_id"] += 1
+    open(gt_path, "w").write(json.dumps(gt))
+    assert ev.main(argv) == 2
+    assert "evaluate on data with the same categories" in capsys.readouterr().err
+    # A json that names no categories (names = ids) says nothing against the checkpoint's names.
+    for c in gt["categories"]:
+        del c["name"]
+    open(gt_path, "w").write(json.dumps(gt))
+    assert ev.main(argv) == 0
+    capsys.readouterr()
 
 
 def test_detections_to_coco_leaves_out_empty_and_nonfinite_boxes():
@@ -791,3 +808,83 @@ def test_predict_lines_grow_with_the_picture(tmp_path, monkeypatch):
     with Image.open(tmp_path / "out" / "big.png") as img:
         row = [img.getpixel((x, 60)) != (255, 255, 255) for x in range(6, 18)]  # across the left edge
     assert row == [False] * 4 + [True] * 4 + [False] * 4
+
+
+def test_results_with_a_negative_width_are_refused(tmp_path, capsys):
+    # One object, a true positive at 0.5 and a false positive at 0.9: AP 0.5. Written with a
+    # negative width (an x1 y1 x2 y2 box read as x y w h), pycocotools ignored the false positive
+    # and gave 1.0.
+    small = write_small_coco(str(tmp_path / "small"))
+    tp = {"image_id": 1, "category_id": 2, "bbox": [4, 4, 20, 16], "score": 0.5}
+    path = tmp_path / "r.json"
+    path.write_text(json.dumps([tp, dict(tp, bbox=[40, 30, 10, 10], score=0.9)]))
+    stats = ev.score_results_file(str(path), small, verbose=False)
+    # class 2: precision 0.5 at recall 1 -> 0.5; class 3 (image 2's object, never detected): 0
+    assert stats["AP50"] == pytest.approx(0.25)
+    path.write_text(json.dumps([tp, dict(tp, bbox=[40, 30, -10, 10], score=0.9)]))
+    assert ev.main(["--results", str(path), "-d", small]) == 2
+    err = capsys.readouterr().err
+    assert "detection 1 has bbox [40, 30, -10, 10], a negative width or height" in err and "x2 - x1" in err
+
+
+def test_dataset_layout_results_match_whole_file_names_first(tmp_path, capsys):
+    # Two ground-truth images named x.jpg in folders a/ and b/, one box each.
+    gt = {"images": [{"id": 1, "file_name": "a/x.jpg", "width": 64, "height": 48},
+                     {"id": 2, "file_name": "b/x.jpg", "width": 64, "height": 48}],
+          "categories": [{"id": 1, "name": "cat"}],
+          "annotations": [{"id": 1, "image_id": 1, "category_id": 1, "bbox": [4, 4, 20, 16], "area": 320, "iscrowd": 0},
+                          {"id": 2, "image_id": 2, "category_id": 1, "bbox": [30, 20, 20, 16], "area": 320, "iscrowd": 0}]}
+    gt_path = tmp_path / "gt.json"
+    gt_path.write_text(json.dumps(gt))
+    # A perfect export under its own ids (0, 1) and whole names: AP 1. Matched by base name
+    # only, both images were image 2 and the AP was 0.25.
+    export = {"images": [{"id": 0, "file_name": "a/x.jpg"}, {"id": 1, "file_name": "b/x.jpg"}],
+              "categories": [{"id": 0, "name": "cat"}],
+              "annotations": [{"image_id": 0, "category_id": 0, "bbox": [4, 4, 20, 16], "score": 0.9},
+                              {"image_id": 1, "category_id": 0, "bbox": [30, 20, 20, 16], "score": 0.9}]}
+    path = tmp_path / "r.json"
+    path.write_text(json.dumps(export))
+    assert ev.score_results_file(str(path), str(gt_path), verbose=False)["AP"] == pytest.approx(1.0)
+    capsys.readouterr()
+    # Base names alone cannot tell the two apart: one clear error.
+    export["images"][0]["file_name"] = "x.jpg"
+    path.write_text(json.dumps(export))
+    assert ev.main(["--results", str(path), "-d", str(gt_path)]) == 2
+    assert "1 file names (e.g. ['x.jpg']) match several ground-truth images" in capsys.readouterr().err
+    # A base name that is unique still matches (an export that dropped the folders).
+    gt["images"][1]["file_name"] = "b/y.jpg"
+    gt_path.write_text(json.dumps(gt))
+    export["images"][1]["file_name"] = "y.jpg"
+    path.write_text(json.dumps(export))
+    assert ev.score_results_file(str(path), str(gt_path), verbose=False)["AP"] == pytest.approx(1.0)
+    # Two ground-truth categories of one name: detections cannot be matched to them by name.
+    gt["categories"].append({"id": 2, "name": "cat"})
+    gt_path.write_text(json.dumps(gt))
+    assert ev.main(["--results", str(path), "-d", str(gt_path)]) == 2
+    assert "names 1 categories more than once (e.g. ['cat'])" in capsys.readouterr().err
+
+
+def test_unreadable_inputs_and_unwritable_outputs_are_named_before_any_work(tmp_path, capsys):
+    small = write_small_coco(str(tmp_path / "small"))
+    (tmp_path / "afile").write_text("x")
+    (tmp_path / "latin1.json").write_bytes(b'[{"image_id": 1, "category_id": 1, "bbox": [1, 1, 2, 2], "score": 0.5, '
+                                            b'"note": "caf\xe9"}]')  # Latin-1, not UTF-8
+    (tmp_path / "ok.json").write_text("[]")
+    ckpt = str(tmp_path / "nano.pt")
+    write_checkpoint(ckpt)
+    cases = [(["--results", str(tmp_path), "-d", small], f"--results {tmp_path} is a folder: give a json file"),
+             (["--results", str(tmp_path / "latin1.json"), "-d", small], "latin1.json: not UTF-8 text"),
+             (["--results", str(tmp_path / "ok.json"), "-d", str(tmp_path / "latin1.json")],
+              f"-d {tmp_path / 'latin1.json'}: not UTF-8 text"),
+             (["--results", str(tmp_path / "latin1.json"), "-d", small, "--stats_json", str(tmp_path / "afile" / "s.json")],
+              "afile is a file, so no folder can be made there"),
+             (["-m", ckpt, "-d", small, "--save_results", str(tmp_path / "afile" / "deeper" / "r.json")],
+              "afile is a file, so no folder can be made there"),
+             (["-m", ckpt, "-d", small, "--nms", "hard", "--nms_iou_or_sigma", "1"],
+              "--nms hard takes an IoU threshold below 1")]
+    for argv, message in cases:
+        assert ev.main(argv) == 2, argv
+        err = capsys.readouterr().err
+        assert message in err and "Traceback" not in err, (argv, err)
+    assert ev.main(["-m", ckpt, "-d", small, "--nms", "gaussian", "--nms_iou_or_sigma", "1.5", "--device", "cpu",
+                    "-i", "64"]) == 0  # sigma, not a threshold: above 1 is allowed
