@@ -5,7 +5,7 @@ Where it sits in the flow:
     Dataset (COCO json / YOLO txt / built-in shapes set)
       -> make_loader: DataLoader workers decode JPEGs with PIL and pad each batch into one canvas
       -> augment: on the batch's device, one affine warp per image (crop mode x flip x RandAugment
-         geometry), mosaic, colour; boxes follow the same matrices
+         geometry), mosaic, colour, MixUp; boxes follow the same matrices
       -> model / losses (train.py), or letterbox -> model -> eval.py (which undoes it with `matrices`)
 
 Conventions (see DESIGN.md): boxes are xyxy float32 in absolute pixels, with continuous pixel
@@ -13,7 +13,7 @@ coordinates (pixel i covers [i, i + 1]); labels are contiguous int64 0..C-1 and 
 crowd / ignore region that is carried along with the boxes but is never a training target.
 
 Reading order: readers (COCO, YOLO, the Dataset) -> the built-in shapes set -> the loader ->
-augmentation (matrices, boxes, warp, mosaic, colour) -> pictures -> CLI.
+augmentation (matrices, boxes, warp, mosaic, colour, MixUp) -> pictures -> CLI.
 """
 import argparse
 import contextlib
@@ -1447,7 +1447,8 @@ def _colour_chunk(out, warped, affine, ops, factors, magnitude):
 CPU_CHUNK_BYTES = 8 << 20
 
 
-def check_augment_args(random_crop_mode, magnitude, num_layers, mosaic_mix_prob, flip_prob=0.5, scale_min=0.1):
+def check_augment_args(random_crop_mode, magnitude, num_layers, mosaic_mix_prob, flip_prob=0.5, scale_min=0.1,
+                       mixup_prob=0.0):
     """The augmentation flags of train.py and `data.py show`, checked before any work, each error
     naming its flag (a negative crop mode would otherwise fail deep in a step as a NaN size)."""
     if not (math.isfinite(random_crop_mode) and random_crop_mode >= 0):
@@ -1467,12 +1468,15 @@ def check_augment_args(random_crop_mode, magnitude, num_layers, mosaic_mix_prob,
         raise ValueError(f"--num_layers {num_layers}: give 0 or more")
     if not 0 <= mosaic_mix_prob <= 1:
         raise ValueError(f"--mosaic_mix_prob {mosaic_mix_prob}: a probability, in 0..1")
+    if not 0 <= mixup_prob <= 1:
+        raise ValueError(f"--mixup_prob {mixup_prob}: a probability, in 0..1")
     if not 0 <= flip_prob <= 1:
         raise ValueError(f"--flip_prob {flip_prob}: a probability, in 0..1")
 
 
 def augment(batch, input_shape, random_crop_mode=1.0, magnitude=0, num_layers=2, mosaic_mix_prob=0.5, generator=None,
-            hsv=(0.015, 0.5, 0.3), flip_prob=0.5, min_area_kept=0.15, mode="bilinear", scale_min=0.1):
+            hsv=(0.015, 0.5, 0.3), flip_prob=0.5, min_area_kept=0.15, mode="bilinear", scale_min=0.1,
+            mixup_prob=0.0):
     """Augment a loader batch on its own device.
 
     batch: make_loader's dict (images uint8 [B, 3, Hc, Wc] with canvas padding 114, sizes, boxes
@@ -1482,10 +1486,11 @@ def augment(batch, input_shape, random_crop_mode=1.0, magnitude=0, num_layers=2,
     None draws from torch's global generator (torch.manual_seed sets it), so each call differs.
     hsv: (hue, saturation, value) gains, or None for off. min_area_kept: drop boxes with less than
     this fraction of their area left after a crop. scale_min: the floor of random_crop_mode > 1.
+    mixup_prob: the chance that an image is blended with another of the batch (mixup_images).
     Returns dict(images float32 [B, 3, H, W] 0..1, boxes [B, M, 4] xyxy output px (M may grow past
-    the loader's after a mosaic: see mosaic_boxes), labels [B, M],
+    the loader's after a mosaic or a MixUp: see mosaic_boxes, mixup_images), labels [B, M],
     valid [B, M], image_ids [B], matrices float32 [B, 2, 3] output px -> ORIGINAL image px (undefined
-    after mosaic)). random_crop_mode=0, magnitude=0, mosaic_mix_prob=0, flip_prob=0, hsv=None is the
+    after mosaic or MixUp)). random_crop_mode=0, magnitude=0, mosaic_mix_prob=0, flip_prob=0, hsv=None is the
     eval letterbox.
     Pixels and matrices come back on the images' device, boxes / labels / valid on the boxes'
     device. train.py leaves the targets on the CPU: their few hundred numbers are cheap to
@@ -1549,7 +1554,36 @@ def augment(batch, input_shape, random_crop_mode=1.0, magnitude=0, num_layers=2,
                 y[:, :, y0:y1, x0:x1] = warp_region(images, inverse, (y0, y1, x0, x1), src[rows, q], mode)
         _colour_chunk(x[rows], y, (a[rows], c[rows], d[rows]), ops[rows], factors[rows], magnitude)
 
+    # 5. MixUp, per image, on the finished pictures
+    if mixup_prob > 0 and b > 1:
+        x, boxes, labels, valid = mixup_images(x, boxes, labels, valid, mixup_prob, generator)
     return dict(images=x, boxes=boxes, labels=labels, valid=valid, image_ids=batch["image_ids"], matrices=matrices)
+
+
+def mixup_images(images, boxes, labels, valid, prob, generator):
+    """YOLOX's MixUp, batched: with probability `prob` image i becomes the even blend of itself
+    and image (i + k) mod B of the same batch, and keeps the boxes of both.
+
+    images [B, 3, H, W] float; boxes [B, M, 4] xyxy px, labels [B, M], valid [B, M] (boxes may be on
+    another device than the pixels). Returns the images and [B, 2M] boxes / labels / valid, the
+    partner's boxes valid only where image i was mixed (when no image is, the inputs unchanged).
+    Megvii blends 0.5 / 0.5 and keeps every box at full weight: an object at half contrast is
+    still an object to find. Its partner is a new image, scaled by 0.5-1.5 and maybe flipped;
+    here the partner is another output of this batch, already through its own crop, flip and
+    colour, so the mix costs one pass over the pixels and no decoding. k is drawn once per batch
+    from 1..B-1, so no image is mixed with itself (that would double its boxes)."""
+    b = len(images)
+    k = int(torch.randint(1, b, (1,), generator=generator, device=_where(generator)))
+    mixed = torch.rand(b, generator=generator, device=_where(generator)).cpu() < prob
+    if not mixed.any():
+        return images, boxes, labels, valid
+    partner = (torch.arange(b) + k) % b
+    blend = to_device(mixed, images.device)[:, None, None, None]  # to_device: no wait for the GPU
+    images = torch.where(blend, 0.5 * (images + images[to_device(partner, images.device)]), images)
+    boxes = torch.cat([boxes, boxes[to_device(partner, boxes.device)]], 1)
+    labels = torch.cat([labels, labels[to_device(partner, labels.device)]], 1)
+    valid = torch.cat([valid, valid[to_device(partner, valid.device)] & to_device(mixed, valid.device)[:, None]], 1)
+    return images, boxes, labels, valid
 
 
 def letterbox(batch, input_shape, mode="bilinear"):
@@ -1636,6 +1670,8 @@ def main(argv=None):
     p.add_argument("--magnitude", type=float, default=6, help="RandAugment magnitude (0 = off)")
     p.add_argument("--num_layers", type=int, default=2, help="RandAugment ops per image")
     p.add_argument("--mosaic_mix_prob", type=float, default=0.5, help="probability that the batch is mosaicked")
+    p.add_argument("--mixup_prob", type=float, default=0.0, help="probability that an image is MixUp-blended "
+                   "with another of the batch (YOLOX: 1.0)")
     p.add_argument("--flip_prob", type=float, default=0.5, help="probability of a horizontal flip per image")
     p.add_argument("--seed", type=int, default=0, help="random seed for order and augmentation")
     p.add_argument("-o", "--output", default="batch.png", help="picture to write: .png, or .jpg / .jpeg")
@@ -1663,13 +1699,13 @@ def _main(args):
         if args.batch_size < 1:
             raise ValueError(f"--batch_size {args.batch_size}: give 1 or more")
         check_augment_args(args.random_crop_mode, args.magnitude, args.num_layers, args.mosaic_mix_prob,
-                           args.flip_prob, args.random_scale_min)
+                           args.flip_prob, args.random_scale_min, args.mixup_prob)
         picture_format(args.output)  # a bad -o fails now, not after the batch is made
         ds = open_dataset(args.data, args.split)
         batch = next(iter(make_loader(ds, args.batch_size, True, 0, args.seed)))
         out = augment(batch, (hw[0], hw[-1]), args.random_crop_mode, args.magnitude,
                       args.num_layers, args.mosaic_mix_prob, torch.Generator().manual_seed(args.seed),
-                      flip_prob=args.flip_prob, scale_min=args.random_scale_min)
+                      flip_prob=args.flip_prob, scale_min=args.random_scale_min, mixup_prob=args.mixup_prob)
         print(show_batch_sample(out, args.output, ds.class_names))
         return 0
 

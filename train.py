@@ -49,26 +49,28 @@ import models
 # One exception: freezing applies to a --pretrained backbone only (see resolve_config).
 # The *_steps flags count epochs (fractions allowed), as in keras_cv_attention_models' script.
 # Where YOLOX_RECIPE differs from Megvii's exps: "mosaic" is kecam's per-batch quadrant mix
-# (data.mosaic_plan), not Megvii's 4-image canvas, and there is no MixUp and no multi-scale
-# training; expect a lower AP than Megvii's table for the same epochs. The two small sizes change
-# what Megvii's exps change for them (YOLOX_SMALL_SIZES).
+# (data.mosaic_plan), not Megvii's 4-image canvas, MixUp blends two outputs of one batch
+# (data.mixup_images), and there is no multi-scale training; expect a lower AP than Megvii's
+# table for the same epochs. The two small sizes change what Megvii's exps change for them
+# (YOLOX_SMALL_SIZES).
 EFFICIENTDET_RECIPE = dict(
     input_shape="256", batch_size=64, optimizer="adamw", lr_base_512=8e-3,
     weight_decay=0.02, lr_decay_steps="100", lr_warmup_steps=3.0, lr_warmup_power=1.0, lr_cooldown_steps=5,
     lr_min=1e-6, freeze_backbone_epochs=32, mosaic_mix_prob=0.5, random_crop_mode=1.0, random_scale_min=0.1,
-    magnitude=6, flip_prob=0.5, close_mosaic_epochs=0, ema_decay=0.0,
+    mixup_prob=0.0, magnitude=6, flip_prob=0.5, close_mosaic_epochs=0, ema_decay=0.0,
 )
 YOLOX_RECIPE = dict(  # Megvii YOLOX: lr 0.01 per 64 images with SGD down to 5% of it, 300 epochs, 15 without mosaic
     input_shape="preset", batch_size=64, optimizer="sgd", lr_base_512=0.08,  # preset: nano / tiny 416, others 640
     weight_decay=5e-4, lr_decay_steps="285", lr_warmup_steps=5.0, lr_warmup_power=2.0, lr_cooldown_steps=15,
     lr_min="5%", freeze_backbone_epochs=0, mosaic_mix_prob=1.0, random_crop_mode=2.0, random_scale_min=0.1,
-    magnitude=6, flip_prob=0.5, close_mosaic_epochs=15, ema_decay=0.9998,
+    mixup_prob=1.0, magnitude=6, flip_prob=0.5, close_mosaic_epochs=15, ema_decay=0.9998,
 )
-# Megvii's exps for the two small sizes scale images by 0.5-1.5 instead of 0.1-2 (a network this
-# narrow gains little from objects shrunk to a few pixels), and nano mosaics half its batches.
+# Megvii's exps for the two small sizes scale images by 0.5-1.5 instead of 0.1-2 and turn MixUp
+# off (a network this narrow gains little from objects shrunk to a few pixels or blended to half
+# contrast), and nano mosaics half its batches.
 YOLOX_SMALL_SIZES = {
-    "yolox_nano": dict(mosaic_mix_prob=0.5, random_crop_mode=1.5, random_scale_min=0.5),
-    "yolox_tiny": dict(random_crop_mode=1.5, random_scale_min=0.5),
+    "yolox_nano": dict(mosaic_mix_prob=0.5, random_crop_mode=1.5, random_scale_min=0.5, mixup_prob=0.0),
+    "yolox_tiny": dict(random_crop_mode=1.5, random_scale_min=0.5, mixup_prob=0.0),
 }
 
 
@@ -87,8 +89,8 @@ def parse_args(argv=None):
         epilog="Flags left unset take their value from a recipe: YOLOX's when --det_header is yolox_*,\n"
         "else EfficientDet's (EFFICIENTDET_RECIPE and YOLOX_RECIPE at the top of train.py):\n\n"
         f"  {'flag':<26}{'EfficientDet':<16}YOLOX\n" + "\n".join(rows) + "\n\n"
-        "yolox_nano: --mosaic_mix_prob 0.5 --random_crop_mode 1.5 --random_scale_min 0.5;\n"
-        "yolox_tiny: --random_crop_mode 1.5 --random_scale_min 0.5 (as Megvii's exps).\n"
+        "yolox_nano: --mosaic_mix_prob 0.5 --random_crop_mode 1.5 --random_scale_min 0.5 --mixup_prob 0;\n"
+        "yolox_tiny: --random_crop_mode 1.5 --random_scale_min 0.5 --mixup_prob 0 (as Megvii's exps).\n"
         "'preset' is the preset's published size: yolox_nano / yolox_tiny 416, the other YOLOX 640,\n"
         "efficientdet_d0 512 ... d7 1536 (`python models.py` lists them).\n"
         "--freeze_backbone_epochs applies with --pretrained only (else 0).\n"
@@ -134,7 +136,10 @@ def parse_args(argv=None):
       "(Megvii's mosaic_scale floor)")
     a("--magnitude", type=float, default=None, help="RandAugment magnitude (0 = off)")
     a("--num_layers", type=int, default=None, help="RandAugment ops per image (default 2)")
-    a("--close_mosaic_epochs", type=int, default=None, help="last epochs without mosaic (and with L1 loss when anchor-free)")
+    a("--mixup_prob", type=float, default=None, help="probability that an image is blended 50/50 with another "
+      "of its batch, keeping both images' boxes (YOLOX's MixUp)")
+    a("--close_mosaic_epochs", type=int, default=None, help="last epochs without mosaic or MixUp (and with L1 loss "
+      "when anchor-free)")
     a("--ema_decay", type=float, default=None, help="EMA of the weights (0 = off); ramped up over the first steps")
     a("--amp", choices=["bf16", "fp16", "off"], default=None, help="mixed precision (default bf16 on CUDA, off on CPU)")
     a("--compile", action="store_true", help="torch.compile the model")
@@ -187,8 +192,10 @@ def resolve_config(args):
         for k in RESUMED_SETTINGS:
             if cfg[k] is None and saved.get(k) is not None:
                 cfg[k] = saved[k]
-        if cfg["random_scale_min"] is None and saved and "random_scale_min" not in saved:
-            cfg["random_scale_min"] = 0.1  # the fixed floor of runs from before the flag
+        # Settings newer than the run: what it was trained with before they existed.
+        for k, before in (("random_scale_min", 0.1), ("mixup_prob", 0.0)):
+            if cfg[k] is None and saved and k not in saved:
+                cfg[k] = before
         for k in ("input_shape", "lr_decay_steps"):  # recorded as lists of numbers: back to the flag's text
             if isinstance(cfg[k], list):
                 cfg[k] = ",".join(f"{v:g}" for v in cfg[k])
@@ -284,7 +291,7 @@ def resolve_config(args):
              f"{steps[0]:g}: give a shorter warm-up or a later decay end")
     try:
         data.check_augment_args(cfg["random_crop_mode"], cfg["magnitude"], cfg["num_layers"], cfg["mosaic_mix_prob"],
-                                cfg["flip_prob"], cfg["random_scale_min"])
+                                cfg["flip_prob"], cfg["random_scale_min"], cfg["mixup_prob"])
     except ValueError as e:
         fail(str(e))
     if not 0 <= cfg["ema_decay"] < 1:
@@ -712,6 +719,7 @@ def run(argv=None):
             frozen = epoch < cfg["freeze_backbone_epochs"]
             closing = epoch >= epochs - cfg["close_mosaic_epochs"]
             mosaic = 0.0 if closing else cfg["mosaic_mix_prob"]
+            mixup = 0.0 if closing else cfg["mixup_prob"]  # Megvii's last epochs drop both
             model.train()
             set_backbone_frozen(model, frozen)
             if world > 1 and frozen != wrapped_frozen:
@@ -771,7 +779,7 @@ def run(argv=None):
                 batch = data.augment(batch, tuple(cfg["input_shape"]), random_crop_mode=cfg["random_crop_mode"],
                                      magnitude=cfg["magnitude"], num_layers=cfg["num_layers"],
                                      mosaic_mix_prob=mosaic, flip_prob=cfg["flip_prob"], generator=gen,
-                                     scale_min=cfg["random_scale_min"])
+                                     scale_min=cfg["random_scale_min"], mixup_prob=mixup)
                 targets = {k: batch[k] for k in ("boxes", "labels", "valid")}  # on the CPU
 
                 with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):

@@ -243,19 +243,22 @@ def test_the_yolox_recipe_trains_each_preset_at_its_published_size(tmp_path, mon
 
 def test_yolox_nano_and_tiny_take_megvii_s_scale_range_and_nano_its_mosaic(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)  # the default --out, runs/train, may hold a run where the tests run
-    keys = ("mosaic_mix_prob", "random_crop_mode", "random_scale_min")
+    keys = ("mosaic_mix_prob", "random_crop_mode", "random_scale_min", "mixup_prob")
     got = {d: tuple(train.resolve_config(train.parse_args(["--det_header", d]))[k] for k in keys)
            for d in ("yolox_nano", "yolox_tiny", "yolox_s", "yolox_x", "efficientdet_d0")}
-    assert got == {"yolox_nano": (0.5, 1.5, 0.5), "yolox_tiny": (1.0, 1.5, 0.5), "yolox_s": (1.0, 2.0, 0.1),
-                   "yolox_x": (1.0, 2.0, 0.1), "efficientdet_d0": (0.5, 1.0, 0.1)}
+    assert got == {"yolox_nano": (0.5, 1.5, 0.5, 0.0), "yolox_tiny": (1.0, 1.5, 0.5, 0.0),
+                   "yolox_s": (1.0, 2.0, 0.1, 1.0), "yolox_x": (1.0, 2.0, 0.1, 1.0),
+                   "efficientdet_d0": (0.5, 1.0, 0.1, 0.0)}
     cfg = train.resolve_config(train.parse_args(["--det_header", "yolox_nano", "--mosaic_mix_prob", "1",
                                                  "--random_scale_min", "0.2"]))
     assert (cfg["mosaic_mix_prob"], cfg["random_crop_mode"], cfg["random_scale_min"]) == (1.0, 1.5, 0.2)
-    # A run from before the flag goes on with the fixed 0.1 it was trained with, not nano's 0.5.
-    torch.save({"train_config": {"det_header": "yolox_nano", "random_crop_mode": 2.0, "mosaic_mix_prob": 1.0}},
-               tmp_path / "last.pt")
-    cfg = train.resolve_config(train.parse_args(["--resume", str(tmp_path / "last.pt")]))
-    assert (cfg["mosaic_mix_prob"], cfg["random_crop_mode"], cfg["random_scale_min"]) == (1.0, 2.0, 0.1)
+    # A run from before the flags goes on as it was trained: a floor of 0.1 (not nano's 0.5), and
+    # for yolox_s no MixUp (not the recipe's 1.0).
+    for det_header in ("yolox_nano", "yolox_s"):
+        torch.save({"train_config": {"det_header": det_header, "random_crop_mode": 2.0, "mosaic_mix_prob": 1.0}},
+                   tmp_path / "last.pt")
+        cfg = train.resolve_config(train.parse_args(["--resume", str(tmp_path / "last.pt")]))
+        assert tuple(cfg[k] for k in keys) == (1.0, 2.0, 0.1, 0.0)
 
 
 def test_the_yolox_floor_is_a_share_of_the_peak_and_follows_the_batch(tmp_path, monkeypatch):
@@ -1040,12 +1043,13 @@ def test_flip_prob_reaches_the_augmentation(tiny_shapes, tmp_path, monkeypatch):
         assert json.loads((tmp_path / str(expected) / "config.json").read_text())["flip_prob"] == expected
 
 
-def test_random_scale_min_reaches_the_augmentation(tiny_shapes, tmp_path, monkeypatch):
+def test_random_scale_min_and_mixup_reach_the_augmentation(tiny_shapes, tmp_path, monkeypatch):
     seen, real = [], data.augment
-    monkeypatch.setattr(data, "augment", lambda *a, **k: seen.append(k["scale_min"]) or real(*a, **k))
-    run_train(tiny_shapes, tmp_path, "-e", "1", "--det_header", "yolox_nano", "-i", "64",
-              "--random_crop_mode", "1.5", "--random_scale_min", "0.7")
-    assert seen == [0.7, 0.7]
+    monkeypatch.setattr(data, "augment", lambda *a, **k: seen.append((k["scale_min"], k["mixup_prob"])) or real(*a, **k))
+    run_train(tiny_shapes, tmp_path, "-e", "2", "--det_header", "yolox_nano", "-i", "64", "--random_crop_mode", "1.5",
+              "--random_scale_min", "0.7", "--mixup_prob", "0.6", "--close_mosaic_epochs", "1")
+    # 2 steps an epoch; the last epoch closes mosaic and MixUp alike, as Megvii's last 15 do.
+    assert seen == [(0.7, 0.6), (0.7, 0.6), (0.7, 0.0), (0.7, 0.0)]
 
 
 def test_bad_random_scale_min_is_one_clear_error(tiny_shapes, tmp_path, capsys):
