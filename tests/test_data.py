@@ -1486,3 +1486,18 @@ def test_augment_mixup_is_the_blend_of_the_unmixed_outputs():
     assert torch.equal(mixed["valid"][:, m:], plain["valid"].flip(0))
     with pytest.raises(ValueError, match=r"--mixup_prob 1\.5: a probability"):
         data.check_augment_args(1.0, 6, 2, 0.5, mixup_prob=1.5)
+
+
+def test_yolo_full_width_box_is_framed_and_clipped(tmp_path):
+    # "0 0.02 0.5 1.0 0.2" in a 40 x 30 image: w = 1.0 exactly, the edge of YOLO's inclusive 0..1
+    # rule. x = 0.8 - 20 .. 0.8 + 20 = -19.2 .. 20.8 px reaches far past the 10% margin, but every
+    # number is in 0..1, so the box is clipped to x 0 .. 20.8 (y 15 -+ 3 = 12 .. 18), not dropped.
+    root = tmp_path / "yolo"
+    (root / "labels").mkdir(parents=True)
+    (root / "images").mkdir()
+    (root / "obj.names").write_text("a\n")
+    (root / "labels" / "a.txt").write_text("0 0.02 0.5 1.0 0.2\n")
+    Image.new("RGB", (40, 30)).save(root / "images" / "a.jpg")
+    ds = data.open_dataset(str(root), "train")
+    np.testing.assert_allclose(ds[0]["boxes"], [[0, 12, 20.8, 18]], atol=1e-4)
+    assert ds[0]["labels"].tolist() == [0]

@@ -5,6 +5,7 @@ import math
 import os
 import shutil
 
+import numpy as np
 import pytest
 import torch
 from PIL import Image
@@ -888,3 +889,21 @@ def test_unreadable_inputs_and_unwritable_outputs_are_named_before_any_work(tmp_
         assert message in err and "Traceback" not in err, (argv, err)
     assert ev.main(["-m", ckpt, "-d", small, "--nms", "gaussian", "--nms_iou_or_sigma", "1.5", "--device", "cpu",
                     "-i", "64"]) == 0  # sigma, not a threshold: above 1 is allowed
+
+
+def test_centred_letterbox_pad_offset_by_hand():
+    # A 70 (h) x 35 (w) image into 64 x 64 with letterbox_pad 4: the inner resize is to 60 x 60,
+    # scale 60 / 70 = 6/7, so the picture is 60 x 30 px. Centred: top (64 - 60) / 2 = 2,
+    # left (64 - 30) / 2 = 17. In float32, 35 / (7/6) comes out as 30.0000019, so a plain ceil
+    # would say 31 px and centre at left 16; the 1e-3 slack keeps it at 30 and 17.
+    image = np.full((70, 35, 3), 200, np.uint8)
+    batch = data._Collate(max_boxes=1)([(image, np.zeros((0, 4), np.float32), np.zeros(0, np.int64), 0, (1.0, 1.0))])
+    out = ev.eval_letterbox(batch, (64, 64), letterbox_pad=4)
+    m = out["matrices"][0]
+    # original = (7/6) * (output - offset): the translation is -(7/6) * 17 in x, -(7/6) * 2 in y.
+    torch.testing.assert_close(m, torch.tensor([[7 / 6, 0, -17 * 7 / 6], [0, 7 / 6, -2 * 7 / 6]]))
+    grey = data.PAD_VALUE / 255
+    # Columns 0..16 are pad, 17..46 the picture (200 / 255), 47..63 pad again: 17 px each side.
+    row = out["images"][0, 0, 30]
+    assert torch.allclose(row[:17], torch.tensor(grey)) and torch.allclose(row[47:], torch.tensor(grey))
+    assert torch.allclose(row[18:46], torch.tensor(200 / 255))

@@ -319,3 +319,41 @@ def test_largest_stride_agrees_with_the_built_models():
             model = models.build_model(name, num_classes=2)
             assert models.largest_stride(name) == max(model.strides), name
     assert models.largest_stride("efficientdet_d7x") == 256 and models.largest_stride("yolox_s") == 32
+
+
+def test_all_nine_anchors_of_the_first_location_by_hand():
+    # Stride 8, first location centre (4, 4), base size 4 * 8 = 32, so half sizes are
+    # 16 * 2^octave * (1, 1) | (1.4, 0.7) | (0.7, 1.4) for octaves 0, 1/3, 2/3 (scale-major).
+    # The 2^(2/3) row (anchors 6..8) is the one the older hand-number test left unchecked.
+    p = models.make_priors((32, 32), (8,), "efficientdet")
+    expected = []
+    for octave in (0.0, 1 / 3, 2 / 3):
+        for rw, rh in ((1.0, 1.0), (1.4, 0.7), (0.7, 1.4)):
+            hw, hh = 16 * 2 ** octave * rw, 16 * 2 ** octave * rh
+            expected.append([4 - hw, 4 - hh, 4 + hw, 4 + hh])
+    torch.testing.assert_close(p.boxes[:9], torch.tensor(expected), atol=1e-4, rtol=0)
+    # The 2^(2/3) row by hand: 16 * 1.587401 = 25.3984; x 1.4 = 35.5578, x 0.7 = 17.7789.
+    assert p.boxes[6].tolist() == pytest.approx([-21.3984, -21.3984, 29.3984, 29.3984], abs=1e-3)
+    assert p.boxes[7].tolist() == pytest.approx([-31.5578, -13.7789, 39.5578, 21.7789], abs=1e-3)
+    assert p.boxes[8].tolist() == pytest.approx([-13.7789, -31.5578, 21.7789, 39.5578], abs=1e-3)
+
+
+def test_focus_stem_channel_order_is_yolox():
+    # Pixel (row y, col x) of colour c holds 100 c + 10 y + x. Focus must stack the 2 x 2 blocks as
+    # YOLOX does: (even row, even col), (odd row, even col), (even row, odd col), (odd row, odd col),
+    # 3 colours each, so at output (0, 0) channels 0, 3, 6, 9 read pixels (0,0), (1,0), (0,1), (1,1)
+    # of colour 0 -> 0, 10, 1, 11; channel 4 is (1,0) of colour 1 -> 110. Swapping the middle two
+    # groups would break loading Megvii weights while every shape stays the same.
+    net = models.CSPDarknet(depth=0.33, width=0.125).eval()
+    seen = {}
+    net.stem.register_forward_pre_hook(lambda m, inputs: seen.update(x=inputs[0]))
+    y, x = torch.meshgrid(torch.arange(32.0), torch.arange(32.0), indexing="ij")
+    image = (100 * torch.arange(3.0)[:, None, None] + 10 * y + x)[None]
+    with torch.no_grad():
+        net(image)
+    stem_in = seen["x"]
+    assert stem_in.shape == (1, 12, 16, 16)
+    assert stem_in[0, [0, 3, 6, 9], 0, 0].tolist() == [0, 10, 1, 11]
+    assert stem_in[0, 4, 0, 0].item() == 110
+    # Output (1, 2) reads rows 2..3, cols 4..5: channel 6 is (row 2, col 5) of colour 0 = 25.
+    assert stem_in[0, 6, 1, 2].item() == 25

@@ -244,3 +244,14 @@ def test_a_nan_score_is_left_out_not_every_pair_of_its_image():
     image, prior, label, score = ev._select_candidates(scores, 0.001, 100)
     assert len(score) == 100 and not torch.isnan(score).any()
     assert score[0] == scores.nan_to_num(-1).max() and (prior * 3 + label != 5 * 3 + 1).all()
+
+
+def test_gaussian_nms_of_two_empty_boxes_keeps_both():
+    # Two zero-area boxes (points) of one class: their union is 0, and the IoU of an empty union
+    # is defined as 0 (the kernel's rule too). Gaussian decay is then exp(-0 / sigma) = 1, so the
+    # second keeps its 0.8. An unguarded 0 / 0 would make it NaN and silently drop the box.
+    boxes = torch.tensor([[[5.0, 5, 5, 5], [5.0, 5, 5, 5]]])
+    scores = torch.tensor([[[0.9], [0.8]]])
+    out = ev.batched_nms(boxes, scores, method="gaussian", iou_or_sigma=0.5, score_threshold=0.01, topk=-1)
+    assert out[3].tolist() == [2]
+    assert out[1][0, :2].tolist() == [pytest.approx(0.9), pytest.approx(0.8)]
