@@ -50,8 +50,8 @@ import models
 # The *_steps flags count epochs (fractions allowed), as in keras_cv_attention_models' script.
 # Where YOLOX_RECIPE differs from Megvii's exps: "mosaic" is kecam's per-batch quadrant mix
 # (data.mosaic_plan), not Megvii's 4-image canvas, MixUp blends two outputs of one batch
-# (data.mixup_images), and there is no multi-scale training; expect a lower AP than Megvii's
-# table for the same epochs. The two small sizes change what Megvii's exps change for them
+# (data.mixup_images), and multi-scale training is off unless asked for (--multiscale_range 5 is
+# Megvii's; see step_input_shape); expect a lower AP than Megvii's table for the same epochs. The two small sizes change what Megvii's exps change for them
 # (YOLOX_SMALL_SIZES).
 EFFICIENTDET_RECIPE = dict(
     input_shape="256", batch_size=64, optimizer="adamw", lr_base_512=8e-3,
@@ -76,7 +76,7 @@ YOLOX_SMALL_SIZES = {
 
 # What a resumed run takes from the run it resumes when the flag is left unset (see resolve_config).
 RESUMED_SETTINGS = ("data", "det_header", "backbone", "anchors_mode", "epochs", "num_layers", "seed",
-                    "eval_start_epoch", *EFFICIENTDET_RECIPE)
+                    "eval_start_epoch", "multiscale_range", *EFFICIENTDET_RECIPE)
 
 
 def parse_args(argv=None):
@@ -138,6 +138,9 @@ def parse_args(argv=None):
     a("--num_layers", type=int, default=None, help="RandAugment ops per image (default 2)")
     a("--mixup_prob", type=float, default=None, help="probability that an image is blended 50/50 with another "
       "of its batch, keeping both images' boxes (YOLOX's MixUp)")
+    a("--multiscale_range", type=int, default=None, help="multi-scale training as Megvii's YOLOX (which uses 5): "
+      "every 10 steps a new input height, -i's +- this many times the largest stride (the width keeps -i's "
+      "aspect); the evaluation stays at -i (default 0: off, so --cuda_graphs / --compile run one graph)")
     a("--close_mosaic_epochs", type=int, default=None, help="last epochs without mosaic or MixUp (and with L1 loss "
       "when anchor-free)")
     a("--ema_decay", type=float, default=None, help="EMA of the weights (0 = off); ramped up over the first steps")
@@ -200,6 +203,7 @@ def resolve_config(args):
             if isinstance(cfg[k], list):
                 cfg[k] = ",".join(f"{v:g}" for v in cfg[k])
     for k, default in (("data", "shapes"), ("det_header", "efficientdet_d0"), ("num_layers", 2), ("seed", 0),
+                       ("multiscale_range", 0),
                        ("eval_start_epoch", 1)):
         if cfg[k] is None:
             cfg[k] = default
@@ -301,7 +305,12 @@ def resolve_config(args):
     cfg["optimizer"] = cfg["optimizer"].lower()  # -p AdamW as torch spells it
     if cfg["optimizer"] not in ("sgd", "adam", "adamw"):
         fail(f"--optimizer {cfg['optimizer']!r} is unknown: choose sgd, adam or adamw")
+    if cfg["multiscale_range"] < 0:
+        fail(f"--multiscale_range {cfg['multiscale_range']}: give 0 (one input size) or more, like 5")
     if cfg["cuda_graphs"]:
+        if cfg["multiscale_range"]:
+            fail("--cuda_graphs with --multiscale_range: a CUDA graph replays one input size; give "
+                 "--multiscale_range 0, or leave --cuda_graphs out")
         if cfg["compile"]:
             fail("--cuda_graphs with --compile: choose one (both cut the CPU's kernel launches)")
         if int(os.environ.get("WORLD_SIZE", "1")) > 1:
@@ -567,6 +576,22 @@ def augment_seed(seed, epoch, rank, world):
     return (seed * 1000 + epoch) * world + rank
 
 
+def step_input_shape(cfg, stride, epoch, step):
+    """The input (H, W) of one training step. With --multiscale_range N (Megvii's multi-scale
+    training) the height is k x stride, k drawn uniformly from H / stride - N .. H / stride + N
+    (at least 2, so the coarsest level stays 2 x 2 or larger), kept for 10 steps, and the width
+    follows -i's aspect, rounded to the stride. Objects are then seen at more sizes than the
+    crop's scale jitter alone gives. The draw depends on (seed, epoch, step // 10) only: every
+    DDP rank and a resumed run pick the same size without exchanging a number."""
+    h, w = cfg["input_shape"]
+    n = cfg["multiscale_range"]
+    if n == 0:
+        return h, w
+    g = torch.Generator().manual_seed((cfg["seed"] * 1000 + epoch) * 100000 + step // 10)
+    k = int(torch.randint(max(2, h // stride - n), h // stride + n + 1, (1,), generator=g))
+    return k * stride, max(1, round(k * w / h)) * stride
+
+
 def main(argv=None):
     """The command line. A Ctrl-C before the training loop (while the data opens, say) has no
     state to save: one line instead of a traceback. The loop handles its own (see run)."""
@@ -625,7 +650,8 @@ def run(argv=None):
     model.to(device)
     if world > 1 and cfg["sync_bn"]:
         model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
-    priors = model.priors(cfg["input_shape"], device=device)
+    stride = models.largest_stride(cfg["det_header"])
+    priors_of = {}  # input (H, W) -> its priors: one entry, or one per multi-scale size
 
     total_batch = cfg["batch_size"] * world
     lr_max = cfg["lr_base_512"] * total_batch / 512
@@ -676,6 +702,11 @@ def run(argv=None):
     log(f"{cfg['det_header']} ({model.anchors_mode}, {n_params / 1e6:.2f}M params) on {device}, "
         f"{len(train_set)} train / {len(val_set)} val images, input {cfg['input_shape']}, "
         f"batch {cfg['batch_size']} x {world}, lr {lr_max:.3g}, amp {cfg['amp']}")
+    if cfg["multiscale_range"]:
+        k = cfg["input_shape"][0] // stride
+        heights = [j * stride for j in (max(2, k - cfg["multiscale_range"]), k + cfg["multiscale_range"])]
+        log(f"multi-scale: training heights {heights[0]}..{heights[1]} px in steps of {stride}, a new one every "
+            f"10 steps; evaluation at {cfg['input_shape']}")
 
     epochs = cfg["epochs"]
     # Flags that quietly reshape the run get one line each, so nobody wonders later.
@@ -776,7 +807,11 @@ def run(argv=None):
                 # loss moves them to the device and counts them from the CPU's `valid` mask. Reading
                 # any GPU value instead would make the CPU wait for the GPU's queue (data.to_device).
                 batch["images"] = batch["images"].to(device, non_blocking=True)
-                batch = data.augment(batch, tuple(cfg["input_shape"]), random_crop_mode=cfg["random_crop_mode"],
+                shape = step_input_shape(cfg, stride, epoch, i)
+                if shape not in priors_of:
+                    priors_of[shape] = model.priors(shape, device=device)
+                priors = priors_of[shape]
+                batch = data.augment(batch, shape, random_crop_mode=cfg["random_crop_mode"],
                                      magnitude=cfg["magnitude"], num_layers=cfg["num_layers"],
                                      mosaic_mix_prob=mosaic, flip_prob=cfg["flip_prob"], generator=gen,
                                      scale_min=cfg["random_scale_min"], mixup_prob=mixup)

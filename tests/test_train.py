@@ -1058,3 +1058,46 @@ def test_bad_random_scale_min_is_one_clear_error(tiny_shapes, tmp_path, capsys):
                     "--random_crop_mode", "1.5", "--random_scale_min", "2"])
     err = capsys.readouterr().err
     assert exc.value.code == 2 and "--random_scale_min 2.0 is above --random_crop_mode 1.5" in err
+
+
+def test_multiscale_sizes_by_hand():
+    # -i 128,192 (aspect 1.5), stride 32, range 2: heights k x 32 with k in 4 +- 2 = 2..6, widths
+    # round(1.5 k) x 32; one size for steps 0..9, drawn from (seed, epoch, step // 10) alone.
+    cfg = {"input_shape": [128, 192], "multiscale_range": 2, "seed": 0}
+    assert train.step_input_shape(dict(cfg, multiscale_range=0), 32, 0, 0) == (128, 192)
+    seen = set()
+    for epoch in range(40):
+        sizes = {train.step_input_shape(cfg, 32, epoch, step) for step in range(10)}
+        assert len(sizes) == 1  # 10 steps share a size
+        (h, w), = sizes
+        k = h // 32
+        assert h == 32 * k and 2 <= k <= 6 and w == 32 * round(1.5 * k)
+        seen.add(k)
+        g = torch.Generator().manual_seed((0 * 1000 + epoch) * 100000 + 0)
+        assert k == int(torch.randint(2, 7, (1,), generator=g))  # the documented draw
+    assert seen == {2, 3, 4, 5, 6}  # every size of the range comes up
+    # The floor: -i 96 (3 strides) - 5 would be negative; heights start at 2 strides, 64 px.
+    low = {train.step_input_shape({"input_shape": [96, 96], "multiscale_range": 5, "seed": 1}, 32, e, 0)[0]
+           for e in range(60)}
+    assert min(low) == 64 and max(low) == 256
+
+
+def test_multiscale_training_draws_the_step_sizes(tiny_shapes, tmp_path, monkeypatch):
+    seen, real = [], data.augment
+    monkeypatch.setattr(data, "augment", lambda batch, shape, *a, **k: seen.append(shape) or real(batch, shape, *a, **k))
+    run_train(tiny_shapes, tmp_path, "-e", "3", "-b", "2", "--det_header", "yolox_nano", "-i", "64",
+              "--multiscale_range", "1")
+    cfg = json.loads((tmp_path / "config.json").read_text())
+    assert cfg["multiscale_range"] == 1
+    # 4 steps an epoch (8 images, batch 2), each epoch inside one 10-step block.
+    assert seen == [train.step_input_shape(cfg, 32, e, 0) for e in range(3) for _ in range(4)]
+    assert all(h == w and h in (64, 96) for h, w in seen)  # 2 +- 1 strides, floored at 2
+
+
+def test_multiscale_flag_errors(tiny_shapes, tmp_path, capsys):
+    for flags, message in ((["--multiscale_range", "-1"], "--multiscale_range -1: give 0"),
+                           (["--multiscale_range", "2", "--cuda_graphs"], "a CUDA graph replays one input size")):
+        with pytest.raises(SystemExit) as exc:
+            train.main(["-d", tiny_shapes, "--out", str(tmp_path), "--det_header", "yolox_nano", "-i", "64", *flags])
+        err = capsys.readouterr().err
+        assert exc.value.code == 2 and message in err, err
