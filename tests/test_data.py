@@ -879,7 +879,7 @@ def test_augment_never_waits_for_the_device(shapes_dir):
     # device have shapes but no values, so any read of them raises here, and the spy sees every
     # copy onto the device; the targets stay on the CPU, as train.py keeps them. Four seeds x 8
     # images x 3 layers draw every RandAugment op (contrast's mean colour included), with and
-    # without mosaic.
+    # without mosaic (and MixUp with it).
     ds = data.open_dataset(shapes_dir, "train")
     batch = next(iter(data.make_loader(ds, 8, shuffle=False, workers=0, seed=0)))
     batch["images"] = batch["images"].to("meta")
@@ -888,7 +888,8 @@ def test_augment_never_waits_for_the_device(shapes_dir):
         for mosaic in (0.0, 1.0):
             with spy:
                 out = data.augment(dict(batch), (96, 96), random_crop_mode=1.0, magnitude=9, num_layers=3,
-                                   mosaic_mix_prob=mosaic, generator=torch.Generator().manual_seed(seed))
+                                   mosaic_mix_prob=mosaic, generator=torch.Generator().manual_seed(seed),
+                                   mixup_prob=mosaic)
             assert out["images"].device.type == "meta" and out["images"].shape == (8, 3, 96, 96)
             assert out["boxes"].device.type == "cpu" and out["valid"].any()
     assert len(spy.non_blocking) > 50 and all(spy.non_blocking)
