@@ -635,8 +635,8 @@ def nms_main(argv=None):
     parser.add_argument("--topk", type=int, default=5000, help="(box, class) pairs kept per image before NMS")
     parser.add_argument("--loop_images", type=int, default=8,
                         help="images the slow loop runs on; its time is scaled to the batch")
-    parser.add_argument("--repeats", type=int, default=3, help="timed calls of the twin and the GPU rows (the "
-                        "median is reported; the slow loop runs once, after a warm-up on one image)")
+    parser.add_argument("--repeats", type=int, default=3, help="timed calls of the CPU twin, and at least 10 "
+                        "of each GPU row (the median is reported; the slow loop runs once, after a warm-up on one image)")
     parser.add_argument("--threads", type=int, default=1, help="torch threads for both CPU sides")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)

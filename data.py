@@ -1555,7 +1555,7 @@ def augment(batch, input_shape, random_crop_mode=1.0, magnitude=0, num_layers=2,
         _colour_chunk(x[rows], y, (a[rows], c[rows], d[rows]), ops[rows], factors[rows], magnitude)
 
     # 5. MixUp, per image, on the finished pictures
-    if mixup_prob > 0 and b > 1:
+    if mixup_prob > 0:
         x, boxes, labels, valid = mixup_images(x, boxes, labels, valid, mixup_prob, generator)
     return dict(images=x, boxes=boxes, labels=labels, valid=valid, image_ids=batch["image_ids"], matrices=matrices)
 
@@ -1571,9 +1571,14 @@ def mixup_images(images, boxes, labels, valid, prob, generator):
     still an object to find. Its partner is a new image, scaled by 0.5-1.5 and maybe flipped;
     here the partner is another output of this batch, already through its own crop, flip and
     colour, so the mix costs one pass over the pixels and no decoding. k is drawn once per batch
-    from 1..B-1, so no image is mixed with itself (that would double its boxes)."""
+    from 1..B-1 leaving out B/2: k = 0 would mix an image with itself (doubling its boxes), and
+    k = B/2 would mix i with i + k and i + k with i, two identical outputs. A batch of 1 or 2
+    has no such k and comes back unmixed (train.py says so)."""
     b = len(images)
-    k = int(torch.randint(1, b, (1,), generator=generator, device=_where(generator)))
+    shifts = [k for k in range(1, b) if 2 * k != b]
+    if not shifts:
+        return images, boxes, labels, valid
+    k = shifts[int(torch.randint(0, len(shifts), (1,), generator=generator, device=_where(generator)))]
     mixed = torch.rand(b, generator=generator, device=_where(generator)).cpu() < prob
     if not mixed.any():
         return images, boxes, labels, valid

@@ -597,6 +597,11 @@ def load_ground_truth(data, split="val"):
     return open_dataset(data, split).coco_gt()
 
 
+def _path_parts(name):
+    """'./a\\b/x.jpg' -> ('a', 'b', 'x.jpg'): a file name's folders, however it was written."""
+    return tuple(p for p in name.replace("\\", "/").split("/") if p not in ("", "."))
+
+
 def remap_by_names(exported, coco_gt, source):
     """Detections another tool exported in COCO's dataset layout (a dict of images, categories
     and annotations with a score, under its own ids: 0-based, say) -> a results list under the
@@ -605,13 +610,15 @@ def remap_by_names(exported, coco_gt, source):
     if not all(isinstance(exported.get(k), list) for k in ("images", "categories", "annotations")):
         raise EvalInputError(f"{source}: a COCO results file is a json list of detections (image_id, category_id, "
                              f"bbox, score), or a dict of 'images', 'categories' and scored 'annotations'")
-    # An image is found by its whole file_name ("a/x.jpg"), else by its base name ("x.jpg") when
-    # that names one ground-truth image only: an export may drop the folders, but a base name
-    # shared by a/x.jpg and b/x.jpg would pour both images' detections into one.
+    # An image is found by its whole file_name, else by a name that ends the other's path:
+    # "x.jpg" or "/data/coco/val/x.jpg" for "val/x.jpg" (an export may drop the folders, or
+    # write them from its own root), never "train/x.jpg" for "val/x.jpg" (another split). A
+    # name that fits several ground-truth images (a/x.jpg and b/x.jpg for "x.jpg") is an error:
+    # it would pour both images' detections into one.
     gt_full = {str(im.get("file_name", "")): im["id"] for im in coco_gt["images"]}
-    gt_base = collections.defaultdict(list)
+    gt_base = collections.defaultdict(list)  # base name -> [(path parts, id)]
     for name, image_id in gt_full.items():
-        gt_base[os.path.basename(name)].append(image_id)
+        gt_base[os.path.basename(name)].append((_path_parts(name), image_id))
     gt_cats = collections.defaultdict(list)
     for c in coco_gt["categories"]:
         gt_cats[str(c.get("name"))].append(c["id"])
@@ -628,7 +635,10 @@ def remap_by_names(exported, coco_gt, source):
                              f"to be matched to the ground truth's") from None
     gt_image_of, unknown, ambiguous = {}, [], []
     for image_id, name in file_of.items():
-        ids = [gt_full[name]] if name in gt_full else gt_base.get(os.path.basename(name), [])
+        parts = _path_parts(name)
+        ids = [gt_full[name]] if name in gt_full else [
+            i for gt_parts, i in gt_base.get(os.path.basename(name), [])
+            if gt_parts[-len(parts):] == parts or parts[-len(gt_parts):] == gt_parts]
         if len(ids) == 1:
             gt_image_of[image_id] = ids[0]
         else:

@@ -48,11 +48,15 @@ import models
 # decay plus the cooldown, as in the seed's script: 100 + 5 = 105 epochs, 285 + 15 = 300.
 # One exception: freezing applies to a --pretrained backbone only (see resolve_config).
 # The *_steps flags count epochs (fractions allowed), as in keras_cv_attention_models' script.
-# Where YOLOX_RECIPE differs from Megvii's exps: "mosaic" is kecam's per-batch quadrant mix
-# (data.mosaic_plan), not Megvii's 4-image canvas, MixUp blends two outputs of one batch
-# (data.mixup_images), and multi-scale training is off unless asked for (--multiscale_range 5 is
-# Megvii's; see step_input_shape); expect a lower AP than Megvii's table for the same epochs. The two small sizes change what Megvii's exps change for them
-# (YOLOX_SMALL_SIZES).
+# Where YOLOX_RECIPE differs from Megvii's exps:
+#   "mosaic" is kecam's per-batch quadrant mix (data.mosaic_plan), not Megvii's 4-image canvas;
+#   MixUp blends two outputs of one batch (data.mixup_images), with or without a mosaic (Megvii
+#   mixes mosaics only; with the recipe's mosaic 1.0 that is every image either way);
+#   multi-scale training is off unless asked for: --multiscale_range 5 is Megvii's for yolox_s
+#   and up (nano / tiny use heights 320-640 around 416, a range this symmetric flag cannot say;
+#   5 gives them 256-576);
+# so expect a lower AP than Megvii's table for the same epochs. The two small sizes change what
+# Megvii's exps change for them otherwise (YOLOX_SMALL_SIZES).
 EFFICIENTDET_RECIPE = dict(
     input_shape="256", batch_size=64, optimizer="adamw", lr_base_512=8e-3,
     weight_decay=0.02, lr_decay_steps="100", lr_warmup_steps=3.0, lr_warmup_power=1.0, lr_cooldown_steps=5,
@@ -138,9 +142,10 @@ def parse_args(argv=None):
     a("--num_layers", type=int, default=None, help="RandAugment ops per image (default 2)")
     a("--mixup_prob", type=float, default=None, help="probability that an image is blended 50/50 with another "
       "of its batch, keeping both images' boxes (YOLOX's MixUp)")
-    a("--multiscale_range", type=int, default=None, help="multi-scale training as Megvii's YOLOX (which uses 5): "
-      "every 10 steps a new input height, -i's +- this many times the largest stride (the width keeps -i's "
-      "aspect); the evaluation stays at -i (default 0: off, so --cuda_graphs / --compile run one graph)")
+    a("--multiscale_range", type=int, default=None, help="multi-scale training as Megvii's YOLOX (5 for yolox_s "
+      "and up): every 10 steps a new input height, -i's +- this many times the largest stride (cut where the "
+      "smallest would go under 2 strides; the width keeps -i's aspect); the evaluation stays at -i "
+      "(default 0: off, so --cuda_graphs / --compile run one graph)")
     a("--close_mosaic_epochs", type=int, default=None, help="last epochs without mosaic or MixUp (and with L1 loss "
       "when anchor-free)")
     a("--ema_decay", type=float, default=None, help="EMA of the weights (0 = off); ramped up over the first steps")
@@ -576,20 +581,29 @@ def augment_seed(seed, epoch, rank, world):
     return (seed * 1000 + epoch) * world + rank
 
 
-def step_input_shape(cfg, stride, epoch, step):
-    """The input (H, W) of one training step. With --multiscale_range N (Megvii's multi-scale
-    training) the height is k x stride, k drawn uniformly from H / stride - N .. H / stride + N
-    (at least 2, so the coarsest level stays 2 x 2 or larger), kept for 10 steps, and the width
-    follows -i's aspect, rounded to the stride. Objects are then seen at more sizes than the
-    crop's scale jitter alone gives. The draw depends on (seed, epoch, step // 10) only: every
-    DDP rank and a resumed run pick the same size without exchanging a number."""
-    h, w = cfg["input_shape"]
-    n = cfg["multiscale_range"]
-    if n == 0:
-        return h, w
-    g = torch.Generator().manual_seed((cfg["seed"] * 1000 + epoch) * 100000 + step // 10)
-    k = int(torch.randint(max(2, h // stride - n), h // stride + n + 1, (1,), generator=g))
-    return k * stride, max(1, round(k * w / h)) * stride
+def multiscale_shapes(input_shape, multiscale_range, stride):
+    """The input sizes of multi-scale training (Megvii's multiscale_range), smallest first:
+    heights k x stride for k = H / stride - n .. H / stride + n, widths keeping -i's aspect as
+    Megvii rounds them (stride x int(k x W / H)). n is cut so that the range stays centred on -i
+    and the coarsest level stays 2 x 2 or larger (at -i 192, stride 32, 5 becomes 4: 64..320).
+    Returns [(H, W), ...]; one entry, -i itself, when multiscale_range is 0."""
+    h, w = input_shape
+    k0 = h // stride
+    n = multiscale_range
+    while n > 0 and (k0 - n < 2 or int((k0 - n) * w / h) < 2):
+        n -= 1
+    return [(k * stride, int(k * w / h) * stride) for k in range(k0 - n, k0 + n + 1)]
+
+
+def step_input_shape(shapes, seed, epoch, step):
+    """The input (H, W) of one training step: one of multiscale_shapes, drawn uniformly and kept
+    for 10 steps (as Megvii's). Objects are then seen at more sizes than the crop's scale jitter
+    alone gives. The draw depends on (seed, epoch, step // 10) only: every DDP rank and a
+    resumed run pick the same size without exchanging a number."""
+    if len(shapes) == 1:
+        return shapes[0]
+    g = torch.Generator().manual_seed((seed * 1000 + epoch) * 100000 + step // 10)
+    return shapes[int(torch.randint(0, len(shapes), (1,), generator=g))]
 
 
 def main(argv=None):
@@ -608,8 +622,9 @@ def run(argv=None):
     rank, world, device = setup_distributed()
     is_main = rank == 0
     if device.type == "cuda":
-        # Every batch of a run has the same shape, so cuDNN may time its convolution algorithms
-        # once per layer shape and keep the fastest, instead of picking one by heuristics.
+        # Every batch of a run has the same shape (a few, with --multiscale_range), so cuDNN may
+        # time its convolution algorithms once per layer shape and keep the fastest, instead of
+        # picking one by heuristics.
         torch.backends.cudnn.benchmark = True
     log = print if is_main else (lambda *a, **k: None)
 
@@ -651,7 +666,10 @@ def run(argv=None):
     if world > 1 and cfg["sync_bn"]:
         model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
     stride = models.largest_stride(cfg["det_header"])
-    priors_of = {}  # input (H, W) -> its priors: one entry, or one per multi-scale size
+    shapes = multiscale_shapes(cfg["input_shape"], cfg["multiscale_range"], stride)
+    # Built now, not when a size first comes up in the loop: anchors are made on the CPU and
+    # copied over, a copy that would make the CPU wait for the GPU's queue mid-run.
+    priors_of = {shape: model.priors(shape, device=device) for shape in shapes}
 
     total_batch = cfg["batch_size"] * world
     lr_max = cfg["lr_base_512"] * total_batch / 512
@@ -693,8 +711,10 @@ def run(argv=None):
 
     compiled = model
     if cfg["compile"]:
-        # dynamic=False: the input size never changes in a run, so one static graph is enough.
-        compiled = torch.compile(model, dynamic=False)
+        # dynamic=False: with one input size one static graph is enough. Multi-scale sizes would
+        # each compile a graph of their own, past dynamo's limit of 8 (after which it runs eager,
+        # silently); dynamic=None compiles once more, for any size, at the first new one.
+        compiled = torch.compile(model, dynamic=None if cfg["multiscale_range"] else False)
     train_model, wrapped_frozen = compiled, None  # under DDP: wrapped in the epoch loop
     graphed_frozen = None  # with --cuda_graphs: the freezing the graphs were recorded with
 
@@ -703,10 +723,14 @@ def run(argv=None):
         f"{len(train_set)} train / {len(val_set)} val images, input {cfg['input_shape']}, "
         f"batch {cfg['batch_size']} x {world}, lr {lr_max:.3g}, amp {cfg['amp']}")
     if cfg["multiscale_range"]:
-        k = cfg["input_shape"][0] // stride
-        heights = [j * stride for j in (max(2, k - cfg["multiscale_range"]), k + cfg["multiscale_range"])]
-        log(f"multi-scale: training heights {heights[0]}..{heights[1]} px in steps of {stride}, a new one every "
-            f"10 steps; evaluation at {cfg['input_shape']}")
+        n = (len(shapes) - 1) // 2
+        cut = f" (--multiscale_range {cfg['multiscale_range']} cut to {n} to stay centred on -i)" \
+            if n < cfg["multiscale_range"] else ""
+        log(f"multi-scale: training sizes {shapes[0]}..{shapes[-1]} in steps of {stride}, a new one every 10 steps"
+            f"{cut}; evaluation at {tuple(cfg['input_shape'])}")
+    if cfg["mixup_prob"] > 0 and cfg["batch_size"] < 3:
+        log(f"note: -b {cfg['batch_size']}: MixUp needs 3 or more images per process (its partner is another "
+            f"image of the batch, and with 2 the two would mix into one picture): no MixUp in this run")
 
     epochs = cfg["epochs"]
     # Flags that quietly reshape the run get one line each, so nobody wonders later.
@@ -807,9 +831,7 @@ def run(argv=None):
                 # loss moves them to the device and counts them from the CPU's `valid` mask. Reading
                 # any GPU value instead would make the CPU wait for the GPU's queue (data.to_device).
                 batch["images"] = batch["images"].to(device, non_blocking=True)
-                shape = step_input_shape(cfg, stride, epoch, i)
-                if shape not in priors_of:
-                    priors_of[shape] = model.priors(shape, device=device)
+                shape = step_input_shape(shapes, cfg["seed"], epoch, i)
                 priors = priors_of[shape]
                 batch = data.augment(batch, shape, random_crop_mode=cfg["random_crop_mode"],
                                      magnitude=cfg["magnitude"], num_layers=cfg["num_layers"],

@@ -1452,12 +1452,12 @@ def test_yolo_box_with_numbers_in_0_1_is_clipped_not_dropped(tmp_path):
 
 # ---------------------------------------------------------------- MixUp
 def test_mixup_blends_each_image_with_its_partner_and_keeps_both_boxes():
-    # Three flat images 0.0, 0.3, 0.9 with one box each. k is drawn first (1..2), then who mixes.
+    # Three flat images 0.0, 0.3, 0.9 with one box each. k is drawn first (1 or 2), then who mixes.
     images = torch.tensor([0.0, 0.3, 0.9])[:, None, None, None].expand(3, 3, 4, 4).clone()
     boxes = torch.tensor([[[0.0, 0, 1, 1]], [[1.0, 1, 2, 2]], [[2.0, 2, 3, 3]]])
     labels, valid = torch.tensor([[0], [1], [2]]), torch.ones(3, 1, dtype=torch.bool)
     g = torch.Generator().manual_seed(5)
-    k = int(torch.randint(1, 3, (1,), generator=g))
+    k = [1, 2][int(torch.randint(0, 2, (1,), generator=g))]
     mixed = torch.rand(3, generator=g) < 0.5
     assert 0 < int(mixed.sum()) < 3  # seed 5 mixes some images and not others: both branches are seen
     x, b, l, v = data.mixup_images(images, boxes, labels, valid, 0.5, torch.Generator().manual_seed(5))
@@ -1468,23 +1468,42 @@ def test_mixup_blends_each_image_with_its_partner_and_keeps_both_boxes():
         assert torch.allclose(x[i], torch.full((3, 4, 4), expected))
         assert b[i].tolist() == [boxes[i, 0].tolist(), boxes[p, 0].tolist()] and l[i].tolist() == [i, p]
         assert v[i].tolist() == [True, bool(mixed[i])]  # the partner's box counts only where mixed
-    # Probability 1 on two images: each is the mean of both (k can only be 1).
-    x, b, l, v = data.mixup_images(images[:2], boxes[:2], labels[:2], valid[:2], 1.0, torch.Generator().manual_seed(0))
-    assert torch.allclose(x, torch.full((2, 3, 4, 4), 0.15)) and v.all() and l.tolist() == [[0, 1], [1, 0]]
+    # Two images could only be mixed with each other (k = 1 = B/2): two identical outputs. They
+    # come back as they were, as does a single image.
+    for n in (1, 2):
+        x, b, l, v = data.mixup_images(images[:n], boxes[:n], labels[:n], valid[:n], 1.0, torch.Generator())
+        assert x is images[:n] or torch.equal(x, images[:n])
+        assert b.shape == (n, 1, 4) and v.all()
+
+
+def test_mixup_never_pairs_two_outputs_with_each_other():
+    # Batch 4: k = 2 would mix 0 with 2 and 2 with 0. Over 50 seeds every output stays distinct
+    # and k is 1 or 3, each drawn.
+    images = torch.tensor([0.0, 0.2, 0.5, 0.9])[:, None, None, None].expand(4, 3, 2, 2).clone()
+    boxes, labels, valid = torch.zeros(4, 1, 4), torch.arange(4)[:, None], torch.ones(4, 1, dtype=torch.bool)
+    ks = set()
+    for seed in range(50):
+        x, _, l, _ = data.mixup_images(images, boxes, labels, valid, 1.0, torch.Generator().manual_seed(seed))
+        assert len({round(float(v), 4) for v in x[:, 0, 0, 0]}) == 4
+        ks.add(int(l[0, 1]))  # image 0's partner is image k
+    assert ks == {1, 3}
 
 
 def test_augment_mixup_is_the_blend_of_the_unmixed_outputs():
     # MixUp draws last, so the same seed gives the same crops and colours with and without it.
     rng = np.random.default_rng(0)
-    batch = make_batch([random_image(rng, 40, 60), random_image(rng, 50, 30)], [[[5, 5, 20, 30]], [[2, 3, 25, 40]]],
-                       [[1], [2]])
+    batch = make_batch([random_image(rng, 40, 60), random_image(rng, 50, 30), random_image(rng, 30, 30)],
+                       [[[5, 5, 20, 30]], [[2, 3, 25, 40]], [[4, 4, 20, 20]]], [[1], [2], [3]])
     kw = dict(random_crop_mode=1.0, magnitude=6, num_layers=2, mosaic_mix_prob=0)
     plain = data.augment(dict(batch), (32, 32), generator=torch.Generator().manual_seed(3), **kw)
     mixed = data.augment(dict(batch), (32, 32), generator=torch.Generator().manual_seed(3), mixup_prob=1.0, **kw)
-    torch.testing.assert_close(mixed["images"], 0.5 * (plain["images"] + plain["images"].flip(0)))
     m = plain["boxes"].shape[1]
-    torch.testing.assert_close(mixed["boxes"][0, m:], plain["boxes"][1])
-    assert torch.equal(mixed["valid"][:, m:], plain["valid"].flip(0))
+    k = int(mixed["labels"][0, m]) - 1  # image 0's partner is image k (labels 1, 2, 3)
+    partner = (torch.arange(3) + k) % 3
+    assert k in (1, 2) and mixed["labels"][:, m].tolist() == (partner + 1).tolist()
+    torch.testing.assert_close(mixed["images"], 0.5 * (plain["images"] + plain["images"][partner]))
+    torch.testing.assert_close(mixed["boxes"][:, m:], plain["boxes"][partner])
+    assert torch.equal(mixed["valid"][:, m:], plain["valid"][partner])
     with pytest.raises(ValueError, match=r"--mixup_prob 1\.5: a probability"):
         data.check_augment_args(1.0, 6, 2, 0.5, mixup_prob=1.5)
 

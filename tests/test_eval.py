@@ -858,6 +858,17 @@ def test_dataset_layout_results_match_whole_file_names_first(tmp_path, capsys):
     export["images"][1]["file_name"] = "y.jpg"
     path.write_text(json.dumps(export))
     assert ev.score_results_file(str(path), str(gt_path), verbose=False)["AP"] == pytest.approx(1.0)
+    # Folders written from the export's own root still match; another split's folder does not.
+    export["images"][1]["file_name"] = "/data/set/b/y.jpg"
+    path.write_text(json.dumps(export))
+    assert ev.score_results_file(str(path), str(gt_path), verbose=False)["AP"] == pytest.approx(1.0)
+    capsys.readouterr()
+    export["images"][1]["file_name"] = "c/y.jpg"
+    path.write_text(json.dumps(export))
+    assert ev.main(["--results", str(path), "-d", str(gt_path)]) == 2
+    assert "1 file names are not in the ground truth (e.g. ['c/y.jpg'])" in capsys.readouterr().err
+    export["images"][1]["file_name"] = "y.jpg"
+    path.write_text(json.dumps(export))
     # Two ground-truth categories of one name: detections cannot be matched to them by name.
     gt["categories"].append({"id": 2, "name": "cat"})
     gt_path.write_text(json.dumps(gt))

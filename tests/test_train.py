@@ -1061,37 +1061,37 @@ def test_bad_random_scale_min_is_one_clear_error(tiny_shapes, tmp_path, capsys):
 
 
 def test_multiscale_sizes_by_hand():
-    # -i 128,192 (aspect 1.5), stride 32, range 2: heights k x 32 with k in 4 +- 2 = 2..6, widths
-    # round(1.5 k) x 32; one size for steps 0..9, drawn from (seed, epoch, step // 10) alone.
-    cfg = {"input_shape": [128, 192], "multiscale_range": 2, "seed": 0}
-    assert train.step_input_shape(dict(cfg, multiscale_range=0), 32, 0, 0) == (128, 192)
+    # -i 128,192 (aspect 1.5), stride 32, range 2: heights k x 32 for k = 4 - 2 .. 4 + 2, widths
+    # 32 x int(1.5 k) as Megvii rounds them: k = 3 -> int(4.5) = 4 -> 128.
+    shapes = train.multiscale_shapes([128, 192], 2, 32)
+    assert shapes == [(64, 96), (96, 128), (128, 192), (160, 224), (192, 288)]
+    assert train.multiscale_shapes([640, 640], 0, 32) == [(640, 640)]
+    # Centred on -i: at 192 (6 strides) a range of 5 would reach 32 px; it is cut to 4, 64..320.
+    assert [h for h, _ in train.multiscale_shapes([192, 192], 5, 32)] == list(range(64, 321, 32))
+    # A tall -i 128,64: the width has no room under its 2 strides, so there is one size.
+    assert train.multiscale_shapes([128, 64], 2, 32) == [(128, 64)]
+    # One size per 10 steps, drawn from (seed, epoch, step // 10) alone; every size comes up.
     seen = set()
     for epoch in range(40):
-        sizes = {train.step_input_shape(cfg, 32, epoch, step) for step in range(10)}
-        assert len(sizes) == 1  # 10 steps share a size
-        (h, w), = sizes
-        k = h // 32
-        assert h == 32 * k and 2 <= k <= 6 and w == 32 * round(1.5 * k)
-        seen.add(k)
+        sizes = {train.step_input_shape(shapes, 0, epoch, step) for step in range(10)}
+        assert len(sizes) == 1
+        (shape,) = sizes
         g = torch.Generator().manual_seed((0 * 1000 + epoch) * 100000 + 0)
-        assert k == int(torch.randint(2, 7, (1,), generator=g))  # the documented draw
-    assert seen == {2, 3, 4, 5, 6}  # every size of the range comes up
-    # The floor: -i 96 (3 strides) - 5 would be negative; heights start at 2 strides, 64 px.
-    low = {train.step_input_shape({"input_shape": [96, 96], "multiscale_range": 5, "seed": 1}, 32, e, 0)[0]
-           for e in range(60)}
-    assert min(low) == 64 and max(low) == 256
+        assert shape == shapes[int(torch.randint(0, 5, (1,), generator=g))]  # the documented draw
+        seen.add(shape)
+    assert seen == set(shapes)
+    assert train.step_input_shape([(64, 64)], 0, 3, 7) == (64, 64)
 
 
 def test_multiscale_training_draws_the_step_sizes(tiny_shapes, tmp_path, monkeypatch):
     seen, real = [], data.augment
     monkeypatch.setattr(data, "augment", lambda batch, shape, *a, **k: seen.append(shape) or real(batch, shape, *a, **k))
-    run_train(tiny_shapes, tmp_path, "-e", "3", "-b", "2", "--det_header", "yolox_nano", "-i", "64",
+    run_train(tiny_shapes, tmp_path, "-e", "3", "-b", "2", "--det_header", "yolox_nano", "-i", "96",
               "--multiscale_range", "1")
-    cfg = json.loads((tmp_path / "config.json").read_text())
-    assert cfg["multiscale_range"] == 1
+    assert json.loads((tmp_path / "config.json").read_text())["multiscale_range"] == 1
     # 4 steps an epoch (8 images, batch 2), each epoch inside one 10-step block.
-    assert seen == [train.step_input_shape(cfg, 32, e, 0) for e in range(3) for _ in range(4)]
-    assert all(h == w and h in (64, 96) for h, w in seen)  # 2 +- 1 strides, floored at 2
+    shapes = [(64, 64), (96, 96), (128, 128)]
+    assert seen == [train.step_input_shape(shapes, 3, e, 0) for e in range(3) for _ in range(4)]
 
 
 def test_multiscale_flag_errors(tiny_shapes, tmp_path, capsys):
@@ -1101,3 +1101,9 @@ def test_multiscale_flag_errors(tiny_shapes, tmp_path, capsys):
             train.main(["-d", tiny_shapes, "--out", str(tmp_path), "--det_header", "yolox_nano", "-i", "64", *flags])
         err = capsys.readouterr().err
         assert exc.value.code == 2 and message in err, err
+
+
+def test_mixup_at_batch_2_is_off_with_a_note(tiny_shapes, tmp_path, capsys):
+    # Two images could only mix with each other, into two copies of one picture.
+    run_train(tiny_shapes, tmp_path, "-e", "1", "-b", "2", "--det_header", "yolox_nano", "-i", "64", "--mixup_prob", "1")
+    assert "note: -b 2: MixUp needs 3 or more images per process" in capsys.readouterr().out
