@@ -844,36 +844,32 @@ def test_dataset_layout_results_match_whole_file_names_first(tmp_path, capsys):
               "annotations": [{"image_id": 0, "category_id": 0, "bbox": [4, 4, 20, 16], "score": 0.9},
                               {"image_id": 1, "category_id": 0, "bbox": [30, 20, 20, 16], "score": 0.9}]}
     path = tmp_path / "r.json"
-    path.write_text(json.dumps(export))
-    assert ev.score_results_file(str(path), str(gt_path), verbose=False)["AP"] == pytest.approx(1.0)
-    capsys.readouterr()
+
+    def score(*names):
+        """AP of the export with its two images named so, or the error's text (exit status 2)."""
+        for im, name in zip(export["images"], names):
+            im["file_name"] = name
+        path.write_text(json.dumps(export))
+        if ev.main(["--results", str(path), "-d", str(gt_path)]) == 0:
+            capsys.readouterr()
+            return ev.score_results_file(str(path), str(gt_path), verbose=False)["AP"]
+        return capsys.readouterr().err
+
+    assert score("a/x.jpg", "b/x.jpg") == pytest.approx(1.0)
     # Base names alone cannot tell the two apart: one clear error.
-    export["images"][0]["file_name"] = "x.jpg"
-    path.write_text(json.dumps(export))
-    assert ev.main(["--results", str(path), "-d", str(gt_path)]) == 2
-    assert "1 file names (e.g. ['x.jpg']) match several ground-truth images" in capsys.readouterr().err
-    # A base name that is unique still matches (an export that dropped the folders).
+    assert "1 file names (e.g. ['x.jpg']) match several ground-truth images" in score("x.jpg", "b/x.jpg")
+    # A base name that is unique still matches (an export that dropped the folders); folders
+    # written from the export's own root too; another split's folder does not.
     gt["images"][1]["file_name"] = "b/y.jpg"
     gt_path.write_text(json.dumps(gt))
-    export["images"][1]["file_name"] = "y.jpg"
-    path.write_text(json.dumps(export))
-    assert ev.score_results_file(str(path), str(gt_path), verbose=False)["AP"] == pytest.approx(1.0)
-    # Folders written from the export's own root still match; another split's folder does not.
-    export["images"][1]["file_name"] = "/data/set/b/y.jpg"
-    path.write_text(json.dumps(export))
-    assert ev.score_results_file(str(path), str(gt_path), verbose=False)["AP"] == pytest.approx(1.0)
-    capsys.readouterr()
-    export["images"][1]["file_name"] = "c/y.jpg"
-    path.write_text(json.dumps(export))
-    assert ev.main(["--results", str(path), "-d", str(gt_path)]) == 2
-    assert "1 file names are not in the ground truth (e.g. ['c/y.jpg'])" in capsys.readouterr().err
-    export["images"][1]["file_name"] = "y.jpg"
-    path.write_text(json.dumps(export))
+    assert score("a/x.jpg", "y.jpg") == pytest.approx(1.0)
+    assert score("a/x.jpg", "/data/set/b/y.jpg") == pytest.approx(1.0)
+    assert "1 file names are not in the ground truth (e.g. ['c/y.jpg'])" in score("a/x.jpg", "c/y.jpg")
     # Two ground-truth categories of one name: detections cannot be matched to them by name.
     gt["categories"].append({"id": 2, "name": "cat"})
     gt_path.write_text(json.dumps(gt))
-    assert ev.main(["--results", str(path), "-d", str(gt_path)]) == 2
-    assert "names 1 categories more than once (e.g. ['cat'])" in capsys.readouterr().err
+    err = score("a/x.jpg", "b/y.jpg")
+    assert "names 1 categories more than once (e.g. ['cat'])" in err
 
 
 def test_unreadable_inputs_and_unwritable_outputs_are_named_before_any_work(tmp_path, capsys):
