@@ -640,6 +640,26 @@ def test_ctrl_c_mid_epoch_then_resume_is_exact(tiny_shapes, tmp_path, capsys, mo
             assert abs(float(row[k]) - float(want[k])) < 1e-5, (row["epoch"], k, row[k], want[k])
 
 
+def test_resume_is_exact_with_mixup_and_multiscale(tiny_shapes, tmp_path, capsys, monkeypatch):
+    # -b 4 (2 steps an epoch), MixUp on every image and 5 input sizes: a Ctrl-C in epoch 2's first
+    # step, then --resume, ends with the weights of a straight run (3 steps later).
+    common = ["--det_header", "yolox_nano", "-i", "128", "-e", "3", "-b", "4", "--mixup_prob", "1",
+              "--multiscale_range", "2", "--mosaic_mix_prob", "1", "--magnitude", "6", "--random_crop_mode", "1.5"]
+    run_train(tiny_shapes, tmp_path / "straight", *common)
+    straight = torch.load(tmp_path / "straight" / "last.pt", weights_only=False)
+    calls, real_loss = press_ctrl_c_in_loss_call(monkeypatch, 3)
+    with pytest.raises(SystemExit):
+        run_train(tiny_shapes, tmp_path / "stopped", *common)
+    assert "stopped in epoch 2 after step 1" in capsys.readouterr().out
+    monkeypatch.setattr(train.assign, "detection_loss", real_loss)
+    train.main(["--resume", str(tmp_path / "stopped" / "last.pt"), "--workers", "0"])
+    resumed = torch.load(tmp_path / "stopped" / "last.pt", weights_only=False)
+    assert resumed["train_config"]["multiscale_range"] == 2 and resumed["train_config"]["mixup_prob"] == 1
+    for k, v in straight["model"].items():
+        if v.dtype.is_floating_point:
+            assert torch.allclose(v, resumed["model"][k], atol=1e-6, rtol=0), k
+
+
 def test_ctrl_c_twice_in_a_step_stops_at_once(tiny_shapes, tmp_path, capsys, monkeypatch):
     # -b 4: 2 steps an epoch. Two Ctrl-C in epoch 2's first step: no waiting for the step to end,
     # last.pt stays the one epoch 1 wrote.
