@@ -817,8 +817,11 @@ def test_ctrl_c_leaves_a_resumable_checkpoint(tiny_shapes, tmp_path):
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU: it counts the CPU's waits for one")
-@pytest.mark.parametrize("mode", ["--use_anchor_free_mode", "--use_anchors_mode"])
-def test_a_training_step_never_waits_for_the_gpu(tiny_shapes, tmp_path, monkeypatch, mode):
+@pytest.mark.parametrize("mode, extra, steps", [
+    ("--use_anchor_free_mode", ["-b", "1"], 8), ("--use_anchors_mode", ["-b", "1"], 8),
+    # MixUp (3+ images) and multi-scale (3 sizes at -i 96): batch 4, 2 steps an epoch, 3 epochs.
+    ("--use_anchors_mode", ["-b", "4", "-e", "3", "-i", "96", "--mixup_prob", "1", "--multiscale_range", "1"], 6)])
+def test_a_training_step_never_waits_for_the_gpu(tiny_shapes, tmp_path, monkeypatch, mode, extra, steps):
     # train.main itself, batch 1 (8 steps an epoch; the loss is looked at after steps 2, 4, 6, 8).
     # Step 3 runs under CUDA's sync debug mode set to "error", from its augment to its EMA update
     # (pixels to the GPU, augment with mosaic and RandAugment, bf16 forward, assignment + loss,
@@ -844,11 +847,11 @@ def test_a_training_step_never_waits_for_the_gpu(tiny_shapes, tmp_path, monkeypa
     monkeypatch.setattr(train.data, "augment", augment)
     monkeypatch.setattr(train, "ModelEMA", EMA)
     try:
-        run_train(tiny_shapes, tmp_path, "--det_header", "yolox_nano", mode, "-i", "64", "-e", "1", "-b", "1",
-                  "--mosaic_mix_prob", "1", "--magnitude", "6", "--ema_decay", "0.999")
+        run_train(tiny_shapes, tmp_path, "--det_header", "yolox_nano", mode, "-i", "64", "-e", "1",
+                  "--mosaic_mix_prob", "1", "--magnitude", "6", "--ema_decay", "0.999", *extra)
     finally:
         torch.cuda.set_sync_debug_mode("default")
-    assert calls["ema"] == 8 and float(history(tmp_path)[0]["loss_total"]) > 0
+    assert calls["ema"] == steps and float(history(tmp_path)[0]["loss_total"]) > 0
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="a GPU is visible here: the flag is valid")
