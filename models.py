@@ -395,6 +395,42 @@ def build_backbone(name, yolox_depth=0.33, yolox_width=0.50, depthwise=False):
                      "or timm:NAME when timm is installed")
 
 
+def load_backbone_weights(backbone, state):
+    """Copy an ImageNet classifier's weights, a file you downloaded, into one of our backbones.
+
+    state: the classifier's state dict (name -> tensor). Sources that line up with ours: timm's
+    efficientnet_b0 ... b7 and tf_efficientnet_b0 ... b7 for efficientnet_b0 ... b7, timm's
+    tf_efficientnetv2_b0 for efficientnetv2_b0, torchvision's resnet50 for resnet50
+    (tests/test_models.py checks every tensor's shape against their key lists, and, where timm
+    and torchvision are installed, that efficientnet_b0's and resnet50's features come out equal).
+    The names differ (timm's blocks.1.0.conv_dw.weight is our stages.1.0.block.1.conv.weight),
+    but the tensors come in the same order: the stem, then block by block the expand, depthwise,
+    squeeze-excite and project convolutions, each BatchNorm's weight, bias, running mean and
+    variance and batch count after its conv. So the match is by position, and every position is
+    checked: the same shape, and the file's extra tensors only at its end (the classifier head:
+    timm's conv_head / bn2 / classifier, torchvision's fc), which are left out.
+    Two differences stay: BatchNorm's eps is 1e-3 here (YOLOX's and TensorFlow's) where timm's
+    PyTorch-trained models and torchvision use 1e-5, which moves a channel with a small running
+    variance by a few percent until fine-tuning adapts it; and tf_* weights were trained with
+    TensorFlow's asymmetric "same" padding, where ours pads both sides alike.
+    Returns the number of tensors copied; raises ValueError naming the first one that does not fit.
+    """
+    own = backbone.state_dict()
+    theirs = list(state.items())
+    if len(theirs) < len(own):
+        raise ValueError(f"it has {len(theirs)} tensors, fewer than the backbone's {len(own)}: it is another "
+                         f"architecture (or only part of one)")
+    copied = {}
+    for position, ((name, mine), (their_name, tensor)) in enumerate(zip(own.items(), theirs)):
+        if not isinstance(tensor, torch.Tensor) or tuple(tensor.shape) != tuple(mine.shape):
+            shape = tuple(tensor.shape) if isinstance(tensor, torch.Tensor) else type(tensor).__name__
+            raise ValueError(f"tensor {position} does not fit: ours is {name} {tuple(mine.shape)}, the file's is "
+                             f"{their_name} {shape}: it is another architecture")
+        copied[name] = tensor.to(mine.dtype)
+    backbone.load_state_dict(copied)
+    return len(copied)
+
+
 # ---------------------------------------------------------------------------------------
 # Necks
 # ---------------------------------------------------------------------------------------

@@ -164,7 +164,8 @@ def parse_args(argv=None):
     a("--eval_batch_size", type=int, default=16, help="batch size of the per-epoch evaluation")
     a("--resume", default=None, help="a last.pt (or its run folder) to continue from, exactly where it stopped")
     a("--pretrained", default=None, help="a checkpoint (or a run folder: its best.pt, else last.pt) whose matching weights "
-      "initialise the model")
+      "initialise the model, or an ImageNet classifier's weights for the backbone alone (timm's efficientnet_b0..b7 / "
+      "tf_efficientnetv2_b0, torchvision's resnet50: a .pth / .bin you downloaded)")
     a("--out", default=None, help="run folder: checkpoints, history.csv, history.png, config.json "
       "(default runs/train; with --resume, the checkpoint's folder)")
     return p.parse_args(argv)
@@ -1073,9 +1074,26 @@ def load_resume(cfg, model, ema, optimizer, scaler, train_set, world, log):
 
 def load_pretrained(model, path, log):
     """Copy every tensor whose name and shape match (EMA weights when present): a detector
-    trained on other classes still gives its backbone and neck, and the head starts fresh."""
+    trained on other classes still gives its backbone and neck, and the head starts fresh.
+    A file that is not a plaindet checkpoint (no backbone.* names) is taken as an ImageNet
+    classifier from timm or torchvision and goes into the backbone alone
+    (models.load_backbone_weights): the usual start for a detector, and what the EfficientDet
+    recipe's 32 frozen epochs are for."""
+    if path.endswith(".safetensors"):
+        fail(f"--pretrained {path}: torch cannot read safetensors files; convert it once with `python -c \"import "
+             f"torch, safetensors.torch as s; torch.save(s.load_file('{path}'), '{path[:-12]}.pth')\"` (pip install "
+             f"safetensors) and give the .pth, or download the pytorch_model.bin instead")
     ckpt = load_checkpoint_file(path)
-    state = ckpt.get("ema") or ckpt.get("model") or ckpt
+    state = ckpt.get("ema") or ckpt.get("model") or ckpt.get("state_dict") or ckpt
+    if not any(k.startswith("backbone.") for k in state):
+        try:
+            n = models.load_backbone_weights(model.backbone, state)
+        except ValueError as e:
+            fail(f"--pretrained {path} is neither a plaindet checkpoint nor an ImageNet classifier that fits "
+                 f"--backbone {model.config['backbone']}: {e}")
+        log(f"--pretrained: {n} backbone tensors from {path}, an ImageNet classifier ({len(state) - n} of its "
+            f"tensors, its classifier head, left out); the neck and head start fresh")
+        return
     own = model.state_dict()
     matched = {k: v for k, v in state.items() if k in own and own[k].shape == v.shape}
     # Most of the backbone must come from the checkpoint: another architecture can share a layer

@@ -3,7 +3,9 @@
 Big networks are built on the "meta" device (shapes only, no memory, no arithmetic), so the
 parameter table and the shape checks of every preset and backbone cost seconds.
 """
+import json
 import math
+import os
 
 import pytest
 import torch
@@ -357,3 +359,76 @@ def test_focus_stem_channel_order_is_yolox():
     assert stem_in[0, 4, 0, 0].item() == 110
     # Output (1, 2) reads rows 2..3, cols 4..5: channel 6 is (row 2, col 5) of colour 0 = 25.
     assert stem_in[0, 6, 1, 2].item() == 25
+
+
+# ---------------------------------------------------------------- ImageNet backbone weights
+IMAGENET_KEYS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "fixtures", "imagenet_state_dict_keys.json")
+# Our backbone <- the classifier whose names and shapes the fixture holds.
+IMAGENET_SOURCES = {"efficientnet_b0": "timm:efficientnet_b0", "efficientnet_b3": "timm:tf_efficientnet_b3",
+                    "efficientnetv2_b0": "timm:tf_efficientnetv2_b0", "resnet50": "torchvision:resnet50"}
+
+
+def numbered_state(keys):
+    """A state dict with the fixture's names and shapes, tensor i filled with the number i."""
+    return {name: torch.full(shape, float(i)) for i, (name, shape) in enumerate(keys)}
+
+
+@pytest.mark.parametrize("ours", sorted(IMAGENET_SOURCES))
+def test_imagenet_classifier_weights_line_up_with_our_backbones(ours):
+    # Tensor i of the file lands in our tensor i, for every one of ours; what is left of the file
+    # is its classifier head only.
+    with open(IMAGENET_KEYS) as f:
+        keys = json.load(f)[IMAGENET_SOURCES[ours]]
+    backbone = models.build_backbone(ours)
+    n = models.load_backbone_weights(backbone, numbered_state(keys))
+    own = backbone.state_dict()
+    assert n == len(own)
+    for i, (name, tensor) in enumerate(own.items()):
+        assert torch.all(tensor == i), (name, keys[i][0])
+    head = {name.split(".")[0] for name, _ in keys[n:]}
+    assert head in ({"conv_head", "bn2", "classifier"}, {"fc"})
+
+
+def test_imagenet_weights_that_do_not_fit_are_named():
+    with open(IMAGENET_KEYS) as f:
+        keys = json.load(f)["timm:efficientnet_b0"]
+    with pytest.raises(ValueError, match=r"tensor 0 does not fit: ours is stem.0.conv.weight \(64, 3, 7, 7\), the file's "
+                                         r"is conv_stem.weight \(32, 3, 3, 3\)"):
+        models.load_backbone_weights(models.build_backbone("resnet50"), numbered_state(keys))
+    with pytest.raises(ValueError, match=r"it has 10 tensors, fewer than the backbone's 352"):
+        models.load_backbone_weights(models.build_backbone("efficientnet_b0"), numbered_state(keys[:10]))
+
+
+def test_imagenet_classifier_features_come_out_equal():
+    # With the weights of timm's efficientnet_b0 / torchvision's resnet50 (random here, with
+    # BatchNorm statistics drawn away from 0 / 1), our backbone's three levels equal theirs once
+    # their BatchNorm eps is ours (1e-3; see load_backbone_weights).
+    timm = pytest.importorskip("timm", reason="needs timm (pip install -r requirements-bench.txt)")
+    torchvision = pytest.importorskip("torchvision", reason="needs torchvision (pip install -r requirements-bench.txt)")
+    from torchvision.models.feature_extraction import create_feature_extractor
+    torch.manual_seed(0)
+    x = torch.rand(2, 3, 96, 128)
+    for ours, classifier, features in (
+            ("efficientnet_b0", timm.create_model("efficientnet_b0", pretrained=False), None),
+            ("resnet50", torchvision.models.resnet50(), ("layer2", "layer3", "layer4"))):
+        for m in classifier.modules():
+            if isinstance(m, torch.nn.BatchNorm2d):
+                m.eps = 1e-3
+                m.running_mean.uniform_(-0.5, 0.5), m.running_var.uniform_(0.5, 2.0)
+                m.weight.data.uniform_(0.5, 1.5), m.bias.data.uniform_(-0.2, 0.2)
+        classifier.eval()
+        backbone = models.build_backbone(ours).eval()
+        models.load_backbone_weights(backbone, classifier.state_dict())
+        with torch.no_grad():
+            if features is None:  # timm's own feature taps: strides 8, 16, 32
+                tapped = timm.create_model("efficientnet_b0", pretrained=False, features_only=True, out_indices=(2, 3, 4))
+                tapped.load_state_dict({k: v for k, v in classifier.state_dict().items() if k in tapped.state_dict()})
+                for m in tapped.modules():
+                    if isinstance(m, torch.nn.BatchNorm2d):
+                        m.eps = 1e-3
+                want = tapped.eval()(x)
+            else:
+                want = list(create_feature_extractor(classifier, {f: f for f in features})(x).values())
+            got = backbone(x)
+        for a, b in zip(got, want):
+            torch.testing.assert_close(a, b, atol=1e-4, rtol=1e-4)

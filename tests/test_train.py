@@ -1130,3 +1130,33 @@ def test_mixup_at_batch_2_is_off_with_a_note(tiny_shapes, tmp_path, capsys):
     # Two images could only mix with each other, into two copies of one picture.
     run_train(tiny_shapes, tmp_path, "-e", "1", "-b", "2", "--det_header", "yolox_nano", "-i", "64", "--mixup_prob", "1")
     assert "note: -b 2: MixUp needs 3 or more images per process" in capsys.readouterr().out
+
+
+def test_pretrained_imagenet_classifier_goes_into_the_backbone(tiny_shapes, tmp_path, capsys):
+    # A file with timm's efficientnet_b0 names, holding a freshly initialised EfficientNet-B0 (seed
+    # 0; the run's own model starts from seed 3) and a head: the backbone takes its tensors in
+    # order, the head is left out, and a frozen epoch keeps them as they were.
+    keys = json.load(open(os.path.join(os.path.dirname(__file__), "fixtures", "imagenet_state_dict_keys.json")))
+    torch.manual_seed(0)
+    values = list(models.build_backbone("efficientnet_b0").state_dict().values())
+    values += [torch.randn(shape) * 0.01 for _, shape in keys["timm:efficientnet_b0"][len(values):]]
+    state = {name: v for (name, _), v in zip(keys["timm:efficientnet_b0"], values)}
+    torch.save(state, tmp_path / "efficientnet_b0.pth")
+    run_train(tiny_shapes, tmp_path / "run", "--det_header", "yolox_nano", "--backbone", "efficientnet_b0", "-i", "64",
+              "-e", "1", "--pretrained", str(tmp_path / "efficientnet_b0.pth"), "--freeze_backbone_epochs", "1")
+    out = capsys.readouterr().out
+    assert "--pretrained: 352 backbone tensors from" in out and "(8 of its tensors, its classifier head, left out)" in out
+    backbone = torch.load(tmp_path / "run" / "last.pt", weights_only=False)["model"]
+    assert torch.equal(backbone["backbone.stem.conv.weight"], state["conv_stem.weight"])
+    assert torch.equal(backbone["backbone.stages.6.0.block.3.bn.running_var"], state["blocks.6.0.bn3.running_var"])
+    # Another architecture's file, and a safetensors file: one clear error each, before training.
+    torch.save({name: torch.rand(shape) for name, shape in keys["torchvision:resnet50"]}, tmp_path / "resnet50.pth")
+    (tmp_path / "m.safetensors").write_bytes(b"x")
+    for path, message in ((tmp_path / "resnet50.pth", "is neither a plaindet checkpoint nor an ImageNet classifier "
+                           "that fits --backbone efficientnet_b0: it has 320 tensors, fewer than the backbone's 352"),
+                          (tmp_path / "m.safetensors", "torch cannot read safetensors files")):
+        with pytest.raises(SystemExit) as exc:
+            run_train(tiny_shapes, tmp_path / "bad", "--det_header", "yolox_nano", "--backbone", "efficientnet_b0",
+                      "-i", "64", "-e", "1", "--pretrained", str(path))
+        err = capsys.readouterr().err
+        assert exc.value.code == 2 and message in err, err
