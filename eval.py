@@ -32,8 +32,8 @@ a box overlapping a better one instead of deleting it, so the second person in a
 survives, further down the ranking. Per-class NMS stops a box of one class from suppressing
 another class's. COCO's rule is 100 detections per image, so the NMS keeps the best 100 of
 each image (pycocotools alone would not hold a file to it: its maxDets cuts at 100 per image
-AND class, so a file with more per image can score higher than the rule allows). "The seed" in comments is keras_cv_attention_models (kecam), whose COCO
-README this project reimplements.
+AND class, so a file with more per image can score higher than the rule allows). "The seed"
+in comments is keras_cv_attention_models (kecam), whose COCO README this project reimplements.
 
     python eval.py --nms gaussian         # runs/train/best.pt, on the val split of its training data
     python eval.py -m runs/yolox_s/last.pt -d /data/coco --nms gaussian --nms_mode per_class
@@ -1153,22 +1153,25 @@ def _evaluate_main(argv):
         model, info = load_model(model_path, det_header=args.det_header, input_shape=input_shape, device=args.device,
                                  num_classes=len(dataset.cat_ids))
     _check_stride(model, input_shape)
-    # Names that are only the ids written out (a json without category names) say nothing.
-    trained_names = info["class_names"] if info["class_names"] is not None and list(info["class_names"]) != [
-        str(i) for i in (info["cat_ids"] or [])] else None
-    named_here = dataset.class_names != [str(i) for i in dataset.cat_ids]
-    same_names = trained_names is not None and list(trained_names) == dataset.class_names
-    other_names = trained_names is not None and named_here and not same_names
-    if info["cat_ids"] is not None and (list(info["cat_ids"]) != dataset.cat_ids and not same_names or other_names):
-        # Labels are positions in the category list: another list (or order) would score every
-        # detection as some other class, and the AP would be silently wrong. The same names in the
-        # same order are the same classes under other ids (a YOLO export numbers from 0, COCO's
-        # from 1): label k is then written with this data's id k (detections_to_coco). The same
-        # ids with other names (two YOLO sets number 0..C-1 whatever their classes) are refused.
-        trained = dict(zip(info["cat_ids"], info["class_names"] or info["cat_ids"]))
-        here = dict(zip(dataset.cat_ids, dataset.class_names))
-        raise EvalInputError(f"-m {model_path} was trained on {_few(trained)} and {data_path} has "
-                             f"{_few(here)}: evaluate on data with the same categories")
+    # Labels are positions in the category list: another list (or order) would score every
+    # detection as some other class, and the AP would be silently wrong. Where both sides name
+    # their classes, the names decide: the same names in the same order are the same classes
+    # under other ids (a YOLO export numbers from 0, COCO's from 1; label k is then written with
+    # this data's id k, detections_to_coco), and other names under the same ids are other
+    # classes (two YOLO sets both number 0..C-1). Names that are only the ids written out (a json
+    # without category names) say nothing, and the ids decide.
+    def named(names, ids):
+        return names is not None and list(names) != [str(i) for i in ids]
+    if info["cat_ids"] is not None:  # None: a preset (random weights, built for this data) or a bare checkpoint
+        if named(info["class_names"], info["cat_ids"]) and named(dataset.class_names, dataset.cat_ids):
+            same = list(info["class_names"]) == dataset.class_names
+        else:
+            same = list(info["cat_ids"]) == dataset.cat_ids
+        if not same:
+            trained = dict(zip(info["cat_ids"], info["class_names"] or info["cat_ids"]))
+            here = dict(zip(dataset.cat_ids, dataset.class_names))
+            raise EvalInputError(f"-m {model_path} was trained on {_few(trained)} and {data_path} has "
+                                 f"{_few(here)}: evaluate on data with the same categories")
     run_coco_evaluation(model, dataset, nms_score_threshold=args.nms_score_threshold, nms=args.nms,
                         nms_mode=args.nms_mode, nms_topk=args.nms_topk, batch_size=args.batch_size,
                         nms_iou_or_sigma=args.nms_iou_or_sigma, nms_max_output_size=args.nms_max_output_size,
