@@ -33,6 +33,7 @@ Megvii YOLOX); `python models.py` prints their parameter counts, which equal the
 ones. Facts were learned from those projects; the code is written from scratch.
 """
 import math
+import re
 import sys
 from dataclasses import dataclass
 
@@ -429,6 +430,66 @@ def load_backbone_weights(backbone, state):
         copied[name] = tensor.to(mine.dtype)
     backbone.load_state_dict(copied)
     return len(copied)
+
+
+def effdet_state_dict(state, model):
+    """An effdet EfficientDet checkpoint (rwightman's effdet package: backbone.*, fpn.*,
+    class_net.*, box_net.*) -> a state dict under this model's names, for load_state_dict or
+    train.py's --pretrained. model: an EfficientDet preset built with anchors (the default).
+
+    Checked against effdet's efficientdet_d0 (tests/test_models.py): with the converted weights
+    both give the same class and box outputs at every level, to 1e-6, and the same anchors.
+      - backbone and BiFPN: the same tensors in the same order, matched by position (as in
+        load_backbone_weights). effdet's PyTorch models have no bias in a conv that a BatchNorm
+        follows (redundant_bias=False); ours keeps TensorFlow's, which get 0: the same outputs.
+      - head: by name. effdet keeps one BatchNorm per (repeat, level), ours per (level, repeat).
+      - box predictor: effdet (automl) writes each anchor's 4 numbers as (ty, tx, th, tw); ours
+        are (tx, ty, tw, th), so its output rows are swapped in pairs. Anchors are the same.
+      - the class predictor keeps effdet's classes (90 COCO slots: label k is category id k + 1).
+    Not the same: the backbone's BatchNorm eps (timm's 1e-5, ours 1e-3), and effdet's tf_*
+    models, trained with TensorFlow's asymmetric padding (they load, but not exactly).
+    Raises ValueError naming the first tensor that does not fit."""
+    own = model.state_dict()
+    out, theirs = {}, [(k, v) for k, v in state.items() if not k.startswith(("class_net.", "box_net."))]
+    j = 0
+    for name, mine in own.items():
+        if name.startswith("head."):
+            continue
+        their_name, tensor = theirs[j] if j < len(theirs) else ("(none left)", None)
+        if name.endswith(("pointwise.bias", "conv.bias")) and not their_name.endswith(("conv_pw.bias", "conv.bias")):
+            out[name] = torch.zeros_like(mine)  # a redundant bias effdet leaves out
+            continue
+        if tensor is None or tuple(tensor.shape) != tuple(mine.shape):
+            shape = None if tensor is None else tuple(tensor.shape)
+            raise ValueError(f"ours is {name} {tuple(mine.shape)}, the file's is {their_name} {shape}: it is "
+                             f"another EfficientDet size, or not an effdet checkpoint")
+        out[name] = tensor
+        j += 1
+    for their_name, tensor in state.items():
+        m = re.fullmatch(r"(class|box)_net\.(?:conv_rep\.(\d+)|bn_rep\.(\d+)\.(\d+)\.bn|(predict))\.(.+)", their_name)
+        if not their_name.startswith(("class_net.", "box_net.")):
+            continue
+        if m is None:
+            raise ValueError(f"the file's {their_name} is no part of an EfficientDet head this converter knows")
+        side = "cls" if m.group(1) == "class" else "box"
+        rest = m.group(6).replace("conv_dw", "depthwise").replace("conv_pw", "pointwise")
+        if m.group(2) is not None:
+            name = f"head.{side}_convs.{m.group(2)}.{rest}"
+        elif m.group(3) is not None:
+            name = f"head.{side}_bns.{m.group(4)}.{m.group(3)}.{rest}"  # (repeat, level) -> (level, repeat)
+        else:
+            name = f"head.{side}_pred.{rest}"
+        if name == "head.box_pred.pointwise.weight" or name == "head.box_pred.pointwise.bias":
+            swap = torch.arange(tensor.shape[0]).view(-1, 4)[:, [1, 0, 3, 2]].flatten()  # (ty, tx, th, tw) -> ours
+            tensor = tensor[swap]
+        out[name] = tensor
+    if j < len(theirs):
+        raise ValueError(f"the file has {len(theirs) - j} more backbone / BiFPN tensors than ours (from "
+                         f"{theirs[j][0]} on): it is a larger EfficientDet")
+    for name, mine in own.items():
+        if name not in out and name.startswith(("head.cls_convs.", "head.box_convs.")) and name.endswith(".bias"):
+            out[name] = torch.zeros_like(mine)  # the head's redundant biases
+    return out
 
 
 # ---------------------------------------------------------------------------------------

@@ -164,8 +164,8 @@ def parse_args(argv=None):
     a("--eval_batch_size", type=int, default=16, help="batch size of the per-epoch evaluation")
     a("--resume", default=None, help="a last.pt (or its run folder) to continue from, exactly where it stopped")
     a("--pretrained", default=None, help="a checkpoint (or a run folder: its best.pt, else last.pt) whose matching weights "
-      "initialise the model, or an ImageNet classifier's weights for the backbone alone (timm's efficientnet_b0..b7 / "
-      "tf_efficientnetv2_b0, torchvision's resnet50: a .pth / .bin you downloaded)")
+      "initialise the model, an effdet EfficientDet checkpoint, or an ImageNet classifier's weights for the backbone "
+      "alone (timm's efficientnet_b0..b7 / tf_efficientnetv2_b0, torchvision's resnet50): a .pth / .bin you downloaded")
     a("--out", default=None, help="run folder: checkpoints, history.csv, history.png, config.json "
       "(default runs/train; with --resume, the checkpoint's folder)")
     return p.parse_args(argv)
@@ -1075,16 +1075,25 @@ def load_resume(cfg, model, ema, optimizer, scaler, train_set, world, log):
 def load_pretrained(model, path, log):
     """Copy every tensor whose name and shape match (EMA weights when present): a detector
     trained on other classes still gives its backbone and neck, and the head starts fresh.
-    A file that is not a plaindet checkpoint (no backbone.* names) is taken as an ImageNet
-    classifier from timm or torchvision and goes into the backbone alone
-    (models.load_backbone_weights): the usual start for a detector, and what the EfficientDet
-    recipe's 32 frozen epochs are for."""
+    An effdet EfficientDet checkpoint is renamed to ours first (models.effdet_state_dict). A file
+    with no backbone.* names is taken as an ImageNet classifier from timm or torchvision and goes
+    into the backbone alone (models.load_backbone_weights): the usual start for a detector, and
+    what the EfficientDet recipe's 32 frozen epochs are for."""
     if path.endswith(".safetensors"):
         fail(f"--pretrained {path}: torch cannot read safetensors files; convert it once with `python -c \"import "
              f"torch, safetensors.torch as s; torch.save(s.load_file('{path}'), '{path[:-12]}.pth')\"` (pip install "
              f"safetensors) and give the .pth, or download the pytorch_model.bin instead")
     ckpt = load_checkpoint_file(path)
     state = ckpt.get("ema") or ckpt.get("model") or ckpt.get("state_dict") or ckpt
+    if any(k.startswith("class_net.") for k in state):  # an effdet EfficientDet: renamed, then as ours
+        if model.config["det_header"] not in models.EFFICIENTDET_PRESETS or model.anchors_mode != "efficientdet":
+            fail(f"--pretrained {path} is an effdet EfficientDet: it fits an efficientdet_* --det_header with its "
+                 f"anchors (now {model.config['det_header']}, {model.anchors_mode})")
+        try:
+            state = models.effdet_state_dict(state, model)
+        except ValueError as e:
+            fail(f"--pretrained {path}: {e}")
+        log(f"--pretrained: {path} is an effdet EfficientDet, renamed to ours (models.effdet_state_dict)")
     if not any(k.startswith("backbone.") for k in state):
         try:
             n = models.load_backbone_weights(model.backbone, state)

@@ -362,7 +362,7 @@ def test_focus_stem_channel_order_is_yolox():
 
 
 # ---------------------------------------------------------------- ImageNet backbone weights
-IMAGENET_KEYS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "fixtures", "imagenet_state_dict_keys.json")
+PUBLISHED_KEYS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "fixtures", "published_state_dict_keys.json")
 # Our backbone <- the classifier whose names and shapes the fixture holds.
 IMAGENET_SOURCES = {"efficientnet_b0": "timm:efficientnet_b0", "efficientnet_b3": "timm:tf_efficientnet_b3",
                     "efficientnetv2_b0": "timm:tf_efficientnetv2_b0", "resnet50": "torchvision:resnet50"}
@@ -377,7 +377,7 @@ def numbered_state(keys):
 def test_imagenet_classifier_weights_line_up_with_our_backbones(ours):
     # Tensor i of the file lands in our tensor i, for every one of ours; what is left of the file
     # is its classifier head only.
-    with open(IMAGENET_KEYS) as f:
+    with open(PUBLISHED_KEYS) as f:
         keys = json.load(f)[IMAGENET_SOURCES[ours]]
     backbone = models.build_backbone(ours)
     n = models.load_backbone_weights(backbone, numbered_state(keys))
@@ -390,7 +390,7 @@ def test_imagenet_classifier_weights_line_up_with_our_backbones(ours):
 
 
 def test_imagenet_weights_that_do_not_fit_are_named():
-    with open(IMAGENET_KEYS) as f:
+    with open(PUBLISHED_KEYS) as f:
         keys = json.load(f)["timm:efficientnet_b0"]
     with pytest.raises(ValueError, match=r"tensor 0 does not fit: ours is stem.0.conv.weight \(64, 3, 7, 7\), the file's "
                                          r"is conv_stem.weight \(32, 3, 3, 3\)"):
@@ -432,3 +432,60 @@ def test_imagenet_classifier_features_come_out_equal():
             got = backbone(x)
         for a, b in zip(got, want):
             torch.testing.assert_close(a, b, atol=1e-4, rtol=1e-4)
+
+
+# ---------------------------------------------------------------- effdet EfficientDet weights
+def test_effdet_checkpoint_converts_onto_every_tensor_by_hand():
+    # effdet's efficientdet_d0 names and shapes, tensor i filled with i: every one of our tensors
+    # gets a value (strict load), the BiFPN by position, the head by name.
+    with open(PUBLISHED_KEYS) as f:
+        keys = json.load(f)["effdet:efficientdet_d0"]
+    state = numbered_state(keys)
+    position = {name: i for i, (name, _) in enumerate(keys)}
+    model = models.build_model("efficientdet_d0", num_classes=90)
+    converted = models.effdet_state_dict(state, model)
+    model.load_state_dict(converted, strict=True)
+    assert torch.all(converted["backbone.stem.conv.weight"] == position["backbone.conv_stem.weight"])
+    assert torch.all(converted["neck.extra.conv.weight"] == position["fpn.resample.3.conv.conv.weight"])
+    assert torch.all(converted["neck.extra.conv.bias"] == 0)  # effdet's conv before a BatchNorm has no bias
+    # effdet's BatchNorm of repeat 1 at level 3 is our level 3, repeat 1.
+    assert torch.all(converted["head.cls_bns.3.1.running_var"] == position["class_net.bn_rep.1.3.bn.running_var"])
+    assert torch.all(converted["head.cls_convs.2.pointwise.bias"] == 0)
+    # The box predictor's rows: effdet's anchor a writes (ty, tx, th, tw) in rows 4a .. 4a+3.
+    bias = torch.arange(36.0)
+    rows = models.effdet_state_dict(dict(state, **{"box_net.predict.conv_pw.bias": bias}), model)
+    assert rows["head.box_pred.pointwise.bias"][:8].tolist() == [1, 0, 3, 2, 5, 4, 7, 6]
+    # D1's backbone has a second block in its first stage (B1 is deeper): the first misfit is named.
+    with pytest.raises(ValueError, match=r"ours is backbone.stages.0.1.block.0.conv.weight \(16, 1, 3, 3\), the "
+                                         r"file's is backbone.blocks.1.0.conv_pw.weight \(96, 16, 1, 1\): it is another "
+                                         r"EfficientDet size"):
+        models.effdet_state_dict(state, models.build_model("efficientdet_d1", num_classes=90))
+
+
+def test_effdet_efficientdet_d0_outputs_come_out_equal():
+    # effdet's own efficientdet_d0 (random weights, BatchNorm statistics drawn away from 0 / 1, its
+    # backbone's eps set to ours): every level's class and box outputs, and the anchors, agree.
+    effdet = pytest.importorskip("effdet", reason="needs effdet (pip install -r requirements-bench.txt)")
+    from effdet.anchors import Anchors
+    from effdet.config import get_efficientdet_config
+    torch.manual_seed(0)
+    theirs = effdet.create_model("efficientdet_d0", pretrained=False, pretrained_backbone=False, num_classes=90)
+    for m in theirs.modules():
+        if isinstance(m, torch.nn.BatchNorm2d):
+            m.eps = 1e-3
+            m.running_mean.uniform_(-0.3, 0.3), m.running_var.uniform_(0.5, 1.5)
+            m.weight.data.uniform_(0.5, 1.5), m.bias.data.uniform_(-0.2, 0.2)
+    ours = models.build_model("efficientdet_d0", num_classes=90)
+    ours.load_state_dict(models.effdet_state_dict(theirs.state_dict(), ours), strict=True)
+    x = torch.rand(1, 3, 512, 512)  # effdet's model is built for its 512
+    mean, std = torch.tensor(models.IMAGENET_MEAN).view(1, 3, 1, 1), torch.tensor(models.IMAGENET_STD).view(1, 3, 1, 1)
+    with torch.no_grad():
+        cls_out, box_out = theirs.eval()((x - mean) / std)  # effdet takes normalised images
+        outs = ours.eval()(x)
+    for o, c, b in zip(outs, cls_out, box_out):
+        n, a, _, h, w = o.shape
+        torch.testing.assert_close(o[:, :, 4:], c.view(n, a, 90, h, w), atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(o[:, :, :4], b.view(n, a, 4, h, w)[:, :, [1, 0, 3, 2]], atol=1e-5, rtol=1e-5)
+    anchors = Anchors.from_config(get_efficientdet_config("efficientdet_d0")).boxes  # y1 x1 y2 x2
+    torch.testing.assert_close(ours.priors((512, 512), device="cpu").boxes, anchors[:, [1, 0, 3, 2]].float(),
+                               atol=1e-3, rtol=0)

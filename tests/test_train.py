@@ -1136,7 +1136,7 @@ def test_pretrained_imagenet_classifier_goes_into_the_backbone(tiny_shapes, tmp_
     # A file with timm's efficientnet_b0 names, holding a freshly initialised EfficientNet-B0 (seed
     # 0; the run's own model starts from seed 3) and a head: the backbone takes its tensors in
     # order, the head is left out, and a frozen epoch keeps them as they were.
-    keys = json.load(open(os.path.join(os.path.dirname(__file__), "fixtures", "imagenet_state_dict_keys.json")))
+    keys = json.load(open(os.path.join(os.path.dirname(__file__), "fixtures", "published_state_dict_keys.json")))
     torch.manual_seed(0)
     values = list(models.build_backbone("efficientnet_b0").state_dict().values())
     values += [torch.randn(shape) * 0.01 for _, shape in keys["timm:efficientnet_b0"][len(values):]]
@@ -1160,3 +1160,31 @@ def test_pretrained_imagenet_classifier_goes_into_the_backbone(tiny_shapes, tmp_
                       "-i", "64", "-e", "1", "--pretrained", str(path))
         err = capsys.readouterr().err
         assert exc.value.code == 2 and message in err, err
+
+
+def test_pretrained_effdet_checkpoint_is_renamed_and_loaded(tiny_shapes, tmp_path, capsys):
+    # A file with effdet's efficientdet_d0 names (small random weights, BatchNorm at identity):
+    # everything but the class predictor (90 COCO slots; the shapes set has 6 classes) loads.
+    keys = json.load(open(os.path.join(os.path.dirname(__file__), "fixtures", "published_state_dict_keys.json")))
+    torch.manual_seed(0)
+
+    def value(name, shape):
+        if name.endswith(("running_var", "bn.weight")):
+            return torch.ones(shape)
+        if name.endswith("num_batches_tracked"):
+            return torch.tensor(0)
+        return torch.randn(shape) * 0.05 if len(shape) > 1 else torch.zeros(shape)
+    state = {name: value(name, shape) for name, shape in keys["effdet:efficientdet_d0"]}
+    torch.save(state, tmp_path / "effdet_d0.pth")
+    run_train(tiny_shapes, tmp_path / "run", "--det_header", "efficientdet_d0", "-i", "128", "-e", "1",
+              "--pretrained", str(tmp_path / "effdet_d0.pth"))
+    out = capsys.readouterr().out
+    # 782 of 784: all but the class predictor's pointwise weight and bias (9 x 90 rows, not 9 x 6).
+    assert "is an effdet EfficientDet, renamed to ours" in out and "--pretrained: 782/784 tensors loaded" in out
+    weights = torch.load(tmp_path / "run" / "last.pt", weights_only=False)["model"]  # frozen backbone: as loaded
+    assert torch.equal(weights["backbone.stem.conv.weight"], state["backbone.conv_stem.weight"])
+    with pytest.raises(SystemExit) as exc:
+        run_train(tiny_shapes, tmp_path / "bad", "--det_header", "yolox_nano", "-i", "64", "-e", "1",
+                  "--pretrained", str(tmp_path / "effdet_d0.pth"))
+    assert exc.value.code == 2
+    assert "is an effdet EfficientDet: it fits an efficientdet_* --det_header" in capsys.readouterr().err
