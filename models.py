@@ -466,9 +466,10 @@ def effdet_state_dict(state, model):
         out[name] = tensor
         j += 1
     for their_name, tensor in state.items():
-        m = re.fullmatch(r"(class|box)_net\.(?:conv_rep\.(\d+)|bn_rep\.(\d+)\.(\d+)\.bn|(predict))\.(.+)", their_name)
         if not their_name.startswith(("class_net.", "box_net.")):
             continue
+        # class_net.conv_rep.R.*, class_net.bn_rep.R.L.bn.*, class_net.predict.* (and box_net.*)
+        m = re.fullmatch(r"(class|box)_net\.(?:conv_rep\.(\d+)|bn_rep\.(\d+)\.(\d+)\.bn|(predict))\.(.+)", their_name)
         if m is None:
             raise ValueError(f"the file's {their_name} is no part of an EfficientDet head this converter knows")
         side = "cls" if m.group(1) == "class" else "box"
@@ -479,7 +480,7 @@ def effdet_state_dict(state, model):
             name = f"head.{side}_bns.{m.group(4)}.{m.group(3)}.{rest}"  # (repeat, level) -> (level, repeat)
         else:
             name = f"head.{side}_pred.{rest}"
-        if name == "head.box_pred.pointwise.weight" or name == "head.box_pred.pointwise.bias":
+        if name in ("head.box_pred.pointwise.weight", "head.box_pred.pointwise.bias"):
             swap = torch.arange(tensor.shape[0]).view(-1, 4)[:, [1, 0, 3, 2]].flatten()  # (ty, tx, th, tw) -> ours
             tensor = tensor[swap]
         out[name] = tensor
