@@ -59,7 +59,8 @@ from pycocotools.cocoeval import COCOeval
 
 from data import (IMAGE_EXTENSIONS, PAD_VALUE, DataLoadError, batches, check_coco_json, decode_image,
                   default_workers, is_key, letterbox, make_loader, open_dataset, plain_warnings)
-from models import PRESETS, build_model, check_input_shape, decode_boxes, flatten_outputs, parse_input_shape
+from models import (EFFICIENTDET_PRESETS, PRESETS, build_model, check_input_shape, decode_boxes, effdet_state_dict,
+                    flatten_outputs, parse_input_shape)
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 KERNEL_PATH = os.path.join(HERE, "nms_kernels.cu")
@@ -779,6 +780,56 @@ def _check_preset_name(name):
         raise EvalInputError(f"-m {name}: neither a checkpoint file nor a preset ({', '.join(PRESETS)})")
 
 
+def read_effdet_checkpoint(path):
+    """The state dict of an effdet EfficientDet checkpoint file (a plain state dict, as effdet
+    publishes them, or a training checkpoint's EMA / plain one), or None for any other file."""
+    try:
+        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception:
+        return None  # load_model says what is wrong with it
+    if not isinstance(checkpoint, dict) or "config" in checkpoint:
+        return None
+    for state in (checkpoint.get("state_dict_ema"), checkpoint.get("state_dict"), checkpoint):
+        if isinstance(state, dict) and any(str(k).startswith("class_net.") for k in state):
+            return state
+    return None
+
+
+def effdet_model(state, path, cat_ids, det_header=None, input_shape=None, device="cpu"):
+    """An effdet EfficientDet (its COCO weights, say) as our model, for a dataset's categories:
+    the class predictor keeps the slots of the data's COCO category ids (models.effdet_state_dict),
+    so COCO's 80 categories read exactly as effdet scores them. The preset is the first
+    EfficientDet whose tensors fit (d6 and d7 share every tensor and differ in input size and
+    anchors: --det_header says which)."""
+    slots = state["class_net.predict.conv_pw.bias"].numel() // 9
+    if not all(isinstance(c, int) and 1 <= c <= slots for c in cat_ids):
+        raise EvalInputError(f"-m {path}: an effdet EfficientDet scores {slots} class slots, COCO's category ids "
+                             f"1..{slots}; this data's ids are {cat_ids[:5]}...: evaluate it on COCO-numbered data")
+    presets = [det_header] if det_header else list(EFFICIENTDET_PRESETS)
+    preset = converted = None
+    for name in presets:
+        with torch.device("meta"):  # shapes only: a fit costs no memory
+            candidate = build_model(name, num_classes=slots)
+        try:
+            converted = effdet_state_dict(state, candidate, cat_ids)
+        except ValueError as e:
+            if det_header:
+                raise EvalInputError(f"-m {path} does not fit --det_header {det_header}: {e}") from None
+            continue
+        preset = name
+        break
+    if preset is None:
+        raise EvalInputError(f"-m {path}: no EfficientDet preset fits its tensors (d0 ... d7x were tried)")
+    if preset == "efficientdet_d6" and not det_header:
+        raise EvalInputError(f"-m {path}: effdet's d6 and d7 share every tensor (d7 runs at 1536 with larger "
+                             f"anchors): give --det_header efficientdet_d6 or efficientdet_d7")
+    model = build_model(preset, num_classes=len(cat_ids), input_shape=None if input_shape is None else tuple(input_shape))
+    model.load_state_dict(converted)
+    print(f"-m {path}: an effdet checkpoint, read as {preset} (models.effdet_state_dict), its class slots for "
+          f"this data's {len(cat_ids)} category ids")
+    return model.to(device).eval()
+
+
 def load_model(path_or_preset, det_header=None, num_classes=None, input_shape=None, device="cpu"):
     """A Detector in eval mode from a train.py checkpoint or a preset name.
 
@@ -1129,7 +1180,14 @@ def _evaluate_main(argv):
 
     model_path = _checkpoint_or_default(args.model)
     input_shape = _input_shape(args.input_shape)
-    if os.path.isfile(model_path):  # a checkpoint: its model, then its data unless -d is given
+    effdet = read_effdet_checkpoint(model_path) if os.path.isfile(model_path) else None
+    if effdet is not None:  # effdet's weights: built for the data's COCO category ids
+        if args.data is None:
+            raise EvalInputError(f"-m {model_path} is an effdet checkpoint, which records no data: give -d (COCO)")
+        data_path, dataset = args.data, open_dataset(args.data, args.split)
+        model = effdet_model(effdet, model_path, dataset.cat_ids, args.det_header, input_shape, args.device)
+        info = {"class_names": None, "cat_ids": None, "data": None}  # its classes are the data's, by id
+    elif os.path.isfile(model_path):  # a checkpoint: its model, then its data unless -d is given
         model, info = load_model(model_path, det_header=args.det_header, input_shape=input_shape, device=args.device)
         data_path = args.data
         if data_path is None:  # the checkpoint's own training data, split --split

@@ -432,7 +432,7 @@ def load_backbone_weights(backbone, state):
     return len(copied)
 
 
-def effdet_state_dict(state, model):
+def effdet_state_dict(state, model, cat_ids=None):
     """An effdet EfficientDet checkpoint (rwightman's effdet package: backbone.*, fpn.*,
     class_net.*, box_net.*) -> a state dict under this model's names, for load_state_dict or
     train.py's --pretrained. model: an EfficientDet preset built with anchors (the default).
@@ -445,10 +445,14 @@ def effdet_state_dict(state, model):
       - head: by name. effdet keeps one BatchNorm per (repeat, level), ours per (level, repeat).
       - box predictor: effdet (automl) writes each anchor's 4 numbers as (ty, tx, th, tw); ours
         are (tx, ty, tw, th), so its output rows are swapped in pairs. Anchors are the same.
-      - the class predictor keeps effdet's classes (90 COCO slots: label k is category id k + 1).
+      - the class predictor has a slot per COCO category id 1..90 (label k is id k + 1, unused
+        ids included). cat_ids (a dataset's COCO category ids, all in 1..90) keeps the slots of
+        those ids, anchor by anchor, so the result fits a model of len(cat_ids) classes and
+        scores COCO's 80 categories exactly as effdet does; None keeps all 90.
     Not the same: the backbone's BatchNorm eps (timm's 1e-5, ours 1e-3), and effdet's tf_*
     models, trained with TensorFlow's asymmetric padding (they load, but not exactly).
-    Raises ValueError naming the first tensor that does not fit."""
+    Raises ValueError naming the first tensor that does not fit. The model may be on the "meta"
+    device (its shapes are all this reads); the result is on the CPU."""
     own = model.state_dict()
     out, theirs = {}, [(k, v) for k, v in state.items() if not k.startswith(("class_net.", "box_net."))]
     j = 0
@@ -457,7 +461,7 @@ def effdet_state_dict(state, model):
             continue
         their_name, tensor = theirs[j] if j < len(theirs) else ("(none left)", None)
         if name.endswith(("pointwise.bias", "conv.bias")) and not their_name.endswith(("conv_pw.bias", "conv.bias")):
-            out[name] = torch.zeros_like(mine)  # a redundant bias effdet leaves out
+            out[name] = torch.zeros(mine.shape, dtype=mine.dtype)  # a redundant bias effdet leaves out
             continue
         if tensor is None or tuple(tensor.shape) != tuple(mine.shape):
             shape = None if tensor is None else tuple(tensor.shape)
@@ -487,9 +491,17 @@ def effdet_state_dict(state, model):
     if j < len(theirs):
         raise ValueError(f"the file has {len(theirs) - j} more backbone / BiFPN tensors than ours (from "
                          f"{theirs[j][0]} on): it is a larger EfficientDet")
+    if cat_ids is not None:
+        slots = out["head.cls_pred.pointwise.bias"].numel() // model.num_anchors
+        if not all(isinstance(c, int) and 1 <= c <= slots for c in cat_ids):
+            raise ValueError(f"its class predictor has {slots} slots, COCO's category ids 1..{slots}; the data's "
+                             f"ids start {list(cat_ids)[:5]}")
+        rows = torch.tensor([a * slots + c - 1 for a in range(model.num_anchors) for c in cat_ids])  # anchor-major
+        for key in ("head.cls_pred.pointwise.weight", "head.cls_pred.pointwise.bias"):
+            out[key] = out[key][rows]
     for name, mine in own.items():
         if name not in out and name.startswith(("head.cls_convs.", "head.box_convs.")) and name.endswith(".bias"):
-            out[name] = torch.zeros_like(mine)  # the head's redundant biases
+            out[name] = torch.zeros(mine.shape, dtype=mine.dtype)  # the head's redundant biases
     return out
 
 

@@ -662,7 +662,7 @@ def run(argv=None):
     except ValueError as e:
         fail(str(e))
     if cfg["pretrained"]:
-        load_pretrained(model, cfg["pretrained"], log)
+        load_pretrained(model, cfg["pretrained"], log, train_set.cat_ids)
     model.to(device)
     if world > 1 and cfg["sync_bn"]:
         model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
@@ -1072,7 +1072,11 @@ def load_resume(cfg, model, ema, optimizer, scaler, train_set, world, log):
     return ckpt["epoch"], step, generator, sums, ckpt.get("best_ap", -1.0)
 
 
-def load_pretrained(model, path, log):
+# COCO's 80 category ids: 1..90 less the 10 its 2014 release left unused.
+COCO_CATEGORY_IDS = [i for i in range(1, 91) if i not in (12, 26, 29, 30, 45, 66, 68, 69, 71, 83)]
+
+
+def load_pretrained(model, path, log, cat_ids=None):
     """Copy every tensor whose name and shape match (EMA weights when present): a detector
     trained on other classes still gives its backbone and neck, and the head starts fresh.
     An effdet EfficientDet checkpoint is renamed to ours first (models.effdet_state_dict). A file
@@ -1089,11 +1093,15 @@ def load_pretrained(model, path, log):
         if model.config["det_header"] not in models.EFFICIENTDET_PRESETS or model.anchors_mode != "efficientdet":
             fail(f"--pretrained {path} is an effdet EfficientDet: it fits an efficientdet_* --det_header with its "
                  f"anchors (now {model.config['det_header']}, {model.anchors_mode})")
+        # On COCO (its 80 category ids) the class predictor keeps the slots of those ids; on other
+        # data, other classes, it starts fresh (by shape: it no longer fits).
+        coco_ids = cat_ids is not None and list(cat_ids) == COCO_CATEGORY_IDS
         try:
-            state = models.effdet_state_dict(state, model)
+            state = models.effdet_state_dict(state, model, cat_ids if coco_ids else None)
         except ValueError as e:
             fail(f"--pretrained {path}: {e}")
-        log(f"--pretrained: {path} is an effdet EfficientDet, renamed to ours (models.effdet_state_dict)")
+        log(f"--pretrained: {path} is an effdet EfficientDet, renamed to ours (models.effdet_state_dict)" +
+            (", its class slots kept for the data's COCO category ids" if coco_ids else ""))
     if not any(k.startswith("backbone.") for k in state):
         try:
             n = models.load_backbone_weights(model.backbone, state)

@@ -914,3 +914,46 @@ def test_centred_letterbox_pad_offset_by_hand():
     row = out["images"][0, 0, 30]
     assert torch.allclose(row[:17], torch.tensor(grey)) and torch.allclose(row[47:], torch.tensor(grey))
     assert torch.allclose(row[18:46], torch.tensor(200 / 255))
+
+
+def effdet_file(path):
+    """A file in effdet's efficientdet_d0 layout (names from the fixture, small random weights,
+    BatchNorm at identity), as effdet publishes its COCO weights: a plain state dict."""
+    with open(os.path.join(FIXTURES, "..", "published_state_dict_keys.json")) as f:
+        keys = json.load(f)["effdet:efficientdet_d0"]
+    torch.manual_seed(0)
+    state = {}
+    for name, shape in keys:
+        if name.endswith(("running_var", "bn.weight")):
+            state[name] = torch.ones(shape)
+        elif name.endswith("num_batches_tracked"):
+            state[name] = torch.tensor(0)
+        else:
+            state[name] = torch.randn(shape) * (0.1 if len(shape) > 1 else 0.5)
+    torch.save(state, path)
+    return state
+
+
+def test_an_effdet_checkpoint_is_evaluated_on_the_data_s_coco_ids(tmp_path, capsys):
+    state = effdet_file(tmp_path / "d0.pth")
+    # The class predictor keeps, per anchor, the slots of the data's ids: id 3 is slot 2, id 1 slot 0.
+    model = ev.effdet_model(state, "d0.pth", [3, 1], input_shape=(128, 128))
+    full = models.build_model("efficientdet_d0", num_classes=90, input_shape=(128, 128))
+    full.load_state_dict(models.effdet_state_dict(state, full))
+    x = torch.rand(1, 3, 128, 128)
+    with torch.no_grad():
+        ours, theirs = model.eval()(x), full.eval()(x)
+    for o, t in zip(ours, theirs):
+        torch.testing.assert_close(o[:, :, 4:], t[:, :, [4 + 2, 4 + 0]])
+        torch.testing.assert_close(o[:, :, :4], t[:, :, :4])
+    # The command line: -m the file, -d a COCO json with ids 1..20.
+    small = write_small_coco(str(tmp_path / "small"))
+    assert ev.main(["-m", str(tmp_path / "d0.pth"), "-d", small, "--device", "cpu", "-i", "128"]) == 0
+    assert "an effdet checkpoint, read as efficientdet_d0" in capsys.readouterr().out
+    # Ids beyond its 90 slots, and a file that fits no preset: one clear error each.
+    with pytest.raises(ev.EvalInputError, match=r"scores 90 class slots, COCO's category ids 1\.\.90"):
+        ev.effdet_model(state, "d0.pth", [1, 95])
+    with pytest.raises(ev.EvalInputError, match=r"does not fit --det_header efficientdet_d1: ours is"):
+        ev.effdet_model(state, "d0.pth", [1], det_header="efficientdet_d1")
+    assert ev.main(["-m", str(tmp_path / "d0.pth"), "--device", "cpu"]) == 2
+    assert "is an effdet checkpoint, which records no data: give -d" in capsys.readouterr().err

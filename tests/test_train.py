@@ -1173,7 +1173,9 @@ def test_pretrained_effdet_checkpoint_is_renamed_and_loaded(tiny_shapes, tmp_pat
             return torch.ones(shape)
         if name.endswith("num_batches_tracked"):
             return torch.tensor(0)
-        return torch.randn(shape) * 0.05 if len(shape) > 1 else torch.zeros(shape)
+        if name.endswith("running_mean"):
+            return torch.zeros(shape)
+        return torch.randn(shape) * 0.05  # conv weights, BatchNorm biases, the predictors' biases
     state = {name: value(name, shape) for name, shape in keys["effdet:efficientdet_d0"]}
     torch.save(state, tmp_path / "effdet_d0.pth")
     run_train(tiny_shapes, tmp_path / "run", "--det_header", "efficientdet_d0", "-i", "128", "-e", "1",
@@ -1183,6 +1185,13 @@ def test_pretrained_effdet_checkpoint_is_renamed_and_loaded(tiny_shapes, tmp_pat
     assert "is an effdet EfficientDet, renamed to ours" in out and "--pretrained: 782/784 tensors loaded" in out
     weights = torch.load(tmp_path / "run" / "last.pt", weights_only=False)["model"]  # frozen backbone: as loaded
     assert torch.equal(weights["backbone.stem.conv.weight"], state["backbone.conv_stem.weight"])
+    # On COCO's 80 category ids every tensor loads: the class predictor keeps, per anchor, the
+    # slots of those ids (id 90, the last, is slot 89 of anchor 8: row 8 * 90 + 89).
+    model, lines = models.build_model("efficientdet_d0", num_classes=80), []
+    train.load_pretrained(model, str(tmp_path / "effdet_d0.pth"), lines.append, train.COCO_CATEGORY_IDS)
+    assert "its class slots kept for the data's COCO category ids" in lines[0] and "784/784 tensors" in lines[1]
+    bias = state["class_net.predict.conv_pw.bias"]
+    assert model.head.cls_pred.pointwise.bias[-1] == bias[8 * 90 + 89] and model.head.cls_pred.pointwise.bias[11] == bias[12]
     with pytest.raises(SystemExit) as exc:
         run_train(tiny_shapes, tmp_path / "bad", "--det_header", "yolox_nano", "-i", "64", "-e", "1",
                   "--pretrained", str(tmp_path / "effdet_d0.pth"))
