@@ -59,8 +59,8 @@ from pycocotools.cocoeval import COCOeval
 
 from data import (IMAGE_EXTENSIONS, PAD_VALUE, DataLoadError, batches, check_coco_json, decode_image,
                   default_workers, is_key, letterbox, make_loader, open_dataset, plain_warnings)
-from models import (EFFICIENTDET_PRESETS, PRESETS, build_model, check_input_shape, decode_boxes, effdet_state_dict,
-                    flatten_outputs, parse_input_shape)
+from models import (EFFICIENTDET_PRESETS, PRESETS, build_model, check_input_shape, coco_numbered,
+                    decode_boxes, effdet_state_dict, flatten_outputs, parse_input_shape, unwrap_state_dict)
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 KERNEL_PATH = os.path.join(HERE, "nms_kernels.cu")
@@ -784,27 +784,32 @@ def read_effdet_checkpoint(path):
     """The state dict of an effdet EfficientDet checkpoint file (a plain state dict, as effdet
     publishes them, or a training checkpoint's EMA / plain one), or None for any other file."""
     try:
-        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+        with torch.serialization.safe_globals([argparse.Namespace]):  # a training checkpoint's flags
+            checkpoint = torch.load(path, map_location="cpu", weights_only=True)
     except Exception:
         return None  # load_model says what is wrong with it
     if not isinstance(checkpoint, dict) or "config" in checkpoint:
         return None
-    for state in (checkpoint.get("state_dict_ema"), checkpoint.get("state_dict"), checkpoint):
-        if isinstance(state, dict) and any(str(k).startswith("class_net.") for k in state):
-            return state
-    return None
+    state = unwrap_state_dict(checkpoint)
+    return state if any(str(k).startswith("class_net.") for k in state) else None
 
 
-def effdet_model(state, path, cat_ids, det_header=None, input_shape=None, device="cpu"):
+def effdet_model(state, path, cat_ids, class_names=None, det_header=None, input_shape=None, device="cpu"):
     """An effdet EfficientDet (its COCO weights, say) as our model, for a dataset's categories:
     the class predictor keeps the slots of the data's COCO category ids (models.effdet_state_dict),
-    so COCO's 80 categories read exactly as effdet scores them. The preset is the first
-    EfficientDet whose tensors fit (d6 and d7 share every tensor and differ in input size and
-    anchors: --det_header says which)."""
+    so COCO's 80 categories read exactly as effdet scores them. The data must be COCO-numbered:
+    each id a COCO id with COCO's name (or none), else VOC's "cat" (id 2) would be scored by
+    COCO's "bicycle" slot. The preset is the first EfficientDet whose tensors fit (d6 and d7
+    share every tensor and differ in input size and anchors: --det_header says which)."""
+    if "class_net.predict.conv_pw.bias" not in state:
+        raise EvalInputError(f"-m {path}: an effdet model without separable convs in its head (a resdet, say), "
+                             f"which this converter does not know")
     slots = state["class_net.predict.conv_pw.bias"].numel() // 9
-    if not all(isinstance(c, int) and 1 <= c <= slots for c in cat_ids):
-        raise EvalInputError(f"-m {path}: an effdet EfficientDet scores {slots} class slots, COCO's category ids "
-                             f"1..{slots}; this data's ids are {cat_ids[:5]}...: evaluate it on COCO-numbered data")
+    if slots != 90 or not coco_numbered(cat_ids, class_names or cat_ids):
+        odd = [(c, n) for c, n in zip(cat_ids, class_names or cat_ids) if not coco_numbered([c], [n])][:3]
+        raise EvalInputError(f"-m {path}: an effdet EfficientDet with {slots} class slots scores COCO's categories "
+                             f"by id (90 slots, id k + 1 in slot k); this data's categories are not COCO's (e.g. "
+                             f"{odd}): evaluate it on COCO-numbered data")
     presets = [det_header] if det_header else list(EFFICIENTDET_PRESETS)
     preset = converted = None
     for name in presets:
@@ -824,7 +829,10 @@ def effdet_model(state, path, cat_ids, det_header=None, input_shape=None, device
         raise EvalInputError(f"-m {path}: effdet's d6 and d7 share every tensor (d7 runs at 1536 with larger "
                              f"anchors): give --det_header efficientdet_d6 or efficientdet_d7")
     model = build_model(preset, num_classes=len(cat_ids), input_shape=None if input_shape is None else tuple(input_shape))
-    model.load_state_dict(converted)
+    try:
+        model.load_state_dict(converted)
+    except RuntimeError:
+        raise EvalInputError(f"-m {path}: its head does not fit {preset}'s (another effdet layout)") from None
     print(f"-m {path}: an effdet checkpoint, read as {preset} (models.effdet_state_dict), its class slots for "
           f"this data's {len(cat_ids)} category ids")
     return model.to(device).eval()
@@ -1185,7 +1193,8 @@ def _evaluate_main(argv):
         if args.data is None:
             raise EvalInputError(f"-m {model_path} is an effdet checkpoint, which records no data: give -d (COCO)")
         data_path, dataset = args.data, open_dataset(args.data, args.split)
-        model = effdet_model(effdet, model_path, dataset.cat_ids, args.det_header, input_shape, args.device)
+        model = effdet_model(effdet, model_path, dataset.cat_ids, dataset.class_names, args.det_header, input_shape,
+                             args.device)
         info = {"class_names": None, "cat_ids": None, "data": None}  # its classes are the data's, by id
     elif os.path.isfile(model_path):  # a checkpoint: its model, then its data unless -d is given
         model, info = load_model(model_path, det_header=args.det_header, input_shape=input_shape, device=args.device)

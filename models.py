@@ -396,6 +396,52 @@ def build_backbone(name, yolox_depth=0.33, yolox_width=0.50, depthwise=False):
                      "or timm:NAME when timm is installed")
 
 
+# COCO's 80 categories by id (1..90, ten ids unused since its 2014 release): the slots of an
+# effdet checkpoint's class predictor, whose label k is category id k + 1.
+COCO_CLASSES = {
+    1: "person", 2: "bicycle", 3: "car", 4: "motorcycle", 5: "airplane", 6: "bus", 7: "train",
+    8: "truck", 9: "boat", 10: "traffic light", 11: "fire hydrant", 13: "stop sign",
+    14: "parking meter", 15: "bench", 16: "bird", 17: "cat", 18: "dog", 19: "horse", 20: "sheep",
+    21: "cow", 22: "elephant", 23: "bear", 24: "zebra", 25: "giraffe", 27: "backpack", 28: "umbrella",
+    31: "handbag", 32: "tie", 33: "suitcase", 34: "frisbee", 35: "skis", 36: "snowboard",
+    37: "sports ball", 38: "kite", 39: "baseball bat", 40: "baseball glove", 41: "skateboard",
+    42: "surfboard", 43: "tennis racket", 44: "bottle", 46: "wine glass", 47: "cup", 48: "fork",
+    49: "knife", 50: "spoon", 51: "bowl", 52: "banana", 53: "apple", 54: "sandwich", 55: "orange",
+    56: "broccoli", 57: "carrot", 58: "hot dog", 59: "pizza", 60: "donut", 61: "cake", 62: "chair",
+    63: "couch", 64: "potted plant", 65: "bed", 67: "dining table", 70: "toilet", 72: "tv",
+    73: "laptop", 74: "mouse", 75: "remote", 76: "keyboard", 77: "cell phone", 78: "microwave",
+    79: "oven", 80: "toaster", 81: "sink", 82: "refrigerator", 84: "book", 85: "clock", 86: "vase",
+    87: "scissors", 88: "teddy bear", 89: "hair drier", 90: "toothbrush",
+}
+
+
+def unwrap_state_dict(state):
+    """The weights inside a published or training file: effdet's and timm's training checkpoints
+    keep them under "state_dict_ema" / "state_dict" (EMA first), DDP prefixes every name with
+    "module.", and effdet's train / predict wrapper with "model." (beside its anchors.* buffers,
+    which are made from the config, not learned)."""
+    for key in ("state_dict_ema", "state_dict"):
+        if isinstance(state.get(key), dict):
+            state = state[key]
+            break
+    for prefix in ("module.", "model."):
+        if state and all(str(k).startswith(prefix) or str(k).startswith("anchors.") for k in state):
+            state = {k[len(prefix):]: v for k, v in state.items() if str(k).startswith(prefix)}
+    return state
+
+
+def coco_numbered(cat_ids, class_names):
+    """True where a dataset's categories are COCO's: each id is a COCO id whose name is COCO's
+    (or no name at all, an id written out), so an effdet class slot can stand for it."""
+    return all(c in COCO_CLASSES and str(name) in (COCO_CLASSES[c], str(c)) for c, name in zip(cat_ids, class_names))
+
+
+def _paired(state_items):
+    """A state dict's (name, tensor) pairs less BatchNorm's batch counters, which older files
+    leave out and which carry no weight: the position match pairs the rest."""
+    return [(k, v) for k, v in state_items if not str(k).endswith("num_batches_tracked")]
+
+
 def load_backbone_weights(backbone, state):
     """Copy an ImageNet classifier's weights, a file you downloaded, into one of our backbones.
 
@@ -416,19 +462,25 @@ def load_backbone_weights(backbone, state):
     TensorFlow's asymmetric "same" padding, where ours pads both sides alike.
     Returns the number of tensors copied; raises ValueError naming the first one that does not fit.
     """
-    own = backbone.state_dict()
-    theirs = list(state.items())
+    own, theirs = _paired(backbone.state_dict().items()), _paired(state.items())
     if len(theirs) < len(own):
         raise ValueError(f"it has {len(theirs)} tensors, fewer than the backbone's {len(own)}: it is another "
                          f"architecture (or only part of one)")
     copied = {}
-    for position, ((name, mine), (their_name, tensor)) in enumerate(zip(own.items(), theirs)):
+    for position, ((name, mine), (their_name, tensor)) in enumerate(zip(own, theirs)):
         if not isinstance(tensor, torch.Tensor) or tuple(tensor.shape) != tuple(mine.shape):
             shape = tuple(tensor.shape) if isinstance(tensor, torch.Tensor) else type(tensor).__name__
             raise ValueError(f"tensor {position} does not fit: ours is {name} {tuple(mine.shape)}, the file's is "
                              f"{their_name} {shape}: it is another architecture")
         copied[name] = tensor.to(mine.dtype)
-    backbone.load_state_dict(copied)
+    # What is left must be a classifier head: anything else (a detector's neck, say) means the
+    # file is more than a classifier, and the position match only happened to fit its start.
+    rest = [k for k, _ in theirs[len(own):]]
+    if len(rest) > 8 or any(not str(k).startswith(("conv_head.", "bn2.", "classifier.", "fc.")) for k in rest):
+        raise ValueError(f"after the backbone's {len(own)} tensors it has {len(rest)} more ({rest[0]}, ...), not "
+                         f"just a classifier head: it is not an ImageNet classifier of this backbone")
+    missing, _ = backbone.load_state_dict(copied, strict=False)
+    assert all(k.endswith("num_batches_tracked") for k in missing), missing  # the counters alone
     return len(copied)
 
 
@@ -454,9 +506,12 @@ def effdet_state_dict(state, model, cat_ids=None):
     Raises ValueError naming the first tensor that does not fit. The model may be on the "meta"
     device (its shapes are all this reads); the result is on the CPU."""
     own = model.state_dict()
-    out, theirs = {}, [(k, v) for k, v in state.items() if not k.startswith(("class_net.", "box_net."))]
+    out, theirs = {}, _paired((k, v) for k, v in state.items() if not k.startswith(("class_net.", "box_net.")))
     j = 0
     for name, mine in own.items():
+        if name.endswith("num_batches_tracked"):
+            out[name] = torch.zeros((), dtype=mine.dtype)  # a counter: no weight in it
+            continue
         if name.startswith("head."):
             continue
         their_name, tensor = theirs[j] if j < len(theirs) else ("(none left)", None)
@@ -470,7 +525,7 @@ def effdet_state_dict(state, model, cat_ids=None):
         out[name] = tensor
         j += 1
     for their_name, tensor in state.items():
-        if not their_name.startswith(("class_net.", "box_net.")):
+        if not their_name.startswith(("class_net.", "box_net.")) or their_name.endswith("num_batches_tracked"):
             continue
         # class_net.conv_rep.R.*, class_net.bn_rep.R.L.bn.*, class_net.predict.* (and box_net.*)
         m = re.fullmatch(r"(class|box)_net\.(?:conv_rep\.(\d+)|bn_rep\.(\d+)\.(\d+)\.bn|(predict))\.(.+)", their_name)

@@ -662,7 +662,7 @@ def run(argv=None):
     except ValueError as e:
         fail(str(e))
     if cfg["pretrained"]:
-        load_pretrained(model, cfg["pretrained"], log, train_set.cat_ids)
+        load_pretrained(model, cfg["pretrained"], log, train_set.cat_ids, train_set.class_names)
     model.to(device)
     if world > 1 and cfg["sync_bn"]:
         model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
@@ -997,7 +997,9 @@ def load_checkpoint_file(path, mmap=False):
     try:
         # weights_only: tensors, numbers, strings and containers only; a checkpoint from elsewhere
         # (a --pretrained download) can then not run code while it loads.
-        ckpt = torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
+        # timm's and effdet's training checkpoints also hold their argparse flags, a Namespace
+        with torch.serialization.safe_globals([argparse.Namespace]):
+            ckpt = torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
     except Exception as e:  # a truncated or foreign file
         fail(f"{path} is not a readable plaindet checkpoint ({type(e).__name__}: {e})")
     if not isinstance(ckpt, dict):
@@ -1072,30 +1074,30 @@ def load_resume(cfg, model, ema, optimizer, scaler, train_set, world, log):
     return ckpt["epoch"], step, generator, sums, ckpt.get("best_ap", -1.0)
 
 
-# COCO's 80 category ids: 1..90 less the 10 its 2014 release left unused.
-COCO_CATEGORY_IDS = [i for i in range(1, 91) if i not in (12, 26, 29, 30, 45, 66, 68, 69, 71, 83)]
-
-
-def load_pretrained(model, path, log, cat_ids=None):
+def load_pretrained(model, path, log, cat_ids=None, class_names=None):
     """Copy every tensor whose name and shape match (EMA weights when present): a detector
     trained on other classes still gives its backbone and neck, and the head starts fresh.
     An effdet EfficientDet checkpoint is renamed to ours first (models.effdet_state_dict). A file
     with no backbone.* names is taken as an ImageNet classifier from timm or torchvision and goes
     into the backbone alone (models.load_backbone_weights): the usual start for a detector, and
-    what the EfficientDet recipe's 32 frozen epochs are for."""
+    what the EfficientDet recipe's 32 frozen epochs are for.
+    cat_ids, class_names: the training data's, for an effdet file's class slots."""
     if path.endswith(".safetensors"):
-        fail(f"--pretrained {path}: torch cannot read safetensors files; convert it once with `python -c \"import "
-             f"torch, safetensors.torch as s; torch.save(s.load_file('{path}'), '{path[:-12]}.pth')\"` (pip install "
-             f"safetensors) and give the .pth, or download the pytorch_model.bin instead")
+        # (safetensors also stores tensors sorted by name, losing the order the position match needs)
+        fail(f"--pretrained {path}: torch cannot read safetensors files; download the pytorch_model.bin beside it "
+             f"instead, or rebuild the model in timm and save it: `python -c \"import timm, torch, safetensors.torch "
+             f"as s; m = timm.create_model('NAME'); m.load_state_dict(s.load_file('{path}')); "
+             f"torch.save(m.state_dict(), 'NAME.pth')\"`")
     ckpt = load_checkpoint_file(path)
-    state = ckpt.get("ema") or ckpt.get("model") or ckpt.get("state_dict") or ckpt
+    state = models.unwrap_state_dict(ckpt.get("ema") or ckpt.get("model") or ckpt)
     if any(k.startswith("class_net.") for k in state):  # an effdet EfficientDet: renamed, then as ours
         if model.config["det_header"] not in models.EFFICIENTDET_PRESETS or model.anchors_mode != "efficientdet":
             fail(f"--pretrained {path} is an effdet EfficientDet: it fits an efficientdet_* --det_header with its "
                  f"anchors (now {model.config['det_header']}, {model.anchors_mode})")
-        # On COCO (its 80 category ids) the class predictor keeps the slots of those ids; on other
-        # data, other classes, it starts fresh (by shape: it no longer fits).
-        coco_ids = cat_ids is not None and list(cat_ids) == COCO_CATEGORY_IDS
+        # With its 90 COCO slots and COCO-numbered data (COCO, or some of its classes) the class
+        # predictor keeps the slots of the data's ids; on other data it starts fresh (by shape).
+        slots = state.get("class_net.predict.conv_pw.bias", torch.zeros(0)).numel() // model.num_anchors
+        coco_ids = slots == 90 and cat_ids is not None and models.coco_numbered(cat_ids, class_names or cat_ids)
         try:
             state = models.effdet_state_dict(state, model, cat_ids if coco_ids else None)
         except ValueError as e:
@@ -1108,8 +1110,8 @@ def load_pretrained(model, path, log, cat_ids=None):
         except ValueError as e:
             fail(f"--pretrained {path} is neither a plaindet checkpoint nor an ImageNet classifier that fits "
                  f"--backbone {model.config['backbone']}: {e}")
-        log(f"--pretrained: {n} backbone tensors from {path}, an ImageNet classifier ({len(state) - n} of its "
-            f"tensors, its classifier head, left out); the neck and head start fresh")
+        log(f"--pretrained: {n} backbone tensors from {path}, an ImageNet classifier (its classifier head left "
+            f"out); the neck and head start fresh")
         return
     own = model.state_dict()
     matched = {k: v for k, v in state.items() if k in own and own[k].shape == v.shape}

@@ -1,8 +1,10 @@
 """eval.py: pycocotools scoring on real data, decode, letterbox undo, the evaluation loop with an
 oracle model, checkpoints, predict and the CLI's error messages. (NMS is in tests/test_nms.py.)"""
+import argparse
 import json
 import math
 import os
+import re
 import shutil
 
 import numpy as np
@@ -946,14 +948,25 @@ def test_an_effdet_checkpoint_is_evaluated_on_the_data_s_coco_ids(tmp_path, caps
     for o, t in zip(ours, theirs):
         torch.testing.assert_close(o[:, :, 4:], t[:, :, [4 + 2, 4 + 0]])
         torch.testing.assert_close(o[:, :, :4], t[:, :, :4])
-    # The command line: -m the file, -d a COCO json with ids 1..20.
-    small = write_small_coco(str(tmp_path / "small"))
+    # The command line: -m the file, -d a COCO json with COCO's first 20 categories (ids and names).
+    small = write_small_coco(str(tmp_path / "small"), cat_ids=sorted(models.COCO_CLASSES)[:20])
+    gt = json.loads(open(small).read())
+    for c in gt["categories"]:
+        c["name"] = models.COCO_CLASSES[c["id"]]
+    open(small, "w").write(json.dumps(gt))
     assert ev.main(["-m", str(tmp_path / "d0.pth"), "-d", small, "--device", "cpu", "-i", "128"]) == 0
     assert "an effdet checkpoint, read as efficientdet_d0" in capsys.readouterr().out
-    # Ids beyond its 90 slots, and a file that fits no preset: one clear error each.
-    with pytest.raises(ev.EvalInputError, match=r"scores 90 class slots, COCO's category ids 1\.\.90"):
-        ev.effdet_model(state, "d0.pth", [1, 95])
+    # Data that is not COCO's (VOC's "cat" is id 2, COCO's "bicycle"; an id past 90) and a file
+    # that fits no preset: one clear error each.
+    for ids, names, shown in (([1, 2], ["person", "cat"], "(2, 'cat')"), ([1, 95], None, "(95, 95)")):
+        with pytest.raises(ev.EvalInputError, match=rf"this data's categories are not COCO's \(e\.g\. \[{re.escape(shown)}\]"):
+            ev.effdet_model(state, "d0.pth", ids, names)
     with pytest.raises(ev.EvalInputError, match=r"does not fit --det_header efficientdet_d1: ours is"):
         ev.effdet_model(state, "d0.pth", [1], det_header="efficientdet_d1")
     assert ev.main(["-m", str(tmp_path / "d0.pth"), "--device", "cpu"]) == 2
     assert "is an effdet checkpoint, which records no data: give -d" in capsys.readouterr().err
+    # effdet's training checkpoint layout (flags as a Namespace, EMA weights under a "model." prefix).
+    torch.save({"args": argparse.Namespace(lr=0.1), "state_dict_ema": {"model." + k: v for k, v in state.items()}},
+               tmp_path / "train.pth.tar")
+    read = ev.read_effdet_checkpoint(str(tmp_path / "train.pth.tar"))
+    assert sorted(read) == sorted(state) and torch.equal(read["backbone.conv_stem.weight"], state["backbone.conv_stem.weight"])

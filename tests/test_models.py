@@ -375,28 +375,39 @@ def numbered_state(keys):
 
 @pytest.mark.parametrize("ours", sorted(IMAGENET_SOURCES))
 def test_imagenet_classifier_weights_line_up_with_our_backbones(ours):
-    # Tensor i of the file lands in our tensor i, for every one of ours; what is left of the file
-    # is its classifier head only.
+    # BatchNorm's batch counters aside (older files leave them out), the file's k-th tensor lands
+    # in our k-th, for every one of ours; what is left of the file is its classifier head only.
     with open(PUBLISHED_KEYS) as f:
         keys = json.load(f)[IMAGENET_SOURCES[ours]]
     backbone = models.build_backbone(ours)
     n = models.load_backbone_weights(backbone, numbered_state(keys))
-    own = backbone.state_dict()
+    weights = [k for k, _ in keys if not k.endswith("num_batches_tracked")]
+    own = [(k, v) for k, v in backbone.state_dict().items() if not k.endswith("num_batches_tracked")]
     assert n == len(own)
-    for i, (name, tensor) in enumerate(own.items()):
-        assert torch.all(tensor == i), (name, keys[i][0])
-    head = {name.split(".")[0] for name, _ in keys[n:]}
-    assert head in ({"conv_head", "bn2", "classifier"}, {"fc"})
+    position = {name: i for i, (name, _) in enumerate(keys)}
+    for (name, tensor), their_name in zip(own, weights):
+        assert torch.all(tensor == position[their_name]), (name, their_name)
+    assert {k.split(".")[0] for k in weights[n:]} in ({"conv_head", "bn2", "classifier"}, {"fc"})
+    # A file without the counters (torchvision's older resnet50, say) loads the same weights.
+    bare = {k: v for k, v in numbered_state(keys).items() if not k.endswith("num_batches_tracked")}
+    assert models.load_backbone_weights(models.build_backbone(ours), bare) == n
 
 
 def test_imagenet_weights_that_do_not_fit_are_named():
     with open(PUBLISHED_KEYS) as f:
-        keys = json.load(f)["timm:efficientnet_b0"]
+        published = json.load(f)
+    keys = published["timm:efficientnet_b0"]
     with pytest.raises(ValueError, match=r"tensor 0 does not fit: ours is stem.0.conv.weight \(64, 3, 7, 7\), the file's "
                                          r"is conv_stem.weight \(32, 3, 3, 3\)"):
         models.load_backbone_weights(models.build_backbone("resnet50"), numbered_state(keys))
-    with pytest.raises(ValueError, match=r"it has 10 tensors, fewer than the backbone's 352"):
+    with pytest.raises(ValueError, match=r"it has 9 tensors, fewer than the backbone's 304"):
         models.load_backbone_weights(models.build_backbone("efficientnet_b0"), numbered_state(keys[:10]))
+    # effdet's whole EfficientDet starts with this very backbone: its BiFPN after it is no
+    # classifier head, and the file is refused rather than read as one.
+    effdet = {k[len("backbone."):] if k.startswith("backbone.") else k: v
+              for k, v in numbered_state(published["effdet:efficientdet_d0"]).items()}
+    with pytest.raises(ValueError, match=r"after the backbone's 304 tensors it has 336 more \(fpn.resample.3"):
+        models.load_backbone_weights(models.build_backbone("efficientnet_b0"), effdet)
 
 
 def test_imagenet_classifier_features_come_out_equal():
