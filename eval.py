@@ -37,6 +37,7 @@ in comments is keras_cv_attention_models (kecam), whose COCO README this project
 
     python eval.py --nms gaussian         # runs/train/best.pt, on the val split of its training data
     python eval.py -m runs/yolox_s/last.pt -d /data/coco --nms gaussian --nms_mode per_class
+    python eval.py -m efficientdet_d0.pth -d instances_val2017.json   # effdet's weights, on COCO
     python eval.py --results results.json -d instances_val2017.json --stats_json stats.json
     python eval.py predict -m runs/yolox_s/last.pt img1.jpg img2.jpg -o predictions/
 """

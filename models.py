@@ -25,7 +25,8 @@ the end of this file together with the box encoding that they define:
 Either head works with either prior mode: the head only needs to know A (anchors per
 location) and O (objectness or not).
 
-Reading order: building blocks -> backbones -> necks -> heads -> Detector -> presets and
+Reading order: building blocks -> backbones -> published weights (ImageNet backbones, effdet
+EfficientDets, by tensor position and name) -> necks -> heads -> Detector -> presets and
 build_model -> priors and box coding -> `python models.py` (the preset table).
 
 Layer sizes follow the published networks (effdet's tf_efficientdet_dN / Google automl and
@@ -395,6 +396,10 @@ def build_backbone(name, yolox_depth=0.33, yolox_width=0.50, depthwise=False):
     raise ValueError(f"models.py: unknown backbone {name!r}; valid ones: {', '.join(BACKBONES)}, "
                      "or timm:NAME when timm is installed")
 
+
+# ---------------------------------------------------------------------------------------
+# Published weights: files from timm, torchvision and effdet, renamed to ours
+# ---------------------------------------------------------------------------------------
 
 # COCO's 80 categories by id (1..90, ten ids unused since its 2014 release): the slots of an
 # effdet checkpoint's class predictor, whose label k is category id k + 1.
