@@ -783,12 +783,18 @@ def _check_preset_name(name):
 
 def read_effdet_checkpoint(path):
     """The state dict of an effdet EfficientDet checkpoint file (a plain state dict, as effdet
-    publishes them, or a training checkpoint's EMA / plain one), or None for any other file."""
-    try:
-        with torch.serialization.safe_globals([argparse.Namespace]):  # a training checkpoint's flags
-            checkpoint = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception:
-        return None  # load_model says what is wrong with it
+    publishes them, or a training checkpoint's EMA / plain one), or None for any other file.
+    Every -m file passes through here first, so the file is mapped, not read: a plaindet
+    checkpoint (with its optimizer state, hundreds of MB) is then read once, by load_model.
+    Files in torch's older, unmappable format are read."""
+    checkpoint = None
+    for mmap in (True, False):
+        try:
+            with torch.serialization.safe_globals([argparse.Namespace]):  # a training checkpoint's flags
+                checkpoint = torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
+            break
+        except Exception:
+            continue  # unmappable: read it; unreadable: load_model says what is wrong with it
     if not isinstance(checkpoint, dict) or "config" in checkpoint:
         return None
     state = unwrap_state_dict(checkpoint)
