@@ -38,6 +38,7 @@ in comments is keras_cv_attention_models (kecam), whose COCO README this project
     python eval.py --nms gaussian         # runs/train/best.pt, on the val split of its training data
     python eval.py -m runs/yolox_s/last.pt -d /data/coco --nms gaussian --nms_mode per_class
     python eval.py -m efficientdet_d0.pth -d instances_val2017.json   # effdet's weights, on COCO
+    python eval.py -m yolox_s.pth -d instances_val2017.json --nms hard --nms_iou_or_sigma 0.65  # Megvii's
     python eval.py --results results.json -d instances_val2017.json --stats_json stats.json
     python eval.py predict -m runs/yolox_s/last.pt img1.jpg img2.jpg -o predictions/
 """
@@ -60,8 +61,9 @@ from pycocotools.cocoeval import COCOeval
 
 from data import (IMAGE_EXTENSIONS, PAD_VALUE, DataLoadError, batches, check_coco_json, decode_image,
                   default_workers, is_key, letterbox, make_loader, open_dataset, plain_warnings)
-from models import (EFFICIENTDET_PRESETS, PRESETS, build_model, check_input_shape, coco_numbered,
-                    decode_boxes, effdet_state_dict, flatten_outputs, parse_input_shape, unwrap_state_dict)
+from models import (COCO_CLASSES, EFFICIENTDET_PRESETS, PRESETS, YOLOX_PRESETS, build_model, check_input_shape,
+                    coco_numbered, decode_boxes, effdet_state_dict, flatten_outputs, megvii_yolox_state_dict,
+                    parse_input_shape, unwrap_state_dict)
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 KERNEL_PATH = os.path.join(HERE, "nms_kernels.cu")
@@ -781,9 +783,10 @@ def _check_preset_name(name):
         raise EvalInputError(f"-m {name}: neither a checkpoint file nor a preset ({', '.join(PRESETS)})")
 
 
-def read_effdet_checkpoint(path):
-    """The state dict of an effdet EfficientDet checkpoint file (a plain state dict, as effdet
-    publishes them, or a training checkpoint's EMA / plain one), or None for any other file.
+def read_published_checkpoint(path):
+    """(kind, state dict) of a published checkpoint file: "effdet" for an effdet EfficientDet (a
+    plain state dict, as effdet publishes them, or a training checkpoint's EMA / plain one),
+    "megvii" for a Megvii YOLOX ({"model": state dict, ...}); (None, None) for any other file.
     Every -m file passes through here first, so the file is mapped, not read: a plaindet
     checkpoint (with its optimizer state, hundreds of MB) is then read once, by load_model.
     Files in torch's older, unmappable format are read."""
@@ -796,34 +799,54 @@ def read_effdet_checkpoint(path):
         except Exception:
             continue  # unmappable: read it; unreadable: load_model says what is wrong with it
     if not isinstance(checkpoint, dict) or "config" in checkpoint:
-        return None
-    state = unwrap_state_dict(checkpoint)
-    return state if any(str(k).startswith("class_net.") for k in state) else None
+        return None, None
+    state = unwrap_state_dict(checkpoint.get("model") if isinstance(checkpoint.get("model"), dict) else checkpoint)
+    for kind, slots_key in (("effdet", "class_net."), ("megvii", "head.stems.")):
+        if any(str(k).startswith(slots_key) for k in state):
+            return kind, state
+    return None, None
 
 
-def effdet_model(state, path, cat_ids, class_names=None, det_header=None, input_shape=None, device="cpu"):
-    """An effdet EfficientDet (its COCO weights, say) as our model, for a dataset's categories:
-    the class predictor keeps the slots of the data's COCO category ids (models.effdet_state_dict),
-    so COCO's 80 categories read exactly as effdet scores them. The data must be COCO-numbered:
-    each id a COCO id with COCO's name (or none), else VOC's "cat" (id 2) would be scored by
-    COCO's "bicycle" slot. The preset is the first EfficientDet whose tensors fit (d6 and d7
-    share every tensor and differ in input size and anchors: --det_header says which)."""
-    if "class_net.predict.conv_pw.bias" not in state:
-        raise EvalInputError(f"-m {path}: an effdet model without separable convs in its head (a resdet, say), "
-                             f"which this converter does not know")
-    slots = state["class_net.predict.conv_pw.bias"].numel() // 9
-    if slots != 90 or not coco_numbered(cat_ids, class_names or cat_ids):
+# Per kind of published file: the tensor whose size counts its class slots (per anchor), how many
+# slots a COCO model has and how they stand for COCO's ids, the presets it may be, its converter
+# (models.py), and the input normalisation its weights were trained with.
+PUBLISHED = {
+    "effdet": dict(name="effdet EfficientDet", slots_key="class_net.predict.conv_pw.bias", anchors=9, slots=90, ids="id k + 1 in slot k",
+                   presets=EFFICIENTDET_PRESETS, convert=effdet_state_dict, pixel_norm="imagenet"),
+    "megvii": dict(name="Megvii YOLOX", slots_key="head.cls_preds.0.bias", anchors=1, slots=80, ids="COCO's 80 ids in order",
+                   presets=YOLOX_PRESETS, convert=megvii_yolox_state_dict, pixel_norm="0-255"),
+}
+
+
+def published_model(kind, state, path, cat_ids, class_names=None, det_header=None, input_shape=None, device="cpu"):
+    """An effdet EfficientDet or a Megvii YOLOX (their COCO weights, say; kind as
+    read_published_checkpoint) as our model, for a dataset's categories: the class predictor keeps
+    the slots of the data's COCO category ids (models.effdet_state_dict / megvii_yolox_state_dict),
+    so COCO's 80 categories read exactly as the original scores them. The data must be
+    COCO-numbered: each id a COCO id with COCO's name (or none), else VOC's "cat" (id 2) would be
+    scored by COCO's "bicycle" slot. The preset is the first of the kind whose tensors fit (effdet's
+    d6 and d7 share every tensor and differ in input size and anchors: --det_header says which)."""
+    spec = PUBLISHED[kind]
+    if spec["slots_key"] not in state:
+        raise EvalInputError(f"-m {path}: {spec['name']} weights without {spec['slots_key']} (" +
+                             ("a resdet, say, without separable convs in its head" if kind == "effdet" else
+                              "another head layout") + "), which this converter does not know")
+    slots = state[spec["slots_key"]].numel() // spec["anchors"]
+    if slots != spec["slots"]:
+        raise EvalInputError(f"-m {path}: {spec['name']} weights with {slots} class slots, not COCO's {spec['slots']} "
+                             f"({spec['ids']}): it was trained on other data, whose slots this converter cannot "
+                             f"match to this data's ids")
+    if not coco_numbered(cat_ids, class_names or cat_ids):
         odd = [(c, n) for c, n in zip(cat_ids, class_names or cat_ids) if not coco_numbered([c], [n])][:3]
-        raise EvalInputError(f"-m {path}: an effdet EfficientDet with {slots} class slots scores COCO's categories "
-                             f"by id (90 slots, id k + 1 in slot k); this data's categories are not COCO's (e.g. "
-                             f"{odd}): evaluate it on COCO-numbered data")
-    presets = [det_header] if det_header else list(EFFICIENTDET_PRESETS)
+        raise EvalInputError(f"-m {path}: {spec['name']} weights score COCO's categories by id ({spec['ids']}); this "
+                             f"data's categories are not COCO's (e.g. {odd}): evaluate it on COCO-numbered data")
+    presets = [det_header] if det_header else list(spec["presets"])
     preset = converted = None
     for name in presets:
         with torch.device("meta"):  # shapes only: a fit costs no memory
-            candidate = build_model(name, num_classes=slots)
+            candidate = build_model(name, num_classes=len(cat_ids), pixel_norm=spec["pixel_norm"])
         try:
-            converted = effdet_state_dict(state, candidate, cat_ids)
+            converted = spec["convert"](state, candidate, cat_ids)
         except ValueError as e:
             if det_header:
                 raise EvalInputError(f"-m {path} does not fit --det_header {det_header}: {e}") from None
@@ -831,17 +854,18 @@ def effdet_model(state, path, cat_ids, class_names=None, det_header=None, input_
         preset = name
         break
     if preset is None:
-        raise EvalInputError(f"-m {path}: no EfficientDet preset fits its tensors (d0 ... d7x were tried)")
+        raise EvalInputError(f"-m {path}: no preset fits its tensors ({', '.join(presets)} were tried)")
     if preset == "efficientdet_d6" and not det_header:
         raise EvalInputError(f"-m {path}: effdet's d6 and d7 share every tensor (d7 runs at 1536 with larger "
                              f"anchors): give --det_header efficientdet_d6 or efficientdet_d7")
-    model = build_model(preset, num_classes=len(cat_ids), input_shape=None if input_shape is None else tuple(input_shape))
+    model = build_model(preset, num_classes=len(cat_ids), pixel_norm=spec["pixel_norm"],
+                        input_shape=None if input_shape is None else tuple(input_shape))
     try:
         model.load_state_dict(converted)
     except RuntimeError:
-        raise EvalInputError(f"-m {path}: its head does not fit {preset}'s (another effdet layout)") from None
-    print(f"-m {path}: an effdet checkpoint, read as {preset} (models.effdet_state_dict), its class slots for "
-          f"this data's {len(cat_ids)} category ids")
+        raise EvalInputError(f"-m {path}: its head does not fit {preset}'s (another layout)") from None
+    print(f"-m {path}: {spec['name']} weights, read as {preset} ({spec['convert'].__name__}), its class slots for "
+          f"{len(cat_ids)} COCO category ids")
     return model.to(device).eval()
 
 
@@ -881,7 +905,8 @@ def load_model(path_or_preset, det_header=None, num_classes=None, input_shape=No
             "data": (checkpoint.get("train_config") or {}).get("data")}
     config = dict(saved)
     if det_header is not None and det_header != saved.get("det_header"):
-        config = {"det_header": det_header, "num_classes": saved.get("num_classes", 80)}
+        config = {"det_header": det_header, "num_classes": saved.get("num_classes", 80),
+                  "pixel_norm": saved.get("pixel_norm", "imagenet")}
     if num_classes is not None:
         config["num_classes"] = num_classes
     if input_shape is not None:
@@ -1131,8 +1156,16 @@ def _predict_main(argv):
     if clobbered:
         raise EvalInputError(f"-o {args.out}: the picture of {clobbered[0]} would be written over the image "
                              f"itself; give another output folder")
-    model, info = load_model(_checkpoint_or_default(args.model), det_header=args.det_header,
-                             input_shape=_input_shape(args.input_shape), device=args.device)
+    model_path = _checkpoint_or_default(args.model)
+    kind, published = read_published_checkpoint(model_path) if os.path.isfile(model_path) else (None, None)
+    if kind is not None:  # effdet's or Megvii's COCO weights: COCO's 80 categories, by name
+        coco = sorted(COCO_CLASSES)
+        model = published_model(kind, published, model_path, coco, [COCO_CLASSES[c] for c in coco], args.det_header,
+                                _input_shape(args.input_shape), args.device)
+        info = {"class_names": [COCO_CLASSES[c] for c in coco]}
+    else:
+        model, info = load_model(model_path, det_header=args.det_header, input_shape=_input_shape(args.input_shape),
+                                 device=args.device)
     _check_stride(model, _input_shape(args.input_shape))
     drawn = predict(model, images, args.out, class_names=info["class_names"],
             score_threshold=args.score_threshold, nms=args.nms, nms_mode=args.nms_mode,
@@ -1195,13 +1228,14 @@ def _evaluate_main(argv):
 
     model_path = _checkpoint_or_default(args.model)
     input_shape = _input_shape(args.input_shape)
-    effdet = read_effdet_checkpoint(model_path) if os.path.isfile(model_path) else None
-    if effdet is not None:  # effdet's weights: built for the data's COCO category ids
+    kind, published = read_published_checkpoint(model_path) if os.path.isfile(model_path) else (None, None)
+    if kind is not None:  # effdet's or Megvii's weights: built for the data's COCO category ids
         if args.data is None:
-            raise EvalInputError(f"-m {model_path} is an effdet checkpoint, which records no data: give -d (COCO)")
+            raise EvalInputError(f"-m {model_path} holds {PUBLISHED[kind]['name']} weights, which record no data: give "
+                                 f"-d (COCO-numbered)")
         data_path, dataset = args.data, open_dataset(args.data, args.split)
-        model = effdet_model(effdet, model_path, dataset.cat_ids, dataset.class_names, args.det_header, input_shape,
-                             args.device)
+        model = published_model(kind, published, model_path, dataset.cat_ids, dataset.class_names, args.det_header,
+                                input_shape, args.device)
         info = {"class_names": None, "cat_ids": None, "data": None}  # its classes are the data's, by id
     elif os.path.isfile(model_path):  # a checkpoint: its model, then its data unless -d is given
         model, info = load_model(model_path, det_header=args.det_header, input_shape=input_shape, device=args.device)

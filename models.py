@@ -26,7 +26,7 @@ Either head works with either prior mode: the head only needs to know A (anchors
 location) and O (objectness or not).
 
 Reading order: building blocks -> backbones -> published weights (ImageNet backbones, effdet
-EfficientDets, by tensor position and name) -> necks -> heads -> Detector -> presets and
+EfficientDets, Megvii YOLOX, by tensor position and name) -> necks -> heads -> Detector -> presets and
 build_model -> priors and box coding -> `python models.py` (the preset table).
 
 Layer sizes follow the published networks (effdet's tf_efficientdet_dN / Google automl and
@@ -45,6 +45,10 @@ import torch.nn.functional as F
 # ImageNet statistics: the Detector normalises inside forward so callers pass 0..1 pixels.
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
+# What the Detector does to those 0..1 RGB pixels, (x - mean) / std, by the name in its config:
+# "imagenet" for every model trained here, ImageNet backbones and effdet's weights; "0-255" (x
+# times 255, nothing subtracted) for Megvii's YOLOX weights, trained on raw 0..255 pixels.
+PIXEL_NORMS = {"imagenet": (IMAGENET_MEAN, IMAGENET_STD), "0-255": ((0.0, 0.0, 0.0), (1 / 255,) * 3)}
 
 # Initial class (and objectness) bias: sigmoid(bias) = 0.01, so at the start every prior
 # says "background" with 99% confidence and the loss from the many negatives stays small
@@ -398,7 +402,7 @@ def build_backbone(name, yolox_depth=0.33, yolox_width=0.50, depthwise=False):
 
 
 # ---------------------------------------------------------------------------------------
-# Published weights: files from timm, torchvision and effdet, renamed to ours
+# Published weights: files from timm, torchvision, effdet and Megvii, renamed to ours
 # ---------------------------------------------------------------------------------------
 
 # COCO's 80 categories by id (1..90, ten ids unused since its 2014 release): the slots of an
@@ -562,6 +566,94 @@ def effdet_state_dict(state, model, cat_ids=None):
     for name, mine in own.items():
         if name not in out and name.startswith(("head.cls_convs.", "head.box_convs.")) and name.endswith(".bias"):
             out[name] = torch.zeros(mine.shape, dtype=mine.dtype)  # the head's redundant biases
+    return out
+
+
+# Megvii's YOLOX names for our modules: the PAFPN's layers (which Megvii keeps under
+# "backbone.", beside the CSPDarknet under "backbone.backbone.") and the head's per-level lists.
+MEGVII_NECK = {"lateral_conv0": "lateral", "C3_p4": "td4", "reduce_conv1": "reduce", "C3_p3": "td3",
+               "bu_conv2": "down3", "C3_n3": "bu4", "bu_conv1": "down4", "C3_n4": "bu5"}
+MEGVII_HEAD = {"stems": "stem", "cls_convs": "cls_convs", "reg_convs": "reg_convs", "cls_preds": "cls_pred",
+               "reg_preds": "reg_pred", "obj_preds": "obj_pred"}
+
+
+def megvii_yolox_name(name):
+    """One tensor name of Megvii's YOLOX -> ours, or None for a name no YOLOX of theirs has.
+    backbone.backbone.dark3.1.m.0.conv1.conv.weight -> backbone.dark3.1.blocks.0.conv1.conv.weight,
+    backbone.C3_p4.conv1.bn.bias -> neck.td4.conv1.bn.bias, head.cls_preds.2.bias -> head.levels.2.cls_pred.bias."""
+    parts = name.split(".")
+    if parts[:3] == ["backbone", "backbone", "stem"] and parts[3:4] == ["conv"]:
+        parts = ["backbone", "stem"] + parts[4:]               # Focus's conv is our stem
+    elif parts[:2] == ["backbone", "backbone"]:
+        parts = parts[1:]                                     # the CSPDarknet: the same layout
+    elif parts[0] == "backbone" and len(parts) > 1 and parts[1] in MEGVII_NECK:
+        parts = ["neck", MEGVII_NECK[parts[1]]] + parts[2:]
+    elif parts[0] == "head" and len(parts) > 2 and parts[1] in MEGVII_HEAD and parts[2].isdigit():
+        parts = ["head", "levels", parts[2], MEGVII_HEAD[parts[1]]] + parts[3:]
+    else:
+        return None
+    # A CSP layer's bottlenecks are its "m" (SPP's "m", its pools, holds no tensor).
+    return ".".join("blocks" if p == "m" else p for p in parts)
+
+
+def megvii_yolox_state_dict(state, model, cat_ids=None):
+    """A Megvii YOLOX checkpoint's weights (github.com/Megvii-BaseDetection/YOLOX, its
+    yolox_nano ... yolox_x.pth: {"model": state dict, ...}) -> a state dict under this model's
+    names. model: the same YOLOX preset, anchor-free, built with pixel_norm "0-255" (or switched
+    to it with set_pixel_norm): Megvii's weights since v0.1.1 take BGR pixels 0..255, unnormalised.
+
+    Checked against Megvii's yolox package (tests/test_models.py): with the converted weights both
+    give the same boxes and scores. The layers are theirs, renamed (megvii_yolox_name); three
+    tensors change on the way:
+      - the stem's input channels: their Focus stacks the same four pixel phases as ours, but
+        each in BGR order, so its 12 input channels are reversed in threes to take RGB;
+      - the box predictor's x, y biases - 0.5: their box centre is (t + x) * stride from the
+        cell's corner, ours (t + x + 0.5) * stride from its centre;
+      - the class predictor: one slot per COCO category in id order (slot k is the k-th of
+        sorted(COCO_CLASSES)). cat_ids (a dataset's COCO ids) keeps those ids' slots, so the
+        result fits a model of len(cat_ids) classes; None keeps all 80.
+    Megvii's older v0.1.0 weights ("legacy", RGB pixels normalised with ImageNet's mean and std)
+    convert the same way less the BGR flip, under pixel_norm "imagenet"; their files do not say
+    which they are, and this converter takes the current ones.
+    Raises ValueError naming the first tensor that does not fit. The model may be on the "meta"
+    device (its shapes are all this reads); the result is on the CPU."""
+    own = model.state_dict()
+    out, source = {}, {}
+    for their_name, tensor in state.items():
+        name = megvii_yolox_name(their_name)
+        if name is None or name not in own:
+            raise ValueError(f"the file's {their_name} is no tensor of this YOLOX (ours would be {name}): it is "
+                             f"another YOLOX size, or not a Megvii YOLOX checkpoint")
+        out[name], source[name] = tensor, their_name
+    missing = [k for k in own if k not in out and not k.endswith("num_batches_tracked")]
+    if missing:
+        raise ValueError(f"the file has no {missing[0]} ({len(missing)} of our tensors missing): it is not a whole "
+                         f"Megvii YOLOX")
+    for name in own:
+        out.setdefault(name, torch.zeros((), dtype=torch.long))   # batch counters older files leave out
+    stem = "backbone.stem.conv.weight"
+    out[stem] = out[stem][:, torch.arange(12).view(4, 3).flip(1).flatten()]   # BGR -> RGB, per pixel phase
+    for level in range(len(model.strides)):
+        bias = f"head.levels.{level}.reg_pred.bias"
+        out[bias] = out[bias] - torch.tensor([0.5, 0.5, 0.0, 0.0], dtype=out[bias].dtype)
+    if cat_ids is not None:
+        coco = sorted(COCO_CLASSES)
+        slots = out["head.levels.0.cls_pred.bias"].numel()
+        if slots != len(coco):
+            raise ValueError(f"its class predictor has {slots} slots, not COCO's 80: it was trained on other "
+                             f"data, and cannot score categories by their COCO id")
+        if not all(c in COCO_CLASSES for c in cat_ids):
+            raise ValueError(f"its class predictor has a slot per COCO category; the data's ids start "
+                             f"{list(cat_ids)[:5]}, not all COCO's")
+        rows = torch.tensor([coco.index(c) for c in cat_ids])
+        for level in range(len(model.strides)):
+            for key in (f"head.levels.{level}.cls_pred.weight", f"head.levels.{level}.cls_pred.bias"):
+                out[key] = out[key][rows]
+    for name, mine in own.items():
+        if tuple(out[name].shape) != tuple(mine.shape):
+            raise ValueError(f"ours is {name} {tuple(mine.shape)}, the file's {source.get(name)} is "
+                             f"{tuple(out[name].shape)}: it is another YOLOX size" +
+                             (" or number of classes" if "cls_pred" in name else ""))
     return out
 
 
@@ -825,8 +917,17 @@ class Detector(nn.Module):
         self.has_objectness = anchors_mode == "anchor_free"
         self.config = config
         self.anchor_scale = config.get("anchor_scale", ANCHOR_SCALE)  # make_priors' anchor size
-        self.register_buffer("mean", torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1), persistent=False)
-        self.register_buffer("std", torch.tensor(IMAGENET_STD).view(1, 3, 1, 1), persistent=False)
+        mean, std = PIXEL_NORMS[config.get("pixel_norm", "imagenet")]  # older checkpoints: ImageNet's
+        self.register_buffer("mean", torch.tensor(mean).view(1, 3, 1, 1), persistent=False)
+        self.register_buffer("std", torch.tensor(std).view(1, 3, 1, 1), persistent=False)
+
+    def set_pixel_norm(self, name):
+        """Normalise the input as weights from elsewhere expect (a PIXEL_NORMS name: "0-255" for
+        Megvii's YOLOX). Recorded in config, so a checkpoint of this model rebuilds with it."""
+        mean, std = PIXEL_NORMS[name]
+        self.mean.copy_(torch.tensor(mean).view(1, 3, 1, 1))
+        self.std.copy_(torch.tensor(std).view(1, 3, 1, 1))
+        self.config["pixel_norm"] = name
 
     def forward(self, images):
         if images.dim() != 4 or images.shape[1] != 3 or images.shape[2] % 32 or images.shape[3] % 32:
@@ -931,7 +1032,7 @@ def preset_input_shape(det_header):
 
 
 def build_model(det_header, backbone=None, anchors_mode=None, num_classes=80, input_shape=None,
-                anchor_scale=None):
+                anchor_scale=None, pixel_norm="imagenet"):
     """Build a Detector from a preset name.
 
     det_header: one of PRESETS (sets the neck, the head and their sizes).
@@ -942,6 +1043,8 @@ def build_model(det_header, backbone=None, anchors_mode=None, num_classes=80, in
     input_shape: (H, W) the model will be fed (None = the preset's published size, as
         preset_input_shape); recorded in `config` for priors and data (see check_input_shape).
     anchor_scale: anchor size in strides at octave 0 (None = the preset's: 4, D7 5), for make_priors.
+    pixel_norm: how forward normalises its 0..1 input, a PIXEL_NORMS name ("imagenet"; "0-255"
+        for Megvii's YOLOX weights: megvii_yolox_state_dict).
     `config` holds these arguments: build_model(**model.config) rebuilds the same model.
     """
     if det_header not in PRESETS:
@@ -953,6 +1056,8 @@ def build_model(det_header, backbone=None, anchors_mode=None, num_classes=80, in
         raise ValueError(f"models.py: unknown anchors_mode {anchors_mode!r}; valid ones: {', '.join(ANCHORS_MODES)}")
     if not isinstance(num_classes, int) or num_classes < 1:
         raise ValueError(f"models.py: num_classes must be a positive int, got {num_classes!r}")
+    if pixel_norm not in PIXEL_NORMS:
+        raise ValueError(f"models.py: unknown pixel_norm {pixel_norm!r}; valid ones: {', '.join(PIXEL_NORMS)}")
     if input_shape is None:
         input_shape = preset_input_shape(det_header)
     input_shape = tuple(int(v) for v in input_shape)
@@ -977,7 +1082,7 @@ def build_model(det_header, backbone=None, anchors_mode=None, num_classes=80, in
     config = dict(det_header=det_header, backbone=backbone, anchors_mode=anchors_mode,
                   num_classes=num_classes, input_shape=input_shape,
                   anchor_scale=float(PRESET_ANCHOR_SCALE.get(det_header, ANCHOR_SCALE) if anchor_scale is None
-                                     else anchor_scale))
+                                     else anchor_scale), pixel_norm=pixel_norm)
     model = Detector(body, neck, head, anchors_mode, num_classes, config)
     # Channels-last (NHWC) weights and activations: oneDNN on CPU runs the depthwise convs
     # of EfficientNet / BiFPN and their backward about 2x faster in this layout (EfficientDet-D0
@@ -1069,8 +1174,8 @@ def decode_boxes(raw, priors, anchors_mode):
     "efficientdet": cx = cx_a + tx * w_a, w = exp(tw) * w_a (and the same for y, h).
     "anchor_free":  cx = cx_p + tx * stride, w = exp(tw) * stride.
     The grid point is the cell's centre, (x + 0.5) * stride, as the anchors' are; YOLOX measures
-    from the cell's corner, x * stride, so its tx is this tx + 0.5 (Megvii weights would need
-    that shift in the box branch's bias).
+    from the cell's corner, x * stride, so its tx is this tx + 0.5 (megvii_yolox_state_dict
+    moves the box predictor's bias by it).
     """
     center, size = _reference(priors, anchors_mode)
     c = center + raw[..., :2] * size

@@ -164,8 +164,9 @@ def parse_args(argv=None):
     a("--eval_batch_size", type=int, default=16, help="batch size of the per-epoch evaluation")
     a("--resume", default=None, help="a last.pt (or its run folder) to continue from, exactly where it stopped")
     a("--pretrained", default=None, help="a checkpoint (or a run folder: its best.pt, else last.pt) whose matching weights "
-      "initialise the model, an effdet EfficientDet checkpoint, or an ImageNet classifier's weights for the backbone "
-      "alone (timm's efficientnet_b0..b7 / tf_efficientnetv2_b0, torchvision's resnet50): a .pth / .bin you downloaded")
+      "initialise the model, an effdet EfficientDet or Megvii YOLOX checkpoint, or an ImageNet classifier's weights "
+      "for the backbone alone (timm's efficientnet_b0..b7 / tf_efficientnetv2_b0, torchvision's resnet50): a .pth / "
+      ".bin you downloaded")
     a("--out", default=None, help="run folder: checkpoints, history.csv, history.png, config.json "
       "(default runs/train; with --resume, the checkpoint's folder)")
     return p.parse_args(argv)
@@ -1016,6 +1017,9 @@ def load_resume(cfg, model, ema, optimizer, scaler, train_set, world, log):
     ckpt = load_checkpoint_file(path)
     if "optimizer" not in ckpt or "model" not in ckpt:
         fail(f"{path} holds weights only, not a training state: use --pretrained {path} instead")
+    if "config" not in ckpt:  # another program's training state (Megvii's YOLOX keeps model and optimizer too)
+        fail(f"{path} is not a plaindet training state (train.py's last.pt): start from its weights with "
+             f"--pretrained {path} instead")
     saved = ckpt.get("train_config", {})
     # Labels are positions in the class list: other classes, or another order, would go on
     # training each output as some other class without any error.
@@ -1028,6 +1032,11 @@ def load_resume(cfg, model, ema, optimizer, scaler, train_set, world, log):
         fail(f"{path} was trained as {ckpt['config'].get('det_header')} with {ckpt['config'].get('num_classes')} "
              f"classes ({ckpt['config'].get('anchors_mode')}); resume it with the same --det_header, "
              f"--backbone, mode and data")
+    # A run that started from Megvii's weights goes on normalising its input as they need (the
+    # normalisation is a setting, not a weight: load_state_dict leaves it as built).
+    for m in (model, ema.module if ema is not None else None):
+        if m is not None:
+            m.set_pixel_norm(ckpt["config"].get("pixel_norm", "imagenet"))
     if ema is not None and ckpt.get("ema") is not None:
         ema.module.load_state_dict(ckpt["ema"])
         ema.updates = ckpt.get("ema_updates", 0)
@@ -1077,11 +1086,13 @@ def load_resume(cfg, model, ema, optimizer, scaler, train_set, world, log):
 def load_pretrained(model, path, log, cat_ids=None, class_names=None):
     """Copy every tensor whose name and shape match (EMA weights when present): a detector
     trained on other classes still gives its backbone and neck, and the head starts fresh.
-    An effdet EfficientDet checkpoint is renamed to ours first (models.effdet_state_dict). A file
+    An effdet EfficientDet checkpoint is renamed to ours first (models.effdet_state_dict), and so
+    is a Megvii YOLOX one (models.megvii_yolox_state_dict; the model then takes its input as Megvii's
+    weights do, pixel_norm "0-255", and every checkpoint of the run records it). A file
     with no backbone.* names is taken as an ImageNet classifier from timm or torchvision and goes
     into the backbone alone (models.load_backbone_weights): the usual start for a detector, and
     what the EfficientDet recipe's 32 frozen epochs are for.
-    cat_ids, class_names: the training data's, for an effdet file's class slots."""
+    cat_ids, class_names: the training data's, for an effdet or Megvii file's class slots."""
     if path.endswith(".safetensors"):
         # (safetensors also stores tensors sorted by name, losing the order the position match needs)
         fail(f"--pretrained {path}: torch cannot read safetensors files; download the pytorch_model.bin beside it "
@@ -1104,6 +1115,28 @@ def load_pretrained(model, path, log, cat_ids=None, class_names=None):
             fail(f"--pretrained {path}: {e}")
         log(f"--pretrained: {path} is an effdet EfficientDet, renamed to ours (models.effdet_state_dict)" +
             (", its class slots kept for the data's COCO category ids" if coco_ids else ""))
+    if "head.stems.0.conv.weight" in state:  # a Megvii YOLOX: renamed, then as ours
+        if model.config["det_header"] not in models.YOLOX_PRESETS or model.anchors_mode != "anchor_free" or \
+                model.config["backbone"] != "cspdarknet":
+            fail(f"--pretrained {path} is a Megvii YOLOX: it fits a yolox_* --det_header, anchor-free, with its own "
+                 f"backbone (now {model.config['det_header']}, {model.anchors_mode}, {model.config['backbone']})")
+        slots = state.get("head.cls_preds.0.bias", torch.zeros(0)).numel()
+        coco_ids = slots == 80 and cat_ids is not None and models.coco_numbered(cat_ids, class_names or cat_ids)
+        # Its class predictor keeps the slots of COCO-numbered data's ids; on other data it starts
+        # fresh (by shape), so the renaming must not drop it: converted as is, for a model of its size.
+        with torch.device("meta"):
+            shaped = models.build_model(**dict(model.config, num_classes=len(cat_ids) if coco_ids else slots))
+        try:
+            state = models.megvii_yolox_state_dict(state, shaped, cat_ids if coco_ids else None)
+        except ValueError as e:
+            fail(f"--pretrained {path}: {e}")
+        model.set_pixel_norm("0-255")
+        log(f"--pretrained: {path} is a Megvii YOLOX, renamed to ours (models.megvii_yolox_state_dict); the model "
+            f"takes its input as Megvii's weights do (pixel_norm 0-255)" +
+            (", its class slots kept for the data's COCO category ids" if coco_ids else ""))
+    elif "backbone.backbone.stem.conv.conv.weight" in state:
+        fail(f"--pretrained {path} looks like Megvii's YOLOX without its head (no head.stems.*): give the whole "
+             f"checkpoint as Megvii publishes it")
     if not any(k.startswith("backbone.") for k in state):
         try:
             n = models.load_backbone_weights(model.backbone, state)
@@ -1127,6 +1160,11 @@ def load_pretrained(model, path, log, cat_ids=None, class_names=None):
         fail(f"--pretrained {path}: only {fit} of this model's {total} backbone tensors fit it ({len(matched)} of "
              f"{len(own)} fit anywhere; it holds {trained}): give a checkpoint with the same --backbone / --det_header")
     model.load_state_dict(matched, strict=False)
+    # A plaindet run that started from Megvii's weights: its backbone wants their input too.
+    saved_norm = (ckpt.get("config") or {}).get("pixel_norm")
+    if saved_norm and saved_norm != model.config.get("pixel_norm"):
+        model.set_pixel_norm(saved_norm)
+        log(f"--pretrained: the model takes its input as {path}'s did (pixel_norm {saved_norm})")
     log(f"--pretrained: {len(matched)}/{len(own)} tensors loaded from {path}")
 
 

@@ -33,3 +33,23 @@ def shapes_with_a_bad_box(shapes_dir, out):
     with open(path, "w") as f:
         json.dump(gt, f)
     return str(out)
+
+
+def published_state(source, scale=0.05, bias_scale=None):
+    """A state dict with the names and shapes of a published model (a key of
+    tests/fixtures/published_state_dict_keys.json, e.g. "megvii:yolox_nano"): BatchNorm at
+    identity, every other tensor random (seed 0) times scale (bias_scale for 1-d ones)."""
+    with open(os.path.join(ROOT, "tests", "fixtures", "published_state_dict_keys.json")) as f:
+        keys = json.load(f)[source]
+    torch.manual_seed(0)
+    state = {}
+    for name, shape in keys:
+        if name.endswith(("running_var", "bn.weight")):
+            state[name] = torch.ones(shape)
+        elif name.endswith("num_batches_tracked"):
+            state[name] = torch.tensor(0)
+        elif name.endswith("running_mean"):
+            state[name] = torch.zeros(shape)
+        else:
+            state[name] = torch.randn(shape) * (scale if len(shape) > 1 or bias_scale is None else bias_scale)
+    return state

@@ -15,7 +15,7 @@ from PIL import Image
 import data
 import eval as ev
 import models
-from conftest import shared_path
+from conftest import published_state, shared_path
 
 FIXTURES = os.path.join(os.path.dirname(os.path.abspath(__file__)), "fixtures", "coco_val2014_100")
 
@@ -918,20 +918,20 @@ def test_centred_letterbox_pad_offset_by_hand():
     assert torch.allclose(row[18:46], torch.tensor(200 / 255))
 
 
+def small_coco_with_coco_names(folder):
+    """write_small_coco with COCO's first 20 category ids and their COCO names."""
+    small = write_small_coco(str(folder), cat_ids=sorted(models.COCO_CLASSES)[:20])
+    gt = json.loads(open(small).read())
+    for c in gt["categories"]:
+        c["name"] = models.COCO_CLASSES[c["id"]]
+    open(small, "w").write(json.dumps(gt))
+    return small
+
+
 def effdet_file(path):
     """A file in effdet's efficientdet_d0 layout (names from the fixture, small random weights,
     BatchNorm at identity), as effdet publishes its COCO weights: a plain state dict."""
-    with open(os.path.join(FIXTURES, "..", "published_state_dict_keys.json")) as f:
-        keys = json.load(f)["effdet:efficientdet_d0"]
-    torch.manual_seed(0)
-    state = {}
-    for name, shape in keys:
-        if name.endswith(("running_var", "bn.weight")):
-            state[name] = torch.ones(shape)
-        elif name.endswith("num_batches_tracked"):
-            state[name] = torch.tensor(0)
-        else:
-            state[name] = torch.randn(shape) * (0.1 if len(shape) > 1 else 0.5)
+    state = published_state("effdet:efficientdet_d0", 0.1, 0.5)
     torch.save(state, path)
     return state
 
@@ -939,7 +939,7 @@ def effdet_file(path):
 def test_an_effdet_checkpoint_is_evaluated_on_the_data_s_coco_ids(tmp_path, capsys):
     state = effdet_file(tmp_path / "d0.pth")
     # The class predictor keeps, per anchor, the slots of the data's ids: id 3 is slot 2, id 1 slot 0.
-    model = ev.effdet_model(state, "d0.pth", [3, 1], input_shape=(128, 128))
+    model = ev.published_model("effdet", state, "d0.pth", [3, 1], input_shape=(128, 128))
     full = models.build_model("efficientdet_d0", num_classes=90, input_shape=(128, 128))
     full.load_state_dict(models.effdet_state_dict(state, full))
     x = torch.rand(1, 3, 128, 128)
@@ -949,24 +949,55 @@ def test_an_effdet_checkpoint_is_evaluated_on_the_data_s_coco_ids(tmp_path, caps
         torch.testing.assert_close(o[:, :, 4:], t[:, :, [4 + 2, 4 + 0]])
         torch.testing.assert_close(o[:, :, :4], t[:, :, :4])
     # The command line: -m the file, -d a COCO json with COCO's first 20 categories (ids and names).
-    small = write_small_coco(str(tmp_path / "small"), cat_ids=sorted(models.COCO_CLASSES)[:20])
-    gt = json.loads(open(small).read())
-    for c in gt["categories"]:
-        c["name"] = models.COCO_CLASSES[c["id"]]
-    open(small, "w").write(json.dumps(gt))
+    small = small_coco_with_coco_names(tmp_path / "small")
     assert ev.main(["-m", str(tmp_path / "d0.pth"), "-d", small, "--device", "cpu", "-i", "128"]) == 0
-    assert "an effdet checkpoint, read as efficientdet_d0" in capsys.readouterr().out
+    assert "effdet EfficientDet weights, read as efficientdet_d0" in capsys.readouterr().out
     # Data that is not COCO's (VOC's "cat" is id 2, COCO's "bicycle"; an id past 90) and a file
     # that fits no preset: one clear error each.
     for ids, names, shown in (([1, 2], ["person", "cat"], "(2, 'cat')"), ([1, 95], None, "(95, 95)")):
         with pytest.raises(ev.EvalInputError, match=rf"this data's categories are not COCO's \(e\.g\. \[{re.escape(shown)}\]"):
-            ev.effdet_model(state, "d0.pth", ids, names)
+            ev.published_model("effdet", state, "d0.pth", ids, names)
     with pytest.raises(ev.EvalInputError, match=r"does not fit --det_header efficientdet_d1: ours is"):
-        ev.effdet_model(state, "d0.pth", [1], det_header="efficientdet_d1")
+        ev.published_model("effdet", state, "d0.pth", [1], det_header="efficientdet_d1")
     assert ev.main(["-m", str(tmp_path / "d0.pth"), "--device", "cpu"]) == 2
-    assert "is an effdet checkpoint, which records no data: give -d" in capsys.readouterr().err
+    assert "holds effdet EfficientDet weights, which record no data: give -d" in capsys.readouterr().err
     # effdet's training checkpoint layout (flags as a Namespace, EMA weights under a "model." prefix).
     torch.save({"args": argparse.Namespace(lr=0.1), "state_dict_ema": {"model." + k: v for k, v in state.items()}},
                tmp_path / "train.pth.tar")
-    read = ev.read_effdet_checkpoint(str(tmp_path / "train.pth.tar"))
-    assert sorted(read) == sorted(state) and torch.equal(read["backbone.conv_stem.weight"], state["backbone.conv_stem.weight"])
+    kind, read = ev.read_published_checkpoint(str(tmp_path / "train.pth.tar"))
+    assert kind == "effdet" and sorted(read) == sorted(state) and torch.equal(read["backbone.conv_stem.weight"], state["backbone.conv_stem.weight"])
+
+
+def test_a_megvii_yolox_checkpoint_is_evaluated_and_drawn_with_coco_s_ids(tmp_path, capsys):
+    state = published_state("megvii:yolox_nano", 0.1, 0.5)
+    torch.save({"start_epoch": 300, "model": state}, tmp_path / "nano.pth")   # as Megvii publishes it
+    assert ev.read_published_checkpoint(str(tmp_path / "nano.pth"))[0] == "megvii"
+    # The class predictor keeps the slots of the data's ids (COCO's 3rd and 1st): slots 2 and 0.
+    model = ev.published_model("megvii", state, "nano.pth", [3, 1], input_shape=(64, 64))
+    assert model.config["det_header"] == "yolox_nano" and model.config["pixel_norm"] == "0-255"
+    full = models.build_model("yolox_nano", input_shape=(64, 64), pixel_norm="0-255")
+    full.load_state_dict(models.megvii_yolox_state_dict(state, full))
+    x = torch.rand(1, 3, 64, 64)
+    with torch.no_grad():
+        ours, theirs = model(x), full.eval()(x)
+    for o, t in zip(ours, theirs):
+        torch.testing.assert_close(o[:, :, 4:6], t[:, :, [4 + 2, 4 + 0]])
+        torch.testing.assert_close(o[:, :, [0, 1, 2, 3, 6]], t[:, :, [0, 1, 2, 3, 84]])
+    # The command line: -m the file, -d a COCO json with COCO's first 20 categories (ids and names).
+    small = small_coco_with_coco_names(tmp_path / "small")
+    assert ev.main(["-m", str(tmp_path / "nano.pth"), "-d", small, "--device", "cpu", "-i", "64"]) == 0
+    assert "Megvii YOLOX weights, read as yolox_nano" in capsys.readouterr().out
+    # predict draws COCO's names without any data.
+    picture = os.path.join(os.path.dirname(small), "images", "1.jpg")
+    assert ev.main(["predict", "-m", str(tmp_path / "nano.pth"), picture, "-o", str(tmp_path / "drawn"), "-i", "64",
+                    "--device", "cpu", "--score_threshold", "0.0001"]) == 0
+    drawn = json.loads((tmp_path / "drawn" / "predictions.json").read_text())
+    coco = sorted(models.COCO_CLASSES)  # label k is COCO's k-th category: 36 is id 41, "skateboard"
+    assert drawn["1.jpg"] and all(d["name"] == models.COCO_CLASSES[coco[d["label"]]] for d in drawn["1.jpg"])
+    # Megvii's model trained on other data (20 slots), and a file of another size than --det_header.
+    twenty = {k: v[:20] if k.startswith("head.cls_preds.") else v for k, v in state.items()}
+    with pytest.raises(ev.EvalInputError, match=r"Megvii YOLOX weights with 20 class slots, not COCO's 80"):
+        ev.published_model("megvii", twenty, "n.pth", [1, 2])
+    with pytest.raises(ev.EvalInputError, match=r"does not fit --det_header yolox_s: the file's backbone.backbone."
+                                                r"dark2.0.dconv.conv.weight is no tensor of this YOLOX"):
+        ev.published_model("megvii", state, "n.pth", [1], det_header="yolox_s")

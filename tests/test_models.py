@@ -100,7 +100,7 @@ def test_config_rebuilds_the_same_model():
                                num_classes=7, input_shape=(256, 320))
     assert model.config == dict(det_header="yolox_nano", backbone="efficientnet_b0",
                                 anchors_mode="efficientdet", num_classes=7, input_shape=(256, 320),
-                                anchor_scale=4.0)
+                                anchor_scale=4.0, pixel_norm="imagenet")
     again = models.build_model(**model.config)
     assert again.load_state_dict(model.state_dict()) is not None
     assert models.build_model("efficientdet_d0").config["anchors_mode"] == "efficientdet"
@@ -500,3 +500,107 @@ def test_effdet_efficientdet_d0_outputs_come_out_equal():
     anchors = Anchors.from_config(get_efficientdet_config("efficientdet_d0")).boxes  # y1 x1 y2 x2
     torch.testing.assert_close(ours.priors((512, 512), device="cpu").boxes, anchors[:, [1, 0, 3, 2]].float(),
                                atol=1e-3, rtol=0)
+
+
+# ---------------------------------------------------------------- Megvii YOLOX weights
+@pytest.mark.parametrize("name", ["yolox_s", "yolox_nano"])
+def test_megvii_checkpoint_converts_onto_every_tensor_by_hand(name):
+    # Megvii's names and shapes (yolox 0.3.0), tensor i filled with i: every one of our tensors
+    # gets its value from the tensor of the same layer (a strict load).
+    with open(PUBLISHED_KEYS) as f:
+        keys = json.load(f)["megvii:" + name]
+    position = {k: i for i, (k, _) in enumerate(keys)}
+    model = models.build_model(name, pixel_norm="0-255")
+    converted = models.megvii_yolox_state_dict(numbered_state(keys), model)
+    model.load_state_dict(converted, strict=True)
+    for ours, theirs in (("backbone.dark3.1.blocks.0.conv1.conv.weight", "backbone.backbone.dark3.1.m.0.conv1.conv.weight"),
+                         ("backbone.dark5.1.conv2.bn.running_var", "backbone.backbone.dark5.1.conv2.bn.running_var"),
+                         ("neck.td4.conv1.bn.bias", "backbone.C3_p4.conv1.bn.bias"),
+                         ("neck.down4.conv.weight" if name == "yolox_s" else "neck.down4.pconv.conv.weight",
+                          "backbone.bu_conv1.conv.weight" if name == "yolox_s" else "backbone.bu_conv1.pconv.conv.weight"),
+                         ("head.levels.1.stem.bn.weight", "head.stems.1.bn.weight"),
+                         ("head.levels.2.reg_convs.1.bn.bias" if name == "yolox_s" else "head.levels.2.reg_convs.1.pconv.bn.bias",
+                          "head.reg_convs.2.1.bn.bias" if name == "yolox_s" else "head.reg_convs.2.1.pconv.bn.bias"),
+                         ("head.levels.2.cls_pred.weight", "head.cls_preds.2.weight"),
+                         ("head.levels.0.obj_pred.bias", "head.obj_preds.0.bias")):
+        assert torch.all(converted[ours] == position[theirs]), (ours, theirs)
+    # The box biases move from the cell's corner to its centre: x and y - 0.5, w and h as they were.
+    i = position["head.reg_preds.1.bias"]
+    assert converted["head.levels.1.reg_pred.bias"].tolist() == [i - 0.5, i - 0.5, i, i]
+    # The stem's 12 input channels, BGR in each of the 4 pixel phases, come out RGB.
+    stem = dict(numbered_state(keys))
+    stem["backbone.backbone.stem.conv.conv.weight"] = torch.arange(12.0).view(1, 12, 1, 1).expand(
+        *[s for _, s in keys if _ == "backbone.backbone.stem.conv.conv.weight"][0]).clone()
+    got = models.megvii_yolox_state_dict(stem, model)["backbone.stem.conv.weight"]
+    assert got[0, :, 0, 0].tolist() == [2, 1, 0, 5, 4, 3, 8, 7, 6, 11, 10, 9]
+    # COCO's ids 3, 1 and 90 are its 3rd, 1st and 80th categories: slots 2, 0, 79.
+    three = models.megvii_yolox_state_dict(stem, models.build_model(name, num_classes=3), cat_ids=[3, 1, 90])
+    bias = stem["head.cls_preds.0.bias"]
+    assert three["head.levels.0.cls_pred.bias"].tolist() == [bias[2], bias[0], bias[79]]
+
+
+def test_megvii_checkpoints_that_do_not_fit_are_named():
+    with open(PUBLISHED_KEYS) as f:
+        published = json.load(f)
+    s = numbered_state(published["megvii:yolox_s"])
+    with pytest.raises(ValueError, match=r"ours is backbone.stem.conv.weight \(24, 12, 3, 3\), the file's backbone.backbone."
+                                         r"stem.conv.conv.weight is \(32, 12, 3, 3\): it is another YOLOX size"):
+        models.megvii_yolox_state_dict(s, models.build_model("yolox_tiny"))
+    with pytest.raises(ValueError, match=r"the file's backbone.backbone.dark2.0.dconv.conv.weight is no tensor of "
+                                         r"this YOLOX"):
+        models.megvii_yolox_state_dict(numbered_state(published["megvii:yolox_nano"]), models.build_model("yolox_s"))
+    with pytest.raises(ValueError, match=r"the file has no backbone.dark2.1.blocks.1.conv1.conv.weight \(120 of our tensors missing\)"):
+        models.megvii_yolox_state_dict(s, models.build_model("yolox_m"))
+    # A YOLOX that Megvii's code trained on 20 classes has no COCO slots to pick from.
+    twenty = {k: v[:20] if k.startswith("head.cls_preds.") else v for k, v in s.items()}
+    models.megvii_yolox_state_dict(twenty, models.build_model("yolox_s", num_classes=20))  # as it is: fits
+    with pytest.raises(ValueError, match=r"its class predictor has 20 slots, not COCO's 80"):
+        models.megvii_yolox_state_dict(twenty, models.build_model("yolox_s", num_classes=2), cat_ids=[1, 2])
+    with pytest.raises(ValueError, match=r"the data's ids start \[1, 95\], not all COCO's"):
+        models.megvii_yolox_state_dict(s, models.build_model("yolox_s", num_classes=2), cat_ids=[1, 95])
+    with pytest.raises(ValueError, match=r"no tensor of this YOLOX \(ours would be None\)"):
+        models.megvii_yolox_state_dict({"class_net.predict.conv_pw.bias": torch.zeros(1)}, models.build_model("yolox_s"))
+
+
+def test_pixel_norm_is_part_of_the_model_config():
+    model = models.build_model("yolox_nano", num_classes=3, input_shape=(64, 64))
+    x = torch.rand(1, 3, 64, 64)
+    with torch.no_grad():
+        want = models.flatten_outputs(model.eval()(x * 255 * torch.tensor(models.IMAGENET_STD).view(1, 3, 1, 1) / 255
+                                                   + torch.tensor(models.IMAGENET_MEAN).view(1, 3, 1, 1)))
+        model.set_pixel_norm("0-255")
+        # (x * std + mean) under ImageNet's normalisation is x again; x / 255 times 255 is x too.
+        got = models.flatten_outputs(model(x / 255))
+    torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-4)
+    assert model.config["pixel_norm"] == "0-255"
+    again = models.build_model(**model.config)
+    assert again.mean.tolist() == [[[[0.0]], [[0.0]], [[0.0]]]] and torch.allclose(again.std * 255, torch.ones(3, 1, 1))
+    with pytest.raises(ValueError, match=r"unknown pixel_norm 'bgr'; valid ones: imagenet, 0-255"):
+        models.build_model("yolox_nano", pixel_norm="bgr")
+
+
+def test_megvii_yolox_outputs_come_out_equal():
+    # Megvii's own yolox_s and yolox_nano (random weights, BatchNorm statistics drawn away from
+    # 0 / 1): decoded boxes, objectness and class scores agree with ours on the converted weights.
+    pytest.importorskip("yolox", reason="needs Megvii's yolox (see requirements-bench.txt)")
+    from yolox.exp import get_exp
+    torch.manual_seed(0)
+    for name in ("yolox_s", "yolox_nano"):
+        theirs = get_exp(None, name.replace("_", "-")).get_model().eval()   # BatchNorm eps 1e-3, as ours
+        for m in theirs.modules():
+            if isinstance(m, torch.nn.BatchNorm2d):
+                m.running_mean.uniform_(-0.3, 0.3), m.running_var.uniform_(0.5, 1.5)
+                m.weight.data.uniform_(0.5, 1.5), m.bias.data.uniform_(-0.2, 0.2)
+            elif isinstance(m, torch.nn.Conv2d) and m.bias is not None:
+                m.bias.data.uniform_(-1, 1)
+        ours = models.build_model(name, pixel_norm="0-255", input_shape=(256, 320)).eval()
+        ours.load_state_dict(models.megvii_yolox_state_dict(theirs.state_dict(), ours), strict=True)
+        x = torch.rand(2, 3, 256, 320)
+        with torch.no_grad():
+            want = theirs(x.flip(1) * 255)   # BGR pixels 0..255 -> [B, N, 85]: cx cy w h, obj, 80 classes
+            raw = models.flatten_outputs(ours(x))
+        boxes = models.decode_boxes(raw[..., :4], ours.priors((256, 320)), "anchor_free")
+        torch.testing.assert_close(boxes, torch.cat([want[..., :2] - want[..., 2:4] / 2,
+                                                     want[..., :2] + want[..., 2:4] / 2], -1), atol=2e-4, rtol=1e-5)
+        torch.testing.assert_close(raw[..., 84].sigmoid(), want[..., 4], atol=1e-6, rtol=1e-5)
+        torch.testing.assert_close(raw[..., 4:84].sigmoid(), want[..., 5:], atol=1e-6, rtol=1e-5)

@@ -17,7 +17,7 @@ from PIL import Image
 import data
 import models
 import train
-from conftest import shapes_with_a_bad_box, shared_path
+from conftest import published_state, shapes_with_a_bad_box, shared_path
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -1166,18 +1166,7 @@ def test_pretrained_imagenet_classifier_goes_into_the_backbone(tiny_shapes, tmp_
 def test_pretrained_effdet_checkpoint_is_renamed_and_loaded(tiny_shapes, tmp_path, capsys):
     # A file with effdet's efficientdet_d0 names (small random weights, BatchNorm at identity):
     # everything but the class predictor (90 COCO slots; the shapes set has 6 classes) loads.
-    keys = json.load(open(os.path.join(os.path.dirname(__file__), "fixtures", "published_state_dict_keys.json")))
-    torch.manual_seed(0)
-
-    def value(name, shape):
-        if name.endswith(("running_var", "bn.weight")):
-            return torch.ones(shape)
-        if name.endswith("num_batches_tracked"):
-            return torch.tensor(0)
-        if name.endswith("running_mean"):
-            return torch.zeros(shape)
-        return torch.randn(shape) * 0.05  # conv weights, BatchNorm biases, the predictors' biases
-    state = {name: value(name, shape) for name, shape in keys["effdet:efficientdet_d0"]}
+    state = published_state("effdet:efficientdet_d0")
     torch.save(state, tmp_path / "effdet_d0.pth")
     run_train(tiny_shapes, tmp_path / "run", "--det_header", "efficientdet_d0", "-i", "128", "-e", "1",
               "--pretrained", str(tmp_path / "effdet_d0.pth"))
@@ -1207,3 +1196,61 @@ def test_pretrained_effdet_checkpoint_is_renamed_and_loaded(tiny_shapes, tmp_pat
                   "--pretrained", str(tmp_path / "effdet_d0.pth"))
     assert exc.value.code == 2
     assert "is an effdet EfficientDet: it fits an efficientdet_* --det_header" in capsys.readouterr().err
+
+
+def megvii_nano_file(path):
+    """A file as Megvii publishes its YOLOX weights ({"model": state dict, ...}) with yolox_nano's
+    names and shapes (small random weights, BatchNorm at identity). Returns its state dict."""
+    state = published_state("megvii:yolox_nano")
+    torch.save({"start_epoch": 300, "model": state, "optimizer": {"state": {}, "param_groups": []}}, path)
+    return state
+
+
+def test_pretrained_megvii_checkpoint_is_renamed_and_loaded(tiny_shapes, tmp_path, capsys):
+    state = megvii_nano_file(tmp_path / "yolox_nano.pth")
+    # On the shapes set (6 classes, not COCO's) all but the 3 levels' class predictors load, and
+    # the model takes 0..255 pixels as Megvii's weights were trained on, in its checkpoints too.
+    run_train(tiny_shapes, tmp_path / "run", "--det_header", "yolox_nano", "-i", "64", "-e", "1",
+              "--pretrained", str(tmp_path / "yolox_nano.pth"))
+    out = capsys.readouterr().out
+    total = len(models.build_model("yolox_nano").state_dict())
+    assert "is a Megvii YOLOX, renamed to ours" in out and f"--pretrained: {total - 6}/{total} tensors loaded" in out
+    saved = torch.load(tmp_path / "run" / "last.pt", weights_only=False)
+    assert saved["config"]["pixel_norm"] == "0-255"
+    # Resumed, model and EMA normalise as before (a setting, not a weight): the next epoch's
+    # weights equal a straight 2-epoch run's.
+    run_train(tiny_shapes, tmp_path / "run", "--det_header", "yolox_nano", "-i", "64", "-e", "2",
+              "--resume", str(tmp_path / "run" / "last.pt"))
+    run_train(tiny_shapes, tmp_path / "straight", "--det_header", "yolox_nano", "-i", "64", "-e", "2",
+              "--pretrained", str(tmp_path / "yolox_nano.pth"))
+    resumed = torch.load(tmp_path / "run" / "last.pt", weights_only=False)
+    straight = torch.load(tmp_path / "straight" / "last.pt", weights_only=False)
+    assert resumed["config"]["pixel_norm"] == "0-255"
+    for k, v in straight["model"].items():
+        torch.testing.assert_close(resumed["model"][k], v, atol=1e-6, rtol=0)
+    # A plaindet run started from it passes its normalisation on with its weights.
+    model, lines = models.build_model("yolox_nano", num_classes=6, input_shape=(64, 64)), []
+    train.load_pretrained(model, str(tmp_path / "run" / "last.pt"), lines.append)
+    assert model.config["pixel_norm"] == "0-255" and "takes its input as" in lines[0]
+    # On COCO's 80 ids every tensor loads, the class slots by id; the stem takes RGB (BGR
+    # reversed) and the box centres are measured from the cell's centre.
+    model, lines = models.build_model("yolox_nano", num_classes=2), []
+    train.load_pretrained(model, str(tmp_path / "yolox_nano.pth"), lines.append, [90, 1], ["toothbrush", "person"])
+    assert f"{total}/{total} tensors" in lines[-1] and "its class slots kept for the data's COCO category ids" in lines[0]
+    assert model.head.levels[2].cls_pred.bias.tolist() == [state["head.cls_preds.2.bias"][i].item() for i in (79, 0)]
+    assert torch.equal(model.backbone.stem.conv.weight[:, 0], state["backbone.backbone.stem.conv.conv.weight"][:, 2])
+    assert model.head.levels[0].reg_pred.bias[0] == state["head.reg_preds.0.bias"][0] - 0.5
+    # Megvii's file is no plaindet training state, and fits no EfficientDet: clear errors.
+    for extra, message in ((["--det_header", "yolox_nano", "--resume", str(tmp_path / "yolox_nano.pth")],
+                            "is not a plaindet training state (train.py's last.pt): start from its weights with "
+                            "--pretrained"),
+                           (["--det_header", "efficientdet_d0", "-i", "128", "--pretrained", str(tmp_path / "yolox_nano.pth")],
+                            "is a Megvii YOLOX: it fits a yolox_* --det_header, anchor-free, with its own backbone "
+                            "(now efficientdet_d0"),
+                           (["--det_header", "yolox_s", "--pretrained", str(tmp_path / "yolox_nano.pth")],
+                            "the file's backbone.backbone.dark2.0.dconv.conv.weight is no tensor of this YOLOX (ours "
+                            "would be backbone.dark2.0.dconv.conv.weight): it is another YOLOX size")):
+        with pytest.raises(SystemExit) as exc:
+            run_train(tiny_shapes, tmp_path / "bad", "-i", "64", "-e", "1", *extra)
+        err = capsys.readouterr().err
+        assert exc.value.code == 2 and message in err, err
