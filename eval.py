@@ -63,7 +63,7 @@ from data import (IMAGE_EXTENSIONS, PAD_VALUE, DataLoadError, batches, check_coc
                   default_workers, is_key, letterbox, make_loader, open_dataset, plain_warnings)
 from models import (COCO_CLASSES, EFFICIENTDET_PRESETS, PRESETS, YOLOX_PRESETS, build_model, check_input_shape,
                     coco_numbered, decode_boxes, effdet_state_dict, flatten_outputs, megvii_yolox_state_dict,
-                    parse_input_shape, unwrap_state_dict)
+                    parse_input_shape, tensorflow_trained, unwrap_state_dict)
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 KERNEL_PATH = os.path.join(HERE, "nms_kernels.cu")
@@ -825,8 +825,10 @@ def published_model(kind, state, path, cat_ids, class_names=None, det_header=Non
     so COCO's 80 categories read exactly as the original scores them. The data must be
     COCO-numbered: each id a COCO id with COCO's name (or none), else VOC's "cat" (id 2) would be
     scored by COCO's "bicycle" slot. The preset is the first of the kind whose tensors fit (effdet's
-    d6 and d7 share every tensor and differ in input size and anchors: --det_header says which)."""
+    d6 and d7 share every tensor and differ in input size and anchors: --det_header says which).
+    effdet's tf_efficientdet_* files (by name: models.tensorflow_trained) get TensorFlow's padding."""
     spec = PUBLISHED[kind]
+    tf_padding = kind == "effdet" and tensorflow_trained(path)
     if spec["slots_key"] not in state:
         raise EvalInputError(f"-m {path}: {spec['name']} weights without {spec['slots_key']} (" +
                              ("a resdet, say, without separable convs in its head" if kind == "effdet" else
@@ -844,7 +846,7 @@ def published_model(kind, state, path, cat_ids, class_names=None, det_header=Non
     preset = converted = None
     for name in presets:
         with torch.device("meta"):  # shapes only: a fit costs no memory
-            candidate = build_model(name, num_classes=len(cat_ids), pixel_norm=spec["pixel_norm"])
+            candidate = build_model(name, num_classes=len(cat_ids), pixel_norm=spec["pixel_norm"], tf_padding=tf_padding)
         try:
             converted = spec["convert"](state, candidate, cat_ids)
         except ValueError as e:
@@ -858,14 +860,15 @@ def published_model(kind, state, path, cat_ids, class_names=None, det_header=Non
     if preset == "efficientdet_d6" and not det_header:
         raise EvalInputError(f"-m {path}: effdet's d6 and d7 share every tensor (d7 runs at 1536 with larger "
                              f"anchors): give --det_header efficientdet_d6 or efficientdet_d7")
-    model = build_model(preset, num_classes=len(cat_ids), pixel_norm=spec["pixel_norm"],
+    model = build_model(preset, num_classes=len(cat_ids), pixel_norm=spec["pixel_norm"], tf_padding=tf_padding,
                         input_shape=None if input_shape is None else tuple(input_shape))
     try:
         model.load_state_dict(converted)
     except RuntimeError:
         raise EvalInputError(f"-m {path}: its head does not fit {preset}'s (another layout)") from None
     print(f"-m {path}: {spec['name']} weights, read as {preset} ({spec['convert'].__name__}), its class slots for "
-          f"{len(cat_ids)} COCO category ids")
+          f"{len(cat_ids)} COCO category ids" + (", padded as TensorFlow does (a tf_* model, by its name)"
+                                                  if tf_padding else ""))
     return model.to(device).eval()
 
 
@@ -906,7 +909,7 @@ def load_model(path_or_preset, det_header=None, num_classes=None, input_shape=No
     config = dict(saved)
     if det_header is not None and det_header != saved.get("det_header"):
         config = {"det_header": det_header, "num_classes": saved.get("num_classes", 80),
-                  "pixel_norm": saved.get("pixel_norm", "imagenet")}
+                  "pixel_norm": saved.get("pixel_norm", "imagenet"), "tf_padding": saved.get("tf_padding", False)}
     if num_classes is not None:
         config["num_classes"] = num_classes
     if input_shape is not None:

@@ -34,6 +34,7 @@ Megvii YOLOX); `python models.py` prints their parameter counts, which equal the
 ones. Facts were learned from those projects; the code is written from scratch.
 """
 import math
+import os
 import re
 import sys
 from dataclasses import dataclass
@@ -70,16 +71,43 @@ def batch_norm(channels):
     return nn.BatchNorm2d(channels, eps=1e-3, momentum=0.03)
 
 
+def pad_same(x, k, stride, value=0.0):
+    """TensorFlow's "same" padding of x [B, C, H, W] for a k x k window at this stride: the
+    output has ceil(H / stride) rows, and where the padding needed is odd the extra row goes at
+    the bottom (column at the right). At stride 2 on an even side that is 0 above and 1 below
+    for k = 3 (1 and 2 for k = 5), where k // 2 pads 1 (2) on both sides: the same output size,
+    with every window one pixel further down and right. value: what the padding holds (-inf
+    for a max-pool)."""
+    h, w = x.shape[-2:]
+    ph = max((-(-h // stride) - 1) * stride + k - h, 0)
+    pw = max((-(-w // stride) - 1) * stride + k - w, 0)
+    return F.pad(x, (pw // 2, pw - pw // 2, ph // 2, ph - ph // 2), value=value)
+
+
+class Conv2dSame(nn.Conv2d):
+    """nn.Conv2d with TensorFlow's "same" padding (pad_same), for weights trained in TensorFlow
+    (effdet's and timm's tf_* models; build_model's tf_padding). Only stride-2 convs need it: at
+    stride 1 an odd k pads k // 2 on both sides in TensorFlow too."""
+
+    def forward(self, x):
+        return F.conv2d(pad_same(x, self.kernel_size[0], self.stride[0]), self.weight, self.bias, self.stride,
+                        0, self.dilation, self.groups)
+
+
 class ConvBnAct(nn.Sequential):
     """conv (no bias: the BN's shift does that job) -> BN -> activation (SiLU by default).
 
     Symmetric padding k // 2: a stride-2 conv maps H to ceil(H / 2), the same rule every
-    stride-2 step in this file follows, so level sizes are ceil(H / stride).
+    stride-2 step in this file follows, so level sizes are ceil(H / stride). tf_same: a stride-2
+    conv pads as TensorFlow does instead (Conv2dSame; the same sizes).
     """
 
-    def __init__(self, c_in, c_out, k=1, stride=1, groups=1, act=True):
+    def __init__(self, c_in, c_out, k=1, stride=1, groups=1, act=True, tf_same=False):
         super().__init__()
-        self.conv = nn.Conv2d(c_in, c_out, k, stride, k // 2, groups=groups, bias=False)
+        if tf_same and stride > 1:
+            self.conv = Conv2dSame(c_in, c_out, k, stride, 0, groups=groups, bias=False)
+        else:
+            self.conv = nn.Conv2d(c_in, c_out, k, stride, k // 2, groups=groups, bias=False)
         self.bn = batch_norm(c_out)
         if act is True:
             self.act = nn.SiLU()
@@ -135,18 +163,19 @@ class MBConv(nn.Module):
     channels, as in the official EfficientNet. With fused=True (EfficientNetV2's early
     stages) the expand and depthwise convs merge into one k x k conv, and there is no SE.
     Stochastic depth (drop-connect) is left out: it matters for long ImageNet-scale runs.
+    tf_same: the strided conv pads as TensorFlow does (ConvBnAct).
     """
 
-    def __init__(self, c_in, c_out, k, stride, expand, se_ratio, fused=False):
+    def __init__(self, c_in, c_out, k, stride, expand, se_ratio, fused=False, tf_same=False):
         super().__init__()
         mid = c_in * expand
         layers = []
         if fused:
-            layers.append(ConvBnAct(c_in, mid if expand != 1 else c_out, k, stride))
+            layers.append(ConvBnAct(c_in, mid if expand != 1 else c_out, k, stride, tf_same=tf_same))
         else:
             if expand != 1:
                 layers.append(ConvBnAct(c_in, mid, 1))
-            layers.append(ConvBnAct(mid, mid, k, stride, groups=mid))
+            layers.append(ConvBnAct(mid, mid, k, stride, groups=mid, tf_same=tf_same))
         if se_ratio:
             layers.append(SqueezeExcite(mid, max(1, int(c_in * se_ratio))))
         if not (fused and expand == 1):
@@ -277,9 +306,10 @@ EFFICIENTNETV2_B0_STAGES = [(True, 1, 3, 1, 16, 1, 0), (True, 4, 3, 2, 32, 2, 0)
 
 class EfficientNet(nn.Module):
     """EfficientNet V1 (B0..B7, EfficientDet's backbones) or V2-B0, without the classifier
-    and without the final 1x1 conv to 1280 channels (detection uses the stage outputs)."""
+    and without the final 1x1 conv to 1280 channels (detection uses the stage outputs).
+    tf_same: the stride-2 convs pad as TensorFlow does, for TensorFlow-trained weights."""
 
-    def __init__(self, variant="b0"):
+    def __init__(self, variant="b0", tf_same=False):
         super().__init__()
         if variant == "v2_b0":
             stages, width, depth = EFFICIENTNETV2_B0_STAGES, 1.0, 1.0
@@ -287,14 +317,14 @@ class EfficientNet(nn.Module):
             width, depth = EFFICIENTNET_SCALES[variant]
             stages = [(False, e, k, s, c, r, 0.25) for e, k, s, c, r in EFFICIENTNET_B0_STAGES]
         c_in = round_channels(32, width)
-        self.stem = ConvBnAct(3, c_in, 3, 2)
+        self.stem = ConvBnAct(3, c_in, 3, 2, tf_same=tf_same)
         self.stages = nn.ModuleList()
         stage_strides, stage_channels, total_stride = [], [], 2
         for fused, expand, k, stride, c_out, repeats, se in stages:
             c_out = round_channels(c_out, width)
             blocks = []
             for i in range(math.ceil(repeats * depth)):
-                blocks.append(MBConv(c_in, c_out, k, stride if i == 0 else 1, expand, se, fused))
+                blocks.append(MBConv(c_in, c_out, k, stride if i == 0 else 1, expand, se, fused, tf_same))
                 c_in = c_out
             self.stages.append(nn.Sequential(*blocks))
             total_stride *= stride
@@ -385,14 +415,15 @@ class TimmBackbone(nn.Module):
 BACKBONES = ["cspdarknet"] + [f"efficientnet_{v}" for v in EFFICIENTNET_SCALES] + ["efficientnetv2_b0", "resnet50"]
 
 
-def build_backbone(name, yolox_depth=0.33, yolox_width=0.50, depthwise=False):
-    """A backbone by name: one of BACKBONES or "timm:NAME". The YOLOX multipliers size CSPDarknet."""
+def build_backbone(name, yolox_depth=0.33, yolox_width=0.50, depthwise=False, tf_padding=False):
+    """A backbone by name: one of BACKBONES or "timm:NAME". The YOLOX multipliers size CSPDarknet.
+    tf_padding: TensorFlow's padding in an EfficientNet's stride-2 convs (the others have none)."""
     if name == "cspdarknet":
         return CSPDarknet(yolox_depth, yolox_width, depthwise)
     if name.startswith("efficientnet_") and name[len("efficientnet_"):] in EFFICIENTNET_SCALES:
-        return EfficientNet(name[len("efficientnet_"):])
+        return EfficientNet(name[len("efficientnet_"):], tf_padding)
     if name == "efficientnetv2_b0":
-        return EfficientNet("v2_b0")
+        return EfficientNet("v2_b0", tf_padding)
     if name == "resnet50":
         return ResNet50()
     if name.startswith("timm:"):
@@ -439,6 +470,15 @@ def unwrap_state_dict(state):
     return state
 
 
+def tensorflow_trained(path):
+    """True for a file of effdet's tf_efficientdet_* or timm's tf_efficientnet_* models, by its
+    path (tf_efficientdet_d0_34-f153e0cf.pth, .../models--timm--tf_efficientnet_b0.ns_jft_in1k/
+    .../pytorch_model.bin): their tensors have the names and shapes of the PyTorch-trained ones,
+    so the name is all that tells them apart. They were trained with TensorFlow's padding, which
+    build_model's tf_padding reproduces (their outputs are then equal; tests/test_models.py)."""
+    return re.search(r"tf_efficient(det|net)", os.path.abspath(path)) is not None
+
+
 def coco_numbered(cat_ids, class_names):
     """True where a dataset's categories are COCO's: each id is a COCO id whose name is COCO's
     (or no name at all, an id written out), so an effdet class slot can stand for it."""
@@ -467,8 +507,9 @@ def load_backbone_weights(backbone, state):
     timm's conv_head / bn2 / classifier, torchvision's fc), which are left out.
     Two differences stay: BatchNorm's eps is 1e-3 here (YOLOX's and TensorFlow's) where timm's
     PyTorch-trained models and torchvision use 1e-5, which moves a channel with a small running
-    variance by a few percent until fine-tuning adapts it; and tf_* weights were trained with
-    TensorFlow's asymmetric "same" padding, where ours pads both sides alike.
+    variance by a few percent until fine-tuning adapts it. timm's tf_* weights (BatchNorm eps
+    1e-3, as ours) were trained with TensorFlow's padding: build the backbone with tf_padding=True
+    for them (see tensorflow_trained), and the features come out equal.
     Returns the number of tensors copied; raises ValueError naming the first one that does not fit.
     """
     own, theirs = _paired(backbone.state_dict().items()), _paired(state.items())
@@ -510,8 +551,9 @@ def effdet_state_dict(state, model, cat_ids=None):
         ids included). cat_ids (a dataset's COCO category ids, all in 1..90) keeps the slots of
         those ids, anchor by anchor, so the result fits a model of len(cat_ids) classes and
         scores COCO's 80 categories exactly as effdet does; None keeps all 90.
-    Not the same: the backbone's BatchNorm eps (timm's 1e-5, ours 1e-3), and effdet's tf_*
-    models, trained with TensorFlow's asymmetric padding (they load, but not exactly).
+    Not the same: the backbone's BatchNorm eps (timm's 1e-5, ours 1e-3). effdet's tf_* models
+    (tf_efficientdet_d0 ...) have the same tensors, trained with TensorFlow's padding: build the
+    model with tf_padding=True (see tensorflow_trained) and they give the same outputs too.
     Raises ValueError naming the first tensor that does not fit. The model may be on the "meta"
     device (its shapes are all this reads); the result is on the CPU."""
     own = model.state_dict()
@@ -599,8 +641,8 @@ def megvii_yolox_name(name):
 def megvii_yolox_state_dict(state, model, cat_ids=None):
     """A Megvii YOLOX checkpoint's weights (github.com/Megvii-BaseDetection/YOLOX, its
     yolox_nano ... yolox_x.pth: {"model": state dict, ...}) -> a state dict under this model's
-    names. model: the same YOLOX preset, anchor-free, built with pixel_norm "0-255" (or switched
-    to it with set_pixel_norm): Megvii's weights since v0.1.1 take BGR pixels 0..255, unnormalised.
+    names. model: the same YOLOX preset, anchor-free, built with pixel_norm "0-255": Megvii's
+    weights since v0.1.1 take BGR pixels 0..255, unnormalised.
 
     Checked against Megvii's yolox package (tests/test_models.py): with the converted weights both
     give the same boxes and scores. The layers are theirs, renamed (megvii_yolox_name); three
@@ -661,14 +703,22 @@ def megvii_yolox_state_dict(state, model, cat_ids=None):
 # Necks
 # ---------------------------------------------------------------------------------------
 
-def resize_like(x, ref):
+def downsample(x, tf_same=False):
+    """EfficientDet's 3x3 / stride-2 max-pool, padded k // 2 on both sides, or as TensorFlow
+    pads (tf_same, pad_same with -inf); ceil(H / 2) rows either way."""
+    if tf_same:
+        return F.max_pool2d(pad_same(x, 3, 2, value=float("-inf")), 3, 2)
+    return F.max_pool2d(x, 3, 2, 1)
+
+
+def resize_like(x, ref, tf_same=False):
     """Bring map x to ref's spatial size: nearest 2x upsampling going down the strides, a
     3x3 / stride-2 max-pool going up (EfficientDet's resampling); sizes follow ceil(H / 2)."""
     if x.shape[-2:] == ref.shape[-2:]:
         return x
     if x.shape[-2] <= ref.shape[-2] and x.shape[-1] <= ref.shape[-1]:
         return F.interpolate(x, size=ref.shape[-2:], mode="nearest")
-    return F.max_pool2d(x, 3, 2, 1)
+    return downsample(x, tf_same)
 
 
 class ChannelMatch(nn.Sequential):
@@ -686,11 +736,12 @@ class FusionNode(nn.Module):
 
     Fast normalised fusion: out = sum(relu(w_i) * x_i) / (sum(relu(w_i)) + 1e-4), one learned
     scalar per input, so the net learns how much each level contributes. D6 / D7 use a plain
-    sum instead (weighted=False), as published.
+    sum instead (weighted=False), as published. tf_same: its max-pool pads as TensorFlow does.
     """
 
-    def __init__(self, n_inputs, channels, in_channels, weighted):
+    def __init__(self, n_inputs, channels, in_channels, weighted, tf_same=False):
         super().__init__()
+        self.tf_same = tf_same
         # A 1x1 conv + BN for each input whose width differs (backbone maps in the first cell).
         self.match = nn.ModuleList([ChannelMatch(c, channels) if c != channels else nn.Identity()
                                     for c in in_channels])
@@ -699,7 +750,7 @@ class FusionNode(nn.Module):
         self.bn = batch_norm(channels)
 
     def forward(self, inputs, ref):
-        xs = [resize_like(m(x), ref) for m, x in zip(self.match, inputs)]
+        xs = [resize_like(m(x), ref, self.tf_same) for m, x in zip(self.match, inputs)]
         if self.weights is None:
             out = xs[0]
             for x in xs[1:]:
@@ -722,14 +773,15 @@ class BiFPNCell(nn.Module):
     A backbone map used by two nodes gets a separate 1x1 conv in each (as published).
     """
 
-    def __init__(self, in_channels, channels, weighted):
+    def __init__(self, in_channels, channels, weighted, tf_same=False):
         super().__init__()
         n = len(in_channels)
         c = channels
-        self.top_down = nn.ModuleList([FusionNode(2, c, [in_channels[i], c], weighted) for i in range(n - 2, -1, -1)])
+        self.top_down = nn.ModuleList([FusionNode(2, c, [in_channels[i], c], weighted, tf_same)
+                                       for i in range(n - 2, -1, -1)])
         self.bottom_up = nn.ModuleList([FusionNode(3 if i < n - 1 else 2, c,
                                                    [in_channels[i], c, c] if i < n - 1 else [in_channels[i], c],
-                                                   weighted) for i in range(1, n)])
+                                                   weighted, tf_same) for i in range(1, n)])
 
     def forward(self, feats):
         n = len(feats)
@@ -746,16 +798,18 @@ class BiFPNCell(nn.Module):
 
 class BiFPN(nn.Module):
     """EfficientDet neck: add coarser levels (P6 = max-pool(BN(1x1 conv(P5))), P7 = max-pool(P6), ...)
-    then `repeats` BiFPN cells at `channels` width. Strides 8 .. 2**(2 + num_levels)."""
+    then `repeats` BiFPN cells at `channels` width. Strides 8 .. 2**(2 + num_levels).
+    tf_same: every max-pool pads as TensorFlow does."""
 
-    def __init__(self, in_channels, channels, repeats, num_levels=5, weighted=True):
+    def __init__(self, in_channels, channels, repeats, num_levels=5, weighted=True, tf_same=False):
         super().__init__()
+        self.tf_same = tf_same
         self.extra = ChannelMatch(in_channels[-1], channels) if in_channels[-1] != channels else nn.Identity()
         self.num_extra = num_levels - len(in_channels)
         level_channels = list(in_channels) + [channels] * self.num_extra
         self.cells = nn.ModuleList()
         for _ in range(repeats):
-            self.cells.append(BiFPNCell(level_channels, channels, weighted))
+            self.cells.append(BiFPNCell(level_channels, channels, weighted, tf_same))
             level_channels = [channels] * num_levels
         self.channels = [channels] * num_levels
         self.strides = tuple(2 ** (3 + i) for i in range(num_levels))
@@ -764,7 +818,7 @@ class BiFPN(nn.Module):
         feats = list(feats)
         x = self.extra(feats[-1])
         for _ in range(self.num_extra):
-            x = F.max_pool2d(x, 3, 2, 1)
+            x = downsample(x, self.tf_same)
             feats.append(x)
         for cell in self.cells:
             feats = cell(feats)
@@ -921,14 +975,6 @@ class Detector(nn.Module):
         self.register_buffer("mean", torch.tensor(mean).view(1, 3, 1, 1), persistent=False)
         self.register_buffer("std", torch.tensor(std).view(1, 3, 1, 1), persistent=False)
 
-    def set_pixel_norm(self, name):
-        """Normalise the input as weights from elsewhere expect (a PIXEL_NORMS name: "0-255" for
-        Megvii's YOLOX). Recorded in config, so a checkpoint of this model rebuilds with it."""
-        mean, std = PIXEL_NORMS[name]
-        self.mean.copy_(torch.tensor(mean).view(1, 3, 1, 1))
-        self.std.copy_(torch.tensor(std).view(1, 3, 1, 1))
-        self.config["pixel_norm"] = name
-
     def forward(self, images):
         if images.dim() != 4 or images.shape[1] != 3 or images.shape[2] % 32 or images.shape[3] % 32:
             raise ValueError(f"models.py: images must be [B, 3, H, W] with H and W multiples of 32, got "
@@ -1032,7 +1078,7 @@ def preset_input_shape(det_header):
 
 
 def build_model(det_header, backbone=None, anchors_mode=None, num_classes=80, input_shape=None,
-                anchor_scale=None, pixel_norm="imagenet"):
+                anchor_scale=None, pixel_norm="imagenet", tf_padding=False):
     """Build a Detector from a preset name.
 
     det_header: one of PRESETS (sets the neck, the head and their sizes).
@@ -1045,6 +1091,8 @@ def build_model(det_header, backbone=None, anchors_mode=None, num_classes=80, in
     anchor_scale: anchor size in strides at octave 0 (None = the preset's: 4, D7 5), for make_priors.
     pixel_norm: how forward normalises its 0..1 input, a PIXEL_NORMS name ("imagenet"; "0-255"
         for Megvii's YOLOX weights: megvii_yolox_state_dict).
+    tf_padding: the EfficientNet backbone's and the BiFPN's stride-2 layers pad as TensorFlow does
+        (pad_same), for TensorFlow-trained weights: effdet's tf_efficientdet_*, timm's tf_efficientnet_*.
     `config` holds these arguments: build_model(**model.config) rebuilds the same model.
     """
     if det_header not in PRESETS:
@@ -1071,10 +1119,13 @@ def build_model(det_header, backbone=None, anchors_mode=None, num_classes=80, in
         depth, yolox_width, depthwise, _ = YOLOX_PRESETS[det_header]
         default_backbone = "cspdarknet"
     backbone = default_backbone if backbone is None else backbone
-    body = build_backbone(backbone, depth, yolox_width, depthwise)
+    if tf_padding and not (is_effdet or backbone.startswith("efficientnet")):
+        raise ValueError(f"models.py: tf_padding changes an EfficientNet backbone or a BiFPN, and {det_header} "
+                         f"with backbone {backbone} has neither")
+    body = build_backbone(backbone, depth, yolox_width, depthwise, tf_padding)
 
     if is_effdet:
-        neck = BiFPN(body.channels, width, cells, num_levels, weighted)
+        neck = BiFPN(body.channels, width, cells, num_levels, weighted, tf_padding)
         head = EfficientDetHead(width, num_levels, head_repeats, num_anchors, num_classes, objectness)
     else:
         neck = PAFPN(body.channels, depth, depthwise)
@@ -1082,7 +1133,7 @@ def build_model(det_header, backbone=None, anchors_mode=None, num_classes=80, in
     config = dict(det_header=det_header, backbone=backbone, anchors_mode=anchors_mode,
                   num_classes=num_classes, input_shape=input_shape,
                   anchor_scale=float(PRESET_ANCHOR_SCALE.get(det_header, ANCHOR_SCALE) if anchor_scale is None
-                                     else anchor_scale), pixel_norm=pixel_norm)
+                                     else anchor_scale), pixel_norm=pixel_norm, tf_padding=bool(tf_padding))
     model = Detector(body, neck, head, anchors_mode, num_classes, config)
     # Channels-last (NHWC) weights and activations: oneDNN on CPU runs the depthwise convs
     # of EfficientNet / BiFPN and their backward about 2x faster in this layout (EfficientDet-D0

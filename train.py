@@ -657,9 +657,11 @@ def run(argv=None):
 
     # ---- model, priors, optimizer
     torch.manual_seed(cfg["seed"])  # same seed -> same initial weights
+    pixel_norm, tf_padding = weights_settings(cfg, log)
     try:
         model = models.build_model(cfg["det_header"], backbone=cfg["backbone"], anchors_mode=cfg["anchors_mode"],
-                                   num_classes=len(train_set.class_names), input_shape=tuple(cfg["input_shape"]))
+                                   num_classes=len(train_set.class_names), input_shape=tuple(cfg["input_shape"]),
+                                   pixel_norm=pixel_norm, tf_padding=tf_padding)
     except ValueError as e:
         fail(str(e))
     if cfg["pretrained"]:
@@ -992,17 +994,28 @@ def checkpoint_state(model, ema, optimizer, scaler, epoch, best_ap, run_config, 
 
 def load_checkpoint_file(path, mmap=False):
     """torch.load with one clear error for a missing or foreign file. mmap: map the tensors
-    instead of reading them, for a quick look at the config."""
+    instead of reading them, for a quick look at the config (a file in torch's older, unmappable
+    format is read)."""
     if not os.path.isfile(path):
         fail(f"{path} does not exist: give the last.pt / best.pt of an earlier run")
-    try:
-        # weights_only: tensors, numbers, strings and containers only; a checkpoint from elsewhere
-        # (a --pretrained download) can then not run code while it loads.
-        # timm's and effdet's training checkpoints also hold their argparse flags, a Namespace
-        with torch.serialization.safe_globals([argparse.Namespace]):
-            ckpt = torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
-    except Exception as e:  # a truncated or foreign file
-        fail(f"{path} is not a readable plaindet checkpoint ({type(e).__name__}: {e})")
+    if path.endswith(".safetensors"):
+        # (safetensors also stores tensors sorted by name, losing the order the position match needs)
+        fail(f"{path}: torch cannot read safetensors files; download the pytorch_model.bin beside it "
+             f"instead, or rebuild the model in timm and save it: `python -c \"import timm, torch, safetensors.torch "
+             f"as s; m = timm.create_model('NAME'); m.load_state_dict(s.load_file('{path}')); "
+             f"torch.save(m.state_dict(), 'NAME.pth')\"`")
+    for mapped in ((True, False) if mmap else (False,)):
+        try:
+            # weights_only: tensors, numbers, strings and containers only; a checkpoint from elsewhere
+            # (a --pretrained download) can then not run code while it loads.
+            # timm's and effdet's training checkpoints also hold their argparse flags, a Namespace
+            with torch.serialization.safe_globals([argparse.Namespace]):
+                ckpt = torch.load(path, map_location="cpu", weights_only=True, mmap=mapped)
+            break
+        except Exception as e:  # a truncated or foreign file
+            if mapped:
+                continue  # torch's older file format cannot be mapped (effdet's 2020 weights): read it
+            fail(f"{path} is not a readable plaindet checkpoint ({type(e).__name__}: {e})")
     if not isinstance(ckpt, dict):
         fail(f"{path} holds a {type(ckpt).__name__}, not a checkpoint: give the last.pt / best.pt of an earlier run")
     return ckpt
@@ -1032,11 +1045,6 @@ def load_resume(cfg, model, ema, optimizer, scaler, train_set, world, log):
         fail(f"{path} was trained as {ckpt['config'].get('det_header')} with {ckpt['config'].get('num_classes')} "
              f"classes ({ckpt['config'].get('anchors_mode')}); resume it with the same --det_header, "
              f"--backbone, mode and data")
-    # A run that started from Megvii's weights goes on normalising its input as they need (the
-    # normalisation is a setting, not a weight: load_state_dict leaves it as built).
-    for m in (model, ema.module if ema is not None else None):
-        if m is not None:
-            m.set_pixel_norm(ckpt["config"].get("pixel_norm", "imagenet"))
     if ema is not None and ckpt.get("ema") is not None:
         ema.module.load_state_dict(ckpt["ema"])
         ema.updates = ckpt.get("ema_updates", 0)
@@ -1083,22 +1091,44 @@ def load_resume(cfg, model, ema, optimizer, scaler, train_set, world, log):
     return ckpt["epoch"], step, generator, sums, ckpt.get("best_ap", -1.0)
 
 
+def weights_settings(cfg, log):
+    """(pixel_norm, tf_padding) for build_model: how the model treats its input is set by the
+    weights it starts from, not by a flag, so the --resume / --pretrained file is looked at
+    (mapped, not read) before the model is built.
+      - a plaindet checkpoint: as its run had them (a run started from Megvii's weights goes on
+        normalising as they need, its resumed and fine-tuned runs too);
+      - a Megvii YOLOX: pixel_norm "0-255" (Megvii's weights take 0..255 pixels);
+      - effdet's tf_efficientdet_* and timm's tf_efficientnet_* files (by name: models.tensorflow_trained):
+        TensorFlow's padding, under which their outputs equal the originals'.
+    Anything else: ("imagenet", False), as a new model is built."""
+    path = cfg["resume"] or cfg["pretrained"]
+    if not path:
+        return "imagenet", False
+    ckpt = load_checkpoint_file(path, mmap=True)
+    if "config" in ckpt:
+        return ckpt["config"].get("pixel_norm", "imagenet"), ckpt["config"].get("tf_padding", False)
+    state = models.unwrap_state_dict(ckpt.get("ema") or ckpt.get("model") or ckpt)
+    pixel_norm = "0-255" if "head.stems.0.conv.weight" in state else "imagenet"
+    has_efficientnet = cfg["det_header"] in models.EFFICIENTDET_PRESETS or str(cfg["backbone"]).startswith("efficientnet")
+    tf_padding = models.tensorflow_trained(path) and has_efficientnet
+    if pixel_norm != "imagenet":
+        log(f"--pretrained: the model takes 0..255 pixels, unnormalised, as Megvii's weights want (pixel_norm 0-255)")
+    if tf_padding:
+        log(f"--pretrained: {os.path.basename(path)} is a TensorFlow-trained model (by its name), so the stride-2 "
+            f"layers pad as TensorFlow does (tf_padding)")
+    return pixel_norm, tf_padding
+
+
 def load_pretrained(model, path, log, cat_ids=None, class_names=None):
     """Copy every tensor whose name and shape match (EMA weights when present): a detector
     trained on other classes still gives its backbone and neck, and the head starts fresh.
     An effdet EfficientDet checkpoint is renamed to ours first (models.effdet_state_dict), and so
-    is a Megvii YOLOX one (models.megvii_yolox_state_dict; the model then takes its input as Megvii's
-    weights do, pixel_norm "0-255", and every checkpoint of the run records it). A file
+    is a Megvii YOLOX one (models.megvii_yolox_state_dict; the model was built to take its input as
+    their weights want: weights_settings). A file
     with no backbone.* names is taken as an ImageNet classifier from timm or torchvision and goes
     into the backbone alone (models.load_backbone_weights): the usual start for a detector, and
     what the EfficientDet recipe's 32 frozen epochs are for.
     cat_ids, class_names: the training data's, for an effdet or Megvii file's class slots."""
-    if path.endswith(".safetensors"):
-        # (safetensors also stores tensors sorted by name, losing the order the position match needs)
-        fail(f"--pretrained {path}: torch cannot read safetensors files; download the pytorch_model.bin beside it "
-             f"instead, or rebuild the model in timm and save it: `python -c \"import timm, torch, safetensors.torch "
-             f"as s; m = timm.create_model('NAME'); m.load_state_dict(s.load_file('{path}')); "
-             f"torch.save(m.state_dict(), 'NAME.pth')\"`")
     ckpt = load_checkpoint_file(path)
     state = models.unwrap_state_dict(ckpt.get("ema") or ckpt.get("model") or ckpt)
     if any(k.startswith("class_net.") for k in state):  # an effdet EfficientDet: renamed, then as ours
@@ -1130,9 +1160,7 @@ def load_pretrained(model, path, log, cat_ids=None, class_names=None):
             state = models.megvii_yolox_state_dict(state, shaped, cat_ids if coco_ids else None)
         except ValueError as e:
             fail(f"--pretrained {path}: {e}")
-        model.set_pixel_norm("0-255")
-        log(f"--pretrained: {path} is a Megvii YOLOX, renamed to ours (models.megvii_yolox_state_dict); the model "
-            f"takes its input as Megvii's weights do (pixel_norm 0-255)" +
+        log(f"--pretrained: {path} is a Megvii YOLOX, renamed to ours (models.megvii_yolox_state_dict)" +
             (", its class slots kept for the data's COCO category ids" if coco_ids else ""))
     elif "backbone.backbone.stem.conv.conv.weight" in state:
         fail(f"--pretrained {path} looks like Megvii's YOLOX without its head (no head.stems.*): give the whole "
@@ -1160,11 +1188,6 @@ def load_pretrained(model, path, log, cat_ids=None, class_names=None):
         fail(f"--pretrained {path}: only {fit} of this model's {total} backbone tensors fit it ({len(matched)} of "
              f"{len(own)} fit anywhere; it holds {trained}): give a checkpoint with the same --backbone / --det_header")
     model.load_state_dict(matched, strict=False)
-    # A plaindet run that started from Megvii's weights: its backbone wants their input too.
-    saved_norm = (ckpt.get("config") or {}).get("pixel_norm")
-    if saved_norm and saved_norm != model.config.get("pixel_norm"):
-        model.set_pixel_norm(saved_norm)
-        log(f"--pretrained: the model takes its input as {path}'s did (pixel_norm {saved_norm})")
     log(f"--pretrained: {len(matched)}/{len(own)} tensors loaded from {path}")
 
 

@@ -951,7 +951,11 @@ def test_an_effdet_checkpoint_is_evaluated_on_the_data_s_coco_ids(tmp_path, caps
     # The command line: -m the file, -d a COCO json with COCO's first 20 categories (ids and names).
     small = small_coco_with_coco_names(tmp_path / "small")
     assert ev.main(["-m", str(tmp_path / "d0.pth"), "-d", small, "--device", "cpu", "-i", "128"]) == 0
-    assert "effdet EfficientDet weights, read as efficientdet_d0" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert "effdet EfficientDet weights, read as efficientdet_d0" in out and "TensorFlow" not in out
+    # effdet's tf_efficientdet_d0 (the same tensors) by its file's name: TensorFlow's padding.
+    tf_model = ev.published_model("effdet", state, "weights/tf_efficientdet_d0_34-f153e0cf.pth", [3, 1])
+    assert tf_model.config["tf_padding"] and "padded as TensorFlow does" in capsys.readouterr().out
     # Data that is not COCO's (VOC's "cat" is id 2, COCO's "bicycle"; an id past 90) and a file
     # that fits no preset: one clear error each.
     for ids, names, shown in (([1, 2], ["person", "cat"], "(2, 'cat')"), ([1, 95], None, "(95, 95)")):

@@ -100,7 +100,7 @@ def test_config_rebuilds_the_same_model():
                                num_classes=7, input_shape=(256, 320))
     assert model.config == dict(det_header="yolox_nano", backbone="efficientnet_b0",
                                 anchors_mode="efficientdet", num_classes=7, input_shape=(256, 320),
-                                anchor_scale=4.0, pixel_norm="imagenet")
+                                anchor_scale=4.0, pixel_norm="imagenet", tf_padding=False)
     again = models.build_model(**model.config)
     assert again.load_state_dict(model.state_dict()) is not None
     assert models.build_model("efficientdet_d0").config["anchors_mode"] == "efficientdet"
@@ -563,18 +563,21 @@ def test_megvii_checkpoints_that_do_not_fit_are_named():
 
 
 def test_pixel_norm_is_part_of_the_model_config():
-    model = models.build_model("yolox_nano", num_classes=3, input_shape=(64, 64))
-    x = torch.rand(1, 3, 64, 64)
-    with torch.no_grad():
-        want = models.flatten_outputs(model.eval()(x * 255 * torch.tensor(models.IMAGENET_STD).view(1, 3, 1, 1) / 255
-                                                   + torch.tensor(models.IMAGENET_MEAN).view(1, 3, 1, 1)))
-        model.set_pixel_norm("0-255")
-        # (x * std + mean) under ImageNet's normalisation is x again; x / 255 times 255 is x too.
-        got = models.flatten_outputs(model(x / 255))
-    torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-4)
-    assert model.config["pixel_norm"] == "0-255"
-    again = models.build_model(**model.config)
-    assert again.mean.tolist() == [[[[0.0]], [[0.0]], [[0.0]]]] and torch.allclose(again.std * 255, torch.ones(3, 1, 1))
+    # What the backbone is fed: "imagenet" (z - mean) / std, "0-255" 255 y. With z = x * std + mean
+    # and y = x / 255 both feed it x.
+    fed = []
+    x = torch.randn(1, 3, 64, 64)
+    mean, std = torch.tensor(models.IMAGENET_MEAN).view(1, 3, 1, 1), torch.tensor(models.IMAGENET_STD).view(1, 3, 1, 1)
+    for pixel_norm, images in (("imagenet", x * std + mean), ("0-255", x / 255)):
+        model = models.build_model("yolox_nano", num_classes=3, input_shape=(64, 64), pixel_norm=pixel_norm).eval()
+        model.backbone.register_forward_pre_hook(lambda module, args: fed.append(args[0]))
+        with torch.no_grad():
+            model(images)
+        again = models.build_model(**model.config)
+        assert again.config["pixel_norm"] == pixel_norm and torch.equal(again.std, model.std)
+    torch.testing.assert_close(fed[0], x, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(fed[1], x, atol=1e-5, rtol=1e-5)
+    assert model.mean.flatten().tolist() == [0.0, 0.0, 0.0] and torch.allclose(model.std * 255, torch.ones(3, 1, 1))
     with pytest.raises(ValueError, match=r"unknown pixel_norm 'bgr'; valid ones: imagenet, 0-255"):
         models.build_model("yolox_nano", pixel_norm="bgr")
 
@@ -604,3 +607,63 @@ def test_megvii_yolox_outputs_come_out_equal():
                                                      want[..., :2] + want[..., 2:4] / 2], -1), atol=2e-4, rtol=1e-5)
         torch.testing.assert_close(raw[..., 84].sigmoid(), want[..., 4], atol=1e-6, rtol=1e-5)
         torch.testing.assert_close(raw[..., 4:84].sigmoid(), want[..., 5:], atol=1e-6, rtol=1e-5)
+
+
+# ---------------------------------------------------------------- TensorFlow's padding
+def test_tf_same_padding_puts_the_odd_pixel_at_the_bottom_right():
+    x = torch.arange(16.0).view(1, 1, 4, 4)
+    # k 3, stride 2 on 4: 1 pixel in all, after the last row / column; k 5: 1 before, 2 after;
+    # an odd side (5) needs 2: one each side, as k // 2 pads.
+    assert models.pad_same(x, 3, 2).shape[-2:] == (5, 5) and models.pad_same(x, 3, 2)[0, 0, :4, :4].equal(x[0, 0])
+    assert models.pad_same(x, 5, 2)[0, 0, 1:5, 1:5].equal(x[0, 0]) and models.pad_same(x, 5, 2).shape[-2:] == (7, 7)
+    assert models.pad_same(torch.zeros(1, 1, 5, 5), 3, 2).shape[-2:] == (7, 7)
+    # The BiFPN's 3x3 / stride-2 max-pool: window (0, 0) covers rows and columns 0..1 with k // 2
+    # padding (max 5), 0..2 with TensorFlow's (max 10); padding never wins a max.
+    assert models.downsample(x)[0, 0].tolist() == [[5, 7], [13, 15]]
+    assert models.downsample(x, tf_same=True)[0, 0].tolist() == [[10, 11], [14, 15]]
+    assert models.downsample(-1 - x, tf_same=True)[0, 0].tolist() == [[-1, -3], [-9, -11]]
+    # A stride-2 conv of ones over ones counts the real pixels its window covers.
+    conv = models.Conv2dSame(1, 1, 3, 2, 0, bias=False)
+    torch.nn.init.ones_(conv.weight)
+    assert conv(torch.ones(1, 1, 4, 4))[0, 0].tolist() == [[9, 6], [6, 4]]
+    # Named by their files' paths; and only where there is an EfficientNet or a BiFPN to pad.
+    assert models.tensorflow_trained("w/tf_efficientdet_d0_34-f153e0cf.pth")
+    assert models.tensorflow_trained("hub/models--timm--tf_efficientnet_b0.ns_jft_in1k/snapshots/1/pytorch_model.bin")
+    assert not models.tensorflow_trained("w/efficientdet_d0-f3276ba8.pth")
+    with pytest.raises(ValueError, match=r"tf_padding changes an EfficientNet backbone or a BiFPN, and yolox_s"):
+        models.build_model("yolox_s", tf_padding=True)
+
+
+def test_tf_efficientdet_and_tf_efficientnet_outputs_come_out_equal_with_tf_padding():
+    # effdet's tf_efficientdet_d0 and timm's tf_efficientnet_b3 (random weights, BatchNorm
+    # statistics drawn away from 0 / 1; their eps is ours): equal with tf_padding, not without.
+    effdet = pytest.importorskip("effdet", reason="needs effdet (pip install -r requirements-bench.txt)")
+    timm = pytest.importorskip("timm", reason="needs timm (pip install -r requirements-bench.txt)")
+    torch.manual_seed(0)
+
+    def perturbed(m):
+        for bn in m.modules():
+            if isinstance(bn, torch.nn.BatchNorm2d):
+                assert bn.eps == 1e-3
+                bn.running_mean.uniform_(-0.3, 0.3), bn.running_var.uniform_(0.5, 1.5)
+                bn.weight.data.uniform_(0.5, 1.5), bn.bias.data.uniform_(-0.2, 0.2)
+        return m.eval()
+    theirs = perturbed(effdet.create_model("tf_efficientdet_d0", pretrained=False, pretrained_backbone=False))
+    x = torch.rand(1, 3, 512, 512)
+    mean, std = torch.tensor(models.IMAGENET_MEAN).view(1, 3, 1, 1), torch.tensor(models.IMAGENET_STD).view(1, 3, 1, 1)
+    with torch.no_grad():
+        cls_out, _ = theirs((x - mean) / std)
+        for tf_padding, close in ((True, True), (False, False)):
+            ours = models.build_model("efficientdet_d0", num_classes=90, tf_padding=tf_padding).eval()
+            ours.load_state_dict(models.effdet_state_dict(theirs.state_dict(), ours), strict=True)
+            got = ours(x)
+            assert all(torch.allclose(o[:, :, 4:], c.view(o[:, :, 4:].shape), atol=2e-5) for o, c in zip(got, cls_out)) == close
+    classifier = perturbed(timm.create_model("tf_efficientnet_b3", pretrained=False))
+    tapped = timm.create_model("tf_efficientnet_b3", pretrained=False, features_only=True, out_indices=(2, 3, 4))
+    tapped.load_state_dict({k: v for k, v in classifier.state_dict().items() if k in tapped.state_dict()})
+    backbone = models.build_backbone("efficientnet_b3", tf_padding=True).eval()
+    models.load_backbone_weights(backbone, classifier.state_dict())
+    x = torch.rand(2, 3, 100, 131)  # odd sides: TensorFlow pads those evenly
+    with torch.no_grad():
+        for a, b in zip(backbone(x), tapped.eval()(x)):
+            torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)

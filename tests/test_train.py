@@ -1173,6 +1173,19 @@ def test_pretrained_effdet_checkpoint_is_renamed_and_loaded(tiny_shapes, tmp_pat
     out = capsys.readouterr().out
     # 782 of 784: all but the class predictor's pointwise weight and bias (9 x 90 rows, not 9 x 6).
     assert "is an effdet EfficientDet, renamed to ours" in out and "--pretrained: 782/784 tensors loaded" in out
+    assert "TensorFlow" not in out
+    # effdet's tf_efficientdet_d0 has the same tensors; its file's name says it was trained in
+    # TensorFlow, and the model (and every checkpoint of its run) pads as TensorFlow does.
+    torch.save(state, tmp_path / "tf_efficientdet_d0_34-f153e0cf.pth")
+    cfg = dict(resume=None, pretrained=str(tmp_path / "tf_efficientdet_d0_34-f153e0cf.pth"),
+               det_header="efficientdet_d0", backbone=None)
+    lines = []
+    assert train.weights_settings(cfg, lines.append) == ("imagenet", True)
+    assert "is a TensorFlow-trained model (by its name), so the stride-2 layers pad as TensorFlow does" in lines[0]
+    saved = torch.load(tmp_path / "run" / "last.pt", weights_only=False)
+    saved["config"]["tf_padding"] = True
+    torch.save(saved, tmp_path / "tf_run.pt")
+    assert train.weights_settings(dict(cfg, resume=str(tmp_path / "tf_run.pt")), print) == ("imagenet", True)
     weights = torch.load(tmp_path / "run" / "last.pt", weights_only=False)["model"]  # frozen backbone: as loaded
     assert torch.equal(weights["backbone.stem.conv.weight"], state["backbone.conv_stem.weight"])
     # On COCO's 80 category ids every tensor loads: the class predictor keeps, per anchor, the
@@ -1215,6 +1228,7 @@ def test_pretrained_megvii_checkpoint_is_renamed_and_loaded(tiny_shapes, tmp_pat
     out = capsys.readouterr().out
     total = len(models.build_model("yolox_nano").state_dict())
     assert "is a Megvii YOLOX, renamed to ours" in out and f"--pretrained: {total - 6}/{total} tensors loaded" in out
+    assert "the model takes 0..255 pixels, unnormalised, as Megvii's weights want" in out
     saved = torch.load(tmp_path / "run" / "last.pt", weights_only=False)
     assert saved["config"]["pixel_norm"] == "0-255"
     # Resumed, model and EMA normalise as before (a setting, not a weight): the next epoch's
@@ -1229,12 +1243,11 @@ def test_pretrained_megvii_checkpoint_is_renamed_and_loaded(tiny_shapes, tmp_pat
     for k, v in straight["model"].items():
         torch.testing.assert_close(resumed["model"][k], v, atol=1e-6, rtol=0)
     # A plaindet run started from it passes its normalisation on with its weights.
-    model, lines = models.build_model("yolox_nano", num_classes=6, input_shape=(64, 64)), []
-    train.load_pretrained(model, str(tmp_path / "run" / "last.pt"), lines.append)
-    assert model.config["pixel_norm"] == "0-255" and "takes its input as" in lines[0]
+    assert train.weights_settings(dict(resume=None, pretrained=str(tmp_path / "run" / "last.pt"),
+                                       det_header="yolox_nano", backbone=None), print) == ("0-255", False)
     # On COCO's 80 ids every tensor loads, the class slots by id; the stem takes RGB (BGR
     # reversed) and the box centres are measured from the cell's centre.
-    model, lines = models.build_model("yolox_nano", num_classes=2), []
+    model, lines = models.build_model("yolox_nano", num_classes=2, pixel_norm="0-255"), []
     train.load_pretrained(model, str(tmp_path / "yolox_nano.pth"), lines.append, [90, 1], ["toothbrush", "person"])
     assert f"{total}/{total} tensors" in lines[-1] and "its class slots kept for the data's COCO category ids" in lines[0]
     assert model.head.levels[2].cls_pred.bias.tolist() == [state["head.cls_preds.2.bias"][i].item() for i in (79, 0)]
