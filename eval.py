@@ -63,7 +63,7 @@ from data import (IMAGE_EXTENSIONS, PAD_VALUE, DataLoadError, batches, check_coc
                   default_workers, is_key, letterbox, make_loader, open_dataset, plain_warnings)
 from models import (COCO_CLASSES, EFFICIENTDET_PRESETS, PRESETS, YOLOX_PRESETS, build_model, check_input_shape,
                     coco_numbered, decode_boxes, effdet_state_dict, flatten_outputs, megvii_yolox_state_dict,
-                    parse_input_shape, tensorflow_trained, unwrap_state_dict)
+                    named_settings, parse_input_shape, unwrap_state_dict)
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 KERNEL_PATH = os.path.join(HERE, "nms_kernels.cu")
@@ -801,20 +801,20 @@ def read_published_checkpoint(path):
     if not isinstance(checkpoint, dict) or "config" in checkpoint:
         return None, None
     state = unwrap_state_dict(checkpoint.get("model") if isinstance(checkpoint.get("model"), dict) else checkpoint)
-    for kind, slots_key in (("effdet", "class_net."), ("megvii", "head.stems.")):
-        if any(str(k).startswith(slots_key) for k in state):
+    for kind, prefix in (("effdet", "class_net."), ("megvii", "head.stems.")):
+        if any(str(k).startswith(prefix) for k in state):
             return kind, state
     return None, None
 
 
 # Per kind of published file: the tensor whose size counts its class slots (per anchor), how many
 # slots a COCO model has and how they stand for COCO's ids, the presets it may be, its converter
-# (models.py), and the input normalisation its weights were trained with.
+# (models.py).
 PUBLISHED = {
     "effdet": dict(name="effdet EfficientDet", slots_key="class_net.predict.conv_pw.bias", anchors=9, slots=90, ids="id k + 1 in slot k",
-                   presets=EFFICIENTDET_PRESETS, convert=effdet_state_dict, pixel_norm="imagenet"),
+                   presets=EFFICIENTDET_PRESETS, convert=effdet_state_dict),
     "megvii": dict(name="Megvii YOLOX", slots_key="head.cls_preds.0.bias", anchors=1, slots=80, ids="COCO's 80 ids in order",
-                   presets=YOLOX_PRESETS, convert=megvii_yolox_state_dict, pixel_norm="0-255"),
+                   presets=YOLOX_PRESETS, convert=megvii_yolox_state_dict),
 }
 
 
@@ -826,9 +826,13 @@ def published_model(kind, state, path, cat_ids, class_names=None, det_header=Non
     COCO-numbered: each id a COCO id with COCO's name (or none), else VOC's "cat" (id 2) would be
     scored by COCO's "bicycle" slot. The preset is the first of the kind whose tensors fit (effdet's
     d6 and d7 share every tensor and differ in input size and anchors: --det_header says which).
-    effdet's tf_efficientdet_* files (by name: models.tensorflow_trained) get TensorFlow's padding."""
+    Megvii's weights take 0..255 pixels (pixel_norm "0-255"); effdet's tf_efficientdet_* files
+    get TensorFlow's padding, and its AdvProp ones -1..1 pixels, as their names say (models.named_settings)."""
     spec = PUBLISHED[kind]
-    tf_padding = kind == "effdet" and tensorflow_trained(path)
+    if det_header and det_header not in spec["presets"]:
+        raise EvalInputError(f"-m {path} holds {spec['name']} weights: --det_header must be one of "
+                             f"{', '.join(spec['presets'])}")
+    pixel_norm, tf_padding = ("0-255", False) if kind == "megvii" else named_settings(path)
     if spec["slots_key"] not in state:
         raise EvalInputError(f"-m {path}: {spec['name']} weights without {spec['slots_key']} (" +
                              ("a resdet, say, without separable convs in its head" if kind == "effdet" else
@@ -846,7 +850,7 @@ def published_model(kind, state, path, cat_ids, class_names=None, det_header=Non
     preset = converted = None
     for name in presets:
         with torch.device("meta"):  # shapes only: a fit costs no memory
-            candidate = build_model(name, num_classes=len(cat_ids), pixel_norm=spec["pixel_norm"], tf_padding=tf_padding)
+            candidate = build_model(name, num_classes=len(cat_ids), pixel_norm=pixel_norm, tf_padding=tf_padding)
         try:
             converted = spec["convert"](state, candidate, cat_ids)
         except ValueError as e:
@@ -860,16 +864,24 @@ def published_model(kind, state, path, cat_ids, class_names=None, det_header=Non
     if preset == "efficientdet_d6" and not det_header:
         raise EvalInputError(f"-m {path}: effdet's d6 and d7 share every tensor (d7 runs at 1536 with larger "
                              f"anchors): give --det_header efficientdet_d6 or efficientdet_d7")
-    model = build_model(preset, num_classes=len(cat_ids), pixel_norm=spec["pixel_norm"], tf_padding=tf_padding,
+    model = build_model(preset, num_classes=len(cat_ids), pixel_norm=pixel_norm, tf_padding=tf_padding,
                         input_shape=None if input_shape is None else tuple(input_shape))
     try:
         model.load_state_dict(converted)
     except RuntimeError:
         raise EvalInputError(f"-m {path}: its head does not fit {preset}'s (another layout)") from None
     print(f"-m {path}: {spec['name']} weights, read as {preset} ({spec['convert'].__name__}), its class slots for "
-          f"{len(cat_ids)} COCO category ids" + (", padded as TensorFlow does (a tf_* model, by its name)"
-                                                  if tf_padding else ""))
+          f"{len(cat_ids)} COCO category ids" + describe_settings(model.config, "by its name"))
     return model.to(device).eval()
+
+
+def describe_settings(config, why):
+    """", its input ..." naming a model config's pixel_norm and tf_padding where they are not the
+    defaults (whose weights came from elsewhere), else ""."""
+    said = {"0-255": "0..255 pixels", "inception": "pixels scaled to -1..1"}
+    parts = ([f"{said[config['pixel_norm']]} (pixel_norm {config['pixel_norm']})"] if config.get("pixel_norm") in said
+             else []) + (["TensorFlow's padding (tf_padding)"] if config.get("tf_padding") else [])
+    return f", with {' and '.join(parts)} {why}" if parts else ""
 
 
 def load_model(path_or_preset, det_header=None, num_classes=None, input_shape=None, device="cpu"):
@@ -914,7 +926,12 @@ def load_model(path_or_preset, det_header=None, num_classes=None, input_shape=No
         config["num_classes"] = num_classes
     if input_shape is not None:
         config["input_shape"] = tuple(input_shape)
-    model = build_model(**config)
+    try:
+        model = build_model(**config)
+    except ValueError as e:  # e.g. tf_padding carried to a --det_header with nothing to pad
+        raise EvalInputError(f"-m {path_or_preset} as --det_header {config['det_header']}: {e}") from None
+    if describe_settings(config, ""):
+        print(f"-m {path_or_preset}: a model{describe_settings(config, 'as it was trained')}")
     state = checkpoint.get("ema") or checkpoint["model"]
     try:
         model.load_state_dict(state)

@@ -34,7 +34,6 @@ Megvii YOLOX); `python models.py` prints their parameter counts, which equal the
 ones. Facts were learned from those projects; the code is written from scratch.
 """
 import math
-import os
 import re
 import sys
 from dataclasses import dataclass
@@ -48,8 +47,11 @@ IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 # What the Detector does to those 0..1 RGB pixels, (x - mean) / std, by the name in its config:
 # "imagenet" for every model trained here, ImageNet backbones and effdet's weights; "0-255" (x
-# times 255, nothing subtracted) for Megvii's YOLOX weights, trained on raw 0..255 pixels.
-PIXEL_NORMS = {"imagenet": (IMAGENET_MEAN, IMAGENET_STD), "0-255": ((0.0, 0.0, 0.0), (1 / 255,) * 3)}
+# times 255, nothing subtracted) for Megvii's YOLOX weights, trained on raw 0..255 pixels;
+# "inception" (-1..1) for the AdvProp weights of effdet's tf_efficientdet_*_ap and timm's
+# tf_efficientnet_*.ap_in1k (see named_settings).
+PIXEL_NORMS = {"imagenet": (IMAGENET_MEAN, IMAGENET_STD), "0-255": ((0.0, 0.0, 0.0), (1 / 255,) * 3),
+               "inception": ((0.5, 0.5, 0.5), (0.5, 0.5, 0.5))}
 
 # Initial class (and objectness) bias: sigmoid(bias) = 0.01, so at the start every prior
 # says "background" with 99% confidence and the loss from the many negatives stays small
@@ -470,13 +472,21 @@ def unwrap_state_dict(state):
     return state
 
 
-def tensorflow_trained(path):
-    """True for a file of effdet's tf_efficientdet_* or timm's tf_efficientnet_* models, by its
-    path (tf_efficientdet_d0_34-f153e0cf.pth, .../models--timm--tf_efficientnet_b0.ns_jft_in1k/
-    .../pytorch_model.bin): their tensors have the names and shapes of the PyTorch-trained ones,
-    so the name is all that tells them apart. They were trained with TensorFlow's padding, which
-    build_model's tf_padding reproduces (their outputs are then equal; tests/test_models.py)."""
-    return re.search(r"tf_efficient(det|net)", os.path.abspath(path)) is not None
+def named_settings(path):
+    """(pixel_norm, tf_padding) that a published file's path, as given, says its weights need.
+    effdet's and timm's files of one architecture hold the same tensors whoever trained them,
+    so the name is all that tells them apart:
+      - tf_efficientdet_* / tf_efficientnet_* (tf_efficientdet_d0_34-f153e0cf.pth, or timm's
+        hub download .../models--timm--tf_efficientnet_b0.ns_jft_in1k/snapshots/.../pytorch_model.bin):
+        trained in TensorFlow, with its padding, which build_model's tf_padding reproduces (their
+        outputs are then equal; tests/test_models.py);
+      - of those, the AdvProp ones (tf_efficientdet_d0_ap-d0cdbd0a.pth, tf_efficientnet_b0.ap_in1k):
+        trained on pixels scaled to -1..1 (pixel_norm "inception"), not ImageNet's statistics.
+    Anything else: ("imagenet", False). The path as given, not the absolute one: the name of the
+    folder a command runs in says nothing about the file."""
+    tf_padding = re.search(r"tf_efficient(det|net)", path) is not None
+    advprop = tf_padding and re.search(r"_ap[-_.]|\.ap_in1k", path) is not None
+    return ("inception" if advprop else "imagenet"), tf_padding
 
 
 def coco_numbered(cat_ids, class_names):
@@ -509,7 +519,7 @@ def load_backbone_weights(backbone, state):
     PyTorch-trained models and torchvision use 1e-5, which moves a channel with a small running
     variance by a few percent until fine-tuning adapts it. timm's tf_* weights (BatchNorm eps
     1e-3, as ours) were trained with TensorFlow's padding: build the backbone with tf_padding=True
-    for them (see tensorflow_trained), and the features come out equal.
+    for them (see named_settings), and the features come out equal.
     Returns the number of tensors copied; raises ValueError naming the first one that does not fit.
     """
     own, theirs = _paired(backbone.state_dict().items()), _paired(state.items())
@@ -553,7 +563,7 @@ def effdet_state_dict(state, model, cat_ids=None):
         scores COCO's 80 categories exactly as effdet does; None keeps all 90.
     Not the same: the backbone's BatchNorm eps (timm's 1e-5, ours 1e-3). effdet's tf_* models
     (tf_efficientdet_d0 ...) have the same tensors, trained with TensorFlow's padding: build the
-    model with tf_padding=True (see tensorflow_trained) and they give the same outputs too.
+    model with tf_padding=True (see named_settings) and they give the same outputs too.
     Raises ValueError naming the first tensor that does not fit. The model may be on the "meta"
     device (its shapes are all this reads); the result is on the CPU."""
     own = model.state_dict()
@@ -640,25 +650,29 @@ def megvii_yolox_name(name):
 
 def megvii_yolox_state_dict(state, model, cat_ids=None):
     """A Megvii YOLOX checkpoint's weights (github.com/Megvii-BaseDetection/YOLOX, its
-    yolox_nano ... yolox_x.pth: {"model": state dict, ...}) -> a state dict under this model's
-    names. model: the same YOLOX preset, anchor-free, built with pixel_norm "0-255": Megvii's
-    weights since v0.1.1 take BGR pixels 0..255, unnormalised.
+    yolox_nano ... yolox_x.pth: {"model": state dict, ...}; state is that "model" entry) -> a
+    state dict under this model's names. model: the same YOLOX preset, anchor-free, built with
+    pixel_norm "0-255": Megvii's weights since v0.1.1 take BGR pixels 0..255, unnormalised.
 
     Checked against Megvii's yolox package (tests/test_models.py): with the converted weights both
     give the same boxes and scores. The layers are theirs, renamed (megvii_yolox_name); three
     tensors change on the way:
       - the stem's input channels: their Focus stacks the same four pixel phases as ours, but
-        each in BGR order, so its 12 input channels are reversed in threes to take RGB;
+        each in BGR order, so its 12 input channels are reversed in threes to take RGB (for a
+        model with pixel_norm "0-255");
       - the box predictor's x, y biases - 0.5: their box centre is (t + x) * stride from the
         cell's corner, ours (t + x + 0.5) * stride from its centre;
       - the class predictor: one slot per COCO category in id order (slot k is the k-th of
         sorted(COCO_CLASSES)). cat_ids (a dataset's COCO ids) keeps those ids' slots, so the
         result fits a model of len(cat_ids) classes; None keeps all 80.
-    Megvii's older v0.1.0 weights ("legacy", RGB pixels normalised with ImageNet's mean and std)
-    convert the same way less the BGR flip, under pixel_norm "imagenet"; their files do not say
-    which they are, and this converter takes the current ones.
+    Megvii's older v0.1.0 weights ("legacy": RGB pixels normalised with ImageNet's mean and std)
+    convert onto a model with pixel_norm "imagenet": the same, less the BGR flip. Their files do
+    not say which they are; train.py and eval.py take the current ones.
     Raises ValueError naming the first tensor that does not fit. The model may be on the "meta"
     device (its shapes are all this reads); the result is on the CPU."""
+    if model.config.get("pixel_norm") not in ("0-255", "imagenet"):
+        raise ValueError(f"the model's pixel_norm is {model.config.get('pixel_norm')!r}; Megvii's weights take "
+                         f"0..255 pixels (\"0-255\"), its legacy ones ImageNet's statistics (\"imagenet\")")
     own = model.state_dict()
     out, source = {}, {}
     for their_name, tensor in state.items():
@@ -673,8 +687,9 @@ def megvii_yolox_state_dict(state, model, cat_ids=None):
                          f"Megvii YOLOX")
     for name in own:
         out.setdefault(name, torch.zeros((), dtype=torch.long))   # batch counters older files leave out
-    stem = "backbone.stem.conv.weight"
-    out[stem] = out[stem][:, torch.arange(12).view(4, 3).flip(1).flatten()]   # BGR -> RGB, per pixel phase
+    if model.config["pixel_norm"] == "0-255":  # BGR -> RGB, per pixel phase (legacy weights took RGB)
+        stem = "backbone.stem.conv.weight"
+        out[stem] = out[stem][:, torch.arange(12).view(4, 3).flip(1).flatten()]
     for level in range(len(model.strides)):
         bias = f"head.levels.{level}.reg_pred.bias"
         out[bias] = out[bias] - torch.tensor([0.5, 0.5, 0.0, 0.0], dtype=out[bias].dtype)
@@ -956,7 +971,8 @@ class YOLOXHead(nn.Module):
 # ---------------------------------------------------------------------------------------
 
 class Detector(nn.Module):
-    """backbone -> neck -> head. forward(images [B, 3, H, W] float 0..1) -> list over levels of
+    """backbone -> neck -> head. forward(images [B, 3, H, W] float RGB 0..1, normalised inside as
+    config["pixel_norm"] says: PIXEL_NORMS) -> list over levels of
     [B, A, 4 + C + O, H_l, W_l] raw outputs, H_l = ceil(H / stride_l). See flatten_outputs
     and make_priors for how they line up with the priors. Each level is a permuted view of a
     (B, H, W, A, K)-ordered tensor: use .reshape / flatten_outputs on it, not .view."""

@@ -1096,26 +1096,41 @@ def weights_settings(cfg, log):
     weights it starts from, not by a flag, so the --resume / --pretrained file is looked at
     (mapped, not read) before the model is built.
       - a plaindet checkpoint: as its run had them (a run started from Megvii's weights goes on
-        normalising as they need, its resumed and fine-tuned runs too);
-      - a Megvii YOLOX: pixel_norm "0-255" (Megvii's weights take 0..255 pixels);
-      - effdet's tf_efficientdet_* and timm's tf_efficientnet_* files (by name: models.tensorflow_trained):
-        TensorFlow's padding, under which their outputs equal the originals'.
-    Anything else: ("imagenet", False), as a new model is built."""
-    path = cfg["resume"] or cfg["pretrained"]
+        normalising as they need, in its resumed and fine-tuned runs too), as far as this model
+        keeps what they apply to: its backbone for pixel_norm, an EfficientNet or BiFPN for tf_padding;
+      - a Megvii YOLOX: pixel_norm "0-255" (its weights take 0..255 pixels);
+      - effdet's and timm's tf_* files: TensorFlow's padding, and AdvProp's -1..1 pixels, as their
+        names say (models.named_settings), so their outputs equal the originals'.
+    Anything else: ("imagenet", False), as a new model is built. Each setting in use is logged."""
+    flag, path = ("--resume", cfg["resume"]) if cfg["resume"] else ("--pretrained", cfg["pretrained"])
     if not path:
         return "imagenet", False
+    det_header = cfg["det_header"]
+    backbone = cfg["backbone"] or (models.EFFICIENTDET_PRESETS[det_header][0]
+                                   if det_header in models.EFFICIENTDET_PRESETS else "cspdarknet")
+    has_efficientnet = det_header in models.EFFICIENTDET_PRESETS or backbone.startswith("efficientnet")
     ckpt = load_checkpoint_file(path, mmap=True)
     if "config" in ckpt:
-        return ckpt["config"].get("pixel_norm", "imagenet"), ckpt["config"].get("tf_padding", False)
-    state = models.unwrap_state_dict(ckpt.get("ema") or ckpt.get("model") or ckpt)
-    pixel_norm = "0-255" if "head.stems.0.conv.weight" in state else "imagenet"
-    has_efficientnet = cfg["det_header"] in models.EFFICIENTDET_PRESETS or str(cfg["backbone"]).startswith("efficientnet")
-    tf_padding = models.tensorflow_trained(path) and has_efficientnet
-    if pixel_norm != "imagenet":
-        log(f"--pretrained: the model takes 0..255 pixels, unnormalised, as Megvii's weights want (pixel_norm 0-255)")
+        saved = ckpt["config"]
+        pixel_norm, tf_padding, why = saved.get("pixel_norm", "imagenet"), saved.get("tf_padding", False), "the weights of a run that did so"
+        if pixel_norm != "imagenet" and saved.get("backbone") != backbone:
+            log(f"{flag}: {path}'s pixel_norm {pixel_norm} stays with its backbone ({saved.get('backbone')}; this "
+                f"model's is {backbone})")
+            pixel_norm = "imagenet"
+        if tf_padding and not has_efficientnet:
+            log(f"{flag}: {path}'s tf_padding has no EfficientNet or BiFPN to apply to in {det_header} ({backbone})")
+            tf_padding = False
+    elif "head.stems.0.conv.weight" in models.unwrap_state_dict(ckpt.get("ema") or ckpt.get("model") or ckpt):
+        pixel_norm, tf_padding, why = "0-255", False, "Megvii YOLOX weights"
+    else:
+        pixel_norm, tf_padding = models.named_settings(path) if has_efficientnet else ("imagenet", False)
+        why = "TensorFlow-trained weights (so its name says)"
+    said = {"0-255": "takes 0..255 pixels, unnormalised (pixel_norm 0-255)",
+            "inception": "scales pixels to -1..1 (pixel_norm inception)"}
+    if pixel_norm in said:
+        log(f"{flag}: the model {said[pixel_norm]}: {path} holds {why}")
     if tf_padding:
-        log(f"--pretrained: {os.path.basename(path)} is a TensorFlow-trained model (by its name), so the stride-2 "
-            f"layers pad as TensorFlow does (tf_padding)")
+        log(f"{flag}: the model's stride-2 layers pad as TensorFlow does (tf_padding): {path} holds {why}")
     return pixel_norm, tf_padding
 
 

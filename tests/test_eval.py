@@ -955,7 +955,12 @@ def test_an_effdet_checkpoint_is_evaluated_on_the_data_s_coco_ids(tmp_path, caps
     assert "effdet EfficientDet weights, read as efficientdet_d0" in out and "TensorFlow" not in out
     # effdet's tf_efficientdet_d0 (the same tensors) by its file's name: TensorFlow's padding.
     tf_model = ev.published_model("effdet", state, "weights/tf_efficientdet_d0_34-f153e0cf.pth", [3, 1])
-    assert tf_model.config["tf_padding"] and "padded as TensorFlow does" in capsys.readouterr().out
+    assert tf_model.config["tf_padding"] and "with TensorFlow's padding (tf_padding) by its name" in capsys.readouterr().out
+    advprop = ev.published_model("effdet", state, "tf_efficientdet_d0_ap-d0cdbd0a.pth", [3, 1])
+    assert advprop.config["pixel_norm"] == "inception" and advprop.config["tf_padding"]
+    with pytest.raises(ev.EvalInputError, match=r"holds effdet EfficientDet weights: --det_header must be one of "
+                                                r"efficientdet_d0, "):
+        ev.published_model("effdet", state, "tf_efficientdet_d0.pth", [1], det_header="yolox_s")
     # Data that is not COCO's (VOC's "cat" is id 2, COCO's "bicycle"; an id past 90) and a file
     # that fits no preset: one clear error each.
     for ids, names, shown in (([1, 2], ["person", "cat"], "(2, 'cat')"), ([1, 95], None, "(95, 95)")):
@@ -1005,3 +1010,17 @@ def test_a_megvii_yolox_checkpoint_is_evaluated_and_drawn_with_coco_s_ids(tmp_pa
     with pytest.raises(ev.EvalInputError, match=r"does not fit --det_header yolox_s: the file's backbone.backbone."
                                                 r"dark2.0.dconv.conv.weight is no tensor of this YOLOX"):
         ev.published_model("megvii", state, "n.pth", [1], det_header="yolox_s")
+
+
+def test_a_checkpoint_s_input_settings_are_kept_and_said(tmp_path, capsys):
+    # A run started from tf_efficientdet weights: its checkpoint rebuilds with TensorFlow's
+    # padding (and says so); rebuilt as a YOLOX there is nothing to pad: one clear error.
+    model = models.build_model("efficientdet_d0", num_classes=2, input_shape=(128, 128), tf_padding=True)
+    torch.save({"config": dict(model.config, class_names=["a", "b"], cat_ids=[1, 2]), "model": model.state_dict()},
+               tmp_path / "tf.pt")
+    loaded, _ = ev.load_model(str(tmp_path / "tf.pt"))
+    assert loaded.config["tf_padding"] is True and isinstance(loaded.backbone.stem.conv, models.Conv2dSame)
+    assert "with TensorFlow's padding (tf_padding) as it was trained" in capsys.readouterr().out
+    with pytest.raises(ev.EvalInputError, match=r"tf.pt as --det_header yolox_s: models.py: tf_padding changes an "
+                                                r"EfficientNet backbone or a BiFPN"):
+        ev.load_model(str(tmp_path / "tf.pt"), det_header="yolox_s")

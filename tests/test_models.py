@@ -533,8 +533,12 @@ def test_megvii_checkpoint_converts_onto_every_tensor_by_hand(name):
         *[s for _, s in keys if _ == "backbone.backbone.stem.conv.conv.weight"][0]).clone()
     got = models.megvii_yolox_state_dict(stem, model)["backbone.stem.conv.weight"]
     assert got[0, :, 0, 0].tolist() == [2, 1, 0, 5, 4, 3, 8, 7, 6, 11, 10, 9]
+    # Megvii's legacy weights (RGB, ImageNet's statistics) go onto an "imagenet" model unflipped.
+    legacy = models.megvii_yolox_state_dict(stem, models.build_model(name))["backbone.stem.conv.weight"]
+    assert legacy[0, :, 0, 0].tolist() == list(range(12))
     # COCO's ids 3, 1 and 90 are its 3rd, 1st and 80th categories: slots 2, 0, 79.
-    three = models.megvii_yolox_state_dict(stem, models.build_model(name, num_classes=3), cat_ids=[3, 1, 90])
+    three = models.megvii_yolox_state_dict(stem, models.build_model(name, num_classes=3, pixel_norm="0-255"),
+                                           cat_ids=[3, 1, 90])
     bias = stem["head.cls_preds.0.bias"]
     assert three["head.levels.0.cls_pred.bias"].tolist() == [bias[2], bias[0], bias[79]]
 
@@ -558,6 +562,8 @@ def test_megvii_checkpoints_that_do_not_fit_are_named():
         models.megvii_yolox_state_dict(twenty, models.build_model("yolox_s", num_classes=2), cat_ids=[1, 2])
     with pytest.raises(ValueError, match=r"the data's ids start \[1, 95\], not all COCO's"):
         models.megvii_yolox_state_dict(s, models.build_model("yolox_s", num_classes=2), cat_ids=[1, 95])
+    with pytest.raises(ValueError, match=r"the model's pixel_norm is 'inception'; Megvii's weights take 0..255"):
+        models.megvii_yolox_state_dict(s, models.build_model("yolox_s", pixel_norm="inception"))
     with pytest.raises(ValueError, match=r"no tensor of this YOLOX \(ours would be None\)"):
         models.megvii_yolox_state_dict({"class_net.predict.conv_pw.bias": torch.zeros(1)}, models.build_model("yolox_s"))
 
@@ -626,10 +632,14 @@ def test_tf_same_padding_puts_the_odd_pixel_at_the_bottom_right():
     conv = models.Conv2dSame(1, 1, 3, 2, 0, bias=False)
     torch.nn.init.ones_(conv.weight)
     assert conv(torch.ones(1, 1, 4, 4))[0, 0].tolist() == [[9, 6], [6, 4]]
-    # Named by their files' paths; and only where there is an EfficientNet or a BiFPN to pad.
-    assert models.tensorflow_trained("w/tf_efficientdet_d0_34-f153e0cf.pth")
-    assert models.tensorflow_trained("hub/models--timm--tf_efficientnet_b0.ns_jft_in1k/snapshots/1/pytorch_model.bin")
-    assert not models.tensorflow_trained("w/efficientdet_d0-f3276ba8.pth")
+    # Named by their files' paths (as given); AdvProp's take -1..1 pixels. Only where there is an
+    # EfficientNet or a BiFPN to pad.
+    assert models.named_settings("w/tf_efficientdet_d0_34-f153e0cf.pth") == ("imagenet", True)
+    assert models.named_settings("models--timm--tf_efficientnet_b0.ns_jft_in1k/snapshots/1/pytorch_model.bin") == \
+        ("imagenet", True)
+    assert models.named_settings("tf_efficientdet_d0_ap-d0cdbd0a.pth") == ("inception", True)
+    assert models.named_settings("models--timm--tf_efficientnet_b0.ap_in1k/x/pytorch_model.bin") == ("inception", True)
+    assert models.named_settings("w/efficientdet_d0-f3276ba8.pth") == models.named_settings("ap.pth") == ("imagenet", False)
     with pytest.raises(ValueError, match=r"tf_padding changes an EfficientNet backbone or a BiFPN, and yolox_s"):
         models.build_model("yolox_s", tf_padding=True)
 
@@ -652,18 +662,21 @@ def test_tf_efficientdet_and_tf_efficientnet_outputs_come_out_equal_with_tf_padd
     x = torch.rand(1, 3, 512, 512)
     mean, std = torch.tensor(models.IMAGENET_MEAN).view(1, 3, 1, 1), torch.tensor(models.IMAGENET_STD).view(1, 3, 1, 1)
     with torch.no_grad():
-        cls_out, _ = theirs((x - mean) / std)
+        cls_out, box_out = theirs((x - mean) / std)
         for tf_padding, close in ((True, True), (False, False)):
             ours = models.build_model("efficientdet_d0", num_classes=90, tf_padding=tf_padding).eval()
             ours.load_state_dict(models.effdet_state_dict(theirs.state_dict(), ours), strict=True)
             got = ours(x)
             assert all(torch.allclose(o[:, :, 4:], c.view(o[:, :, 4:].shape), atol=2e-5) for o, c in zip(got, cls_out)) == close
-    classifier = perturbed(timm.create_model("tf_efficientnet_b3", pretrained=False))
-    tapped = timm.create_model("tf_efficientnet_b3", pretrained=False, features_only=True, out_indices=(2, 3, 4))
-    tapped.load_state_dict({k: v for k, v in classifier.state_dict().items() if k in tapped.state_dict()})
-    backbone = models.build_backbone("efficientnet_b3", tf_padding=True).eval()
-    models.load_backbone_weights(backbone, classifier.state_dict())
-    x = torch.rand(2, 3, 100, 131)  # odd sides: TensorFlow pads those evenly
-    with torch.no_grad():
-        for a, b in zip(backbone(x), tapped.eval()(x)):
-            torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
+            assert all(torch.allclose(o[:, :, :4], b.view(o[:, :, :4].shape)[:, :, [1, 0, 3, 2]], atol=2e-5)
+                       for o, b in zip(got, box_out)) == close
+    for theirs_name, ours_name in (("tf_efficientnet_b3", "efficientnet_b3"), ("tf_efficientnetv2_b0", "efficientnetv2_b0")):
+        classifier = perturbed(timm.create_model(theirs_name, pretrained=False))
+        tapped = timm.create_model(theirs_name, pretrained=False, features_only=True, out_indices=(2, 3, 4))
+        tapped.load_state_dict({k: v for k, v in classifier.state_dict().items() if k in tapped.state_dict()})
+        backbone = models.build_backbone(ours_name, tf_padding=True).eval()
+        models.load_backbone_weights(backbone, classifier.state_dict())
+        x = torch.rand(2, 3, 100, 131)  # odd sides: TensorFlow pads those evenly
+        with torch.no_grad():
+            for a, b in zip(backbone(x), tapped.eval()(x)):
+                torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)

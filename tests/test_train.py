@@ -1166,26 +1166,29 @@ def test_pretrained_imagenet_classifier_goes_into_the_backbone(tiny_shapes, tmp_
 def test_pretrained_effdet_checkpoint_is_renamed_and_loaded(tiny_shapes, tmp_path, capsys):
     # A file with effdet's efficientdet_d0 names (small random weights, BatchNorm at identity):
     # everything but the class predictor (90 COCO slots; the shapes set has 6 classes) loads.
+    # effdet's tf_efficientdet_d0 has the same tensors as its efficientdet_d0; the file's name says
+    # it was trained in TensorFlow, and the model (and every checkpoint of its run) pads as
+    # TensorFlow does.
     state = published_state("effdet:efficientdet_d0")
     torch.save(state, tmp_path / "effdet_d0.pth")
+    torch.save(state, tmp_path / "tf_efficientdet_d0_34-f153e0cf.pth")
     run_train(tiny_shapes, tmp_path / "run", "--det_header", "efficientdet_d0", "-i", "128", "-e", "1",
-              "--pretrained", str(tmp_path / "effdet_d0.pth"))
+              "--pretrained", str(tmp_path / "tf_efficientdet_d0_34-f153e0cf.pth"))
     out = capsys.readouterr().out
     # 782 of 784: all but the class predictor's pointwise weight and bias (9 x 90 rows, not 9 x 6).
     assert "is an effdet EfficientDet, renamed to ours" in out and "--pretrained: 782/784 tensors loaded" in out
-    assert "TensorFlow" not in out
-    # effdet's tf_efficientdet_d0 has the same tensors; its file's name says it was trained in
-    # TensorFlow, and the model (and every checkpoint of its run) pads as TensorFlow does.
-    torch.save(state, tmp_path / "tf_efficientdet_d0_34-f153e0cf.pth")
-    cfg = dict(resume=None, pretrained=str(tmp_path / "tf_efficientdet_d0_34-f153e0cf.pth"),
-               det_header="efficientdet_d0", backbone=None)
+    assert "the model's stride-2 layers pad as TensorFlow does (tf_padding): " in out
+    assert torch.load(tmp_path / "run" / "last.pt", weights_only=False)["config"]["tf_padding"] is True
+    cfg = dict(resume=None, pretrained=str(tmp_path / "effdet_d0.pth"), det_header="efficientdet_d0", backbone=None)
+    assert train.weights_settings(cfg, print) == ("imagenet", False)
+    # Resumed or fine-tuned, the run's checkpoint keeps it; a YOLOX started from it has nothing to pad.
     lines = []
-    assert train.weights_settings(cfg, lines.append) == ("imagenet", True)
-    assert "is a TensorFlow-trained model (by its name), so the stride-2 layers pad as TensorFlow does" in lines[0]
-    saved = torch.load(tmp_path / "run" / "last.pt", weights_only=False)
-    saved["config"]["tf_padding"] = True
-    torch.save(saved, tmp_path / "tf_run.pt")
-    assert train.weights_settings(dict(cfg, resume=str(tmp_path / "tf_run.pt")), print) == ("imagenet", True)
+    assert train.weights_settings(dict(cfg, resume=str(tmp_path / "run" / "last.pt")), lines.append) == ("imagenet", True)
+    assert "holds the weights of a run that did so" in lines[0]
+    lines = []
+    assert train.weights_settings(dict(cfg, pretrained=str(tmp_path / "run" / "last.pt"), det_header="yolox_s"),
+                                  lines.append) == ("imagenet", False)
+    assert "tf_padding has no EfficientNet or BiFPN to apply to in yolox_s (cspdarknet)" in lines[0]
     weights = torch.load(tmp_path / "run" / "last.pt", weights_only=False)["model"]  # frozen backbone: as loaded
     assert torch.equal(weights["backbone.stem.conv.weight"], state["backbone.conv_stem.weight"])
     # On COCO's 80 category ids every tensor loads: the class predictor keeps, per anchor, the
@@ -1228,7 +1231,7 @@ def test_pretrained_megvii_checkpoint_is_renamed_and_loaded(tiny_shapes, tmp_pat
     out = capsys.readouterr().out
     total = len(models.build_model("yolox_nano").state_dict())
     assert "is a Megvii YOLOX, renamed to ours" in out and f"--pretrained: {total - 6}/{total} tensors loaded" in out
-    assert "the model takes 0..255 pixels, unnormalised, as Megvii's weights want" in out
+    assert "the model takes 0..255 pixels, unnormalised (pixel_norm 0-255): " in out and "holds Megvii YOLOX weights" in out
     saved = torch.load(tmp_path / "run" / "last.pt", weights_only=False)
     assert saved["config"]["pixel_norm"] == "0-255"
     # Resumed, model and EMA normalise as before (a setting, not a weight): the next epoch's
