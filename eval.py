@@ -62,7 +62,7 @@ from pycocotools.cocoeval import COCOeval
 from data import (IMAGE_EXTENSIONS, PAD_VALUE, DataLoadError, batches, check_coco_json, decode_image,
                   default_workers, is_key, letterbox, make_loader, open_dataset, plain_warnings)
 from models import (COCO_CLASSES, EFFICIENTDET_PRESETS, PRESETS, YOLOX_PRESETS, build_model, check_input_shape,
-                    coco_numbered, decode_boxes, effdet_state_dict, flatten_outputs, megvii_yolox_state_dict,
+                    coco_category_ids, decode_boxes, effdet_state_dict, flatten_outputs, megvii_yolox_state_dict,
                     named_settings, parse_input_shape, unwrap_state_dict)
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -821,10 +821,10 @@ PUBLISHED = {
 def published_model(kind, state, path, cat_ids, class_names=None, det_header=None, input_shape=None, device="cpu"):
     """An effdet EfficientDet or a Megvii YOLOX (their COCO weights, say; kind as
     read_published_checkpoint) as our model, for a dataset's categories: the class predictor keeps
-    the slots of the data's COCO category ids (models.effdet_state_dict / megvii_yolox_state_dict),
-    so COCO's 80 categories read exactly as the original scores them. The data must be
-    COCO-numbered: each id a COCO id with COCO's name (or none), else VOC's "cat" (id 2) would be
-    scored by COCO's "bicycle" slot. The preset is the first of the kind whose tensors fit (effdet's
+    the slots of the data's classes (models.effdet_state_dict / megvii_yolox_state_dict), so COCO's
+    80 categories read exactly as the original scores them. Every class of the data must be one
+    of COCO's, matched by name (models.coco_category_ids: COCO's names, VOC's, or a COCO id without
+    a name), whatever its id: VOC's "cat" is its id 2, COCO's 17. The preset is the first of the kind whose tensors fit (effdet's
     d6 and d7 share every tensor and differ in input size and anchors: --det_header says which).
     Megvii's weights take 0..255 pixels (pixel_norm "0-255"); effdet's tf_efficientdet_* files
     get TensorFlow's padding, and its AdvProp ones -1..1 pixels, as their names say (models.named_settings)."""
@@ -842,17 +842,20 @@ def published_model(kind, state, path, cat_ids, class_names=None, det_header=Non
         raise EvalInputError(f"-m {path}: {spec['name']} weights with {slots} class slots, not COCO's {spec['slots']} "
                              f"({spec['ids']}): it was trained on other data, whose slots this converter cannot "
                              f"match to this data's ids")
-    if not coco_numbered(cat_ids, class_names or cat_ids):
-        odd = [(c, n) for c, n in zip(cat_ids, class_names or cat_ids) if not coco_numbered([c], [n])][:3]
-        raise EvalInputError(f"-m {path}: {spec['name']} weights score COCO's categories by id ({spec['ids']}); this "
-                             f"data's categories are not COCO's (e.g. {odd}): evaluate it on COCO-numbered data")
+    coco_ids = coco_category_ids(cat_ids, class_names)
+    if coco_ids is None:
+        names = class_names if class_names is not None else [str(c) for c in cat_ids]
+        odd = [(c, n) for c, n in zip(cat_ids, names) if coco_category_ids([c], [n]) is None][:3]
+        raise EvalInputError(f"-m {path}: {spec['name']} weights score COCO's 80 categories, and this data has "
+                             f"others (e.g. {odd}, id and name): evaluate it on data whose classes are COCO's (by "
+                             f"name: COCO's or VOC's)")
     presets = [det_header] if det_header else list(spec["presets"])
     preset = converted = None
     for name in presets:
         with torch.device("meta"):  # shapes only: a fit costs no memory
             candidate = build_model(name, num_classes=len(cat_ids), pixel_norm=pixel_norm, tf_padding=tf_padding)
         try:
-            converted = spec["convert"](state, candidate, cat_ids)
+            converted = spec["convert"](state, candidate, coco_ids)
         except ValueError as e:
             if det_header:
                 raise EvalInputError(f"-m {path} does not fit --det_header {det_header}: {e}") from None
@@ -871,7 +874,7 @@ def published_model(kind, state, path, cat_ids, class_names=None, det_header=Non
     except RuntimeError:
         raise EvalInputError(f"-m {path}: its head does not fit {preset}'s (another layout)") from None
     print(f"-m {path}: {spec['name']} weights, read as {preset} ({spec['convert'].__name__}), its class slots for "
-          f"{len(cat_ids)} COCO category ids" + describe_settings(model.config, "by its name"))
+          f"this data's {len(cat_ids)} classes" + describe_settings(model.config, "by its name"))
     return model.to(device).eval()
 
 
@@ -1252,7 +1255,7 @@ def _evaluate_main(argv):
     if kind is not None:  # effdet's or Megvii's weights: built for the data's COCO category ids
         if args.data is None:
             raise EvalInputError(f"-m {model_path} holds {PUBLISHED[kind]['name']} weights, which record no data: give "
-                                 f"-d (COCO-numbered)")
+                                 f"-d (data whose classes are COCO's)")
         data_path, dataset = args.data, open_dataset(args.data, args.split)
         model = published_model(kind, published, model_path, dataset.cat_ids, dataset.class_names, args.det_header,
                                 input_shape, args.device)

@@ -489,10 +489,30 @@ def named_settings(path):
     return ("inception" if advprop else "imagenet"), tf_padding
 
 
-def coco_numbered(cat_ids, class_names):
-    """True where a dataset's categories are COCO's: each id is a COCO id whose name is COCO's
-    (or no name at all, an id written out), so an effdet class slot can stand for it."""
-    return all(c in COCO_CLASSES and str(name) in (COCO_CLASSES[c], str(c)) for c, name in zip(cat_ids, class_names))
+# VOC's names for six of COCO's categories; VOC's other 14 classes have COCO's names.
+VOC_TO_COCO_NAMES = {"aeroplane": "airplane", "diningtable": "dining table", "motorbike": "motorcycle",
+                     "pottedplant": "potted plant", "sofa": "couch", "tvmonitor": "tv"}
+
+
+def coco_category_ids(cat_ids, class_names=None):
+    """The COCO category id of each of a dataset's classes, or None when one is not among COCO's
+    80, so that a COCO-trained model's class slots can be picked for the data.
+    A class is matched by its name (any case): COCO's, or VOC's for the same category
+    (VOC_TO_COCO_NAMES); so COCO's own json, a YOLO-format COCO subset (coco128: ids from 0) and
+    VOC all match, whatever their ids. A class whose name is just its id written out (a json
+    without names) is matched by that id. Returns a list as long as cat_ids, or None."""
+    by_name = {name: c for c, name in COCO_CLASSES.items()}
+    out = []
+    for c, name in zip(cat_ids, class_names if class_names is not None else [str(c) for c in cat_ids]):
+        name = str(name).strip().lower()
+        name = VOC_TO_COCO_NAMES.get(name, name)
+        if name in by_name:
+            out.append(by_name[name])
+        elif name == str(c) and c in COCO_CLASSES:
+            out.append(c)
+        else:
+            return None
+    return out
 
 
 def _paired(state_items):
@@ -558,9 +578,10 @@ def effdet_state_dict(state, model, cat_ids=None):
       - box predictor: effdet (automl) writes each anchor's 4 numbers as (ty, tx, th, tw); ours
         are (tx, ty, tw, th), so its output rows are swapped in pairs. Anchors are the same.
       - the class predictor has a slot per COCO category id 1..90 (label k is id k + 1, unused
-        ids included). cat_ids (a dataset's COCO category ids, all in 1..90) keeps the slots of
-        those ids, anchor by anchor, so the result fits a model of len(cat_ids) classes and
-        scores COCO's 80 categories exactly as effdet does; None keeps all 90.
+        ids included). cat_ids (the COCO category id of each of a dataset's classes, as
+        coco_category_ids gives them) keeps the slots of those ids, anchor by anchor, so the
+        result fits a model of len(cat_ids) classes and scores COCO's 80 categories exactly as
+        effdet does; None keeps all 90.
     Not the same: the backbone's BatchNorm eps (timm's 1e-5, ours 1e-3). effdet's tf_* models
     (tf_efficientdet_d0 ...) have the same tensors, trained with TensorFlow's padding: build the
     model with tf_padding=True (see named_settings) and they give the same outputs too.
@@ -663,8 +684,9 @@ def megvii_yolox_state_dict(state, model, cat_ids=None):
       - the box predictor's x, y biases - 0.5: their box centre is (t + x) * stride from the
         cell's corner, ours (t + x + 0.5) * stride from its centre;
       - the class predictor: one slot per COCO category in id order (slot k is the k-th of
-        sorted(COCO_CLASSES)). cat_ids (a dataset's COCO ids) keeps those ids' slots, so the
-        result fits a model of len(cat_ids) classes; None keeps all 80.
+        sorted(COCO_CLASSES)). cat_ids (the COCO category id of each of a dataset's classes, as
+        coco_category_ids gives them) keeps those ids' slots, so the result fits a model of
+        len(cat_ids) classes; None keeps all 80.
     Megvii's older v0.1.0 weights ("legacy": RGB pixels normalised with ImageNet's mean and std)
     convert onto a model with pixel_norm "imagenet": the same, less the BGR flip. Their files do
     not say which they are; train.py and eval.py take the current ones.

@@ -1150,33 +1150,35 @@ def load_pretrained(model, path, log, cat_ids=None, class_names=None):
         if model.config["det_header"] not in models.EFFICIENTDET_PRESETS or model.anchors_mode != "efficientdet":
             fail(f"--pretrained {path} is an effdet EfficientDet: it fits an efficientdet_* --det_header with its "
                  f"anchors (now {model.config['det_header']}, {model.anchors_mode})")
-        # With its 90 COCO slots and COCO-numbered data (COCO, or some of its classes) the class
-        # predictor keeps the slots of the data's ids; on other data it starts fresh (by shape).
+        # With its 90 COCO slots and data whose classes are COCO's (COCO, some of its classes, VOC)
+        # the class predictor keeps the slots of the data's classes; on other data it starts fresh
+        # (by shape).
         slots = state.get("class_net.predict.conv_pw.bias", torch.zeros(0)).numel() // model.num_anchors
-        coco_ids = slots == 90 and cat_ids is not None and models.coco_numbered(cat_ids, class_names or cat_ids)
+        coco_ids = models.coco_category_ids(cat_ids, class_names) if slots == 90 and cat_ids is not None else None
         try:
-            state = models.effdet_state_dict(state, model, cat_ids if coco_ids else None)
+            state = models.effdet_state_dict(state, model, coco_ids)
         except ValueError as e:
             fail(f"--pretrained {path}: {e}")
         log(f"--pretrained: {path} is an effdet EfficientDet, renamed to ours (models.effdet_state_dict)" +
-            (", its class slots kept for the data's COCO category ids" if coco_ids else ""))
+            (", its class slots kept for the data's classes, COCO's" if coco_ids else ""))
     if "head.stems.0.conv.weight" in state:  # a Megvii YOLOX: renamed, then as ours
         if model.config["det_header"] not in models.YOLOX_PRESETS or model.anchors_mode != "anchor_free" or \
                 model.config["backbone"] != "cspdarknet":
             fail(f"--pretrained {path} is a Megvii YOLOX: it fits a yolox_* --det_header, anchor-free, with its own "
                  f"backbone (now {model.config['det_header']}, {model.anchors_mode}, {model.config['backbone']})")
         slots = state.get("head.cls_preds.0.bias", torch.zeros(0)).numel()
-        coco_ids = slots == 80 and cat_ids is not None and models.coco_numbered(cat_ids, class_names or cat_ids)
-        # Its class predictor keeps the slots of COCO-numbered data's ids; on other data it starts
-        # fresh (by shape), so the renaming must not drop it: converted as is, for a model of its size.
+        coco_ids = models.coco_category_ids(cat_ids, class_names) if slots == 80 and cat_ids is not None else None
+        # Its class predictor keeps the slots of the data's classes where they are COCO's; on other
+        # data it starts fresh (by shape), so the renaming must not drop it: converted as is, for a
+        # model of its size.
         with torch.device("meta"):
-            shaped = models.build_model(**dict(model.config, num_classes=len(cat_ids) if coco_ids else slots))
+            shaped = models.build_model(**dict(model.config, num_classes=len(coco_ids) if coco_ids else slots))
         try:
-            state = models.megvii_yolox_state_dict(state, shaped, cat_ids if coco_ids else None)
+            state = models.megvii_yolox_state_dict(state, shaped, coco_ids)
         except ValueError as e:
             fail(f"--pretrained {path}: {e}")
         log(f"--pretrained: {path} is a Megvii YOLOX, renamed to ours (models.megvii_yolox_state_dict)" +
-            (", its class slots kept for the data's COCO category ids" if coco_ids else ""))
+            (", its class slots kept for the data's classes, COCO's" if coco_ids else ""))
     elif "backbone.backbone.stem.conv.conv.weight" in state:
         fail(f"--pretrained {path} looks like Megvii's YOLOX without its head (no head.stems.*): give the whole "
              f"checkpoint as Megvii publishes it")

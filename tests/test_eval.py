@@ -963,9 +963,15 @@ def test_an_effdet_checkpoint_is_evaluated_on_the_data_s_coco_ids(tmp_path, caps
         ev.published_model("effdet", state, "tf_efficientdet_d0.pth", [1], det_header="yolox_s")
     # Data that is not COCO's (VOC's "cat" is id 2, COCO's "bicycle"; an id past 90) and a file
     # that fits no preset: one clear error each.
-    for ids, names, shown in (([1, 2], ["person", "cat"], "(2, 'cat')"), ([1, 95], None, "(95, 95)")):
-        with pytest.raises(ev.EvalInputError, match=rf"this data's categories are not COCO's \(e\.g\. \[{re.escape(shown)}\]"):
+    for ids, names, shown in (([1, 2], ["person", "unicorn"], "(2, 'unicorn')"), ([1, 95], None, "(95, '95')")):
+        with pytest.raises(ev.EvalInputError, match=rf"this data has others \(e\.g\. \[{re.escape(shown)}\], id and name\)"):
             ev.published_model("effdet", state, "d0.pth", ids, names)
+    # VOC's "cat" is its id 2 (COCO's bicycle): matched by name, it gets COCO's cat, id 17 (slot 16).
+    voc = ev.published_model("effdet", state, "d0.pth", [1, 2], ["person", "cat"], input_shape=(128, 128))
+    with torch.no_grad():
+        ours = voc(x)
+    for o, t in zip(ours, theirs):
+        torch.testing.assert_close(o[:, :, 4:], t[:, :, [4 + 0, 4 + 16]])
     with pytest.raises(ev.EvalInputError, match=r"does not fit --det_header efficientdet_d1: ours is"):
         ev.published_model("effdet", state, "d0.pth", [1], det_header="efficientdet_d1")
     assert ev.main(["-m", str(tmp_path / "d0.pth"), "--device", "cpu"]) == 2
@@ -996,6 +1002,11 @@ def test_a_megvii_yolox_checkpoint_is_evaluated_and_drawn_with_coco_s_ids(tmp_pa
     small = small_coco_with_coco_names(tmp_path / "small")
     assert ev.main(["-m", str(tmp_path / "nano.pth"), "-d", small, "--device", "cpu", "-i", "64"]) == 0
     assert "Megvii YOLOX weights, read as yolox_nano" in capsys.readouterr().out
+    # The real VOC sample (its own ids, VOC's names): scored with COCO's slots for its 20 classes.
+    assert ev.main(["-m", str(tmp_path / "nano.pth"), "-d", shared_path("voc2007_100", "instances_coco.json"),
+                    "--device", "cpu", "-i", "64", "--stats_json", str(tmp_path / "voc.json")]) == 0
+    assert "read as yolox_nano (megvii_yolox_state_dict), its class slots for this data's 20 classes" in \
+        capsys.readouterr().out and 0 <= json.loads((tmp_path / "voc.json").read_text())["AP"] <= 1
     # predict draws COCO's names without any data.
     picture = os.path.join(os.path.dirname(small), "images", "1.jpg")
     assert ev.main(["predict", "-m", str(tmp_path / "nano.pth"), picture, "-o", str(tmp_path / "drawn"), "-i", "64",

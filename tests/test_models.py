@@ -10,7 +10,9 @@ import os
 import pytest
 import torch
 
+import data
 import models
+from conftest import shared_path
 
 # Published parameter counts (EfficientDet with 90 classes, YOLOX with 80): effdet's
 # tf_efficientdet_dN / automl and Megvii YOLOX, as also built by keras_cv_attention_models.
@@ -680,3 +682,25 @@ def test_tf_efficientdet_and_tf_efficientnet_outputs_come_out_equal_with_tf_padd
         with torch.no_grad():
             for a, b in zip(backbone(x), tapped.eval()(x)):
                 torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
+
+
+def test_voc_and_coco_classes_get_coco_s_ids_by_name():
+    # The real VOC 2007 sample, as a COCO json (ids 1..20 in its own order: 2 is "cat") and as a
+    # YOLO folder (ids from 0): each class gets its COCO id by name, VOC's six other names included.
+    want = {"person": 1, "cat": 17, "aeroplane": 5, "tvmonitor": 72, "diningtable": 67, "sofa": 63,
+            "motorbike": 4, "pottedplant": 64, "bus": 6, "cow": 21}
+    for ds in (data.open_dataset(shared_path("voc2007_100", "instances_coco.json"), "train"),
+               data.open_dataset(shared_path("voc2007_100", "yolo"), "train",
+                                 images_dir=shared_path("voc2007_100", "images"))):
+        ids = models.coco_category_ids(ds.cat_ids, ds.class_names)
+        assert len(ids) == 20 and len(set(ids)) == 20
+        got = dict(zip(ds.class_names, ids))
+        assert {name: got[name] for name in want} == want
+    # COCO's own json: every id is its own; a json without names keeps ids that are COCO's.
+    with open(os.path.join(os.path.dirname(__file__), "fixtures", "coco_val2014_100", "instances_val2014_100.json")) as f:
+        categories = json.load(f)["categories"]
+    assert len(categories) == 80
+    assert models.coco_category_ids([c["id"] for c in categories], [c["name"] for c in categories]) == \
+        [c["id"] for c in categories]
+    assert models.coco_category_ids([90, 1], None) == [90, 1] and models.coco_category_ids([12], None) is None
+    assert models.coco_category_ids([0, 1], ["Person", "unicorn"]) is None

@@ -1195,7 +1195,7 @@ def test_pretrained_effdet_checkpoint_is_renamed_and_loaded(tiny_shapes, tmp_pat
     # slots of those ids (id 90, the last, is slot 89 of anchor 8: row 8 * 90 + 89).
     model, lines = models.build_model("efficientdet_d0", num_classes=80), []
     train.load_pretrained(model, str(tmp_path / "effdet_d0.pth"), lines.append, sorted(models.COCO_CLASSES))
-    assert "its class slots kept for the data's COCO category ids" in lines[0] and "784/784 tensors" in lines[1]
+    assert "its class slots kept for the data's classes, COCO's" in lines[0] and "784/784 tensors" in lines[1]
     bias = state["class_net.predict.conv_pw.bias"]
     assert model.head.cls_pred.pointwise.bias[-1] == bias[8 * 90 + 89] and model.head.cls_pred.pointwise.bias[11] == bias[12]
     # effdet's own training checkpoint: its flags as an argparse Namespace, the weights under
@@ -1252,7 +1252,7 @@ def test_pretrained_megvii_checkpoint_is_renamed_and_loaded(tiny_shapes, tmp_pat
     # reversed) and the box centres are measured from the cell's centre.
     model, lines = models.build_model("yolox_nano", num_classes=2, pixel_norm="0-255"), []
     train.load_pretrained(model, str(tmp_path / "yolox_nano.pth"), lines.append, [90, 1], ["toothbrush", "person"])
-    assert f"{total}/{total} tensors" in lines[-1] and "its class slots kept for the data's COCO category ids" in lines[0]
+    assert f"{total}/{total} tensors" in lines[-1] and "its class slots kept for the data's classes, COCO's" in lines[0]
     assert model.head.levels[2].cls_pred.bias.tolist() == [state["head.cls_preds.2.bias"][i].item() for i in (79, 0)]
     assert torch.equal(model.backbone.stem.conv.weight[:, 0], state["backbone.backbone.stem.conv.conv.weight"][:, 2])
     assert model.head.levels[0].reg_pred.bias[0] == state["head.reg_preds.0.bias"][0] - 0.5
