@@ -494,6 +494,30 @@ VOC_TO_COCO_NAMES = {"aeroplane": "airplane", "diningtable": "dining table", "mo
                      "pottedplant": "potted plant", "sofa": "couch", "tvmonitor": "tv"}
 
 
+def class_key(name):
+    """A class name as classes are matched across datasets: any case, VOC's names as COCO's."""
+    name = str(name).strip().lower()
+    return VOC_TO_COCO_NAMES.get(name, name)
+
+
+def same_classes(old_names, new_names):
+    """For each of new_names, the position of the same class in old_names (class_key), or None
+    when one of them is not there: which class slots of a trained model serve new data."""
+    where = {}
+    for i, name in enumerate(old_names):
+        where.setdefault(class_key(name), i)
+    slots = [where.get(class_key(name)) for name in new_names]
+    return None if None in slots else slots
+
+
+def keep_class_slots(tensor, num_anchors, slots):
+    """A class predictor's weight or bias [A * C, ...] (anchor-major: row a * C + c is anchor a's
+    class c, as every head here and effdet's write them) -> [A * len(slots), ...]: each anchor's
+    rows of these class slots, in this order."""
+    per_anchor = tensor.reshape(num_anchors, -1, *tensor.shape[1:])
+    return per_anchor[:, list(slots)].reshape(-1, *tensor.shape[1:])
+
+
 def coco_category_ids(cat_ids, class_names=None):
     """The COCO category id of each of a dataset's classes, or None when one is not among COCO's
     80, so that a COCO-trained model's class slots can be picked for the data.
@@ -504,8 +528,7 @@ def coco_category_ids(cat_ids, class_names=None):
     by_name = {name: c for c, name in COCO_CLASSES.items()}
     out = []
     for c, name in zip(cat_ids, class_names if class_names is not None else [str(c) for c in cat_ids]):
-        name = str(name).strip().lower()
-        name = VOC_TO_COCO_NAMES.get(name, name)
+        name = class_key(name)
         if name in by_name:
             out.append(by_name[name])
         elif name == str(c) and c in COCO_CLASSES:
@@ -633,9 +656,8 @@ def effdet_state_dict(state, model, cat_ids=None):
         if not all(isinstance(c, int) and 1 <= c <= slots for c in cat_ids):
             raise ValueError(f"its class predictor has {slots} slots, COCO's category ids 1..{slots}; the data's "
                              f"ids start {list(cat_ids)[:5]}")
-        rows = torch.tensor([a * slots + c - 1 for a in range(model.num_anchors) for c in cat_ids])  # anchor-major
         for key in ("head.cls_pred.pointwise.weight", "head.cls_pred.pointwise.bias"):
-            out[key] = out[key][rows]
+            out[key] = keep_class_slots(out[key], model.num_anchors, [c - 1 for c in cat_ids])
     for name, mine in own.items():
         if name not in out and name.startswith(("head.cls_convs.", "head.box_convs.")) and name.endswith(".bias"):
             out[name] = torch.zeros(mine.shape, dtype=mine.dtype)  # the head's redundant biases
@@ -724,10 +746,9 @@ def megvii_yolox_state_dict(state, model, cat_ids=None):
         if not all(c in COCO_CLASSES for c in cat_ids):
             raise ValueError(f"its class predictor has a slot per COCO category; the data's ids start "
                              f"{list(cat_ids)[:5]}, not all COCO's")
-        rows = torch.tensor([coco.index(c) for c in cat_ids])
         for level in range(len(model.strides)):
             for key in (f"head.levels.{level}.cls_pred.weight", f"head.levels.{level}.cls_pred.bias"):
-                out[key] = out[key][rows]
+                out[key] = keep_class_slots(out[key], 1, [coco.index(c) for c in cat_ids])
     for name, mine in own.items():
         if tuple(out[name].shape) != tuple(mine.shape):
             raise ValueError(f"ours is {name} {tuple(mine.shape)}, the file's {source.get(name)} is "

@@ -1136,7 +1136,8 @@ def weights_settings(cfg, log):
 
 def load_pretrained(model, path, log, cat_ids=None, class_names=None):
     """Copy every tensor whose name and shape match (EMA weights when present): a detector
-    trained on other classes still gives its backbone and neck, and the head starts fresh.
+    trained on other classes still gives its backbone and neck, and the head starts fresh, all
+    but the class predictor's rows of the data's classes when it knows them all by name.
     An effdet EfficientDet checkpoint is renamed to ours first (models.effdet_state_dict), and so
     is a Megvii YOLOX one (models.megvii_yolox_state_dict; the model was built to take its input as
     their weights want: weights_settings). A file
@@ -1192,6 +1193,19 @@ def load_pretrained(model, path, log, cat_ids=None, class_names=None):
             f"out); the neck and head start fresh")
         return
     own = model.state_dict()
+    # A plaindet model trained on other classes: where every class of the data is one of its
+    # classes (by name, VOC's as COCO's: models.same_classes), its class predictor keeps their rows.
+    # (Rows are anchor-major, so only a checkpoint with this model's prior mode lines up.)
+    saved = ckpt.get("config") or {}
+    saved_names = saved.get("class_names") if saved.get("anchors_mode") == model.anchors_mode else None
+    slots = models.same_classes(saved_names, class_names) if saved_names and class_names else None
+    if slots is not None and list(saved_names) != list(class_names):
+        for k in [k for k in state if k.endswith(("cls_pred.weight", "cls_pred.bias", "cls_pred.pointwise.weight",
+                                                   "cls_pred.pointwise.bias"))]:
+            if state[k].shape[0] == model.num_anchors * len(saved_names):
+                state[k] = models.keep_class_slots(state[k], model.num_anchors, slots)
+        log(f"--pretrained: its class predictor keeps the rows of the data's {len(slots)} classes, found by name "
+            f"among its {len(saved_names)}")
     matched = {k: v for k, v in state.items() if k in own and own[k].shape == v.shape}
     # Most of the backbone must come from the checkpoint: another architecture can share a layer
     # or two by chance (a 32-channel stem BatchNorm, say), and the recipe would then freeze a

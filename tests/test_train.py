@@ -1270,3 +1270,31 @@ def test_pretrained_megvii_checkpoint_is_renamed_and_loaded(tiny_shapes, tmp_pat
             run_train(tiny_shapes, tmp_path / "bad", "-i", "64", "-e", "1", *extra)
         err = capsys.readouterr().err
         assert exc.value.code == 2 and message in err, err
+
+
+@pytest.mark.parametrize("header", ["yolox_nano", "efficientdet_d0"])
+def test_pretrained_plaindet_checkpoint_keeps_the_class_rows_of_classes_it_knows(tmp_path, header):
+    # A run on 7 classes (the shapes' 6 among them, in another order, one written "Square"): a
+    # model for the shapes takes each of its classes' rows, anchor by anchor, found by name.
+    trained_on = ["ring", "Square", "dog", "circle", "cross", "star", "triangle"]
+    torch.manual_seed(0)
+    source = models.build_model(header, num_classes=7, input_shape=(128, 128))
+    for p in source.parameters():
+        p.data.normal_()
+    torch.save({"config": dict(source.config, class_names=trained_on, cat_ids=list(range(7))),
+                "model": source.state_dict()}, tmp_path / "seven.pt")
+    model, lines = models.build_model(header, num_classes=6, input_shape=(128, 128)), []
+    train.load_pretrained(model, str(tmp_path / "seven.pt"), lines.append, list(range(6)), data.SHAPE_NAMES)
+    slots = [3, 1, 6, 5, 4, 0]  # circle, square, triangle, star, cross, ring among the 7
+    rows = [a * 7 + s for a in range(model.num_anchors) for s in slots]
+    key = "head.levels.2.cls_pred.bias" if header == "yolox_nano" else "head.cls_pred.pointwise.bias"
+    assert torch.equal(model.state_dict()[key], source.state_dict()[key][rows])
+    total = len(model.state_dict())
+    assert "keeps the rows of the data's 6 classes, found by name among its 7" in lines[0]
+    assert f"{total}/{total} tensors loaded" in lines[-1]
+    # A class it never saw ("hexagon"): the class predictor starts fresh.
+    fresh, lines = models.build_model(header, num_classes=6, input_shape=(128, 128)), []
+    before = fresh.state_dict()[key].clone()
+    train.load_pretrained(fresh, str(tmp_path / "seven.pt"), lines.append, list(range(6)),
+                          data.SHAPE_NAMES[:5] + ["hexagon"])
+    assert torch.equal(fresh.state_dict()[key], before) and "found by name" not in " ".join(lines)
