@@ -811,10 +811,10 @@ def read_published_checkpoint(path):
 # slots a COCO model has and how they stand for COCO's ids, the presets it may be, its converter
 # (models.py).
 PUBLISHED = {
-    "effdet": dict(name="effdet EfficientDet", slots_key="class_net.predict.conv_pw.bias", anchors=9, slots=90, ids="id k + 1 in slot k",
-                   presets=EFFICIENTDET_PRESETS, convert=effdet_state_dict),
-    "megvii": dict(name="Megvii YOLOX", slots_key="head.cls_preds.0.bias", anchors=1, slots=80, ids="COCO's 80 ids in order",
-                   presets=YOLOX_PRESETS, convert=megvii_yolox_state_dict),
+    "effdet": dict(name="effdet EfficientDet", slots_key="class_net.predict.conv_pw.bias", anchors=9, slots=90,
+                   ids="id k + 1 in slot k", presets=EFFICIENTDET_PRESETS, convert=effdet_state_dict),
+    "megvii": dict(name="Megvii YOLOX", slots_key="head.cls_preds.0.bias", anchors=1, slots=80,
+                   ids="COCO's 80 ids in order", presets=YOLOX_PRESETS, convert=megvii_yolox_state_dict),
 }
 
 
@@ -823,11 +823,12 @@ def published_model(kind, state, path, cat_ids, class_names=None, det_header=Non
     read_published_checkpoint) as our model, for a dataset's categories: the class predictor keeps
     the slots of the data's classes (models.effdet_state_dict / megvii_yolox_state_dict), so COCO's
     80 categories read exactly as the original scores them. Every class of the data must be one
-    of COCO's, matched by name (models.coco_category_ids: COCO's names, VOC's, or a COCO id without
-    a name), whatever its id: VOC's "cat" is its id 2, COCO's 17. The preset is the first of the kind whose tensors fit (effdet's
-    d6 and d7 share every tensor and differ in input size and anchors: --det_header says which).
-    Megvii's weights take 0..255 pixels (pixel_norm "0-255"); effdet's tf_efficientdet_* files
-    get TensorFlow's padding, and its AdvProp ones -1..1 pixels, as their names say (models.named_settings)."""
+    of COCO's, matched by name (models.coco_category_ids: COCO's names, VOC's, or COCO ids where
+    the data names no class), whatever its id: VOC's "cat" is its id 2, COCO's 17.
+    The preset is the first of the kind whose tensors fit (effdet's d6 and d7 share every tensor
+    and differ in input size and anchors: --det_header says which). Megvii's weights take 0..255
+    pixels (pixel_norm "0-255"); effdet's tf_efficientdet_* files get TensorFlow's padding, and
+    its AdvProp ones -1..1 pixels, as their names say (models.named_settings)."""
     spec = PUBLISHED[kind]
     if det_header and det_header not in spec["presets"]:
         raise EvalInputError(f"-m {path} holds {spec['name']} weights: --det_header must be one of "
@@ -842,7 +843,10 @@ def published_model(kind, state, path, cat_ids, class_names=None, det_header=Non
         raise EvalInputError(f"-m {path}: {spec['name']} weights with {slots} class slots, not COCO's {spec['slots']} "
                              f"({spec['ids']}): it was trained on other data, whose slots this converter cannot "
                              f"match to this data's ids")
-    coco_ids = coco_category_ids(cat_ids, class_names)
+    try:
+        coco_ids = coco_category_ids(cat_ids, class_names)
+    except ValueError as e:  # two classes of the data are one COCO category
+        raise EvalInputError(f"-m {path}: {e}") from None
     if coco_ids is None:
         names = class_names if class_names is not None else [str(c) for c in cat_ids]
         odd = [(c, n) for c, n in zip(cat_ids, names) if coco_category_ids([c], [n]) is None][:3]
@@ -1042,8 +1046,9 @@ def picture_name(path):
 def _add_common_flags(parser):
     """Flags shared by evaluation and predict: model, preprocessing and NMS."""
     parser.add_argument("-m", "--model", default=None,
-                        help=f"train.py checkpoint, or a preset name (random weights); default {DEFAULT_CHECKPOINT}, "
-                             f"the best.pt of train.py's default --out")
+                        help=f"train.py checkpoint, an effdet EfficientDet or Megvii YOLOX .pth (COCO's classes), or "
+                             f"a preset name (random weights); default {DEFAULT_CHECKPOINT}, the best.pt of train.py's "
+                             f"default --out")
     parser.add_argument("--det_header", default=None, help="build this preset instead of the checkpoint's")
     parser.add_argument("-i", "--input_shape", nargs="+", default=None,
                         help="H [W] (or H,W) of the letterbox (default: the model's)")

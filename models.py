@@ -495,19 +495,22 @@ VOC_TO_COCO_NAMES = {"aeroplane": "airplane", "diningtable": "dining table", "mo
 
 
 def class_key(name):
-    """A class name as classes are matched across datasets: any case, VOC's names as COCO's."""
-    name = str(name).strip().lower()
+    """A class name as classes are matched across datasets: spaces around it dropped, "_" read
+    as a space, VOC's names read as COCO's. Case counts: Open Images' "Mouse" is the animal, not
+    COCO's computer "mouse", and a capitalised name is more often another dataset's meaning."""
+    name = str(name).strip().replace("_", " ")
     return VOC_TO_COCO_NAMES.get(name, name)
 
 
 def same_classes(old_names, new_names):
     """For each of new_names, the position of the same class in old_names (class_key), or None
-    when one of them is not there: which class slots of a trained model serve new data."""
+    when one of them is not there or two are the same class: which class slots of a trained
+    model serve new data."""
     where = {}
     for i, name in enumerate(old_names):
         where.setdefault(class_key(name), i)
     slots = [where.get(class_key(name)) for name in new_names]
-    return None if None in slots else slots
+    return None if None in slots or len(set(slots)) < len(slots) else slots
 
 
 def keep_class_slots(tensor, num_anchors, slots):
@@ -521,20 +524,25 @@ def keep_class_slots(tensor, num_anchors, slots):
 def coco_category_ids(cat_ids, class_names=None):
     """The COCO category id of each of a dataset's classes, or None when one is not among COCO's
     80, so that a COCO-trained model's class slots can be picked for the data.
-    A class is matched by its name (any case): COCO's, or VOC's for the same category
+    Classes are matched by name (class_key): COCO's names, or VOC's for the same category
     (VOC_TO_COCO_NAMES); so COCO's own json, a YOLO-format COCO subset (coco128: ids from 0) and
-    VOC all match, whatever their ids. A class whose name is just its id written out (a json
-    without names) is matched by that id. Returns a list as long as cat_ids, or None."""
+    VOC all match, whatever their ids. Only data that names no class (class_names None, or each
+    name its id written out, as a json without names reads) is matched by id. ValueError when two
+    classes are the same COCO category (each detection would be written twice)."""
+    cat_ids = list(cat_ids)
+    names = [str(c) for c in cat_ids] if class_names is None else [str(n) for n in class_names]
+    if len(names) != len(cat_ids):
+        raise ValueError(f"{len(cat_ids)} category ids and {len(names)} class names")
+    if all(n.strip() == str(c) for c, n in zip(cat_ids, names)):   # no names: by id
+        return cat_ids if all(c in COCO_CLASSES for c in cat_ids) else None
     by_name = {name: c for c, name in COCO_CLASSES.items()}
-    out = []
-    for c, name in zip(cat_ids, class_names if class_names is not None else [str(c) for c in cat_ids]):
-        name = class_key(name)
-        if name in by_name:
-            out.append(by_name[name])
-        elif name == str(c) and c in COCO_CLASSES:
-            out.append(c)
-        else:
-            return None
+    out = [by_name.get(class_key(n)) for n in names]
+    if None in out:
+        return None
+    twins = [n for n, c in zip(names, out) if out.count(c) > 1]
+    if twins:
+        raise ValueError(f"the classes {twins[:2]} are both COCO's {COCO_CLASSES[out[names.index(twins[0])]]!r}: "
+                         f"give the data one class per COCO category")
     return out
 
 

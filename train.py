@@ -1112,7 +1112,8 @@ def weights_settings(cfg, log):
     ckpt = load_checkpoint_file(path, mmap=True)
     if "config" in ckpt:
         saved = ckpt["config"]
-        pixel_norm, tf_padding, why = saved.get("pixel_norm", "imagenet"), saved.get("tf_padding", False), "the weights of a run that did so"
+        pixel_norm, tf_padding = saved.get("pixel_norm", "imagenet"), saved.get("tf_padding", False)
+        why = "the weights of a run that did so"
         if pixel_norm != "imagenet" and saved.get("backbone") != backbone:
             log(f"{flag}: {path}'s pixel_norm {pixel_norm} stays with its backbone ({saved.get('backbone')}; this "
                 f"model's is {backbone})")
@@ -1147,6 +1148,16 @@ def load_pretrained(model, path, log, cat_ids=None, class_names=None):
     cat_ids, class_names: the training data's, for an effdet or Megvii file's class slots."""
     ckpt = load_checkpoint_file(path)
     state = models.unwrap_state_dict(ckpt.get("ema") or ckpt.get("model") or ckpt)
+
+    def data_coco_ids(slots, coco_slots):
+        """The data's classes as COCO category ids, for a file with COCO's class slots; None (its
+        class predictor then starts fresh, by shape) for other files or data."""
+        if slots != coco_slots or cat_ids is None:
+            return None
+        try:
+            return models.coco_category_ids(cat_ids, class_names)
+        except ValueError as e:
+            fail(f"--pretrained {path} with --data: {e}")
     if any(k.startswith("class_net.") for k in state):  # an effdet EfficientDet: renamed, then as ours
         if model.config["det_header"] not in models.EFFICIENTDET_PRESETS or model.anchors_mode != "efficientdet":
             fail(f"--pretrained {path} is an effdet EfficientDet: it fits an efficientdet_* --det_header with its "
@@ -1155,7 +1166,7 @@ def load_pretrained(model, path, log, cat_ids=None, class_names=None):
         # the class predictor keeps the slots of the data's classes; on other data it starts fresh
         # (by shape).
         slots = state.get("class_net.predict.conv_pw.bias", torch.zeros(0)).numel() // model.num_anchors
-        coco_ids = models.coco_category_ids(cat_ids, class_names) if slots == 90 and cat_ids is not None else None
+        coco_ids = data_coco_ids(slots, 90)
         try:
             state = models.effdet_state_dict(state, model, coco_ids)
         except ValueError as e:
@@ -1168,7 +1179,7 @@ def load_pretrained(model, path, log, cat_ids=None, class_names=None):
             fail(f"--pretrained {path} is a Megvii YOLOX: it fits a yolox_* --det_header, anchor-free, with its own "
                  f"backbone (now {model.config['det_header']}, {model.anchors_mode}, {model.config['backbone']})")
         slots = state.get("head.cls_preds.0.bias", torch.zeros(0)).numel()
-        coco_ids = models.coco_category_ids(cat_ids, class_names) if slots == 80 and cat_ids is not None else None
+        coco_ids = data_coco_ids(slots, 80)
         # Its class predictor keeps the slots of the data's classes where they are COCO's; on other
         # data it starts fresh (by shape), so the renaming must not drop it: converted as is, for a
         # model of its size.
@@ -1195,17 +1206,25 @@ def load_pretrained(model, path, log, cat_ids=None, class_names=None):
     own = model.state_dict()
     # A plaindet model trained on other classes: where every class of the data is one of its
     # classes (by name, VOC's as COCO's: models.same_classes), its class predictor keeps their rows.
-    # (Rows are anchor-major, so only a checkpoint with this model's prior mode lines up.)
+    # (Rows are per anchor, and the anchor count comes with the prior mode: only a checkpoint of
+    # this model's mode lines up.)
     saved = ckpt.get("config") or {}
     saved_names = saved.get("class_names") if saved.get("anchors_mode") == model.anchors_mode else None
-    slots = models.same_classes(saved_names, class_names) if saved_names and class_names else None
-    if slots is not None and list(saved_names) != list(class_names):
+    if saved_names and class_names and list(saved_names) != list(class_names):
+        rows_of = models.same_classes(saved_names, class_names)
+        remapped = 0
         for k in [k for k in state if k.endswith(("cls_pred.weight", "cls_pred.bias", "cls_pred.pointwise.weight",
                                                    "cls_pred.pointwise.bias"))]:
-            if state[k].shape[0] == model.num_anchors * len(saved_names):
-                state[k] = models.keep_class_slots(state[k], model.num_anchors, slots)
-        log(f"--pretrained: its class predictor keeps the rows of the data's {len(slots)} classes, found by name "
-            f"among its {len(saved_names)}")
+            if rows_of is not None and state[k].shape[0] == model.num_anchors * len(saved_names):
+                state[k] = models.keep_class_slots(state[k], model.num_anchors, rows_of)
+                remapped += 1
+        if remapped:
+            log(f"--pretrained: its class predictor keeps the rows of the data's {len(rows_of)} classes, found by "
+                f"name among its {len(saved_names)}")
+        elif rows_of is None:
+            unknown = [n for n in class_names if models.same_classes(saved_names, [n]) is None]
+            log(f"--pretrained: the class predictor starts fresh: " + (f"{unknown[:3]} are not among its "
+                f"{len(saved_names)} classes" if unknown else "the data names one class twice"))
     matched = {k: v for k, v in state.items() if k in own and own[k].shape == v.shape}
     # Most of the backbone must come from the checkpoint: another architecture can share a layer
     # or two by chance (a 32-channel stem BatchNorm, say), and the recipe would then freeze a

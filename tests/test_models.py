@@ -703,4 +703,13 @@ def test_voc_and_coco_classes_get_coco_s_ids_by_name():
     assert models.coco_category_ids([c["id"] for c in categories], [c["name"] for c in categories]) == \
         [c["id"] for c in categories]
     assert models.coco_category_ids([90, 1], None) == [90, 1] and models.coco_category_ids([12], None) is None
-    assert models.coco_category_ids([0, 1], ["Person", "unicorn"]) is None
+    assert models.coco_category_ids([0, 1], ["person", "unicorn"]) is None
+    # Case counts: Open Images' "Mouse" is the animal. "_" reads as a space.
+    assert models.coco_category_ids([0], ["Mouse"]) is None and models.coco_category_ids([0], [" mouse "]) == [74]
+    assert models.coco_category_ids([0, 1], ["dining_table", "traffic_light"]) == [67, 10]
+    # Two classes that are one COCO category would write each detection twice: refused.
+    with pytest.raises(ValueError, match=r"the classes \['sofa', 'couch'\] are both COCO's 'couch'"):
+        models.coco_category_ids([1, 2], ["sofa", "couch"])
+    with pytest.raises(ValueError, match=r"2 category ids and 1 class names"):
+        models.coco_category_ids([1, 2], ["person"])
+    assert models.same_classes(["a", "b"], ["b", "a"]) == [1, 0] and models.same_classes(["a", "b"], ["b", "b"]) is None
