@@ -636,6 +636,13 @@ def read_yolo(folder, split="train", images_dir=None):
         shown = ", ".join(os.path.relpath(d, folder) + "/" for d in dict.fromkeys(looked))
         raise ValueError(f"{folder}: no YOLO label files, an empty split '{split}' (looked in {shown}): put one "
                          f"`class cx cy w h` txt per image there")
+    # A val split read from labels that are not the val split's own (labels/, obj_train_data/) is
+    # the training images again: said, as a COCO folder with a train split alone says it.
+    own_dirs = (([from_yaml[1]] if from_yaml else []) + [os.path.join(folder, "labels", s) for s in splits]
+                + [os.path.join(folder, s, "labels") for s in splits] + [os.path.join(folder, f"obj_{split}_data")])
+    if split == "val" and label_dir not in own_dirs:
+        warnings.warn(f"{folder} has no val split: its {os.path.relpath(label_dir, folder)}/ labels serve as val, so "
+                      f"an AP is measured on the training images")
     stems = sorted(f[:-4] for f in os.listdir(label_dir) if f.endswith(".txt") and not _is_names_file(f))
     split_dirs = (([from_yaml[0]] if from_yaml else []) + [os.path.join(folder, "images", s) for s in splits]
                   + [os.path.join(folder, s, "images") for s in splits])  # image folders of this split alone

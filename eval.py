@@ -63,7 +63,7 @@ from data import (IMAGE_EXTENSIONS, PAD_VALUE, DataLoadError, batches, check_coc
                   default_workers, is_key, letterbox, make_loader, open_dataset, plain_warnings)
 from models import (COCO_CLASSES, EFFICIENTDET_PRESETS, PRESETS, YOLOX_PRESETS, build_model, check_input_shape,
                     coco_category_ids, decode_boxes, effdet_state_dict, flatten_outputs, megvii_yolox_state_dict,
-                    named_settings, parse_input_shape, unwrap_state_dict)
+                    named_settings, parse_input_shape, published_preset, unwrap_state_dict)
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 KERNEL_PATH = os.path.join(HERE, "nms_kernels.cu")
@@ -853,32 +853,28 @@ def published_model(kind, state, path, cat_ids, class_names=None, det_header=Non
         raise EvalInputError(f"-m {path}: {spec['name']} weights score COCO's 80 categories, and this data has "
                              f"others (e.g. {odd}, id and name): evaluate it on data whose classes are COCO's (by "
                              f"name: COCO's or VOC's)")
-    presets = [det_header] if det_header else list(spec["presets"])
-    preset = converted = None
-    for name in presets:
-        with torch.device("meta"):  # shapes only: a fit costs no memory
-            candidate = build_model(name, num_classes=len(cat_ids), pixel_norm=pixel_norm, tf_padding=tf_padding)
-        try:
-            converted = spec["convert"](state, candidate, coco_ids)
-        except ValueError as e:
-            if det_header:
-                raise EvalInputError(f"-m {path} does not fit --det_header {det_header}: {e}") from None
-            continue
-        preset = name
-        break
+    preset = det_header or published_preset(state, kind)  # the first preset its tensors fit
     if preset is None:
-        raise EvalInputError(f"-m {path}: no preset fits its tensors ({', '.join(presets)} were tried)")
+        raise EvalInputError(f"-m {path}: no preset fits its tensors ({', '.join(spec['presets'])} were tried)")
     if preset == "efficientdet_d6" and not det_header:
         raise EvalInputError(f"-m {path}: effdet's d6 and d7 share every tensor (d7 runs at 1536 with larger "
                              f"anchors): give --det_header efficientdet_d6 or efficientdet_d7")
     model = build_model(preset, num_classes=len(cat_ids), pixel_norm=pixel_norm, tf_padding=tf_padding,
                         input_shape=None if input_shape is None else tuple(input_shape))
     try:
-        model.load_state_dict(converted)
-    except RuntimeError:
-        raise EvalInputError(f"-m {path}: its head does not fit {preset}'s (another layout)") from None
+        model.load_state_dict(spec["convert"](state, model, coco_ids))
+    except (ValueError, RuntimeError) as e:
+        if not det_header:  # the preset that its tensors fit, yet its head is of another layout
+            raise EvalInputError(f"-m {path}: its tensors do not fit {preset}'s: {e}") from None
+        fits = published_preset(state, kind)
+        raise EvalInputError(f"-m {path} does not fit --det_header {det_header}: {e}" +
+                             (f" (it is {fits}'s: give --det_header {fits}, or leave it out)" if fits else "")) from None
+    names = [str(n) for n in (class_names if class_names is not None else cat_ids)]
     print(f"-m {path}: {spec['name']} weights, read as {preset} ({spec['convert'].__name__}), its class slots for "
-          f"this data's {len(cat_ids)} classes" + describe_settings(model.config, "by its name"))
+          f"{len(cat_ids)} classes ({', '.join(names[:3])}{', ...' if len(names) > 3 else ''})" +
+          describe_settings(model.config, "as Megvii's weights want" if kind == "megvii" else "by its name") +
+          ("" if kind == "megvii" or tf_padding else ", PyTorch's padding (a tf_efficientdet_* file keeps that "
+                                                     "name: TensorFlow's padding)"))
     return model.to(device).eval()
 
 
@@ -917,8 +913,9 @@ def load_model(path_or_preset, det_header=None, num_classes=None, input_shape=No
         # weights_only: a checkpoint from elsewhere cannot run code while it loads
         checkpoint = torch.load(path_or_preset, map_location="cpu", weights_only=True)
     except Exception as e:  # truncated download, a file of another program: say which file
-        raise EvalInputError(f"-m {path_or_preset}: not a readable checkpoint ({type(e).__name__}: {e}); "
-                             f"give a last.pt / best.pt written by train.py, or a preset name") from None
+        raise EvalInputError(f"-m {path_or_preset}: not a readable checkpoint ({type(e).__name__}: {e}); a download "
+                             f"cut short? fetch it again, or give a last.pt / best.pt written by train.py, an effdet "
+                             f"or Megvii .pth, or a preset name") from None
     if not isinstance(checkpoint, dict) or "config" not in checkpoint or "model" not in checkpoint:
         raise EvalInputError(f"-m {path_or_preset}: not a plaindet checkpoint (a dict with 'config' "
                              f"and 'model', as train.py writes)")
@@ -1067,8 +1064,8 @@ def _add_common_flags(parser):
     parser.add_argument("--nms_iou_or_sigma", type=float, default=0.5,
                         help="IoU threshold for hard / linear NMS, sigma for gaussian")
     parser.add_argument("--nms_topk", type=int, default=5000,
-                        help="(prior, class) pairs kept per image before NMS; -1 all, 0 one class per prior "
-                             "(the seed's meanings: its eval_func takes -1 as all pairs, 0 as off)")
+                        help="(prior, class) pairs kept per image before NMS; -1 all, 0 one class per prior, "
+                             "its best (the meanings keras_cv_attention_models' eval gives them)")
     parser.add_argument("--nms_max_output_size", type=int, default=100, help="detections kept per image")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
                         help="cuda (the NMS kernel) or cpu (its torch twin); default cuda when there is one")
@@ -1077,9 +1074,12 @@ def _add_common_flags(parser):
 def _checkpoint_or_default(model):
     """-m as given, or (left out) train.py's default run's best.pt: after `python train.py ...`
     with no --out, `python eval.py --nms gaussian` scores that run on its own val split."""
-    if model is not None and os.path.isdir(model):
-        hint = next((os.path.join(model, n) for n in ("best.pt", "last.pt") if os.path.isfile(os.path.join(model, n))), None)
-        raise EvalInputError(f"-m {model} is a folder: give a checkpoint file" + (f", e.g. {hint}" if hint else ""))
+    if model is not None and os.path.isdir(model):  # a run folder stands for its best.pt (else last.pt), as in train.py
+        found = next((os.path.join(model, n) for n in ("best.pt", "last.pt") if os.path.isfile(os.path.join(model, n))),
+                     None)
+        if found is None:
+            raise EvalInputError(f"-m {model} is a folder without best.pt / last.pt: give a checkpoint file")
+        return found
     if model is not None:
         return model
     if os.path.isfile(DEFAULT_CHECKPOINT):

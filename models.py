@@ -1208,6 +1208,30 @@ def build_model(det_header, backbone=None, anchors_mode=None, num_classes=80, in
     return model.to(memory_format=torch.channels_last)
 
 
+def published_preset(state, kind):
+    """The preset that a published file's weights fit: kind "effdet" (an effdet EfficientDet,
+    tried d0 ... d7x) or "megvii" (a Megvii YOLOX, nano ... x); the first whose model the
+    converter takes, built on the "meta" device (shapes only, no memory), or None. effdet's d6 and
+    d7 share every tensor (they differ in input size and anchors): d6 is returned for both."""
+    if kind == "effdet":
+        presets, convert, anchors = EFFICIENTDET_PRESETS, effdet_state_dict, 9
+        slots_key = "class_net.predict.conv_pw.bias"
+    else:
+        presets, convert, anchors, slots_key = YOLOX_PRESETS, megvii_yolox_state_dict, 1, "head.cls_preds.0.bias"
+    if slots_key not in state:
+        return None
+    for name in presets:
+        with torch.device("meta"):
+            candidate = build_model(name, num_classes=state[slots_key].numel() // anchors,
+                                    pixel_norm="0-255" if kind == "megvii" else "imagenet")
+        try:
+            convert(state, candidate)
+        except ValueError:
+            continue
+        return name
+    return None
+
+
 # ---------------------------------------------------------------------------------------
 # Priors and the box encoding they define
 # ---------------------------------------------------------------------------------------

@@ -95,8 +95,9 @@ def parse_args(argv=None):
         f"  {'flag':<26}{'EfficientDet':<16}YOLOX\n" + "\n".join(rows) + "\n\n"
         "yolox_nano: --mosaic_mix_prob 0.5 --random_crop_mode 1.5 --random_scale_min 0.5 --mixup_prob 0;\n"
         "yolox_tiny: --random_crop_mode 1.5 --random_scale_min 0.5 --mixup_prob 0 (as Megvii's exps).\n"
-        "'preset' is the preset's published size: yolox_nano / yolox_tiny 416, the other YOLOX 640,\n"
-        "efficientdet_d0 512 ... d7 1536 (`python models.py` lists them).\n"
+        "'preset' is the YOLOX preset's published size: yolox_nano / yolox_tiny 416, the others 640.\n"
+        "(EfficientDet trains at keras_cv_attention_models' 256; its published sizes, efficientdet_d0 512 ...\n"
+        "d7 1536, are in `python models.py`.)\n"
         "--freeze_backbone_epochs applies with --pretrained only (else 0).\n"
         "-e defaults to the decay plus the cooldown. With --resume, a flag left unset takes the\n"
         "value of the run being resumed.")
@@ -651,7 +652,8 @@ def run(argv=None):
     if not any((r["labels"] >= 0).any() for r in train_set.records):
         fail(f"--data {cfg['data']}: the train split has no usable box in its {len(train_set)} images "
              f"(see the warnings above, if any): nothing to learn from; fix the annotations")
-    if train_set.files == val_set.files:  # a single COCO json, or a YOLO folder without splits
+    said = any("no val split" in str(w.message) for w in dropped)  # a folder's reader said it already
+    if train_set.files == val_set.files and not said:  # a single COCO json, or a YOLO folder without splits
         log(f"note: --data {cfg['data']} has one split, so the AP of each epoch is measured on the "
             f"training images; give a folder with a train and a val split for a held-out AP")
 
@@ -992,15 +994,16 @@ def checkpoint_state(model, ema, optimizer, scaler, epoch, best_ap, run_config, 
     }
 
 
-def load_checkpoint_file(path, mmap=False):
-    """torch.load with one clear error for a missing or foreign file. mmap: map the tensors
-    instead of reading them, for a quick look at the config (a file in torch's older, unmappable
-    format is read)."""
+def load_checkpoint_file(path, mmap=False, flag="--resume"):
+    """torch.load with one clear error for a missing or foreign file, naming the flag that gave
+    it (--resume or --pretrained). mmap: map the tensors instead of reading them, for a quick look
+    at the config (a file in torch's older, unmappable format is read)."""
+    give = "the last.pt / best.pt of an earlier run" + (", or weights you downloaded" if flag == "--pretrained" else "")
     if not os.path.isfile(path):
-        fail(f"{path} does not exist: give the last.pt / best.pt of an earlier run")
+        fail(f"{flag} {path} does not exist: give {give}")
     if path.endswith(".safetensors"):
         # (safetensors also stores tensors sorted by name, losing the order the position match needs)
-        fail(f"{path}: torch cannot read safetensors files; download the pytorch_model.bin beside it "
+        fail(f"{flag} {path}: torch cannot read safetensors files; download the pytorch_model.bin beside it "
              f"instead, or rebuild the model in timm and save it: `python -c \"import timm, torch, safetensors.torch "
              f"as s; m = timm.create_model('NAME'); m.load_state_dict(s.load_file('{path}')); "
              f"torch.save(m.state_dict(), 'NAME.pth')\"`")
@@ -1015,9 +1018,10 @@ def load_checkpoint_file(path, mmap=False):
         except Exception as e:  # a truncated or foreign file
             if mapped:
                 continue  # torch's older file format cannot be mapped (effdet's 2020 weights): read it
-            fail(f"{path} is not a readable plaindet checkpoint ({type(e).__name__}: {e})")
+            fail(f"{flag} {path} is not a readable checkpoint ({type(e).__name__}: {e}); a download cut short? fetch "
+                 f"it again, or give {give}")
     if not isinstance(ckpt, dict):
-        fail(f"{path} holds a {type(ckpt).__name__}, not a checkpoint: give the last.pt / best.pt of an earlier run")
+        fail(f"{flag} {path} holds a {type(ckpt).__name__}, not a checkpoint: give {give}")
     return ckpt
 
 
@@ -1109,7 +1113,7 @@ def weights_settings(cfg, log):
     backbone = cfg["backbone"] or (models.EFFICIENTDET_PRESETS[det_header][0]
                                    if det_header in models.EFFICIENTDET_PRESETS else "cspdarknet")
     has_efficientnet = det_header in models.EFFICIENTDET_PRESETS or backbone.startswith("efficientnet")
-    ckpt = load_checkpoint_file(path, mmap=True)
+    ckpt = load_checkpoint_file(path, mmap=True, flag=flag)
     if "config" in ckpt:
         saved = ckpt["config"]
         pixel_norm, tf_padding = saved.get("pixel_norm", "imagenet"), saved.get("tf_padding", False)
@@ -1122,7 +1126,9 @@ def weights_settings(cfg, log):
             log(f"{flag}: {path}'s tf_padding has no EfficientNet or BiFPN to apply to in {det_header} ({backbone})")
             tf_padding = False
     elif "head.stems.0.conv.weight" in models.unwrap_state_dict(ckpt.get("ema") or ckpt.get("model") or ckpt):
-        pixel_norm, tf_padding, why = "0-255", False, "Megvii YOLOX weights"
+        # (only for a model that can take them; load_pretrained says what the others need)
+        fits = det_header in models.YOLOX_PRESETS and backbone == "cspdarknet" and cfg.get("anchors_mode") != "efficientdet"
+        pixel_norm, tf_padding, why = ("0-255" if fits else "imagenet"), False, "Megvii YOLOX weights"
     else:
         pixel_norm, tf_padding = models.named_settings(path) if has_efficientnet else ("imagenet", False)
         why = "TensorFlow-trained weights (so its name says)"
@@ -1133,6 +1139,18 @@ def weights_settings(cfg, log):
     if tf_padding:
         log(f"{flag}: the model's stride-2 layers pad as TensorFlow does (tf_padding): {path} holds {why}")
     return pixel_norm, tf_padding
+
+
+# The class predictor's tensors, in every head: the rows that stand for classes.
+CLASS_PREDICTOR = ("cls_pred.weight", "cls_pred.bias", "cls_pred.pointwise.weight", "cls_pred.pointwise.bias")
+# The flag that chooses each prior mode.
+MODE_FLAGS = {"efficientdet": "--use_anchors_mode", "anchor_free": "--use_anchor_free_mode"}
+
+
+def drop_class_predictor(state):
+    """A state dict less its class predictor: rows that stand for other classes than the data's
+    must not be loaded, even where their number happens to fit."""
+    return {k: v for k, v in state.items() if not k.endswith(CLASS_PREDICTOR)}
 
 
 def load_pretrained(model, path, log, cat_ids=None, class_names=None):
@@ -1146,54 +1164,49 @@ def load_pretrained(model, path, log, cat_ids=None, class_names=None):
     into the backbone alone (models.load_backbone_weights): the usual start for a detector, and
     what the EfficientDet recipe's 32 frozen epochs are for.
     cat_ids, class_names: the training data's, for an effdet or Megvii file's class slots."""
-    ckpt = load_checkpoint_file(path)
+    ckpt = load_checkpoint_file(path, flag="--pretrained")
     state = models.unwrap_state_dict(ckpt.get("ema") or ckpt.get("model") or ckpt)
-
-    def data_coco_ids(slots, coco_slots):
-        """The data's classes as COCO category ids, for a file with COCO's class slots; None (its
-        class predictor then starts fresh, by shape) for other files or data."""
-        if slots != coco_slots or cat_ids is None:
-            return None
-        try:
-            return models.coco_category_ids(cat_ids, class_names)
-        except ValueError as e:
-            fail(f"--pretrained {path} with --data: {e}")
-    if any(k.startswith("class_net.") for k in state):  # an effdet EfficientDet: renamed, then as ours
-        if model.config["det_header"] not in models.EFFICIENTDET_PRESETS or model.anchors_mode != "efficientdet":
-            fail(f"--pretrained {path} is an effdet EfficientDet: it fits an efficientdet_* --det_header with its "
-                 f"anchors (now {model.config['det_header']}, {model.anchors_mode})")
-        # With its 90 COCO slots and data whose classes are COCO's (COCO, some of its classes, VOC)
-        # the class predictor keeps the slots of the data's classes; on other data it starts fresh
-        # (by shape).
-        slots = state.get("class_net.predict.conv_pw.bias", torch.zeros(0)).numel() // model.num_anchors
-        coco_ids = data_coco_ids(slots, 90)
-        try:
-            state = models.effdet_state_dict(state, model, coco_ids)
-        except ValueError as e:
-            fail(f"--pretrained {path}: {e}")
-        log(f"--pretrained: {path} is an effdet EfficientDet, renamed to ours (models.effdet_state_dict)" +
-            (", its class slots kept for the data's classes, COCO's" if coco_ids else ""))
-    if "head.stems.0.conv.weight" in state:  # a Megvii YOLOX: renamed, then as ours
-        if model.config["det_header"] not in models.YOLOX_PRESETS or model.anchors_mode != "anchor_free" or \
-                model.config["backbone"] != "cspdarknet":
-            fail(f"--pretrained {path} is a Megvii YOLOX: it fits a yolox_* --det_header, anchor-free, with its own "
-                 f"backbone (now {model.config['det_header']}, {model.anchors_mode}, {model.config['backbone']})")
-        slots = state.get("head.cls_preds.0.bias", torch.zeros(0)).numel()
-        coco_ids = data_coco_ids(slots, 80)
-        # Its class predictor keeps the slots of the data's classes where they are COCO's; on other
-        # data it starts fresh (by shape), so the renaming must not drop it: converted as is, for a
-        # model of its size.
-        with torch.device("meta"):
-            shaped = models.build_model(**dict(model.config, num_classes=len(coco_ids) if coco_ids else slots))
-        try:
-            state = models.megvii_yolox_state_dict(state, shaped, coco_ids)
-        except ValueError as e:
-            fail(f"--pretrained {path}: {e}")
-        log(f"--pretrained: {path} is a Megvii YOLOX, renamed to ours (models.megvii_yolox_state_dict)" +
-            (", its class slots kept for the data's classes, COCO's" if coco_ids else ""))
-    elif "backbone.backbone.stem.conv.conv.weight" in state:
+    kind = "effdet" if any(k.startswith("class_net.") for k in state) else \
+        "megvii" if "head.stems.0.conv.weight" in state else None
+    if kind is None and "backbone.backbone.stem.conv.conv.weight" in state:
         fail(f"--pretrained {path} looks like Megvii's YOLOX without its head (no head.stems.*): give the whole "
              f"checkpoint as Megvii publishes it")
+    if kind is not None:  # an effdet EfficientDet or a Megvii YOLOX: renamed, then loaded as ours
+        name, family, mode, coco_slots = (("an effdet EfficientDet", models.EFFICIENTDET_PRESETS, "efficientdet", 90)
+                                          if kind == "effdet" else
+                                          ("a Megvii YOLOX", models.YOLOX_PRESETS, "anchor_free", 80))
+        fits = models.published_preset(state, kind)
+        it_is = f" (it is {fits}'s: give --det_header {fits})" if fits else ""
+        if model.config["det_header"] not in family or model.anchors_mode != mode or \
+                (kind == "megvii" and model.config["backbone"] != "cspdarknet"):
+            megvii = kind == "megvii"
+            fail(f"--pretrained {path} is {name}{it_is}, made with {MODE_FLAGS[mode]}" +
+                 (" and its own backbone" if megvii else "") + f"; now --det_header {model.config['det_header']} "
+                 f"{MODE_FLAGS[model.anchors_mode]}" + (f" --backbone {model.config['backbone']}" if megvii else ""))
+        # Its class predictor has a slot per COCO category: it keeps the slots of the data's
+        # classes where they are all COCO's (models.coco_category_ids) and starts fresh otherwise.
+        slots = state["class_net.predict.conv_pw.bias" if kind == "effdet" else "head.cls_preds.0.bias"].numel()
+        slots //= 9 if kind == "effdet" else 1
+        try:
+            coco_ids = models.coco_category_ids(cat_ids, class_names) if slots == coco_slots and cat_ids else None
+        except ValueError as e:  # two classes of the data are one COCO category
+            fail(f"--pretrained {path} with --data: {e}")
+        with torch.device("meta"):  # converted as is when the class slots are not kept: for a model of its size
+            shaped = models.build_model(**dict(model.config, num_classes=len(coco_ids) if coco_ids else slots))
+        try:
+            state = (models.effdet_state_dict if kind == "effdet" else models.megvii_yolox_state_dict)(
+                state, shaped, coco_ids)
+        except ValueError as e:
+            fail(f"--pretrained {path}: {e}{it_is}")
+        log(f"--pretrained: {path} is {name}, renamed to ours (models." +
+            ("effdet_state_dict)" if kind == "effdet" else "megvii_yolox_state_dict)") +
+            (", its class slots kept for the data's classes, COCO's" if coco_ids else ""))
+        if coco_ids is None and cat_ids:
+            odd = [n for c, n in zip(cat_ids, class_names or cat_ids) if models.coco_category_ids([c], [n]) is None]
+            state = drop_class_predictor(state)
+            log(f"--pretrained: the class predictor starts fresh: " +
+                (f"{odd[:3]} are not COCO classes" if slots == coco_slots else f"its {slots} class slots are not "
+                 f"COCO's {coco_slots}"))
     if not any(k.startswith("backbone.") for k in state):
         try:
             n = models.load_backbone_weights(model.backbone, state)
@@ -1213,15 +1226,15 @@ def load_pretrained(model, path, log, cat_ids=None, class_names=None):
     if saved_names and class_names and list(saved_names) != list(class_names):
         rows_of = models.same_classes(saved_names, class_names)
         remapped = 0
-        for k in [k for k in state if k.endswith(("cls_pred.weight", "cls_pred.bias", "cls_pred.pointwise.weight",
-                                                   "cls_pred.pointwise.bias"))]:
+        for k in [k for k in state if k.endswith(CLASS_PREDICTOR)]:
             if rows_of is not None and state[k].shape[0] == model.num_anchors * len(saved_names):
                 state[k] = models.keep_class_slots(state[k], model.num_anchors, rows_of)
                 remapped += 1
         if remapped:
             log(f"--pretrained: its class predictor keeps the rows of the data's {len(rows_of)} classes, found by "
                 f"name among its {len(saved_names)}")
-        elif rows_of is None:
+        elif rows_of is None:  # its rows are other classes: even where the shapes match, not theirs to take
+            state = drop_class_predictor(state)
             unknown = [n for n in class_names if models.same_classes(saved_names, [n]) is None]
             log(f"--pretrained: the class predictor starts fresh: " + (f"{unknown[:3]} are not among its "
                 f"{len(saved_names)} classes" if unknown else "the data names one class twice"))

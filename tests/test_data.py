@@ -470,6 +470,11 @@ def test_coco_and_yolo_agree_on_voc():
         assert np.abs(r["boxes"][order_c] - y["boxes"][order_y]).max(initial=0) < 0.6  # 6-decimal normalisation
     image = coco[0]["image"]
     assert image.shape[2] == 3 and image.dtype == np.uint8
+    # The darknet export has a train split alone: read as val, it says these are the training images.
+    with pytest.warns(UserWarning, match=r"yolo has no val split: its obj_train_data/ labels serve as val, so an AP "
+                                         r"is measured on the training images"):
+        val = data.open_dataset(shared_path("voc2007_100", "yolo"), "val", images_dir=shared_path("voc2007_100", "images"))
+    assert val.files == yolo.files
 
 
 # ---------------------------------------------------------------- bad input

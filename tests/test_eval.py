@@ -341,8 +341,14 @@ def test_load_model_and_wrong_architecture(tmp_path, capsys):
     assert "yolox_nano" in err and "Traceback" not in err
     assert ev.main(["-m", str(tmp_path / "missing.pt"), "-d", gt]) == 2
     assert "no such checkpoint" in capsys.readouterr().err
-    assert ev.main(["-m", str(tmp_path), "-d", gt]) == 2  # the run folder, not its checkpoint
-    assert f"-m {tmp_path} is a folder: give a checkpoint file" in capsys.readouterr().err
+    # A run folder stands for its best.pt, else its last.pt (as train.py's --pretrained reads it).
+    (tmp_path / "run").mkdir()
+    assert ev.main(["-m", str(tmp_path / "run"), "-d", gt]) == 2
+    assert f"-m {tmp_path / 'run'} is a folder without best.pt / last.pt" in capsys.readouterr().err
+    open(tmp_path / "run" / "last.pt", "wb").write(open(path, "rb").read())
+    assert ev._checkpoint_or_default(str(tmp_path / "run")) == str(tmp_path / "run" / "last.pt")
+    open(tmp_path / "run" / "best.pt", "wb").write(open(path, "rb").read())
+    assert ev._checkpoint_or_default(str(tmp_path / "run")) == str(tmp_path / "run" / "best.pt")
     with pytest.raises(ev.EvalInputError, match="--det_header yolox_s with the preset -m yolox_nano"):
         ev.load_model("yolox_nano", det_header="yolox_s")
 
@@ -952,7 +958,8 @@ def test_an_effdet_checkpoint_is_evaluated_on_the_data_s_coco_ids(tmp_path, caps
     small = small_coco_with_coco_names(tmp_path / "small")
     assert ev.main(["-m", str(tmp_path / "d0.pth"), "-d", small, "--device", "cpu", "-i", "128"]) == 0
     out = capsys.readouterr().out
-    assert "effdet EfficientDet weights, read as efficientdet_d0" in out and "TensorFlow" not in out
+    assert "effdet EfficientDet weights, read as efficientdet_d0" in out and "TensorFlow's padding (tf_padding)" not in out
+    assert ", PyTorch's padding (a tf_efficientdet_* file keeps that name: TensorFlow's padding)" in out
     # effdet's tf_efficientdet_d0 (the same tensors) by its file's name: TensorFlow's padding.
     tf_model = ev.published_model("effdet", state, "weights/tf_efficientdet_d0_34-f153e0cf.pth", [3, 1])
     assert tf_model.config["tf_padding"] and "with TensorFlow's padding (tf_padding) by its name" in capsys.readouterr().out
@@ -1005,8 +1012,8 @@ def test_a_megvii_yolox_checkpoint_is_evaluated_and_drawn_with_coco_s_ids(tmp_pa
     # The real VOC sample (its own ids, VOC's names): scored with COCO's slots for its 20 classes.
     assert ev.main(["-m", str(tmp_path / "nano.pth"), "-d", shared_path("voc2007_100", "instances_coco.json"),
                     "--device", "cpu", "-i", "64", "--stats_json", str(tmp_path / "voc.json")]) == 0
-    assert "read as yolox_nano (megvii_yolox_state_dict), its class slots for this data's 20 classes" in \
-        capsys.readouterr().out and 0 <= json.loads((tmp_path / "voc.json").read_text())["AP"] <= 1
+    assert "read as yolox_nano (megvii_yolox_state_dict), its class slots for 20 classes (person, cat, boat, ...), " \
+           "with 0..255 pixels (pixel_norm 0-255) as Megvii's weights want" in capsys.readouterr().out and 0 <= json.loads((tmp_path / "voc.json").read_text())["AP"] <= 1
     # predict draws COCO's names without any data.
     picture = os.path.join(os.path.dirname(small), "images", "1.jpg")
     assert ev.main(["predict", "-m", str(tmp_path / "nano.pth"), picture, "-o", str(tmp_path / "drawn"), "-i", "64",

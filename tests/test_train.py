@@ -1211,7 +1211,8 @@ def test_pretrained_effdet_checkpoint_is_renamed_and_loaded(tiny_shapes, tmp_pat
         run_train(tiny_shapes, tmp_path / "bad", "--det_header", "yolox_nano", "-i", "64", "-e", "1",
                   "--pretrained", str(tmp_path / "effdet_d0.pth"))
     assert exc.value.code == 2
-    assert "is an effdet EfficientDet: it fits an efficientdet_* --det_header" in capsys.readouterr().err
+    assert "is an effdet EfficientDet (it is efficientdet_d0's: give --det_header efficientdet_d0), made with " \
+           "--use_anchors_mode; now --det_header yolox_nano --use_anchor_free_mode\n" in capsys.readouterr().err
 
 
 def megvii_nano_file(path):
@@ -1232,6 +1233,7 @@ def test_pretrained_megvii_checkpoint_is_renamed_and_loaded(tiny_shapes, tmp_pat
     total = len(models.build_model("yolox_nano").state_dict())
     assert "is a Megvii YOLOX, renamed to ours" in out and f"--pretrained: {total - 6}/{total} tensors loaded" in out
     assert "the model takes 0..255 pixels, unnormalised (pixel_norm 0-255): " in out and "holds Megvii YOLOX weights" in out
+    assert "the class predictor starts fresh: ['circle', 'square', 'triangle'] are not COCO classes" in out
     saved = torch.load(tmp_path / "run" / "last.pt", weights_only=False)
     assert saved["config"]["pixel_norm"] == "0-255"
     # Resumed, model and EMA normalise as before (a setting, not a weight): the next epoch's
@@ -1261,11 +1263,13 @@ def test_pretrained_megvii_checkpoint_is_renamed_and_loaded(tiny_shapes, tmp_pat
                             "is not a plaindet training state (train.py's last.pt): start from its weights with "
                             "--pretrained"),
                            (["--det_header", "efficientdet_d0", "-i", "128", "--pretrained", str(tmp_path / "yolox_nano.pth")],
-                            "is a Megvii YOLOX: it fits a yolox_* --det_header, anchor-free, with its own backbone "
-                            "(now efficientdet_d0"),
+                            "is a Megvii YOLOX (it is yolox_nano's: give --det_header yolox_nano), made with "
+                            "--use_anchor_free_mode and its own backbone; now --det_header efficientdet_d0 "
+                            "--use_anchors_mode --backbone efficientnet_b0"),
                            (["--det_header", "yolox_s", "--pretrained", str(tmp_path / "yolox_nano.pth")],
                             "the file's backbone.backbone.dark2.0.dconv.conv.weight is no tensor of this YOLOX (ours "
-                            "would be backbone.dark2.0.dconv.conv.weight): it is another YOLOX size")):
+                            "would be backbone.dark2.0.dconv.conv.weight): it is another YOLOX size, or not a Megvii "
+                            "YOLOX checkpoint (it is yolox_nano's: give --det_header yolox_nano)")):
         with pytest.raises(SystemExit) as exc:
             run_train(tiny_shapes, tmp_path / "bad", "-i", "64", "-e", "1", *extra)
         err = capsys.readouterr().err
@@ -1299,6 +1303,17 @@ def test_pretrained_plaindet_checkpoint_keeps_the_class_rows_of_classes_it_knows
                           data.SHAPE_NAMES[:5] + ["hexagon"])
     assert torch.equal(fresh.state_dict()[key], before) and "found by name" not in " ".join(lines)
     assert "the class predictor starts fresh: ['hexagon'] are not among its 7 classes" in lines[0]
+    # The same number of classes, but another class among them: its rows are not theirs, though they fit.
+    six = models.build_model(header, num_classes=6, input_shape=(128, 128))
+    for p in six.parameters():
+        p.data.normal_()
+    torch.save({"config": dict(six.config, class_names=data.SHAPE_NAMES[:5] + ["hexagon"], cat_ids=list(range(6))),
+                "model": six.state_dict()}, tmp_path / "six.pt")
+    fresh, lines = models.build_model(header, num_classes=6, input_shape=(128, 128)), []
+    before = fresh.state_dict()[key].clone()
+    train.load_pretrained(fresh, str(tmp_path / "six.pt"), lines.append, list(range(6)), data.SHAPE_NAMES)
+    assert torch.equal(fresh.state_dict()[key], before) and "['ring'] are not among its 6 classes" in lines[0]
+    assert torch.equal(fresh.state_dict()["backbone.stem.conv.weight"], six.state_dict()["backbone.stem.conv.weight"])
     # A run of the other prior mode has another number of rows per class: not remapped.
     other = "efficientdet" if header == "yolox_nano" else "anchor_free"
     fresh, lines = models.build_model(header, anchors_mode=other, num_classes=6, input_shape=(128, 128)), []
