@@ -193,7 +193,8 @@ def resolve_config(args):
     for flag in ("resume", "pretrained"):
         if cfg[flag] and not os.path.isfile(cfg[flag]):
             what = "is a folder without last.pt / best.pt" if os.path.isdir(cfg[flag]) else "does not exist"
-            fail(f"--{flag} {cfg[flag]} {what}: give the last.pt / best.pt of an earlier run")
+            fail(f"--{flag} {cfg[flag]} {what}: give the last.pt / best.pt of an earlier run" +
+                 (", or weights you downloaded" if flag == "pretrained" else ""))
     # A resumed run continues the run it resumes: a flag left unset takes that run's value (its
     # checkpoint records them all, resolved), so `--resume last.pt` alone goes on as it was; a flag
     # given on the command line wins, and load_resume names it. Machine-bound settings (workers,
