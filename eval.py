@@ -61,9 +61,9 @@ from pycocotools.cocoeval import COCOeval
 
 from data import (IMAGE_EXTENSIONS, PAD_VALUE, DataLoadError, batches, check_coco_json, decode_image,
                   default_workers, is_key, letterbox, make_loader, open_dataset, plain_warnings)
-from models import (COCO_CLASSES, EFFICIENTDET_PRESETS, PRESETS, YOLOX_PRESETS, build_model, check_input_shape,
-                    coco_category_ids, decode_boxes, effdet_state_dict, flatten_outputs, megvii_yolox_state_dict,
-                    named_settings, parse_input_shape, published_preset, unwrap_state_dict)
+from models import (COCO_CLASSES, PRESETS, PUBLISHED, build_model, check_input_shape, coco_category_ids, decode_boxes,
+                    flatten_outputs, named_settings, parse_input_shape, published_kind, published_preset,
+                    unwrap_state_dict)
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 KERNEL_PATH = os.path.join(HERE, "nms_kernels.cu")
@@ -801,21 +801,8 @@ def read_published_checkpoint(path):
     if not isinstance(checkpoint, dict) or "config" in checkpoint:
         return None, None
     state = unwrap_state_dict(checkpoint.get("model") if isinstance(checkpoint.get("model"), dict) else checkpoint)
-    for kind, prefix in (("effdet", "class_net."), ("megvii", "head.stems.")):
-        if any(str(k).startswith(prefix) for k in state):
-            return kind, state
-    return None, None
-
-
-# Per kind of published file: the tensor whose size counts its class slots (per anchor), how many
-# slots a COCO model has and how they stand for COCO's ids, the presets it may be, its converter
-# (models.py).
-PUBLISHED = {
-    "effdet": dict(name="effdet EfficientDet", slots_key="class_net.predict.conv_pw.bias", anchors=9, slots=90,
-                   ids="id k + 1 in slot k", presets=EFFICIENTDET_PRESETS, convert=effdet_state_dict),
-    "megvii": dict(name="Megvii YOLOX", slots_key="head.cls_preds.0.bias", anchors=1, slots=80,
-                   ids="COCO's 80 ids in order", presets=YOLOX_PRESETS, convert=megvii_yolox_state_dict),
-}
+    kind = published_kind(state)
+    return (kind, state) if kind else (None, None)
 
 
 def published_model(kind, state, path, cat_ids, class_names=None, det_header=None, input_shape=None, device="cpu"):
@@ -833,7 +820,7 @@ def published_model(kind, state, path, cat_ids, class_names=None, det_header=Non
     if det_header and det_header not in spec["presets"]:
         raise EvalInputError(f"-m {path} holds {spec['name']} weights: --det_header must be one of "
                              f"{', '.join(spec['presets'])}")
-    pixel_norm, tf_padding = ("0-255", False) if kind == "megvii" else named_settings(path)
+    pixel_norm, tf_padding = (spec["pixel_norm"], False) if kind == "megvii" else named_settings(path)
     if spec["slots_key"] not in state:
         raise EvalInputError(f"-m {path}: {spec['name']} weights without {spec['slots_key']} (" +
                              ("a resdet, say, without separable convs in its head" if kind == "effdet" else

@@ -1208,24 +1208,43 @@ def build_model(det_header, backbone=None, anchors_mode=None, num_classes=80, in
     return model.to(memory_format=torch.channels_last)
 
 
+# The published detectors this file converts, by kind (eval.read_published_checkpoint tells
+# them apart): a name for messages, the tensor whose size counts the class slots (per anchor),
+# how many slots their COCO models have and how the slots stand for COCO's ids, the presets a
+# file may be, its converter, and the input its weights take (PIXEL_NORMS).
+PUBLISHED = {
+    "effdet": dict(name="effdet EfficientDet", slots_key="class_net.predict.conv_pw.bias", anchors=9, slots=90,
+                   ids="id k + 1 in slot k", presets=EFFICIENTDET_PRESETS, convert=effdet_state_dict,
+                   pixel_norm="imagenet"),
+    "megvii": dict(name="Megvii YOLOX", slots_key="head.cls_preds.0.bias", anchors=1, slots=80,
+                   ids="COCO's 80 ids in order", presets=YOLOX_PRESETS, convert=megvii_yolox_state_dict,
+                   pixel_norm="0-255"),
+}
+
+
+def published_kind(state):
+    """Which of PUBLISHED a state dict (unwrap_state_dict's) is: "effdet" (class_net.*),
+    "megvii" (head.stems.*), or None for any other (ours, an ImageNet classifier, ...)."""
+    for kind, prefix in (("effdet", "class_net."), ("megvii", "head.stems.")):
+        if any(str(k).startswith(prefix) for k in state):
+            return kind
+    return None
+
+
 def published_preset(state, kind):
-    """The preset that a published file's weights fit: kind "effdet" (an effdet EfficientDet,
-    tried d0 ... d7x) or "megvii" (a Megvii YOLOX, nano ... x); the first whose model the
-    converter takes, built on the "meta" device (shapes only, no memory), or None. effdet's d6 and
-    d7 share every tensor (they differ in input size and anchors): d6 is returned for both."""
-    if kind == "effdet":
-        presets, convert, anchors = EFFICIENTDET_PRESETS, effdet_state_dict, 9
-        slots_key = "class_net.predict.conv_pw.bias"
-    else:
-        presets, convert, anchors, slots_key = YOLOX_PRESETS, megvii_yolox_state_dict, 1, "head.cls_preds.0.bias"
-    if slots_key not in state:
+    """The preset that a published file's weights fit (kind: a key of PUBLISHED): the first whose
+    model the converter takes, built on the "meta" device (shapes only, no memory), or None.
+    effdet's d6 and d7 share every tensor (they differ in input size and anchors): d6 is
+    returned for both."""
+    spec = PUBLISHED[kind]
+    if spec["slots_key"] not in state:
         return None
-    for name in presets:
+    for name in spec["presets"]:
         with torch.device("meta"):
-            candidate = build_model(name, num_classes=state[slots_key].numel() // anchors,
-                                    pixel_norm="0-255" if kind == "megvii" else "imagenet")
+            candidate = build_model(name, num_classes=state[spec["slots_key"]].numel() // spec["anchors"],
+                                    pixel_norm=spec["pixel_norm"])
         try:
-            convert(state, candidate)
+            spec["convert"](state, candidate)
         except ValueError:
             continue
         return name

@@ -1126,7 +1126,7 @@ def weights_settings(cfg, log):
         if tf_padding and not has_efficientnet:
             log(f"{flag}: {path}'s tf_padding has no EfficientNet or BiFPN to apply to in {det_header} ({backbone})")
             tf_padding = False
-    elif "head.stems.0.conv.weight" in models.unwrap_state_dict(ckpt.get("ema") or ckpt.get("model") or ckpt):
+    elif models.published_kind(models.unwrap_state_dict(ckpt.get("ema") or ckpt.get("model") or ckpt)) == "megvii":
         # (only for a model that can take them; load_pretrained says what the others need)
         fits = det_header in models.YOLOX_PRESETS and backbone == "cspdarknet" and cfg.get("anchors_mode") != "efficientdet"
         pixel_norm, tf_padding, why = ("0-255" if fits else "imagenet"), False, "Megvii YOLOX weights"
@@ -1167,18 +1167,17 @@ def load_pretrained(model, path, log, cat_ids=None, class_names=None):
     cat_ids, class_names: the training data's, for an effdet or Megvii file's class slots."""
     ckpt = load_checkpoint_file(path, flag="--pretrained")
     state = models.unwrap_state_dict(ckpt.get("ema") or ckpt.get("model") or ckpt)
-    kind = "effdet" if any(k.startswith("class_net.") for k in state) else \
-        "megvii" if "head.stems.0.conv.weight" in state else None
+    kind = models.published_kind(state)
     if kind is None and "backbone.backbone.stem.conv.conv.weight" in state:
         fail(f"--pretrained {path} looks like Megvii's YOLOX without its head (no head.stems.*): give the whole "
              f"checkpoint as Megvii publishes it")
     if kind is not None:  # an effdet EfficientDet or a Megvii YOLOX: renamed, then loaded as ours
-        name, family, mode, coco_slots = (("an effdet EfficientDet", models.EFFICIENTDET_PRESETS, "efficientdet", 90)
-                                          if kind == "effdet" else
-                                          ("a Megvii YOLOX", models.YOLOX_PRESETS, "anchor_free", 80))
+        spec = models.PUBLISHED[kind]
+        name, coco_slots = ("an " if kind == "effdet" else "a ") + spec["name"], spec["slots"]
+        mode = "efficientdet" if kind == "effdet" else "anchor_free"
         fits = models.published_preset(state, kind)
         it_is = f" (it is {fits}'s: give --det_header {fits})" if fits else ""
-        if model.config["det_header"] not in family or model.anchors_mode != mode or \
+        if model.config["det_header"] not in spec["presets"] or model.anchors_mode != mode or \
                 (kind == "megvii" and model.config["backbone"] != "cspdarknet"):
             megvii = kind == "megvii"
             fail(f"--pretrained {path} is {name}{it_is}, made with {MODE_FLAGS[mode]}" +
@@ -1186,8 +1185,7 @@ def load_pretrained(model, path, log, cat_ids=None, class_names=None):
                  f"{MODE_FLAGS[model.anchors_mode]}" + (f" --backbone {model.config['backbone']}" if megvii else ""))
         # Its class predictor has a slot per COCO category: it keeps the slots of the data's
         # classes where they are all COCO's (models.coco_category_ids) and starts fresh otherwise.
-        slots = state["class_net.predict.conv_pw.bias" if kind == "effdet" else "head.cls_preds.0.bias"].numel()
-        slots //= 9 if kind == "effdet" else 1
+        slots = state[spec["slots_key"]].numel() // spec["anchors"]
         try:
             coco_ids = models.coco_category_ids(cat_ids, class_names) if slots == coco_slots and cat_ids else None
         except ValueError as e:  # two classes of the data are one COCO category
@@ -1195,17 +1193,15 @@ def load_pretrained(model, path, log, cat_ids=None, class_names=None):
         with torch.device("meta"):  # converted as is when the class slots are not kept: for a model of its size
             shaped = models.build_model(**dict(model.config, num_classes=len(coco_ids) if coco_ids else slots))
         try:
-            state = (models.effdet_state_dict if kind == "effdet" else models.megvii_yolox_state_dict)(
-                state, shaped, coco_ids)
+            state = spec["convert"](state, shaped, coco_ids)
         except ValueError as e:
             fail(f"--pretrained {path}: {e}{it_is}")
-        log(f"--pretrained: {path} is {name}, renamed to ours (models." +
-            ("effdet_state_dict)" if kind == "effdet" else "megvii_yolox_state_dict)") +
+        log(f"--pretrained: {path} is {name}, renamed to ours (models.{spec['convert'].__name__})" +
             (", its class slots kept for the data's classes, COCO's" if coco_ids else ""))
         if coco_ids is None and cat_ids:
             odd = [n for c, n in zip(cat_ids, class_names or cat_ids) if models.coco_category_ids([c], [n]) is None]
             state = drop_class_predictor(state)
-            log(f"--pretrained: the class predictor starts fresh: " +
+            log("--pretrained: the class predictor starts fresh: " +
                 (f"{odd[:3]} are not COCO classes" if slots == coco_slots else f"its {slots} class slots are not "
                  f"COCO's {coco_slots}"))
     if not any(k.startswith("backbone.") for k in state):
@@ -1237,7 +1233,7 @@ def load_pretrained(model, path, log, cat_ids=None, class_names=None):
         elif rows_of is None:  # its rows are other classes: even where the shapes match, not theirs to take
             state = drop_class_predictor(state)
             unknown = [n for n in class_names if models.same_classes(saved_names, [n]) is None]
-            log(f"--pretrained: the class predictor starts fresh: " + (f"{unknown[:3]} are not among its "
+            log("--pretrained: the class predictor starts fresh: " + (f"{unknown[:3]} are not among its "
                 f"{len(saved_names)} classes" if unknown else "the data names one class twice"))
     matched = {k: v for k, v in state.items() if k in own and own[k].shape == v.shape}
     # Most of the backbone must come from the checkpoint: another architecture can share a layer
