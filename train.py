@@ -1175,12 +1175,13 @@ def load_pretrained(model, path, log, cat_ids=None, class_names=None):
         spec = models.PUBLISHED[kind]
         name, coco_slots = ("an " if kind == "effdet" else "a ") + spec["name"], spec["slots"]
         mode = "efficientdet" if kind == "effdet" else "anchor_free"
-        fits = models.published_preset(state, kind)
-        it_is = f" (it is {fits}'s: give --det_header {fits})" if fits else ""
+        def it_is():  # for an error: the preset the file fits (a few model builds on the meta device)
+            fits = models.published_preset(state, kind)
+            return f" (it is {fits}'s: give --det_header {fits})" if fits else ""
         if model.config["det_header"] not in spec["presets"] or model.anchors_mode != mode or \
                 (kind == "megvii" and model.config["backbone"] != "cspdarknet"):
             megvii = kind == "megvii"
-            fail(f"--pretrained {path} is {name}{it_is}, made with {MODE_FLAGS[mode]}" +
+            fail(f"--pretrained {path} is {name}{it_is()}, made with {MODE_FLAGS[mode]}" +
                  (" and its own backbone" if megvii else "") + f"; now --det_header {model.config['det_header']} "
                  f"{MODE_FLAGS[model.anchors_mode]}" + (f" --backbone {model.config['backbone']}" if megvii else ""))
         # Its class predictor has a slot per COCO category: it keeps the slots of the data's
@@ -1195,7 +1196,7 @@ def load_pretrained(model, path, log, cat_ids=None, class_names=None):
         try:
             state = spec["convert"](state, shaped, coco_ids)
         except ValueError as e:
-            fail(f"--pretrained {path}: {e}{it_is}")
+            fail(f"--pretrained {path}: {e}{it_is()}")
         log(f"--pretrained: {path} is {name}, renamed to ours (models.{spec['convert'].__name__})" +
             (", its class slots kept for the data's classes, COCO's" if coco_ids else ""))
         if coco_ids is None and cat_ids:
