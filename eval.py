@@ -38,7 +38,8 @@ in comments is keras_cv_attention_models (kecam), whose COCO README this project
     python eval.py --nms gaussian         # runs/train/best.pt, on the val split of its training data
     python eval.py -m runs/yolox_s/last.pt -d /data/coco --nms gaussian --nms_mode per_class
     python eval.py -m efficientdet_d0.pth -d instances_val2017.json   # effdet's weights, on COCO
-    python eval.py -m yolox_s.pth -d instances_val2017.json --nms hard --nms_iou_or_sigma 0.65  # Megvii's
+    python eval.py -m yolox_s.pth -d instances_val2017.json --nms hard --nms_iou_or_sigma 0.65 \
+        --nms_topk 0 --nms_score_threshold 0.01   # Megvii's weights, post-processed as Megvii's eval does
     python eval.py --results results.json -d instances_val2017.json --stats_json stats.json
     python eval.py predict -m runs/yolox_s/last.pt img1.jpg img2.jpg -o predictions/
 """
@@ -866,8 +867,8 @@ def published_model(kind, state, path, cat_ids, class_names=None, det_header=Non
 
 
 def describe_settings(config, why):
-    """", its input ..." naming a model config's pixel_norm and tf_padding where they are not the
-    defaults (whose weights came from elsewhere), else ""."""
+    """The words ", with 0..255 pixels (pixel_norm 0-255) <why>" naming a model config's pixel_norm
+    and tf_padding where they are not the defaults (its weights came from elsewhere), else ""."""
     said = {"0-255": "0..255 pixels", "inception": "pixels scaled to -1..1"}
     parts = ([f"{said[config['pixel_norm']]} (pixel_norm {config['pixel_norm']})"] if config.get("pixel_norm") in said
              else []) + (["TensorFlow's padding (tf_padding)"] if config.get("tf_padding") else [])
