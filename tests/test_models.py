@@ -591,12 +591,12 @@ def test_pixel_norm_is_part_of_the_model_config():
 
 
 def test_megvii_yolox_outputs_come_out_equal():
-    # Megvii's own yolox_s and yolox_nano (random weights, BatchNorm statistics drawn away from
-    # 0 / 1): decoded boxes, objectness and class scores agree with ours on the converted weights.
+    # Megvii's own yolox_s, yolox_tiny and yolox_nano (random weights, BatchNorm statistics drawn
+    # away from 0 / 1): decoded boxes, objectness and class scores agree with ours on the converted weights.
     pytest.importorskip("yolox", reason="needs Megvii's yolox (see requirements-bench.txt)")
     from yolox.exp import get_exp
     torch.manual_seed(0)
-    for name in ("yolox_s", "yolox_nano"):
+    for name in ("yolox_s", "yolox_tiny", "yolox_nano"):
         theirs = get_exp(None, name.replace("_", "-")).get_model().eval()   # BatchNorm eps 1e-3, as ours
         for m in theirs.modules():
             if isinstance(m, torch.nn.BatchNorm2d):
