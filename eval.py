@@ -64,7 +64,7 @@ from data import (IMAGE_EXTENSIONS, PAD_VALUE, DataLoadError, batches, check_coc
                   default_workers, is_key, letterbox, make_loader, open_dataset, plain_warnings)
 from models import (COCO_CLASSES, PRESETS, PUBLISHED, build_model, check_input_shape, coco_category_ids, decode_boxes,
                     flatten_outputs, named_settings, parse_input_shape, published_kind, published_preset,
-                    unwrap_state_dict)
+                    read_checkpoint, unwrap_state_dict)
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 KERNEL_PATH = os.path.join(HERE, "nms_kernels.cu")
@@ -791,14 +791,10 @@ def read_published_checkpoint(path):
     Every -m file passes through here first, so the file is mapped, not read: a plaindet
     checkpoint (with its optimizer state, hundreds of MB) is then read once, by load_model.
     Files in torch's older, unmappable format are read."""
-    checkpoint = None
-    for mmap in (True, False):
-        try:
-            with torch.serialization.safe_globals([argparse.Namespace]):  # a training checkpoint's flags
-                checkpoint = torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
-            break
-        except Exception:
-            continue  # unmappable: read it; unreadable: load_model says what is wrong with it
+    try:
+        checkpoint = read_checkpoint(path, mmap=True)
+    except Exception:
+        return None, None  # unreadable: load_model says what is wrong with it
     if not isinstance(checkpoint, dict) or "config" in checkpoint:
         return None, None
     state = unwrap_state_dict(checkpoint.get("model") if isinstance(checkpoint.get("model"), dict) else checkpoint)
@@ -898,8 +894,7 @@ def load_model(path_or_preset, det_header=None, num_classes=None, input_shape=No
         return model.to(device).eval(), {"class_names": None, "cat_ids": None, "data": None}
 
     try:
-        # weights_only: a checkpoint from elsewhere cannot run code while it loads
-        checkpoint = torch.load(path_or_preset, map_location="cpu", weights_only=True)
+        checkpoint = read_checkpoint(path_or_preset)  # weights_only: a download cannot run code while it loads
     except Exception as e:  # truncated download, a file of another program: say which file
         raise EvalInputError(f"-m {path_or_preset}: not a readable checkpoint ({type(e).__name__}: {e}); a download "
                              f"cut short? fetch it again, or give a last.pt / best.pt written by train.py, an effdet "

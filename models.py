@@ -33,6 +33,7 @@ Layer sizes follow the published networks (effdet's tf_efficientdet_dN / Google 
 Megvii YOLOX); `python models.py` prints their parameter counts, which equal the published
 ones. Facts were learned from those projects; the code is written from scratch.
 """
+import argparse
 import math
 import re
 import sys
@@ -455,6 +456,23 @@ COCO_CLASSES = {
     79: "oven", 80: "toaster", 81: "sink", 82: "refrigerator", 84: "book", 85: "clock", 86: "vase",
     87: "scissors", 88: "teddy bear", 89: "hair drier", 90: "toothbrush",
 }
+
+
+def read_checkpoint(path, mmap=False):
+    """torch.load of a checkpoint or a downloaded weights file, made safe: weights_only (tensors,
+    numbers, strings and containers, so a file from elsewhere cannot run code while it loads),
+    plus the argparse Namespace in which timm's and effdet's training checkpoints keep their
+    flags. mmap: map the tensors instead of reading them, for a quick look; a file in torch's
+    older, unmappable format (effdet's 2020 weights) is then read. Raises what torch.load raises
+    for an unreadable file; train.py and eval.py turn that into their own one-line errors."""
+    if mmap:
+        try:
+            with torch.serialization.safe_globals([argparse.Namespace]):
+                return torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+        except Exception:
+            pass  # unmappable: read it below (an unreadable file fails there again, and is said)
+    with torch.serialization.safe_globals([argparse.Namespace]):
+        return torch.load(path, map_location="cpu", weights_only=True)
 
 
 def unwrap_state_dict(state):

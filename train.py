@@ -1008,19 +1008,11 @@ def load_checkpoint_file(path, mmap=False, flag="--resume"):
              f"instead, or rebuild the model in timm and save it: `python -c \"import timm, torch, safetensors.torch "
              f"as s; m = timm.create_model('NAME'); m.load_state_dict(s.load_file('{path}')); "
              f"torch.save(m.state_dict(), 'NAME.pth')\"`")
-    for mapped in ((True, False) if mmap else (False,)):
-        try:
-            # weights_only: tensors, numbers, strings and containers only; a checkpoint from elsewhere
-            # (a --pretrained download) can then not run code while it loads.
-            # timm's and effdet's training checkpoints also hold their argparse flags, a Namespace
-            with torch.serialization.safe_globals([argparse.Namespace]):
-                ckpt = torch.load(path, map_location="cpu", weights_only=True, mmap=mapped)
-            break
-        except Exception as e:  # a truncated or foreign file
-            if mapped:
-                continue  # torch's older file format cannot be mapped (effdet's 2020 weights): read it
-            fail(f"{flag} {path} is not a readable checkpoint ({type(e).__name__}: {e}); a download cut short? fetch "
-                 f"it again, or give {give}")
+    try:
+        ckpt = models.read_checkpoint(path, mmap)  # weights_only: a download cannot run code while it loads
+    except Exception as e:  # a truncated or foreign file
+        fail(f"{flag} {path} is not a readable checkpoint ({type(e).__name__}: {e}); a download cut short? fetch "
+             f"it again, or give {give}")
     if not isinstance(ckpt, dict):
         fail(f"{flag} {path} holds a {type(ckpt).__name__}, not a checkpoint: give {give}")
     return ckpt
