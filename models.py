@@ -25,9 +25,10 @@ the end of this file together with the box encoding that they define:
 Either head works with either prior mode: the head only needs to know A (anchors per
 location) and O (objectness or not).
 
-Reading order: building blocks -> backbones -> published weights (ImageNet backbones, effdet
-EfficientDets, Megvii YOLOX, by tensor position and name) -> necks -> heads -> Detector -> presets and
-build_model -> priors and box coding -> `python models.py` (the preset table).
+Reading order: building blocks -> backbones -> necks -> heads -> Detector -> presets and
+build_model -> priors and box coding; then, once the model is whole, published weights (ImageNet
+backbones, effdet EfficientDets, Megvii YOLOX, renamed to ours by tensor position and name) ->
+`python models.py` (the preset table).
 
 Layer sizes follow the published networks (effdet's tf_efficientdet_dN / Google automl and
 Megvii YOLOX); `python models.py` prints their parameter counts, which equal the published
@@ -433,354 +434,6 @@ def build_backbone(name, yolox_depth=0.33, yolox_width=0.50, depthwise=False, tf
         return TimmBackbone(name[len("timm:"):])
     raise ValueError(f"models.py: unknown backbone {name!r}; valid ones: {', '.join(BACKBONES)}, "
                      "or timm:NAME when timm is installed")
-
-
-# ---------------------------------------------------------------------------------------
-# Published weights: files from timm, torchvision, effdet and Megvii, renamed to ours
-# ---------------------------------------------------------------------------------------
-
-# COCO's 80 categories by id (1..90, ten ids unused since its 2014 release): the slots of an
-# effdet checkpoint's class predictor, whose label k is category id k + 1.
-COCO_CLASSES = {
-    1: "person", 2: "bicycle", 3: "car", 4: "motorcycle", 5: "airplane", 6: "bus", 7: "train",
-    8: "truck", 9: "boat", 10: "traffic light", 11: "fire hydrant", 13: "stop sign",
-    14: "parking meter", 15: "bench", 16: "bird", 17: "cat", 18: "dog", 19: "horse", 20: "sheep",
-    21: "cow", 22: "elephant", 23: "bear", 24: "zebra", 25: "giraffe", 27: "backpack", 28: "umbrella",
-    31: "handbag", 32: "tie", 33: "suitcase", 34: "frisbee", 35: "skis", 36: "snowboard",
-    37: "sports ball", 38: "kite", 39: "baseball bat", 40: "baseball glove", 41: "skateboard",
-    42: "surfboard", 43: "tennis racket", 44: "bottle", 46: "wine glass", 47: "cup", 48: "fork",
-    49: "knife", 50: "spoon", 51: "bowl", 52: "banana", 53: "apple", 54: "sandwich", 55: "orange",
-    56: "broccoli", 57: "carrot", 58: "hot dog", 59: "pizza", 60: "donut", 61: "cake", 62: "chair",
-    63: "couch", 64: "potted plant", 65: "bed", 67: "dining table", 70: "toilet", 72: "tv",
-    73: "laptop", 74: "mouse", 75: "remote", 76: "keyboard", 77: "cell phone", 78: "microwave",
-    79: "oven", 80: "toaster", 81: "sink", 82: "refrigerator", 84: "book", 85: "clock", 86: "vase",
-    87: "scissors", 88: "teddy bear", 89: "hair drier", 90: "toothbrush",
-}
-
-
-def read_checkpoint(path, mmap=False):
-    """torch.load of a checkpoint or a downloaded weights file, made safe: weights_only (tensors,
-    numbers, strings and containers, so a file from elsewhere cannot run code while it loads),
-    plus the argparse Namespace in which timm's and effdet's training checkpoints keep their
-    flags. mmap: map the tensors instead of reading them, for a quick look; a file in torch's
-    older, unmappable format (effdet's 2020 weights) is then read. Raises what torch.load raises
-    for an unreadable file; train.py and eval.py turn that into their own one-line errors."""
-    if mmap:
-        try:
-            with torch.serialization.safe_globals([argparse.Namespace]):
-                return torch.load(path, map_location="cpu", weights_only=True, mmap=True)
-        except Exception:
-            pass  # unmappable: read it below (an unreadable file fails there again, and is said)
-    with torch.serialization.safe_globals([argparse.Namespace]):
-        return torch.load(path, map_location="cpu", weights_only=True)
-
-
-def unwrap_state_dict(state):
-    """The weights inside a published or training file: effdet's and timm's training checkpoints
-    keep them under "state_dict_ema" / "state_dict" (EMA first), DDP prefixes every name with
-    "module.", and effdet's train / predict wrapper with "model." (beside its anchors.* buffers,
-    which are made from the config, not learned)."""
-    for key in ("state_dict_ema", "state_dict"):
-        if isinstance(state.get(key), dict):
-            state = state[key]
-            break
-    for prefix in ("module.", "model."):
-        if state and all(str(k).startswith(prefix) or str(k).startswith("anchors.") for k in state):
-            state = {k[len(prefix):]: v for k, v in state.items() if str(k).startswith(prefix)}
-    return state
-
-
-def named_settings(path):
-    """(pixel_norm, tf_padding) that a published file's path, as given, says its weights need.
-    effdet's and timm's files of one architecture hold the same tensors whoever trained them,
-    so the name is all that tells them apart:
-      - tf_efficientdet_* / tf_efficientnet_* (tf_efficientdet_d0_34-f153e0cf.pth, or timm's
-        hub download .../models--timm--tf_efficientnet_b0.ns_jft_in1k/snapshots/.../pytorch_model.bin):
-        trained in TensorFlow, with its padding, which build_model's tf_padding reproduces (their
-        outputs are then equal; tests/test_models.py);
-      - of those, the AdvProp ones (tf_efficientdet_d0_ap-d0cdbd0a.pth, tf_efficientnet_b0.ap_in1k):
-        trained on pixels scaled to -1..1 (pixel_norm "inception"), not ImageNet's statistics.
-    Anything else: ("imagenet", False). The path as given, not the absolute one: the name of the
-    folder a command runs in says nothing about the file."""
-    tf_padding = re.search(r"tf_efficient(det|net)", path) is not None
-    advprop = tf_padding and re.search(r"_ap[-_.]|\.ap_in1k", path) is not None
-    return ("inception" if advprop else "imagenet"), tf_padding
-
-
-# VOC's names for six of COCO's categories; VOC's other 14 classes have COCO's names.
-VOC_TO_COCO_NAMES = {"aeroplane": "airplane", "diningtable": "dining table", "motorbike": "motorcycle",
-                     "pottedplant": "potted plant", "sofa": "couch", "tvmonitor": "tv"}
-
-
-def class_key(name):
-    """A class name as classes are matched across datasets: spaces around it dropped, "_" read
-    as a space, VOC's names read as COCO's. Case counts: Open Images' "Mouse" is the animal, not
-    COCO's computer "mouse", and a capitalised name is more often another dataset's meaning."""
-    name = str(name).strip().replace("_", " ")
-    return VOC_TO_COCO_NAMES.get(name, name)
-
-
-def same_classes(old_names, new_names):
-    """For each of new_names, the position of the same class in old_names (class_key), or None
-    when one of them is not there or two are the same class: which class slots of a trained
-    model serve new data."""
-    where = {}
-    for i, name in enumerate(old_names):
-        where.setdefault(class_key(name), i)
-    slots = [where.get(class_key(name)) for name in new_names]
-    return None if None in slots or len(set(slots)) < len(slots) else slots
-
-
-def keep_class_slots(tensor, num_anchors, slots):
-    """A class predictor's weight or bias [A * C, ...] (anchor-major: row a * C + c is anchor a's
-    class c, as every head here and effdet's write them) -> [A * len(slots), ...]: each anchor's
-    rows of these class slots, in this order."""
-    per_anchor = tensor.reshape(num_anchors, -1, *tensor.shape[1:])
-    return per_anchor[:, list(slots)].reshape(-1, *tensor.shape[1:])
-
-
-def coco_category_ids(cat_ids, class_names=None):
-    """The COCO category id of each of a dataset's classes, or None when one is not among COCO's
-    80, so that a COCO-trained model's class slots can be picked for the data.
-    Classes are matched by name (class_key): COCO's names, or VOC's for the same category
-    (VOC_TO_COCO_NAMES); so COCO's own json, a YOLO-format COCO subset (coco128: ids from 0) and
-    VOC all match, whatever their ids. Only data that names no class (class_names None, or each
-    name its id written out, as a json without names reads) is matched by id. ValueError when two
-    classes are the same COCO category (each detection would be written twice)."""
-    cat_ids = list(cat_ids)
-    names = [str(c) for c in cat_ids] if class_names is None else [str(n) for n in class_names]
-    if len(names) != len(cat_ids):
-        raise ValueError(f"{len(cat_ids)} category ids and {len(names)} class names")
-    if all(n.strip() == str(c) for c, n in zip(cat_ids, names)):   # no names: by id
-        return cat_ids if all(c in COCO_CLASSES for c in cat_ids) else None
-    by_name = {name: c for c, name in COCO_CLASSES.items()}
-    out = [by_name.get(class_key(n)) for n in names]
-    if None in out:
-        return None
-    twins = [n for n, c in zip(names, out) if out.count(c) > 1]
-    if twins:
-        raise ValueError(f"the classes {twins[:2]} are both COCO's {COCO_CLASSES[out[names.index(twins[0])]]!r}: "
-                         f"give the data one class per COCO category")
-    return out
-
-
-def _paired(state_items):
-    """A state dict's (name, tensor) pairs less BatchNorm's batch counters, which older files
-    leave out and which carry no weight: the position match pairs the rest."""
-    return [(k, v) for k, v in state_items if not str(k).endswith("num_batches_tracked")]
-
-
-def load_backbone_weights(backbone, state):
-    """Copy an ImageNet classifier's weights, a file you downloaded, into one of our backbones.
-
-    state: the classifier's state dict (name -> tensor). Sources that line up with ours: timm's
-    efficientnet_b0 ... b7 and tf_efficientnet_b0 ... b7 for efficientnet_b0 ... b7, timm's
-    tf_efficientnetv2_b0 for efficientnetv2_b0, torchvision's resnet50 for resnet50
-    (tests/test_models.py checks every tensor's shape against their key lists, and, where timm
-    and torchvision are installed, that efficientnet_b0's and resnet50's features come out equal).
-    The names differ (timm's blocks.1.0.conv_dw.weight is our stages.1.0.block.1.conv.weight),
-    but the tensors come in the same order: the stem, then block by block the expand, depthwise,
-    squeeze-excite and project convolutions, each BatchNorm's weight, bias, running mean and
-    variance and batch count after its conv. So the match is by position, and every position is
-    checked: the same shape, and the file's extra tensors only at its end (the classifier head:
-    timm's conv_head / bn2 / classifier, torchvision's fc), which are left out.
-    Two differences stay: BatchNorm's eps is 1e-3 here (YOLOX's and TensorFlow's) where timm's
-    PyTorch-trained models and torchvision use 1e-5, which moves a channel with a small running
-    variance by a few percent until fine-tuning adapts it. timm's tf_* weights (BatchNorm eps
-    1e-3, as ours) were trained with TensorFlow's padding: build the backbone with tf_padding=True
-    for them (see named_settings), and the features come out equal.
-    Returns the number of tensors copied; raises ValueError naming the first one that does not fit.
-    """
-    own, theirs = _paired(backbone.state_dict().items()), _paired(state.items())
-    if len(theirs) < len(own):
-        raise ValueError(f"it has {len(theirs)} tensors, fewer than the backbone's {len(own)}: it is another "
-                         f"architecture (or only part of one)")
-    copied = {}
-    for position, ((name, mine), (their_name, tensor)) in enumerate(zip(own, theirs)):
-        if not isinstance(tensor, torch.Tensor) or tuple(tensor.shape) != tuple(mine.shape):
-            shape = tuple(tensor.shape) if isinstance(tensor, torch.Tensor) else type(tensor).__name__
-            raise ValueError(f"tensor {position} does not fit: ours is {name} {tuple(mine.shape)}, the file's is "
-                             f"{their_name} {shape}: it is another architecture")
-        copied[name] = tensor.to(mine.dtype)
-    # What is left must be a classifier head: anything else (a detector's neck, say) means the
-    # file is more than a classifier, and the position match only happened to fit its start.
-    rest = [k for k, _ in theirs[len(own):]]
-    if len(rest) > 8 or any(not str(k).startswith(("conv_head.", "bn2.", "classifier.", "fc.")) for k in rest):
-        raise ValueError(f"after the backbone's {len(own)} tensors it has {len(rest)} more ({rest[0]}, ...), not "
-                         f"just a classifier head: it is not an ImageNet classifier of this backbone")
-    missing, _ = backbone.load_state_dict(copied, strict=False)
-    assert all(k.endswith("num_batches_tracked") for k in missing), missing  # the counters alone
-    return len(copied)
-
-
-def effdet_state_dict(state, model, cat_ids=None):
-    """An effdet EfficientDet checkpoint (rwightman's effdet package: backbone.*, fpn.*,
-    class_net.*, box_net.*) -> a state dict under this model's names, for load_state_dict or
-    train.py's --pretrained. model: an EfficientDet preset built with anchors (the default).
-
-    Checked against effdet's efficientdet_d0 (tests/test_models.py): with the converted weights
-    both give the same class and box outputs at every level, to 1e-6, and the same anchors.
-      - backbone and BiFPN: the same tensors in the same order, matched by position (as in
-        load_backbone_weights). effdet's PyTorch models have no bias in a conv that a BatchNorm
-        follows (redundant_bias=False); ours keeps TensorFlow's, which get 0: the same outputs.
-      - head: by name. effdet keeps one BatchNorm per (repeat, level), ours per (level, repeat).
-      - box predictor: effdet (automl) writes each anchor's 4 numbers as (ty, tx, th, tw); ours
-        are (tx, ty, tw, th), so its output rows are swapped in pairs. Anchors are the same.
-      - the class predictor has a slot per COCO category id 1..90 (label k is id k + 1, unused
-        ids included). cat_ids (the COCO category id of each of a dataset's classes, as
-        coco_category_ids gives them) keeps the slots of those ids, anchor by anchor, so the
-        result fits a model of len(cat_ids) classes and scores COCO's 80 categories exactly as
-        effdet does; None keeps all 90.
-    Not the same: the backbone's BatchNorm eps (timm's 1e-5, ours 1e-3). effdet's tf_* models
-    (tf_efficientdet_d0 ...) have the same tensors, trained with TensorFlow's padding: build the
-    model with tf_padding=True (see named_settings) and they give the same outputs too.
-    Raises ValueError naming the first tensor that does not fit. The model may be on the "meta"
-    device (its shapes are all this reads); the result is on the CPU."""
-    own = model.state_dict()
-    out, theirs = {}, _paired((k, v) for k, v in state.items() if not k.startswith(("class_net.", "box_net.")))
-    j = 0
-    for name, mine in own.items():
-        if name.endswith("num_batches_tracked"):
-            out[name] = torch.zeros((), dtype=mine.dtype)  # a counter: no weight in it
-            continue
-        if name.startswith("head."):
-            continue
-        their_name, tensor = theirs[j] if j < len(theirs) else ("(none left)", None)
-        if name.endswith(("pointwise.bias", "conv.bias")) and not their_name.endswith(("conv_pw.bias", "conv.bias")):
-            out[name] = torch.zeros(mine.shape, dtype=mine.dtype)  # a redundant bias effdet leaves out
-            continue
-        if tensor is None or tuple(tensor.shape) != tuple(mine.shape):
-            shape = None if tensor is None else tuple(tensor.shape)
-            raise ValueError(f"ours is {name} {tuple(mine.shape)}, the file's is {their_name} {shape}: it is "
-                             f"another EfficientDet size, or not an effdet checkpoint")
-        out[name] = tensor
-        j += 1
-    for their_name, tensor in state.items():
-        if not their_name.startswith(("class_net.", "box_net.")) or their_name.endswith("num_batches_tracked"):
-            continue
-        # class_net.conv_rep.R.*, class_net.bn_rep.R.L.bn.*, class_net.predict.* (and box_net.*)
-        m = re.fullmatch(r"(class|box)_net\.(?:conv_rep\.(\d+)|bn_rep\.(\d+)\.(\d+)\.bn|(predict))\.(.+)", their_name)
-        if m is None:
-            raise ValueError(f"the file's {their_name} is no part of an EfficientDet head this converter knows")
-        side = "cls" if m.group(1) == "class" else "box"
-        rest = m.group(6).replace("conv_dw", "depthwise").replace("conv_pw", "pointwise")
-        if m.group(2) is not None:
-            name = f"head.{side}_convs.{m.group(2)}.{rest}"
-        elif m.group(3) is not None:
-            name = f"head.{side}_bns.{m.group(4)}.{m.group(3)}.{rest}"  # (repeat, level) -> (level, repeat)
-        else:
-            name = f"head.{side}_pred.{rest}"
-        if name in ("head.box_pred.pointwise.weight", "head.box_pred.pointwise.bias"):
-            swap = torch.arange(tensor.shape[0]).view(-1, 4)[:, [1, 0, 3, 2]].flatten()  # (ty, tx, th, tw) -> ours
-            tensor = tensor[swap]
-        out[name] = tensor
-    if j < len(theirs):
-        raise ValueError(f"the file has {len(theirs) - j} more backbone / BiFPN tensors than ours (from "
-                         f"{theirs[j][0]} on): it is a larger EfficientDet")
-    if cat_ids is not None:
-        slots = out["head.cls_pred.pointwise.bias"].numel() // model.num_anchors
-        if not all(isinstance(c, int) and 1 <= c <= slots for c in cat_ids):
-            raise ValueError(f"its class predictor has {slots} slots, COCO's category ids 1..{slots}; the data's "
-                             f"ids start {list(cat_ids)[:5]}")
-        for key in ("head.cls_pred.pointwise.weight", "head.cls_pred.pointwise.bias"):
-            out[key] = keep_class_slots(out[key], model.num_anchors, [c - 1 for c in cat_ids])
-    for name, mine in own.items():
-        if name not in out and name.startswith(("head.cls_convs.", "head.box_convs.")) and name.endswith(".bias"):
-            out[name] = torch.zeros(mine.shape, dtype=mine.dtype)  # the head's redundant biases
-    return out
-
-
-# Megvii's YOLOX names for our modules: the PAFPN's layers (which Megvii keeps under
-# "backbone.", beside the CSPDarknet under "backbone.backbone.") and the head's per-level lists.
-MEGVII_NECK = {"lateral_conv0": "lateral", "C3_p4": "td4", "reduce_conv1": "reduce", "C3_p3": "td3",
-               "bu_conv2": "down3", "C3_n3": "bu4", "bu_conv1": "down4", "C3_n4": "bu5"}
-MEGVII_HEAD = {"stems": "stem", "cls_convs": "cls_convs", "reg_convs": "reg_convs", "cls_preds": "cls_pred",
-               "reg_preds": "reg_pred", "obj_preds": "obj_pred"}
-
-
-def megvii_yolox_name(name):
-    """One tensor name of Megvii's YOLOX -> ours, or None for a name no YOLOX of theirs has.
-    backbone.backbone.dark3.1.m.0.conv1.conv.weight -> backbone.dark3.1.blocks.0.conv1.conv.weight,
-    backbone.C3_p4.conv1.bn.bias -> neck.td4.conv1.bn.bias, head.cls_preds.2.bias -> head.levels.2.cls_pred.bias."""
-    parts = name.split(".")
-    if parts[:3] == ["backbone", "backbone", "stem"] and parts[3:4] == ["conv"]:
-        parts = ["backbone", "stem"] + parts[4:]               # Focus's conv is our stem
-    elif parts[:2] == ["backbone", "backbone"]:
-        parts = parts[1:]                                     # the CSPDarknet: the same layout
-    elif parts[0] == "backbone" and len(parts) > 1 and parts[1] in MEGVII_NECK:
-        parts = ["neck", MEGVII_NECK[parts[1]]] + parts[2:]
-    elif parts[0] == "head" and len(parts) > 2 and parts[1] in MEGVII_HEAD and parts[2].isdigit():
-        parts = ["head", "levels", parts[2], MEGVII_HEAD[parts[1]]] + parts[3:]
-    else:
-        return None
-    # A CSP layer's bottlenecks are its "m" (SPP's "m", its pools, holds no tensor).
-    return ".".join("blocks" if p == "m" else p for p in parts)
-
-
-def megvii_yolox_state_dict(state, model, cat_ids=None):
-    """A Megvii YOLOX checkpoint's weights (github.com/Megvii-BaseDetection/YOLOX, its
-    yolox_nano ... yolox_x.pth: {"model": state dict, ...}; state is that "model" entry) -> a
-    state dict under this model's names. model: the same YOLOX preset, anchor-free, built with
-    pixel_norm "0-255": Megvii's weights since v0.1.1 take BGR pixels 0..255, unnormalised.
-
-    Checked against Megvii's yolox package (tests/test_models.py): with the converted weights both
-    give the same boxes and scores. The layers are theirs, renamed (megvii_yolox_name); three
-    tensors change on the way:
-      - the stem's input channels: their Focus stacks the same four pixel phases as ours, but
-        each in BGR order, so its 12 input channels are reversed in threes to take RGB (for a
-        model with pixel_norm "0-255");
-      - the box predictor's x, y biases - 0.5: their box centre is (t + x) * stride from the
-        cell's corner, ours (t + x + 0.5) * stride from its centre;
-      - the class predictor: one slot per COCO category in id order (slot k is the k-th of
-        sorted(COCO_CLASSES)). cat_ids (the COCO category id of each of a dataset's classes, as
-        coco_category_ids gives them) keeps those ids' slots, so the result fits a model of
-        len(cat_ids) classes; None keeps all 80.
-    Megvii's older v0.1.0 weights ("legacy": RGB pixels normalised with ImageNet's mean and std)
-    convert onto a model with pixel_norm "imagenet": the same, less the BGR flip. Their files do
-    not say which they are; train.py and eval.py take the current ones.
-    Raises ValueError naming the first tensor that does not fit. The model may be on the "meta"
-    device (its shapes are all this reads); the result is on the CPU."""
-    if model.config.get("pixel_norm") not in ("0-255", "imagenet"):
-        raise ValueError(f"the model's pixel_norm is {model.config.get('pixel_norm')!r}; Megvii's weights take "
-                         f"0..255 pixels (\"0-255\"), its legacy ones ImageNet's statistics (\"imagenet\")")
-    own = model.state_dict()
-    out, source = {}, {}
-    for their_name, tensor in state.items():
-        name = megvii_yolox_name(their_name)
-        if name is None or name not in own:
-            raise ValueError(f"the file's {their_name} is no tensor of this YOLOX (ours would be {name}): it is "
-                             f"another YOLOX size, or not a Megvii YOLOX checkpoint")
-        out[name], source[name] = tensor, their_name
-    missing = [k for k in own if k not in out and not k.endswith("num_batches_tracked")]
-    if missing:
-        raise ValueError(f"the file has no {missing[0]} ({len(missing)} of our tensors missing): it is not a whole "
-                         f"Megvii YOLOX")
-    for name in own:
-        out.setdefault(name, torch.zeros((), dtype=torch.long))   # batch counters older files leave out
-    if model.config["pixel_norm"] == "0-255":  # BGR -> RGB, per pixel phase (legacy weights took RGB)
-        stem = "backbone.stem.conv.weight"
-        out[stem] = out[stem][:, torch.arange(12).view(4, 3).flip(1).flatten()]
-    for level in range(len(model.strides)):
-        bias = f"head.levels.{level}.reg_pred.bias"
-        out[bias] = out[bias] - torch.tensor([0.5, 0.5, 0.0, 0.0], dtype=out[bias].dtype)
-    if cat_ids is not None:
-        coco = sorted(COCO_CLASSES)
-        slots = out["head.levels.0.cls_pred.bias"].numel()
-        if slots != len(coco):
-            raise ValueError(f"its class predictor has {slots} slots, not COCO's 80: it was trained on other "
-                             f"data, and cannot score categories by their COCO id")
-        if not all(c in COCO_CLASSES for c in cat_ids):
-            raise ValueError(f"its class predictor has a slot per COCO category; the data's ids start "
-                             f"{list(cat_ids)[:5]}, not all COCO's")
-        for level in range(len(model.strides)):
-            for key in (f"head.levels.{level}.cls_pred.weight", f"head.levels.{level}.cls_pred.bias"):
-                out[key] = keep_class_slots(out[key], 1, [coco.index(c) for c in cat_ids])
-    for name, mine in own.items():
-        if tuple(out[name].shape) != tuple(mine.shape):
-            raise ValueError(f"ours is {name} {tuple(mine.shape)}, the file's {source.get(name)} is "
-                             f"{tuple(out[name].shape)}: it is another YOLOX size" +
-                             (" or number of classes" if "cls_pred" in name else ""))
-    return out
 
 
 # ---------------------------------------------------------------------------------------
@@ -1226,49 +879,6 @@ def build_model(det_header, backbone=None, anchors_mode=None, num_classes=80, in
     return model.to(memory_format=torch.channels_last)
 
 
-# The published detectors this file converts, by kind (eval.read_published_checkpoint tells
-# them apart): a name for messages, the tensor whose size counts the class slots (per anchor),
-# how many slots their COCO models have and how the slots stand for COCO's ids, the presets a
-# file may be, its converter, and the input its weights take (PIXEL_NORMS).
-PUBLISHED = {
-    "effdet": dict(name="effdet EfficientDet", slots_key="class_net.predict.conv_pw.bias", anchors=9, slots=90,
-                   ids="id k + 1 in slot k", presets=EFFICIENTDET_PRESETS, convert=effdet_state_dict,
-                   pixel_norm="imagenet"),
-    "megvii": dict(name="Megvii YOLOX", slots_key="head.cls_preds.0.bias", anchors=1, slots=80,
-                   ids="COCO's 80 ids in order", presets=YOLOX_PRESETS, convert=megvii_yolox_state_dict,
-                   pixel_norm="0-255"),
-}
-
-
-def published_kind(state):
-    """Which of PUBLISHED a state dict (unwrap_state_dict's) is: "effdet" (class_net.*),
-    "megvii" (head.stems.*), or None for any other (ours, an ImageNet classifier, ...)."""
-    for kind, prefix in (("effdet", "class_net."), ("megvii", "head.stems.")):
-        if any(str(k).startswith(prefix) for k in state):
-            return kind
-    return None
-
-
-def published_preset(state, kind):
-    """The preset that a published file's weights fit (kind: a key of PUBLISHED): the first whose
-    model the converter takes, built on the "meta" device (shapes only, no memory), or None.
-    effdet's d6 and d7 share every tensor (they differ in input size and anchors): d6 is
-    returned for both."""
-    spec = PUBLISHED[kind]
-    if spec["slots_key"] not in state:
-        return None
-    for name in spec["presets"]:
-        with torch.device("meta"):
-            candidate = build_model(name, num_classes=state[spec["slots_key"]].numel() // spec["anchors"],
-                                    pixel_norm=spec["pixel_norm"])
-        try:
-            spec["convert"](state, candidate)
-        except ValueError:
-            continue
-        return name
-    return None
-
-
 # ---------------------------------------------------------------------------------------
 # Priors and the box encoding they define
 # ---------------------------------------------------------------------------------------
@@ -1369,6 +979,397 @@ def encode_boxes(boxes_xyxy, priors, anchors_mode):
     c = (boxes_xyxy[..., :2] + boxes_xyxy[..., 2:]) / 2
     wh = (boxes_xyxy[..., 2:] - boxes_xyxy[..., :2]).clamp(min=MIN_SIZE)
     return torch.cat([(c - center) / size, torch.log(wh / size)], -1)
+
+
+# ---------------------------------------------------------------------------------------
+# Published weights: files from timm, torchvision, effdet and Megvii, renamed to ours
+# ---------------------------------------------------------------------------------------
+
+# COCO's 80 categories by id (1..90, ten ids unused since its 2014 release): the slots of an
+# effdet checkpoint's class predictor, whose label k is category id k + 1.
+COCO_CLASSES = {
+    1: "person", 2: "bicycle", 3: "car", 4: "motorcycle", 5: "airplane", 6: "bus", 7: "train",
+    8: "truck", 9: "boat", 10: "traffic light", 11: "fire hydrant", 13: "stop sign",
+    14: "parking meter", 15: "bench", 16: "bird", 17: "cat", 18: "dog", 19: "horse", 20: "sheep",
+    21: "cow", 22: "elephant", 23: "bear", 24: "zebra", 25: "giraffe", 27: "backpack", 28: "umbrella",
+    31: "handbag", 32: "tie", 33: "suitcase", 34: "frisbee", 35: "skis", 36: "snowboard",
+    37: "sports ball", 38: "kite", 39: "baseball bat", 40: "baseball glove", 41: "skateboard",
+    42: "surfboard", 43: "tennis racket", 44: "bottle", 46: "wine glass", 47: "cup", 48: "fork",
+    49: "knife", 50: "spoon", 51: "bowl", 52: "banana", 53: "apple", 54: "sandwich", 55: "orange",
+    56: "broccoli", 57: "carrot", 58: "hot dog", 59: "pizza", 60: "donut", 61: "cake", 62: "chair",
+    63: "couch", 64: "potted plant", 65: "bed", 67: "dining table", 70: "toilet", 72: "tv",
+    73: "laptop", 74: "mouse", 75: "remote", 76: "keyboard", 77: "cell phone", 78: "microwave",
+    79: "oven", 80: "toaster", 81: "sink", 82: "refrigerator", 84: "book", 85: "clock", 86: "vase",
+    87: "scissors", 88: "teddy bear", 89: "hair drier", 90: "toothbrush",
+}
+
+
+def read_checkpoint(path, mmap=False):
+    """torch.load of a checkpoint or a downloaded weights file, made safe: weights_only (tensors,
+    numbers, strings and containers, so a file from elsewhere cannot run code while it loads),
+    plus the argparse Namespace in which timm's and effdet's training checkpoints keep their
+    flags. mmap: map the tensors instead of reading them, for a quick look; a file in torch's
+    older, unmappable format (effdet's 2020 weights) is then read. Raises what torch.load raises
+    for an unreadable file; train.py and eval.py turn that into their own one-line errors."""
+    if mmap:
+        try:
+            with torch.serialization.safe_globals([argparse.Namespace]):
+                return torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+        except Exception:
+            pass  # unmappable: read it below (an unreadable file fails there again, and is said)
+    with torch.serialization.safe_globals([argparse.Namespace]):
+        return torch.load(path, map_location="cpu", weights_only=True)
+
+
+def unwrap_state_dict(state):
+    """The weights inside a published or training file: effdet's and timm's training checkpoints
+    keep them under "state_dict_ema" / "state_dict" (EMA first), DDP prefixes every name with
+    "module.", and effdet's train / predict wrapper with "model." (beside its anchors.* buffers,
+    which are made from the config, not learned)."""
+    for key in ("state_dict_ema", "state_dict"):
+        if isinstance(state.get(key), dict):
+            state = state[key]
+            break
+    for prefix in ("module.", "model."):
+        if state and all(str(k).startswith(prefix) or str(k).startswith("anchors.") for k in state):
+            state = {k[len(prefix):]: v for k, v in state.items() if str(k).startswith(prefix)}
+    return state
+
+
+def named_settings(path):
+    """(pixel_norm, tf_padding) that a published file's path, as given, says its weights need.
+    effdet's and timm's files of one architecture hold the same tensors whoever trained them,
+    so the name is all that tells them apart:
+      - tf_efficientdet_* / tf_efficientnet_* (tf_efficientdet_d0_34-f153e0cf.pth, or timm's
+        hub download .../models--timm--tf_efficientnet_b0.ns_jft_in1k/snapshots/.../pytorch_model.bin):
+        trained in TensorFlow, with its padding, which build_model's tf_padding reproduces (their
+        outputs are then equal; tests/test_models.py);
+      - of those, the AdvProp ones (tf_efficientdet_d0_ap-d0cdbd0a.pth, tf_efficientnet_b0.ap_in1k):
+        trained on pixels scaled to -1..1 (pixel_norm "inception"), not ImageNet's statistics.
+    Anything else: ("imagenet", False). The path as given, not the absolute one: the name of the
+    folder a command runs in says nothing about the file."""
+    tf_padding = re.search(r"tf_efficient(det|net)", path) is not None
+    advprop = tf_padding and re.search(r"_ap[-_.]|\.ap_in1k", path) is not None
+    return ("inception" if advprop else "imagenet"), tf_padding
+
+
+# VOC's names for six of COCO's categories; VOC's other 14 classes have COCO's names.
+VOC_TO_COCO_NAMES = {"aeroplane": "airplane", "diningtable": "dining table", "motorbike": "motorcycle",
+                     "pottedplant": "potted plant", "sofa": "couch", "tvmonitor": "tv"}
+
+
+def class_key(name):
+    """A class name as classes are matched across datasets: spaces around it dropped, "_" read
+    as a space, VOC's names read as COCO's. Case counts: Open Images' "Mouse" is the animal, not
+    COCO's computer "mouse", and a capitalised name is more often another dataset's meaning."""
+    name = str(name).strip().replace("_", " ")
+    return VOC_TO_COCO_NAMES.get(name, name)
+
+
+def same_classes(old_names, new_names):
+    """For each of new_names, the position of the same class in old_names (class_key), or None
+    when one of them is not there or two are the same class: which class slots of a trained
+    model serve new data."""
+    where = {}
+    for i, name in enumerate(old_names):
+        where.setdefault(class_key(name), i)
+    slots = [where.get(class_key(name)) for name in new_names]
+    return None if None in slots or len(set(slots)) < len(slots) else slots
+
+
+def keep_class_slots(tensor, num_anchors, slots):
+    """A class predictor's weight or bias [A * C, ...] (anchor-major: row a * C + c is anchor a's
+    class c, as every head here and effdet's write them) -> [A * len(slots), ...]: each anchor's
+    rows of these class slots, in this order."""
+    per_anchor = tensor.reshape(num_anchors, -1, *tensor.shape[1:])
+    return per_anchor[:, list(slots)].reshape(-1, *tensor.shape[1:])
+
+
+def coco_category_ids(cat_ids, class_names=None):
+    """The COCO category id of each of a dataset's classes, or None when one is not among COCO's
+    80, so that a COCO-trained model's class slots can be picked for the data.
+    Classes are matched by name (class_key): COCO's names, or VOC's for the same category
+    (VOC_TO_COCO_NAMES); so COCO's own json, a YOLO-format COCO subset (coco128: ids from 0) and
+    VOC all match, whatever their ids. Only data that names no class (class_names None, or each
+    name its id written out, as a json without names reads) is matched by id. ValueError when two
+    classes are the same COCO category (each detection would be written twice)."""
+    cat_ids = list(cat_ids)
+    names = [str(c) for c in cat_ids] if class_names is None else [str(n) for n in class_names]
+    if len(names) != len(cat_ids):
+        raise ValueError(f"{len(cat_ids)} category ids and {len(names)} class names")
+    if all(n.strip() == str(c) for c, n in zip(cat_ids, names)):   # no names: by id
+        return cat_ids if all(c in COCO_CLASSES for c in cat_ids) else None
+    by_name = {name: c for c, name in COCO_CLASSES.items()}
+    out = [by_name.get(class_key(n)) for n in names]
+    if None in out:
+        return None
+    twins = [n for n, c in zip(names, out) if out.count(c) > 1]
+    if twins:
+        raise ValueError(f"the classes {twins[:2]} are both COCO's {COCO_CLASSES[out[names.index(twins[0])]]!r}: "
+                         f"give the data one class per COCO category")
+    return out
+
+
+def _paired(state_items):
+    """A state dict's (name, tensor) pairs less BatchNorm's batch counters, which older files
+    leave out and which carry no weight: the position match pairs the rest."""
+    return [(k, v) for k, v in state_items if not str(k).endswith("num_batches_tracked")]
+
+
+def load_backbone_weights(backbone, state):
+    """Copy an ImageNet classifier's weights, a file you downloaded, into one of our backbones.
+
+    state: the classifier's state dict (name -> tensor). Sources that line up with ours: timm's
+    efficientnet_b0 ... b7 and tf_efficientnet_b0 ... b7 for efficientnet_b0 ... b7, timm's
+    tf_efficientnetv2_b0 for efficientnetv2_b0, torchvision's resnet50 for resnet50
+    (tests/test_models.py checks every tensor's shape against their key lists, and, where timm
+    and torchvision are installed, that efficientnet_b0's and resnet50's features come out equal).
+    The names differ (timm's blocks.1.0.conv_dw.weight is our stages.1.0.block.1.conv.weight),
+    but the tensors come in the same order: the stem, then block by block the expand, depthwise,
+    squeeze-excite and project convolutions, each BatchNorm's weight, bias, running mean and
+    variance and batch count after its conv. So the match is by position, and every position is
+    checked: the same shape, and the file's extra tensors only at its end (the classifier head:
+    timm's conv_head / bn2 / classifier, torchvision's fc), which are left out.
+    Two differences stay: BatchNorm's eps is 1e-3 here (YOLOX's and TensorFlow's) where timm's
+    PyTorch-trained models and torchvision use 1e-5, which moves a channel with a small running
+    variance by a few percent until fine-tuning adapts it. timm's tf_* weights (BatchNorm eps
+    1e-3, as ours) were trained with TensorFlow's padding: build the backbone with tf_padding=True
+    for them (see named_settings), and the features come out equal.
+    Returns the number of tensors copied; raises ValueError naming the first one that does not fit.
+    """
+    own, theirs = _paired(backbone.state_dict().items()), _paired(state.items())
+    if len(theirs) < len(own):
+        raise ValueError(f"it has {len(theirs)} tensors, fewer than the backbone's {len(own)}: it is another "
+                         f"architecture (or only part of one)")
+    copied = {}
+    for position, ((name, mine), (their_name, tensor)) in enumerate(zip(own, theirs)):
+        if not isinstance(tensor, torch.Tensor) or tuple(tensor.shape) != tuple(mine.shape):
+            shape = tuple(tensor.shape) if isinstance(tensor, torch.Tensor) else type(tensor).__name__
+            raise ValueError(f"tensor {position} does not fit: ours is {name} {tuple(mine.shape)}, the file's is "
+                             f"{their_name} {shape}: it is another architecture")
+        copied[name] = tensor.to(mine.dtype)
+    # What is left must be a classifier head: anything else (a detector's neck, say) means the
+    # file is more than a classifier, and the position match only happened to fit its start.
+    rest = [k for k, _ in theirs[len(own):]]
+    if len(rest) > 8 or any(not str(k).startswith(("conv_head.", "bn2.", "classifier.", "fc.")) for k in rest):
+        raise ValueError(f"after the backbone's {len(own)} tensors it has {len(rest)} more ({rest[0]}, ...), not "
+                         f"just a classifier head: it is not an ImageNet classifier of this backbone")
+    missing, _ = backbone.load_state_dict(copied, strict=False)
+    assert all(k.endswith("num_batches_tracked") for k in missing), missing  # the counters alone
+    return len(copied)
+
+
+def effdet_state_dict(state, model, cat_ids=None):
+    """An effdet EfficientDet checkpoint (rwightman's effdet package: backbone.*, fpn.*,
+    class_net.*, box_net.*) -> a state dict under this model's names, for load_state_dict or
+    train.py's --pretrained. model: an EfficientDet preset built with anchors (the default).
+
+    Checked against effdet's efficientdet_d0 (tests/test_models.py): with the converted weights
+    both give the same class and box outputs at every level, to 1e-6, and the same anchors.
+      - backbone and BiFPN: the same tensors in the same order, matched by position (as in
+        load_backbone_weights). effdet's PyTorch models have no bias in a conv that a BatchNorm
+        follows (redundant_bias=False); ours keeps TensorFlow's, which get 0: the same outputs.
+      - head: by name. effdet keeps one BatchNorm per (repeat, level), ours per (level, repeat).
+      - box predictor: effdet (automl) writes each anchor's 4 numbers as (ty, tx, th, tw); ours
+        are (tx, ty, tw, th), so its output rows are swapped in pairs. Anchors are the same.
+      - the class predictor has a slot per COCO category id 1..90 (label k is id k + 1, unused
+        ids included). cat_ids (the COCO category id of each of a dataset's classes, as
+        coco_category_ids gives them) keeps the slots of those ids, anchor by anchor, so the
+        result fits a model of len(cat_ids) classes and scores COCO's 80 categories exactly as
+        effdet does; None keeps all 90.
+    Not the same: the backbone's BatchNorm eps (timm's 1e-5, ours 1e-3). effdet's tf_* models
+    (tf_efficientdet_d0 ...) have the same tensors, trained with TensorFlow's padding: build the
+    model with tf_padding=True (see named_settings) and they give the same outputs too.
+    Raises ValueError naming the first tensor that does not fit. The model may be on the "meta"
+    device (its shapes are all this reads); the result is on the CPU."""
+    own = model.state_dict()
+    out, theirs = {}, _paired((k, v) for k, v in state.items() if not k.startswith(("class_net.", "box_net.")))
+    j = 0
+    for name, mine in own.items():
+        if name.endswith("num_batches_tracked"):
+            out[name] = torch.zeros((), dtype=mine.dtype)  # a counter: no weight in it
+            continue
+        if name.startswith("head."):
+            continue
+        their_name, tensor = theirs[j] if j < len(theirs) else ("(none left)", None)
+        if name.endswith(("pointwise.bias", "conv.bias")) and not their_name.endswith(("conv_pw.bias", "conv.bias")):
+            out[name] = torch.zeros(mine.shape, dtype=mine.dtype)  # a redundant bias effdet leaves out
+            continue
+        if tensor is None or tuple(tensor.shape) != tuple(mine.shape):
+            shape = None if tensor is None else tuple(tensor.shape)
+            raise ValueError(f"ours is {name} {tuple(mine.shape)}, the file's is {their_name} {shape}: it is "
+                             f"another EfficientDet size, or not an effdet checkpoint")
+        out[name] = tensor
+        j += 1
+    for their_name, tensor in state.items():
+        if not their_name.startswith(("class_net.", "box_net.")) or their_name.endswith("num_batches_tracked"):
+            continue
+        # class_net.conv_rep.R.*, class_net.bn_rep.R.L.bn.*, class_net.predict.* (and box_net.*)
+        m = re.fullmatch(r"(class|box)_net\.(?:conv_rep\.(\d+)|bn_rep\.(\d+)\.(\d+)\.bn|(predict))\.(.+)", their_name)
+        if m is None:
+            raise ValueError(f"the file's {their_name} is no part of an EfficientDet head this converter knows")
+        side = "cls" if m.group(1) == "class" else "box"
+        rest = m.group(6).replace("conv_dw", "depthwise").replace("conv_pw", "pointwise")
+        if m.group(2) is not None:
+            name = f"head.{side}_convs.{m.group(2)}.{rest}"
+        elif m.group(3) is not None:
+            name = f"head.{side}_bns.{m.group(4)}.{m.group(3)}.{rest}"  # (repeat, level) -> (level, repeat)
+        else:
+            name = f"head.{side}_pred.{rest}"
+        if name in ("head.box_pred.pointwise.weight", "head.box_pred.pointwise.bias"):
+            swap = torch.arange(tensor.shape[0]).view(-1, 4)[:, [1, 0, 3, 2]].flatten()  # (ty, tx, th, tw) -> ours
+            tensor = tensor[swap]
+        out[name] = tensor
+    if j < len(theirs):
+        raise ValueError(f"the file has {len(theirs) - j} more backbone / BiFPN tensors than ours (from "
+                         f"{theirs[j][0]} on): it is a larger EfficientDet")
+    if cat_ids is not None:
+        slots = out["head.cls_pred.pointwise.bias"].numel() // model.num_anchors
+        if not all(isinstance(c, int) and 1 <= c <= slots for c in cat_ids):
+            raise ValueError(f"its class predictor has {slots} slots, COCO's category ids 1..{slots}; the data's "
+                             f"ids start {list(cat_ids)[:5]}")
+        for key in ("head.cls_pred.pointwise.weight", "head.cls_pred.pointwise.bias"):
+            out[key] = keep_class_slots(out[key], model.num_anchors, [c - 1 for c in cat_ids])
+    for name, mine in own.items():
+        if name not in out and name.startswith(("head.cls_convs.", "head.box_convs.")) and name.endswith(".bias"):
+            out[name] = torch.zeros(mine.shape, dtype=mine.dtype)  # the head's redundant biases
+    return out
+
+
+# Megvii's YOLOX names for our modules: the PAFPN's layers (which Megvii keeps under
+# "backbone.", beside the CSPDarknet under "backbone.backbone.") and the head's per-level lists.
+MEGVII_NECK = {"lateral_conv0": "lateral", "C3_p4": "td4", "reduce_conv1": "reduce", "C3_p3": "td3",
+               "bu_conv2": "down3", "C3_n3": "bu4", "bu_conv1": "down4", "C3_n4": "bu5"}
+MEGVII_HEAD = {"stems": "stem", "cls_convs": "cls_convs", "reg_convs": "reg_convs", "cls_preds": "cls_pred",
+               "reg_preds": "reg_pred", "obj_preds": "obj_pred"}
+
+
+def megvii_yolox_name(name):
+    """One tensor name of Megvii's YOLOX -> ours, or None for a name no YOLOX of theirs has.
+    backbone.backbone.dark3.1.m.0.conv1.conv.weight -> backbone.dark3.1.blocks.0.conv1.conv.weight,
+    backbone.C3_p4.conv1.bn.bias -> neck.td4.conv1.bn.bias, head.cls_preds.2.bias -> head.levels.2.cls_pred.bias."""
+    parts = name.split(".")
+    if parts[:3] == ["backbone", "backbone", "stem"] and parts[3:4] == ["conv"]:
+        parts = ["backbone", "stem"] + parts[4:]               # Focus's conv is our stem
+    elif parts[:2] == ["backbone", "backbone"]:
+        parts = parts[1:]                                     # the CSPDarknet: the same layout
+    elif parts[0] == "backbone" and len(parts) > 1 and parts[1] in MEGVII_NECK:
+        parts = ["neck", MEGVII_NECK[parts[1]]] + parts[2:]
+    elif parts[0] == "head" and len(parts) > 2 and parts[1] in MEGVII_HEAD and parts[2].isdigit():
+        parts = ["head", "levels", parts[2], MEGVII_HEAD[parts[1]]] + parts[3:]
+    else:
+        return None
+    # A CSP layer's bottlenecks are its "m" (SPP's "m", its pools, holds no tensor).
+    return ".".join("blocks" if p == "m" else p for p in parts)
+
+
+def megvii_yolox_state_dict(state, model, cat_ids=None):
+    """A Megvii YOLOX checkpoint's weights (github.com/Megvii-BaseDetection/YOLOX, its
+    yolox_nano ... yolox_x.pth: {"model": state dict, ...}; state is that "model" entry) -> a
+    state dict under this model's names. model: the same YOLOX preset, anchor-free, built with
+    pixel_norm "0-255": Megvii's weights since v0.1.1 take BGR pixels 0..255, unnormalised.
+
+    Checked against Megvii's yolox package (tests/test_models.py): with the converted weights both
+    give the same boxes and scores. The layers are theirs, renamed (megvii_yolox_name); three
+    tensors change on the way:
+      - the stem's input channels: their Focus stacks the same four pixel phases as ours, but
+        each in BGR order, so its 12 input channels are reversed in threes to take RGB (for a
+        model with pixel_norm "0-255");
+      - the box predictor's x, y biases - 0.5: their box centre is (t + x) * stride from the
+        cell's corner, ours (t + x + 0.5) * stride from its centre;
+      - the class predictor: one slot per COCO category in id order (slot k is the k-th of
+        sorted(COCO_CLASSES)). cat_ids (the COCO category id of each of a dataset's classes, as
+        coco_category_ids gives them) keeps those ids' slots, so the result fits a model of
+        len(cat_ids) classes; None keeps all 80.
+    Megvii's older v0.1.0 weights ("legacy": RGB pixels normalised with ImageNet's mean and std)
+    convert onto a model with pixel_norm "imagenet": the same, less the BGR flip. Their files do
+    not say which they are; train.py and eval.py take the current ones.
+    Raises ValueError naming the first tensor that does not fit. The model may be on the "meta"
+    device (its shapes are all this reads); the result is on the CPU."""
+    if model.config.get("pixel_norm") not in ("0-255", "imagenet"):
+        raise ValueError(f"the model's pixel_norm is {model.config.get('pixel_norm')!r}; Megvii's weights take "
+                         f"0..255 pixels (\"0-255\"), its legacy ones ImageNet's statistics (\"imagenet\")")
+    own = model.state_dict()
+    out, source = {}, {}
+    for their_name, tensor in state.items():
+        name = megvii_yolox_name(their_name)
+        if name is None or name not in own:
+            raise ValueError(f"the file's {their_name} is no tensor of this YOLOX (ours would be {name}): it is "
+                             f"another YOLOX size, or not a Megvii YOLOX checkpoint")
+        out[name], source[name] = tensor, their_name
+    missing = [k for k in own if k not in out and not k.endswith("num_batches_tracked")]
+    if missing:
+        raise ValueError(f"the file has no {missing[0]} ({len(missing)} of our tensors missing): it is not a whole "
+                         f"Megvii YOLOX")
+    for name in own:
+        out.setdefault(name, torch.zeros((), dtype=torch.long))   # batch counters older files leave out
+    if model.config["pixel_norm"] == "0-255":  # BGR -> RGB, per pixel phase (legacy weights took RGB)
+        stem = "backbone.stem.conv.weight"
+        out[stem] = out[stem][:, torch.arange(12).view(4, 3).flip(1).flatten()]
+    for level in range(len(model.strides)):
+        bias = f"head.levels.{level}.reg_pred.bias"
+        out[bias] = out[bias] - torch.tensor([0.5, 0.5, 0.0, 0.0], dtype=out[bias].dtype)
+    if cat_ids is not None:
+        coco = sorted(COCO_CLASSES)
+        slots = out["head.levels.0.cls_pred.bias"].numel()
+        if slots != len(coco):
+            raise ValueError(f"its class predictor has {slots} slots, not COCO's 80: it was trained on other "
+                             f"data, and cannot score categories by their COCO id")
+        if not all(c in COCO_CLASSES for c in cat_ids):
+            raise ValueError(f"its class predictor has a slot per COCO category; the data's ids start "
+                             f"{list(cat_ids)[:5]}, not all COCO's")
+        for level in range(len(model.strides)):
+            for key in (f"head.levels.{level}.cls_pred.weight", f"head.levels.{level}.cls_pred.bias"):
+                out[key] = keep_class_slots(out[key], 1, [coco.index(c) for c in cat_ids])
+    for name, mine in own.items():
+        if tuple(out[name].shape) != tuple(mine.shape):
+            raise ValueError(f"ours is {name} {tuple(mine.shape)}, the file's {source.get(name)} is "
+                             f"{tuple(out[name].shape)}: it is another YOLOX size" +
+                             (" or number of classes" if "cls_pred" in name else ""))
+    return out
+
+
+# The published detectors this file converts, by kind (eval.read_published_checkpoint tells
+# them apart): a name for messages, the tensor whose size counts the class slots (per anchor),
+# how many slots their COCO models have and how the slots stand for COCO's ids, the presets a
+# file may be, its converter, and the input its weights take (PIXEL_NORMS).
+PUBLISHED = {
+    "effdet": dict(name="effdet EfficientDet", slots_key="class_net.predict.conv_pw.bias", anchors=9, slots=90,
+                   ids="id k + 1 in slot k", presets=EFFICIENTDET_PRESETS, convert=effdet_state_dict,
+                   pixel_norm="imagenet"),
+    "megvii": dict(name="Megvii YOLOX", slots_key="head.cls_preds.0.bias", anchors=1, slots=80,
+                   ids="COCO's 80 ids in order", presets=YOLOX_PRESETS, convert=megvii_yolox_state_dict,
+                   pixel_norm="0-255"),
+}
+
+
+def published_kind(state):
+    """Which of PUBLISHED a state dict (unwrap_state_dict's) is: "effdet" (class_net.*),
+    "megvii" (head.stems.*), or None for any other (ours, an ImageNet classifier, ...)."""
+    for kind, prefix in (("effdet", "class_net."), ("megvii", "head.stems.")):
+        if any(str(k).startswith(prefix) for k in state):
+            return kind
+    return None
+
+
+def published_preset(state, kind):
+    """The preset that a published file's weights fit (kind: a key of PUBLISHED): the first whose
+    model the converter takes, built on the "meta" device (shapes only, no memory), or None.
+    effdet's d6 and d7 share every tensor (they differ in input size and anchors): d6 is
+    returned for both."""
+    spec = PUBLISHED[kind]
+    if spec["slots_key"] not in state:
+        return None
+    for name in spec["presets"]:
+        with torch.device("meta"):
+            candidate = build_model(name, num_classes=state[spec["slots_key"]].numel() // spec["anchors"],
+                                    pixel_norm=spec["pixel_norm"])
+        try:
+            spec["convert"](state, candidate)
+        except ValueError:
+            continue
+        return name
+    return None
 
 
 # ---------------------------------------------------------------------------------------
