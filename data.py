@@ -688,7 +688,7 @@ def _yolo_dataset(folder, split, pairs, label_dir):
     records = []
     bad_count, total, examples, look_like_pixels = 0, 0, [], False  # bad boxes of the whole split
     for image_id, (file, path) in enumerate(pairs):
-        width, height = _image_size(file, f"remove it" + (f" and its label {path}" if os.path.exists(path) else ""))
+        width, height = _image_size(file, "remove it" + (f" and its label {path}" if os.path.exists(path) else ""))
         rows, line_numbers = _read_yolo_txt(path) if os.path.exists(path) else (np.zeros((0, 5)), [])
         cls = rows[:, 0].astype(np.int64)
         outside = np.nonzero((cls < 0) | (cls >= len(names)))[0]
@@ -1621,27 +1621,40 @@ def picture_format(path):
     return PICTURE_FORMATS[ext]
 
 
-def show_batch_sample(batch, path, class_names=None, max_images=16, columns=4):
+SHEET_PALETTE = [(230, 25, 75), (60, 180, 75), (0, 130, 200), (245, 130, 48), (145, 30, 180), (70, 240, 240),
+                 (240, 50, 230), (210, 245, 60), (0, 128, 128), (170, 110, 40)]  # a colour per label, cycled
+TRUTH_COLOUR = (128, 128, 128)  # crowd regions, and the ground truth under a sheet of detections
+
+
+def show_batch_sample(batch, path, class_names=None, max_images=16, columns=4, truth=None):
     """Grid picture (PNG, or JPEG for .jpg / .jpeg) of a batch (augment's output, or a loader batch)
-    with boxes and class names. Crowd / ignore regions are drawn grey. The folder is made if
-    missing; the file is written to a temp name, then renamed."""
+    with boxes and class names. Crowd / ignore regions are drawn grey. With batch["scores"] [B, M]
+    the boxes are detections and each name gets its score; truth = (boxes [B, M', 4] xyxy px, valid
+    [B, M']) is then drawn underneath in thin grey lines, so missed objects show. The folder is
+    made if missing; the file is written to a temp name, then renamed."""
     fmt = picture_format(path)
     images = batch["images"][:max_images].detach().cpu()
     if images.dtype == torch.uint8:
         images = images.float() / 255
     boxes, labels, valid = (batch[k][:max_images].cpu() for k in ("boxes", "labels", "valid"))
+    scores = batch["scores"][:max_images].cpu() if "scores" in batch else None
     n, _, h, w = images.shape
     cols = min(columns, n)
     rows = (n + cols - 1) // cols
     sheet = Image.new("RGB", (cols * (w + 4), rows * (h + 4)), (255, 255, 255))
-    palette = [(230, 25, 75), (60, 180, 75), (0, 130, 200), (245, 130, 48), (145, 30, 180), (70, 240, 240),
-               (240, 50, 230), (210, 245, 60), (0, 128, 128), (170, 110, 40)]
     for i in range(n):
         pic = Image.fromarray((images[i].permute(1, 2, 0).clamp(0, 1) * 255).round().byte().numpy())
         draw = ImageDraw.Draw(pic)
-        for box, label in zip(boxes[i][valid[i]].tolist(), labels[i][valid[i]].tolist()):
-            colour = (128, 128, 128) if label < 0 else palette[label % len(palette)]
+        if truth is not None:
+            for box in truth[0][i][truth[1][i]].tolist():
+                draw.rectangle(box, outline=TRUTH_COLOUR, width=1)
+        kept = valid[i].nonzero().flatten().tolist()
+        for k in kept:
+            box, label = boxes[i, k].tolist(), int(labels[i, k])
+            colour = TRUTH_COLOUR if label < 0 else SHEET_PALETTE[label % len(SHEET_PALETTE)]
             name = "crowd" if label < 0 else (class_names[label] if class_names else str(label))
+            if scores is not None:
+                name = f"{name} {float(scores[i, k]):.2f}"
             draw.rectangle(box, outline=colour, width=2)
             draw.text((box[0] + 2, box[1] + 1), name, fill=colour)
         sheet.paste(pic, ((i % cols) * (w + 4) + 2, (i // cols) * (h + 4) + 2))

@@ -61,7 +61,7 @@ from pycocotools.coco import COCO
 from pycocotools.cocoeval import COCOeval
 
 from data import (IMAGE_EXTENSIONS, PAD_VALUE, DataLoadError, batches, check_coco_json, decode_image,
-                  default_workers, is_key, letterbox, make_loader, open_dataset, plain_warnings)
+                  default_workers, is_key, letterbox, make_loader, open_dataset, plain_warnings, show_batch_sample)
 from models import (COCO_CLASSES, PRESETS, PUBLISHED, build_model, check_input_shape, coco_category_ids, decode_boxes,
                     flatten_outputs, named_settings, parse_input_shape, published_kind, published_preset,
                     read_checkpoint, unwrap_state_dict)
@@ -1013,6 +1013,45 @@ def predict(model, image_paths, out_dir, class_names=None, score_threshold=0.3, 
         print(f"warning: skipped {len(skipped)} of {len(image_paths)} images that cannot be decoded, e.g. "
               f"{skipped[0]}", file=sys.stderr)
     return all_predictions
+
+
+def prediction_sheet(model, dataset, path, count=8, score_threshold=0.3, input_shape=None):
+    """One picture (PNG) of the model's detections on the first `count` images of `dataset`, each
+    letterboxed as the evaluation sees it: detections scoring at least score_threshold after hard
+    NMS at IoU 0.45 (as predict draws them), coloured by class with their scores, over the ground
+    truth in thin grey. train.py draws one after each evaluation, always of the same images, so
+    a run can be watched learning (and a class that is never found, or boxes that sit off their
+    objects, are seen at a glance). Returns the path, or None when dataset has no image."""
+    n = min(count, len(dataset))
+    if n == 0:
+        return None
+    if input_shape is None:
+        input_shape = tuple(model.config["input_shape"])
+    device = next(model.parameters()).device
+    batch = next(batches(make_loader(torch.utils.data.Subset(dataset, range(n)), batch_size=n, shuffle=False,
+                                     workers=0, seed=0)))
+    batch["images"] = batch["images"].to(device)
+    letterboxed = letterbox(batch, input_shape)  # also moves the ground truth into the letterbox's pixels
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.inference_mode():
+            boxes, scores = decode_predictions(model(letterboxed["images"]), model.priors(input_shape, device=device),
+                                               model.anchors_mode)
+            boxes, scores, labels, counts = batched_nms(
+                boxes, scores, method="hard", mode="per_class", iou_or_sigma=0.45, score_threshold=score_threshold,
+                topk=5000, max_output_size=100)
+    finally:
+        model.train(was_training)
+    boxes = boxes.cpu()
+    # The first counts[i] slots are detections; a box that overflowed (an early, unstable epoch)
+    # is left off the picture, as it is out of the evaluation, and the rest are held near the frame.
+    kept = (torch.arange(boxes.shape[1])[None] < counts.cpu()[:, None]) & torch.isfinite(boxes).all(-1)
+    boxes = boxes.nan_to_num(0.0).clamp(-4 * max(input_shape), 4 * max(input_shape))
+    detections = dict(images=letterboxed["images"], boxes=boxes, labels=labels.cpu(), valid=kept,
+                      scores=scores.cpu())
+    return show_batch_sample(detections, path, dataset.class_names, max_images=n,
+                             truth=(letterboxed["boxes"], letterboxed["valid"]))
 
 
 def picture_name(path):

@@ -168,8 +168,8 @@ def parse_args(argv=None):
       "initialise the model, an effdet EfficientDet or Megvii YOLOX checkpoint, or an ImageNet classifier's weights "
       "for the backbone alone (timm's efficientnet_b0..b7 / tf_efficientnetv2_b0, torchvision's resnet50): a .pth / "
       ".bin you downloaded")
-    a("--out", default=None, help="run folder: checkpoints, history.csv, history.png, config.json "
-      "(default runs/train; with --resume, the checkpoint's folder)")
+    a("--out", default=None, help="run folder: checkpoints, history.csv, history.png, config.json, "
+      "train_batch.png, val_predictions.png (default runs/train; with --resume, the checkpoint's folder)")
     return p.parse_args(argv)
 
 
@@ -707,7 +707,7 @@ def run(argv=None):
         # stand in for this one's (eval.py picks runs/train/best.pt up by default).
         if os.path.exists(os.path.join(cfg["out"], "last.pt")):
             log(f"note: --out {cfg['out']} held an earlier run: its last.pt, best.pt and history are replaced")
-        for name in ("history.csv", "best.pt"):
+        for name in ("history.csv", "best.pt", "val_predictions.png"):
             if os.path.exists(os.path.join(cfg["out"], name)):
                 os.remove(os.path.join(cfg["out"], name))
 
@@ -845,6 +845,11 @@ def run(argv=None):
                                      mosaic_mix_prob=mosaic, flip_prob=cfg["flip_prob"], generator=gen,
                                      scale_min=cfg["random_scale_min"], mixup_prob=mixup)
                 targets = {k: batch[k] for k in ("boxes", "labels", "valid")}  # on the CPU
+                if is_main and ran == 0 and epoch == start_epoch:
+                    # What the model is about to learn from, once a run: boxes that sit off their
+                    # objects or a wrong class list are seen here before hours are spent on them.
+                    # (One read of the pixels back from the GPU, at the first step only.)
+                    data.show_batch_sample(batch, os.path.join(cfg["out"], "train_batch.png"), train_set.class_names)
 
                 with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
                     outputs = train_model(batch["images"])
@@ -930,6 +935,8 @@ def run(argv=None):
                 evaluated = True
                 log(f"epoch {epoch + 1}: AP {stats['AP']:.4f} AP50 {stats['AP50']:.4f} AR100 {stats['AR100']:.4f} "
                     f"(evaluated {len(val_set)} images in {time.time() - t_eval:.0f}s)")
+                evaluation.prediction_sheet(eval_model, val_set, os.path.join(cfg["out"], "val_predictions.png"),
+                                            input_shape=tuple(cfg["input_shape"]))
             row["AP"] = round(stats["AP"], 6) if stats else ""
             row["AP50"] = round(stats["AP50"], 6) if stats else ""
             stop["saving"] = True  # a Ctrl-C now waits for the files below
@@ -954,7 +961,7 @@ def run(argv=None):
                          else "fix the file and start again (no epoch had finished)"))
     except KeyboardInterrupt:  # a second Ctrl-C, or the first under torchrun: no step to finish
         if is_main:
-            print(f"\nstopped at once: " + (f"{last_good} (as it was) holds the last saved state; continue with "
+            print("\nstopped at once: " + (f"{last_good} (as it was) holds the last saved state; continue with "
                                              f"--resume {last_good}" if last_good else "nothing was saved yet"))
         sys.exit(130)
     finally:
@@ -963,7 +970,8 @@ def run(argv=None):
         best = (f"best.pt (AP {best_ap:.4f})" if best_ap >= 0 else
                 "no best.pt (the val split has no boxes to score)" if evaluated else
                 "no best.pt (never evaluated: see --eval_start_epoch)")
-        log(f"done: {cfg['out']}/last.pt, {best}, history.csv, history.png")
+        log(f"done: {cfg['out']}/last.pt, {best}, history.csv, history.png, train_batch.png" +
+            (", val_predictions.png" if evaluated else ""))
     if world > 1:
         dist.destroy_process_group()
     return best_ap

@@ -1526,3 +1526,26 @@ def test_yolo_full_width_box_is_framed_and_clipped(tmp_path):
     ds = data.open_dataset(str(root), "train")
     np.testing.assert_allclose(ds[0]["boxes"], [[0, 12, 20.8, 18]], atol=1e-4)
     assert ds[0]["labels"].tolist() == [0]
+
+
+def test_show_batch_sample_draws_detections_over_the_ground_truth(tmp_path):
+    # One black 40 x 40 picture. Truth [5, 5, 30, 30]: a 1-px grey outline. Detection [10, 10, 20, 20]
+    # of label 1: a 2-px outline in label 1's colour; the second detection slot is not valid and
+    # must not be drawn. The sheet puts the picture 2 px in from its corner.
+    batch = dict(images=torch.zeros(1, 3, 40, 40), boxes=torch.tensor([[[10.0, 10, 20, 20], [24, 24, 36, 36]]]),
+                 labels=torch.tensor([[1, 2]]), valid=torch.tensor([[True, False]]), scores=torch.tensor([[0.87, 0.5]]))
+    truth = (torch.tensor([[[5.0, 5, 30, 30]]]), torch.tensor([[True]]))
+    path = data.show_batch_sample(batch, str(tmp_path / "d.png"), class_names=["a", "b", "c"], truth=truth)
+    with Image.open(path) as im:
+        assert im.size == (44, 44)
+        px = lambda x, y: im.getpixel((x + 2, y + 2))
+        assert px(5, 17) == px(30, 17) == data.TRUTH_COLOUR  # truth's left and right edges
+        assert px(6, 17) == (0, 0, 0)  # one pixel wide
+        assert px(10, 18) == px(11, 18) == px(20, 18) == data.SHEET_PALETTE[1]  # the detection, 2 px wide
+        assert px(12, 18) == (0, 0, 0)
+        assert px(36, 33) == px(33, 36) == (0, 0, 0)  # the invalid slot: nothing
+        with_scores = np.asarray(im)
+    # Without scores the same boxes are drawn with the bare class name: the text differs.
+    del batch["scores"]
+    with Image.open(data.show_batch_sample(batch, str(tmp_path / "n.png"), ["a", "b", "c"], truth=truth)) as im:
+        assert (np.asarray(im) != with_scores).any(-1).sum() > 10

@@ -96,8 +96,9 @@ def test_freeze_then_unfreeze_and_exact_resume(tiny_shapes, tmp_path):
     # best.pt of an earlier run: a fresh run that never evaluates must not leave it standing.
     os.makedirs(tmp_path / "b")
     torch.save({"stale": True}, tmp_path / "b" / "best.pt")
+    (tmp_path / "b" / "val_predictions.png").write_bytes(b"an earlier run's")
     run_train(tiny_shapes, tmp_path / "b", *common)
-    assert not (tmp_path / "b" / "best.pt").exists()
+    assert not (tmp_path / "b" / "best.pt").exists() and not (tmp_path / "b" / "val_predictions.png").exists()
     straight = torch.load(tmp_path / "b" / "last.pt", weights_only=False)
     for part in ("model", "ema"):
         for k, v in straight[part].items():
@@ -159,6 +160,9 @@ def test_ddp_two_processes_on_gloo(tiny_shapes, tmp_path, capsys):
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     rows = history(tmp_path)
     assert len(rows) == 2 and rows[0]["AP"] == "" and rows[1]["AP"] != ""  # rank 0 wrote; evaluated
+    # The pictures: rank 0's first batch (2 images of 64 px, 4 px apart) and the 4 val images.
+    with Image.open(tmp_path / "train_batch.png") as batch_png, Image.open(tmp_path / "val_predictions.png") as val_png:
+        assert (batch_png.size, val_png.size) == ((2 * 68, 68), (4 * 68, 68))
     ckpt = torch.load(tmp_path / "last.pt", weights_only=False)
     assert ckpt["train_config"]["batch_size"] == 2 and ckpt["epoch"] == 2
     ranks = [torch.load(tmp_path / f"rank{r}.pt", weights_only=False) for r in (0, 1)]
