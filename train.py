@@ -53,8 +53,7 @@ import models
 #   MixUp blends two outputs of one batch (data.mixup_images), with or without a mosaic (Megvii
 #   mixes mosaics only; with the recipe's mosaic 1.0 that is every image either way);
 #   multi-scale training is off unless asked for: --multiscale_range 5 is Megvii's for yolox_s
-#   and up (nano / tiny use heights 320-640 around 416, a range this symmetric flag cannot say;
-#   5 gives them 256-576);
+#   and up, --multiscale_range 320,640 for nano / tiny (heights 320..640 around their 416);
 # so expect a lower AP than Megvii's table for the same epochs. The two small sizes change what
 # Megvii's exps change for them otherwise (YOLOX_SMALL_SIZES).
 EFFICIENTDET_RECIPE = dict(
@@ -143,10 +142,11 @@ def parse_args(argv=None):
     a("--num_layers", type=int, default=None, help="RandAugment ops per image (default 2)")
     a("--mixup_prob", type=float, default=None, help="probability that an image is blended 50/50 with another "
       "of its batch, keeping both images' boxes (YOLOX's MixUp)")
-    a("--multiscale_range", type=int, default=None, help="multi-scale training as Megvii's YOLOX (5 for yolox_s "
-      "and up): every 10 steps a new input height, -i's +- this many times the largest stride (cut where the "
-      "smallest would go under 2 strides; the width keeps -i's aspect); the evaluation stays at -i "
-      "(default 0: off, so --cuda_graphs / --compile run one graph)")
+    a("--multiscale_range", default=None, metavar="N|LO,HI", help="multi-scale training as Megvii's YOLOX: every 10 steps a new input "
+      "height, -i's +- N times the largest stride (N = 5 for yolox_s and up; cut where the smallest would go "
+      "under 2 strides), or every multiple of the stride from LO to HI px when given as LO,HI (320,640 for "
+      "nano / tiny); the width keeps -i's aspect; the evaluation stays at -i (default 0: off, so "
+      "--cuda_graphs / --compile run one graph)")
     a("--close_mosaic_epochs", type=int, default=None, help="last epochs without mosaic or MixUp (and with L1 loss "
       "when anchor-free)")
     a("--ema_decay", type=float, default=None, help="EMA of the weights (0 = off); ramped up over the first steps")
@@ -314,10 +314,15 @@ def resolve_config(args):
     cfg["optimizer"] = cfg["optimizer"].lower()  # -p AdamW as torch spells it
     if cfg["optimizer"] not in ("sgd", "adam", "adamw"):
         fail(f"--optimizer {cfg['optimizer']!r} is unknown: choose sgd, adam or adamw")
-    if cfg["multiscale_range"] < 0:
-        fail(f"--multiscale_range {cfg['multiscale_range']}: give 0 (one input size) or more, like 5")
+    try:
+        cfg["multiscale_range"] = parse_multiscale(cfg["multiscale_range"], stride)  # n or [lo, hi]
+        several_sizes = len(multiscale_shapes(cfg["input_shape"], cfg["multiscale_range"], stride)) > 1
+    except ValueError as e:
+        given = cfg["multiscale_range"]
+        given = ",".join(map(str, given)) if isinstance(given, list) else given
+        fail(str(e) if str(e).startswith("--") else f"--multiscale_range {given}: {e}")
     if cfg["cuda_graphs"]:
-        if cfg["multiscale_range"]:
+        if several_sizes:
             fail("--cuda_graphs with --multiscale_range: a CUDA graph replays one input size; give "
                  "--multiscale_range 0, or leave --cuda_graphs out")
         if cfg["compile"]:
@@ -586,17 +591,51 @@ def augment_seed(seed, epoch, rank, world):
 
 
 def multiscale_shapes(input_shape, multiscale_range, stride):
-    """The input sizes of multi-scale training (Megvii's multiscale_range), smallest first:
-    heights k x stride for k = H / stride - n .. H / stride + n, widths keeping -i's aspect as
-    Megvii rounds them (stride x int(k x W / H)). n is cut so that the range stays centred on -i
-    and the coarsest level stays 2 x 2 or larger (at -i 192, stride 32, 5 becomes 4: 64..320).
+    """The input sizes of multi-scale training, smallest first: heights k x stride, widths keeping
+    -i's aspect as Megvii rounds them (stride x int(k x W / H)). multiscale_range is either
+      n (Megvii's multiscale_range): k = H / stride - n .. H / stride + n, n cut so that the range
+        stays centred on -i and the coarsest level stays 2 x 2 or larger (at -i 192, stride 32,
+        5 becomes 4: 64..320); or
+      [lo, hi] (Megvii's random_size, in px: its nano and tiny train at 320..640 around 416):
+        every multiple of the stride from lo to hi; a width under 2 strides is a ValueError.
     Returns [(H, W), ...]; one entry, -i itself, when multiscale_range is 0."""
     h, w = input_shape
+    if isinstance(multiscale_range, (list, tuple)):
+        lo, hi = multiscale_range
+        if int(lo // stride * w / h) < 2:
+            raise ValueError(f"at height {lo} the width would be {int(lo // stride * w / h) * stride} px, under "
+                             f"2 x the stride {stride}: give a larger first height")
+        return [(k * stride, int(k * w / h) * stride) for k in range(lo // stride, hi // stride + 1)]
     k0 = h // stride
     n = multiscale_range
     while n > 0 and (k0 - n < 2 or int((k0 - n) * w / h) < 2):
         n -= 1
     return [(k * stride, int(k * w / h) * stride) for k in range(k0 - n, k0 + n + 1)]
+
+
+def parse_multiscale(value, stride):
+    """--multiscale_range as given (text, or a resumed run's int / [lo, hi]) -> n >= 0 or [lo, hi]:
+    heights in px, multiples of the largest stride, lo >= 2 strides (a coarsest level of 2 x 2),
+    lo <= hi. Raises ValueError with the fix."""
+    text = ",".join(map(str, value)) if isinstance(value, (list, tuple)) else str(value).strip()
+    parts = [p.strip() for p in text.split(",")]
+    try:
+        numbers = [int(p) for p in parts]
+    except ValueError:
+        numbers = []
+    if len(numbers) == 1 and numbers[0] >= 0:
+        return numbers[0]
+    if len(numbers) == 2:
+        lo, hi = numbers
+        if lo % stride or hi % stride:
+            raise ValueError(f"--multiscale_range {text}: heights must be multiples of the largest stride, "
+                             f"{stride}, like {max(2, round(lo / stride)) * stride},{max(2, round(hi / stride)) * stride}")
+        if not 2 * stride <= lo <= hi:
+            raise ValueError(f"--multiscale_range {text}: give the smallest height first, at least 2 x the largest "
+                             f"stride ({2 * stride}), like 320,640")
+        return [lo, hi]
+    raise ValueError(f"--multiscale_range {text}: give 0 (one input size), a number of strides like 5 (-i +- 5 x "
+                     f"{stride} px), or the smallest and largest heights like 320,640")
 
 
 def step_input_shape(shapes, seed, epoch, step):
@@ -721,7 +760,7 @@ def run(argv=None):
         # dynamic=False: with one input size one static graph is enough. Multi-scale sizes would
         # each compile a graph of their own, past dynamo's limit of 8 (after which it runs eager,
         # silently); dynamic=None compiles once more, for any size, at the first new one.
-        compiled = torch.compile(model, dynamic=None if cfg["multiscale_range"] else False)
+        compiled = torch.compile(model, dynamic=None if len(shapes) > 1 else False)
     train_model, wrapped_frozen = compiled, None  # under DDP: wrapped in the epoch loop
     graphed_frozen = None  # with --cuda_graphs: the freezing the graphs were recorded with
 
@@ -729,10 +768,10 @@ def run(argv=None):
     log(f"{cfg['det_header']} ({model.anchors_mode}, {n_params / 1e6:.2f}M params) on {device}, "
         f"{len(train_set)} train / {len(val_set)} val images, input {cfg['input_shape']}, "
         f"batch {cfg['batch_size']} x {world}, lr {lr_max:.3g}, amp {cfg['amp']}")
-    if cfg["multiscale_range"]:
+    if len(shapes) > 1:
         n = (len(shapes) - 1) // 2
         cut = f" (--multiscale_range {cfg['multiscale_range']} cut to {n} to stay centred on -i)" \
-            if n < cfg["multiscale_range"] else ""
+            if isinstance(cfg["multiscale_range"], int) and n < cfg["multiscale_range"] else ""
         log(f"multi-scale: training sizes {shapes[0]}..{shapes[-1]} in steps of {stride}, a new one every 10 steps"
             f"{cut}; evaluation at {tuple(cfg['input_shape'])}")
     if cfg["mixup_prob"] > 0 and cfg["batch_size"] < 3:

@@ -1098,6 +1098,13 @@ def test_multiscale_sizes_by_hand():
     assert [h for h, _ in train.multiscale_shapes([192, 192], 5, 32)] == list(range(64, 321, 32))
     # A tall -i 128,64: the width has no room under its 2 strides, so there is one size.
     assert train.multiscale_shapes([128, 64], 2, 32) == [(128, 64)]
+    # LO,HI in px, as Megvii's nano / tiny (random_size 10..20 strides around 416): every multiple
+    # of the stride, widths keeping -i's aspect (here 2: 832 / 416).
+    assert train.multiscale_shapes([416, 416], [320, 640], 32) == [(32 * k, 32 * k) for k in range(10, 21)]
+    assert train.multiscale_shapes([416, 832], [320, 384], 32) == [(320, 640), (352, 704), (384, 768)]
+    with pytest.raises(ValueError, match="at height 64 the width would be 32 px, under 2 x the stride 32"):
+        train.multiscale_shapes([128, 64], [64, 128], 32)
+    assert [train.parse_multiscale(v, 32) for v in ("5", " 320, 640 ", 0, [320, 640])] == [5, [320, 640], 0, [320, 640]]
     # One size per 10 steps, drawn from (seed, epoch, step // 10) alone; every size comes up.
     seen = set()
     for epoch in range(40):
@@ -1111,22 +1118,35 @@ def test_multiscale_sizes_by_hand():
     assert train.step_input_shape([(64, 64)], 0, 3, 7) == (64, 64)
 
 
-def test_multiscale_training_draws_the_step_sizes(tiny_shapes, tmp_path, monkeypatch):
+@pytest.mark.parametrize("flag,recorded", [("1", 1), ("64,128", [64, 128])])
+def test_multiscale_training_draws_the_step_sizes(tiny_shapes, tmp_path, monkeypatch, flag, recorded):
+    # -i 96 +- 1 stride, or the heights 64..128 px: the same three sizes.
     seen, real = [], data.augment
     monkeypatch.setattr(data, "augment", lambda batch, shape, *a, **k: seen.append(shape) or real(batch, shape, *a, **k))
     run_train(tiny_shapes, tmp_path, "-e", "3", "-b", "2", "--det_header", "yolox_nano", "-i", "96",
-              "--multiscale_range", "1")
-    assert json.loads((tmp_path / "config.json").read_text())["multiscale_range"] == 1
+              "--multiscale_range", flag)
+    assert json.loads((tmp_path / "config.json").read_text())["multiscale_range"] == recorded
     # 4 steps an epoch (8 images, batch 2), each epoch inside one 10-step block.
     shapes = [(64, 64), (96, 96), (128, 128)]
     assert seen == [train.step_input_shape(shapes, 3, e, 0) for e in range(3) for _ in range(4)]
 
 
 def test_multiscale_flag_errors(tiny_shapes, tmp_path, capsys):
-    for flags, message in ((["--multiscale_range", "-1"], "--multiscale_range -1: give 0"),
-                           (["--multiscale_range", "2", "--cuda_graphs"], "a CUDA graph replays one input size")):
+    for flags, message in (
+            (["--multiscale_range", "-1"], "--multiscale_range -1: give 0 (one input size), a number of strides like "
+                                           "5 (-i +- 5 x 32 px), or the smallest and largest heights like 320,640"),
+            (["--multiscale_range", "five"], "--multiscale_range five: give 0"),
+            (["--multiscale_range", "300,640"], "--multiscale_range 300,640: heights must be multiples of the largest "
+                                                "stride, 32, like 288,640"),
+            (["--multiscale_range", "640,320"], "--multiscale_range 640,320: give the smallest height first, at "
+                                                "least 2 x the largest stride (64)"),
+            (["--multiscale_range", "32,64"], "--multiscale_range 32,64: give the smallest height first"),
+            (["-i", "128,64", "--multiscale_range", "64,128"], "--multiscale_range 64,128: at height 64 the width "
+                                                                "would be 32 px"),
+            (["--multiscale_range", "2", "--cuda_graphs"], "a CUDA graph replays one input size"),
+            (["--multiscale_range", "96,128", "--cuda_graphs"], "a CUDA graph replays one input size")):
         with pytest.raises(SystemExit) as exc:
-            train.main(["-d", tiny_shapes, "--out", str(tmp_path), "--det_header", "yolox_nano", "-i", "64", *flags])
+            train.main(["-d", tiny_shapes, "--out", str(tmp_path), "--det_header", "yolox_nano", "-i", "128", *flags])
         err = capsys.readouterr().err
         assert exc.value.code == 2 and message in err, err
 
