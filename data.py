@@ -1652,11 +1652,14 @@ def show_batch_sample(batch, path, class_names=None, max_images=16, columns=4, t
         for k in kept:
             box, label = boxes[i, k].tolist(), int(labels[i, k])
             colour = TRUTH_COLOUR if label < 0 else SHEET_PALETTE[label % len(SHEET_PALETTE)]
-            name = "crowd" if label < 0 else (class_names[label] if class_names else str(label))
-            if scores is not None:
-                name = f"{name} {float(scores[i, k]):.2f}"
+            name = "crowd" if label < 0 else (class_names[label] if class_names and label < len(class_names)
+                                              else str(label))
+            score = f" {float(scores[i, k]):.2f}" if scores is not None else ""
             draw.rectangle(box, outline=colour, width=2)
-            draw.text((box[0] + 2, box[1] + 1), name, fill=colour)
+            try:
+                draw.text((box[0] + 2, box[1] + 1), name + score, fill=colour)
+            except UnicodeEncodeError:  # PIL's bitmap font (no FreeType) has Latin-1 only: "ネコ" -> its label
+                draw.text((box[0] + 2, box[1] + 1), str(label) + score, fill=colour)
         sheet.paste(pic, ((i % cols) * (w + 4) + 2, (i // cols) * (h + 4) + 2))
     tmp = f"{path}.tmp-{os.getpid()}"
     try:
@@ -1664,7 +1667,7 @@ def show_batch_sample(batch, path, class_names=None, max_images=16, columns=4, t
         sheet.save(tmp, format=fmt)  # the format the extension says, not the temp name's
         os.replace(tmp, path)
     except OSError as e:  # e.g. no permission: name the file asked for, and leave no temp file behind
-        raise ValueError(f"cannot write {path} ({e.strerror or e}): give -o a path in a writable folder") from None
+        raise ValueError(f"cannot write {path} ({e.strerror or e}): give a path in a writable folder") from None
     finally:
         if os.path.exists(tmp):
             os.remove(tmp)

@@ -1015,43 +1015,59 @@ def predict(model, image_paths, out_dir, class_names=None, score_threshold=0.3, 
     return all_predictions
 
 
-def prediction_sheet(model, dataset, path, count=8, score_threshold=0.3, input_shape=None):
+def prediction_sheet(model, dataset, path, count=8, score_threshold=0.3, input_shape=None, batch_size=8):
     """One picture (PNG) of the model's detections on the first `count` images of `dataset`, each
     letterboxed as the evaluation sees it: detections scoring at least score_threshold after hard
     NMS at IoU 0.45 (as predict draws them), coloured by class with their scores, over the ground
     truth in thin grey. train.py draws one after each evaluation, always of the same images, so
     a run can be watched learning (and a class that is never found, or boxes that sit off their
-    objects, are seen at a glance). Returns the path, or None when dataset has no image."""
+    objects, are seen at a glance). batch_size: images per forward pass (the evaluation's).
+    Returns the path, or None when dataset has no image."""
     n = min(count, len(dataset))
     if n == 0:
         return None
     if input_shape is None:
         input_shape = tuple(model.config["input_shape"])
     device = next(model.parameters()).device
-    batch = next(batches(make_loader(torch.utils.data.Subset(dataset, range(n)), batch_size=n, shuffle=False,
-                                     workers=0, seed=0)))
-    batch["images"] = batch["images"].to(device)
-    letterboxed = letterbox(batch, input_shape)  # also moves the ground truth into the letterbox's pixels
+    priors = model.priors(input_shape, device=device)
+    loader = make_loader(torch.utils.data.Subset(dataset, range(n)), batch_size=batch_size, shuffle=False,
+                         workers=0, seed=0)
+    pictures = collections.defaultdict(list)  # the sheet's parts, one entry per batch
     was_training = model.training
     model.eval()
     try:
         with torch.inference_mode():
-            boxes, scores = decode_predictions(model(letterboxed["images"]), model.priors(input_shape, device=device),
-                                               model.anchors_mode)
-            boxes, scores, labels, counts = batched_nms(
-                boxes, scores, method="hard", mode="per_class", iou_or_sigma=0.45, score_threshold=score_threshold,
-                topk=5000, max_output_size=100)
+            for batch in batches(loader):
+                batch["images"] = batch["images"].to(device)
+                letterboxed = letterbox(batch, input_shape)  # also moves the ground truth into its pixels
+                boxes, scores = decode_predictions(model(letterboxed["images"]), priors, model.anchors_mode)
+                boxes, scores, labels, counts = batched_nms(
+                    boxes, scores, method="hard", mode="per_class", iou_or_sigma=0.45,
+                    score_threshold=score_threshold, topk=5000, max_output_size=100)
+                boxes = boxes.cpu()
+                # The first counts[i] slots are detections; a box that overflowed (an early, unstable
+                # epoch) is left off the picture, as it is out of the evaluation, and the rest are
+                # held near the frame.
+                kept = (torch.arange(boxes.shape[1])[None] < counts.cpu()[:, None]) & torch.isfinite(boxes).all(-1)
+                pictures["images"].append(letterboxed["images"].cpu())
+                pictures["boxes"].append(boxes.nan_to_num(0.0).clamp(-4 * max(input_shape), 4 * max(input_shape)))
+                pictures["labels"].append(labels.cpu())
+                pictures["valid"].append(kept)
+                pictures["scores"].append(scores.cpu())
+                pictures["truth_boxes"].append(letterboxed["boxes"])
+                pictures["truth_valid"].append(letterboxed["valid"])
     finally:
         model.train(was_training)
-    boxes = boxes.cpu()
-    # The first counts[i] slots are detections; a box that overflowed (an early, unstable epoch)
-    # is left off the picture, as it is out of the evaluation, and the rest are held near the frame.
-    kept = (torch.arange(boxes.shape[1])[None] < counts.cpu()[:, None]) & torch.isfinite(boxes).all(-1)
-    boxes = boxes.nan_to_num(0.0).clamp(-4 * max(input_shape), 4 * max(input_shape))
-    detections = dict(images=letterboxed["images"], boxes=boxes, labels=labels.cpu(), valid=kept,
-                      scores=scores.cpu())
-    return show_batch_sample(detections, path, dataset.class_names, max_images=n,
-                             truth=(letterboxed["boxes"], letterboxed["valid"]))
+    # Batches may differ in their number of truth boxes (the loader pads each to its own most):
+    # one [n, M] pair for the sheet, padded with invalid slots.
+    truth = (torch.zeros(n, max(t.shape[1] for t in pictures["truth_boxes"]), 4),)
+    truth += (torch.zeros(truth[0].shape[:2], dtype=torch.bool),)
+    row = 0
+    for t, v in zip(pictures.pop("truth_boxes"), pictures.pop("truth_valid")):
+        truth[0][row:row + len(t), :t.shape[1]], truth[1][row:row + len(t), :t.shape[1]] = t, v
+        row += len(t)
+    detections = {k: torch.cat(v) for k, v in pictures.items()}
+    return show_batch_sample(detections, path, dataset.class_names, max_images=n, truth=truth)
 
 
 def picture_name(path):

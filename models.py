@@ -15,8 +15,8 @@ A detector here is three pieces glued in a line, so each can be swapped:
                    A anchors per location, 4 raw box offsets, C class logits, O = 1 objectness
                    logit for anchor-free priors (YOLOX) and O = 0 for anchors (EfficientDet).
 
-The model returns raw numbers only. What they mean is fixed by the *priors*, which live at
-the end of this file together with the box encoding that they define:
+The model returns raw numbers only. What they mean is fixed by the *priors*, which follow
+build_model in this file together with the box encoding that they define:
 
     "efficientdet": 9 anchor boxes per location (3 scales x 3 aspect ratios), offsets
                     relative to the anchor's centre and size;

@@ -316,7 +316,8 @@ def resolve_config(args):
         fail(f"--optimizer {cfg['optimizer']!r} is unknown: choose sgd, adam or adamw")
     try:
         cfg["multiscale_range"] = parse_multiscale(cfg["multiscale_range"], stride)  # n or [lo, hi]
-        several_sizes = len(multiscale_shapes(cfg["input_shape"], cfg["multiscale_range"], stride)) > 1
+        several_sizes = multiscale_shapes(cfg["input_shape"], cfg["multiscale_range"], stride) != \
+            [tuple(cfg["input_shape"])]  # more than one, or one other than -i (a graph is recorded at -i)
     except ValueError as e:
         given = cfg["multiscale_range"]
         given = ",".join(map(str, given)) if isinstance(given, list) else given
@@ -590,6 +591,16 @@ def augment_seed(seed, epoch, rank, world):
     return (seed * 1000 + epoch) * world + rank
 
 
+def draw_picture(name, log, draw):
+    """Run draw(), which writes the run folder's picture `name`. Pictures are for looking at, not
+    part of the run: one that cannot be drawn (a full disk, the GPU out of memory on large val
+    images) is a warning, never a stopped run or a lost epoch."""
+    try:
+        draw()
+    except (RuntimeError, ValueError, OSError) as e:
+        log(f"warning: {name} was not drawn: {e}")
+
+
 def multiscale_shapes(input_shape, multiscale_range, stride):
     """The input sizes of multi-scale training, smallest first: heights k x stride, widths keeping
     -i's aspect as Megvii rounds them (stride x int(k x W / H)). multiscale_range is either
@@ -597,11 +608,14 @@ def multiscale_shapes(input_shape, multiscale_range, stride):
         stays centred on -i and the coarsest level stays 2 x 2 or larger (at -i 192, stride 32,
         5 becomes 4: 64..320); or
       [lo, hi] (Megvii's random_size, in px: its nano and tiny train at 320..640 around 416):
-        every multiple of the stride from lo to hi; a width under 2 strides is a ValueError.
+        every multiple of the stride from lo to hi; a width under 2 strides, or hi above 2 H,
+        is a ValueError.
     Returns [(H, W), ...]; one entry, -i itself, when multiscale_range is 0."""
     h, w = input_shape
     if isinstance(multiscale_range, (list, tuple)):
         lo, hi = multiscale_range
+        if hi > 2 * h:  # as far as n reaches; past it, most likely a typo (320,64000)
+            raise ValueError(f"the largest height {hi} is over twice -i's {h}: give at most {2 * h}")
         if int(lo // stride * w / h) < 2:
             raise ValueError(f"at height {lo} the width would be {int(lo // stride * w / h) * stride} px, under "
                              f"2 x the stride {stride}: give a larger first height")
@@ -760,7 +774,7 @@ def run(argv=None):
         # dynamic=False: with one input size one static graph is enough. Multi-scale sizes would
         # each compile a graph of their own, past dynamo's limit of 8 (after which it runs eager,
         # silently); dynamic=None compiles once more, for any size, at the first new one.
-        compiled = torch.compile(model, dynamic=None if len(shapes) > 1 else False)
+        compiled = torch.compile(model, dynamic=None if shapes != [tuple(cfg["input_shape"])] else False)
     train_model, wrapped_frozen = compiled, None  # under DDP: wrapped in the epoch loop
     graphed_frozen = None  # with --cuda_graphs: the freezing the graphs were recorded with
 
@@ -768,7 +782,7 @@ def run(argv=None):
     log(f"{cfg['det_header']} ({model.anchors_mode}, {n_params / 1e6:.2f}M params) on {device}, "
         f"{len(train_set)} train / {len(val_set)} val images, input {cfg['input_shape']}, "
         f"batch {cfg['batch_size']} x {world}, lr {lr_max:.3g}, amp {cfg['amp']}")
-    if len(shapes) > 1:
+    if cfg["multiscale_range"]:  # asked for: said, even where the range was cut to -i alone
         n = (len(shapes) - 1) // 2
         cut = f" (--multiscale_range {cfg['multiscale_range']} cut to {n} to stay centred on -i)" \
             if isinstance(cfg["multiscale_range"], int) and n < cfg["multiscale_range"] else ""
@@ -888,7 +902,8 @@ def run(argv=None):
                     # What the model is about to learn from, once a run: boxes that sit off their
                     # objects or a wrong class list are seen here before hours are spent on them.
                     # (One read of the pixels back from the GPU, at the first step only.)
-                    data.show_batch_sample(batch, os.path.join(cfg["out"], "train_batch.png"), train_set.class_names)
+                    draw_picture("train_batch.png", log, lambda: data.show_batch_sample(
+                        batch, os.path.join(cfg["out"], "train_batch.png"), train_set.class_names))
 
                 with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
                     outputs = train_model(batch["images"])
@@ -974,8 +989,6 @@ def run(argv=None):
                 evaluated = True
                 log(f"epoch {epoch + 1}: AP {stats['AP']:.4f} AP50 {stats['AP50']:.4f} AR100 {stats['AR100']:.4f} "
                     f"(evaluated {len(val_set)} images in {time.time() - t_eval:.0f}s)")
-                evaluation.prediction_sheet(eval_model, val_set, os.path.join(cfg["out"], "val_predictions.png"),
-                                            input_shape=tuple(cfg["input_shape"]))
             row["AP"] = round(stats["AP"], 6) if stats else ""
             row["AP50"] = round(stats["AP50"], 6) if stats else ""
             stop["saving"] = True  # a Ctrl-C now waits for the files below
@@ -988,6 +1001,10 @@ def run(argv=None):
                 history = os.path.join(cfg["out"], "history.csv")
                 append_history(history, row)
                 plot_history(read_history(history), os.path.join(cfg["out"], "history.png"))
+                if stats is not None:  # drawn last: the epoch's files are all written by now
+                    draw_picture("val_predictions.png", log, lambda: evaluation.prediction_sheet(
+                        eval_model, val_set, os.path.join(cfg["out"], "val_predictions.png"),
+                        input_shape=tuple(cfg["input_shape"]), batch_size=cfg["eval_batch_size"]))
             if world > 1:
                 dist.barrier()  # the others wait while rank 0 evaluates and writes
             stop["saving"], last_good = False, last_path  # written: on every rank, any may name it

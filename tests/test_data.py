@@ -1549,3 +1549,7 @@ def test_show_batch_sample_draws_detections_over_the_ground_truth(tmp_path):
     del batch["scores"]
     with Image.open(data.show_batch_sample(batch, str(tmp_path / "n.png"), ["a", "b", "c"], truth=truth)) as im:
         assert (np.asarray(im) != with_scores).any(-1).sum() > 10
+    # A label the names do not reach (a model of more classes than the data names) shows its number.
+    with Image.open(data.show_batch_sample(batch, str(tmp_path / "u.png"), ["a"], truth=truth)) as unnamed, \
+            Image.open(data.show_batch_sample(batch, str(tmp_path / "l.png"), None, truth=truth)) as numbered:
+        assert np.array_equal(np.asarray(unnamed), np.asarray(numbered))

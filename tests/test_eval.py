@@ -1045,27 +1045,36 @@ def test_a_checkpoint_s_input_settings_are_kept_and_said(tmp_path, capsys):
 
 
 def test_prediction_sheet_draws_the_kept_detections_over_the_truth(tmp_path, monkeypatch):
-    # write_small_coco's two 64 x 48 grey pictures, letterboxed into 64 x 64 at scale 1 (rows 48..63
-    # are the grey 114 pad), each with its truth [4, 4, 24, 20]. The decoded outputs are made up:
-    # per image a detection of 0.9, an overlapping one of 0.85 that hard NMS at 0.45 removes
-    # (IoU 360 / 440) and one of 0.2, under the drawing threshold of 0.3.
+    # write_small_coco's two 64 x 48 grey pictures, letterboxed into 128 x 128 at scale 2 (rows
+    # 96..127 are the grey 114 pad), each with its truth [4, 4, 24, 20] -> [8, 8, 48, 40]. The decoded
+    # outputs are made up: per image a detection of 0.9, an overlapping one of 0.85 that hard NMS
+    # at 0.45 removes (IoU 1440 / 1760) and one of 0.2, under the drawing threshold of 0.3.
     small = write_small_coco(str(tmp_path / "small"))
     dataset = data.open_dataset(small, "val")
-    model = models.build_model("yolox_nano", num_classes=20, input_shape=(64, 64))
-    boxes = torch.tensor([[30.0, 30, 50, 50], [30, 32, 50, 52], [0, 50, 10, 60]]).expand(2, 3, 4)
-    scores = torch.zeros(2, 3, 20)
-    scores[:, 0, 2], scores[:, 1, 2], scores[:, 2, 7] = 0.9, 0.85, 0.2
-    monkeypatch.setattr(ev, "decode_predictions", lambda outputs, priors, mode: (boxes.clone(), scores.clone()))
+    model = models.build_model("yolox_nano", num_classes=20, input_shape=(128, 128))
+    boxes = torch.tensor([[60.0, 60, 100, 100], [60, 64, 100, 104], [0, 100, 20, 120]])
+    scores = torch.zeros(3, 20)
+    scores[0, 2], scores[1, 2], scores[2, 7] = 0.9, 0.85, 0.2
+
+    def decoded(outputs, priors, mode):  # the same three boxes for every image of the batch
+        b = len(outputs[0])
+        return boxes.expand(b, 3, 4).clone(), scores.expand(b, 3, 20).clone()
+    monkeypatch.setattr(ev, "decode_predictions", decoded)
     path = ev.prediction_sheet(model, dataset, str(tmp_path / "p.png"), count=8)
     assert model.training  # the mode it came in
     with Image.open(path) as im:
-        assert im.size == (2 * 68, 68)  # count 8, two images
-        for left in (2, 70):  # each picture 2 px in from its cell's corner
+        assert im.size == (2 * 132, 132)  # count 8, two images
+        for left in (2, 134):  # each picture 2 px in from its cell's corner
             px = lambda x, y: im.getpixel((left + x, 2 + y))
-            assert px(4, 12) == px(24, 12) == data.TRUTH_COLOUR
-            assert px(30, 40) == px(50, 40) == data.SHEET_PALETTE[2]  # the 0.9 detection
-            assert px(40, 52) == px(40, 51) == (114, 114, 114)  # the suppressed one's bottom edge: pad
-            assert px(0, 55) == px(5, 50) == (114, 114, 114)  # the 0.2 one: not drawn
+            assert px(8, 24) == px(48, 24) == px(20, 8) == px(20, 40) == data.TRUTH_COLOUR  # scaled truth
+            assert px(9, 24) == (90, 90, 90)
+            assert px(60, 80) == px(100, 80) == data.SHEET_PALETTE[2]  # the 0.9 detection
+            assert px(80, 104) == px(80, 103) == (114, 114, 114)  # the suppressed one's bottom edge: pad
+            assert px(0, 110) == px(10, 100) == (114, 114, 114)  # the 0.2 one: not drawn
+        whole = np.asarray(im)
+    # One image per forward pass: the same picture.
+    with Image.open(ev.prediction_sheet(model, dataset, str(tmp_path / "b1.png"), batch_size=1)) as im:
+        assert np.array_equal(np.asarray(im), whole)
     # An empty split draws nothing.
     empty = data.Dataset([], dataset.class_names, dataset.cat_ids, "empty")
     assert ev.prediction_sheet(model, empty, str(tmp_path / "e.png")) is None and not (tmp_path / "e.png").exists()

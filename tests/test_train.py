@@ -1143,8 +1143,12 @@ def test_multiscale_flag_errors(tiny_shapes, tmp_path, capsys):
             (["--multiscale_range", "32,64"], "--multiscale_range 32,64: give the smallest height first"),
             (["-i", "128,64", "--multiscale_range", "64,128"], "--multiscale_range 64,128: at height 64 the width "
                                                                 "would be 32 px"),
+            (["--multiscale_range", "64,512"], "--multiscale_range 64,512: the largest height 512 is over twice "
+                                               "-i's 128: give at most 256"),
             (["--multiscale_range", "2", "--cuda_graphs"], "a CUDA graph replays one input size"),
-            (["--multiscale_range", "96,128", "--cuda_graphs"], "a CUDA graph replays one input size")):
+            (["--multiscale_range", "96,128", "--cuda_graphs"], "a CUDA graph replays one input size"),
+            # one size, but not -i's, at which the graph is recorded
+            (["--multiscale_range", "64,64", "--cuda_graphs"], "a CUDA graph replays one input size")):
         with pytest.raises(SystemExit) as exc:
             train.main(["-d", tiny_shapes, "--out", str(tmp_path), "--det_header", "yolox_nano", "-i", "128", *flags])
         err = capsys.readouterr().err
@@ -1343,3 +1347,29 @@ def test_pretrained_plaindet_checkpoint_keeps_the_class_rows_of_classes_it_knows
     fresh, lines = models.build_model(header, anchors_mode=other, num_classes=6, input_shape=(128, 128)), []
     train.load_pretrained(fresh, str(tmp_path / "seven.pt"), lines.append, list(range(6)), data.SHAPE_NAMES)
     assert not any("class predictor" in line for line in lines)
+
+
+def test_a_range_cut_to_the_input_size_is_said(tiny_shapes, tmp_path, capsys):
+    # At -i 64 (2 strides) nothing smaller fits, so +-2 strides is cut to 0: one size, -i, and a line saying so.
+    run_train(tiny_shapes, tmp_path, "-e", "1", "-b", "4", "--det_header", "yolox_nano", "-i", "64",
+              "--multiscale_range", "2")
+    assert "multi-scale: training sizes (64, 64)..(64, 64) in steps of 32, a new one every 10 steps " \
+           "(--multiscale_range 2 cut to 0 to stay centred on -i)" in capsys.readouterr().out
+
+
+def test_pictures_once_a_process_and_never_at_the_cost_of_an_epoch(tiny_shapes, tmp_path, capsys, monkeypatch):
+    # train_batch.png: at the first step of the process only (2 epochs of 2 steps: one call).
+    # val_predictions.png failing (out of GPU memory, say): a warning, and the epoch's best.pt and
+    # history row are written all the same.
+    drawn, real = [], data.show_batch_sample
+    monkeypatch.setattr(data, "show_batch_sample", lambda batch, path, *a, **k: drawn.append(path) or real(batch, path, *a, **k))
+
+    def out_of_memory(*args, **kwargs):
+        raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+    monkeypatch.setattr(train.evaluation, "prediction_sheet", out_of_memory)
+    run_train(tiny_shapes, tmp_path, "--det_header", "yolox_nano", "-i", "64", "-e", "2", "--eval_start_epoch", "2")
+    assert drawn == [os.path.join(str(tmp_path), "train_batch.png")]
+    assert "warning: val_predictions.png was not drawn: CUDA out of memory. Tried to allocate 2.00 GiB" in \
+        capsys.readouterr().out
+    assert history(tmp_path)[1]["AP"] != "" and (tmp_path / "best.pt").exists()
+    assert not (tmp_path / "val_predictions.png").exists()
