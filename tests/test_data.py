@@ -12,7 +12,7 @@ import warnings
 import numpy as np
 import pytest
 import torch
-from PIL import Image, ImageOps
+from PIL import Image, ImageDraw, ImageOps
 
 import data
 from conftest import shapes_with_a_bad_box, shared_path
@@ -1553,3 +1553,18 @@ def test_show_batch_sample_draws_detections_over_the_ground_truth(tmp_path):
     with Image.open(data.show_batch_sample(batch, str(tmp_path / "u.png"), ["a"], truth=truth)) as unnamed, \
             Image.open(data.show_batch_sample(batch, str(tmp_path / "l.png"), None, truth=truth)) as numbered:
         assert np.array_equal(np.asarray(unnamed), np.asarray(numbered))
+
+
+def test_show_batch_sample_without_freetype_draws_a_label_number_for_a_non_latin_name(tmp_path, monkeypatch):
+    # PIL's bitmap font (a Pillow without FreeType) cannot encode "ネコ": the label's number is drawn instead.
+    real = ImageDraw.ImageDraw.text
+
+    def bitmap_text(self, xy, text, *args, **kwargs):
+        text.encode("latin-1")  # raises UnicodeEncodeError as the bitmap font does
+        return real(self, xy, text, *args, **kwargs)
+    monkeypatch.setattr(ImageDraw.ImageDraw, "text", bitmap_text)
+    batch = dict(images=torch.zeros(1, 3, 40, 40), boxes=torch.tensor([[[10.0, 10, 30, 30]]]),
+                 labels=torch.tensor([[0]]), valid=torch.tensor([[True]]))
+    with Image.open(data.show_batch_sample(batch, str(tmp_path / "k.png"), ["ネコ"])) as cat, \
+            Image.open(data.show_batch_sample(batch, str(tmp_path / "n.png"), None)) as numbered:
+        assert np.array_equal(np.asarray(cat), np.asarray(numbered))
