@@ -440,6 +440,21 @@ def check_output_path(flag, path):
         raise EvalInputError(f"{flag} {path}: {parent} is not writable; give another path")
 
 
+def check_output_folder(flag, path, what):
+    """Refuse an output folder that could not be made or written, before any work: a file given
+    as the folder, a file where one of its parent folders must be, or no write permission.
+    what: what the folder is for, for the message ("the run", "the pictures")."""
+    if os.path.exists(path) and not os.path.isdir(path):
+        raise EvalInputError(f"{flag} {path} is a file: give a folder for {what} (it is made if missing)")
+    parent = os.path.abspath(path)
+    while not os.path.exists(parent):  # the folders os.makedirs would make
+        parent = os.path.dirname(parent)
+    if not os.path.isdir(parent):
+        raise EvalInputError(f"{flag} {path}: {parent} is a file, so no folder can be made there; give another path")
+    if not os.access(parent, os.W_OK):
+        raise EvalInputError(f"{flag} {path}: {parent} is not writable; give another path")
+
+
 def read_json(path, flag):
     """json.load with one clear error naming the flag and file (not a folder, not UTF-8, not json)."""
     if not os.path.isfile(path):
@@ -1134,6 +1149,23 @@ def _few(categories, n=4):
     return f"{len(categories)} categories ({shown}{', ...' if len(categories) > n else ''})"
 
 
+def class_difference(model_side, data_side, n=4):
+    """What differs between two class lists (names, or ids), for an error message: the classes
+    on one side only, or, for the same classes, the first place where their order differs."""
+    def listed(items):
+        return ", ".join(map(str, items[:n])) + (f" and {len(items) - n} more" if len(items) > n else "")
+    only_model = [c for c in model_side if c not in data_side]
+    only_data = [c for c in data_side if c not in model_side]
+    if only_model or only_data:
+        return "; ".join(([f"only the model's: {listed(only_model)}"] if only_model else []) +
+                         ([f"only the data's: {listed(only_data)}"] if only_data else []))
+    moved = [i for i, (a, b) in enumerate(zip(model_side, data_side)) if a != b]
+    if moved:
+        return f"the same classes in another order: #{moved[0]} is {model_side[moved[0]]} in the model, " \
+               f"{data_side[moved[0]]} in the data"
+    return f"the same classes, listed {len(model_side)} and {len(data_side)} times"  # a name given twice
+
+
 def _input_shape(values):
     """-i as given: "H", "H W", "H,W" or "HxW" (as train.py takes it) -> (H, W), or None."""
     if values is None:
@@ -1197,8 +1229,7 @@ def _predict_main(argv):
         args.nms_iou_or_sigma = 0.45 if args.nms == "hard" else 0.5
     _check_common_flags(args)
     _check_score_threshold("--score_threshold", args.score_threshold)
-    if os.path.exists(args.out) and not os.path.isdir(args.out):
-        raise EvalInputError(f"-o {args.out} is a file: give a folder for the pictures (made if missing)")
+    check_output_folder("-o", args.out, "the pictures")
     images = []
     for f in args.images:  # a folder stands for the images in it
         if os.path.isdir(f):
@@ -1207,7 +1238,8 @@ def _predict_main(argv):
             images.append(f)
     missing = [f for f in images if not os.path.isfile(f)]
     if missing:
-        raise EvalInputError(f"{len(missing)} of the images do not exist, e.g. {missing[0]}")
+        raise EvalInputError(f"{len(missing)} of the images {'does' if len(missing) == 1 else 'do'} not exist, "
+                             f"e.g. {missing[0]}")
     if not images:
         raise EvalInputError(f"no {'/'.join(IMAGE_EXTENSIONS)} image in {', '.join(args.images)}")
     # Outputs are named after the inputs (x.jpg -> OUT/x.jpg, x.bmp -> OUT/x.png): two inputs of
@@ -1338,14 +1370,15 @@ def _evaluate_main(argv):
         return names is not None and list(names) != [str(i) for i in ids]
     if info["cat_ids"] is not None:  # None: a preset (random weights, built for this data) or a bare checkpoint
         if named(info["class_names"], info["cat_ids"]) and named(dataset.class_names, dataset.cat_ids):
-            same = list(info["class_names"]) == dataset.class_names
+            model_side, data_side = list(info["class_names"]), dataset.class_names
         else:
-            same = list(info["cat_ids"]) == dataset.cat_ids
-        if not same:
+            model_side, data_side = list(info["cat_ids"]), dataset.cat_ids
+        if model_side != data_side:
             trained = dict(zip(info["cat_ids"], info["class_names"] or info["cat_ids"]))
             here = dict(zip(dataset.cat_ids, dataset.class_names))
             raise EvalInputError(f"-m {model_path} was trained on {_few(trained)} and {data_path} has "
-                                 f"{_few(here)}: evaluate on data with the same categories")
+                                 f"{_few(here)} ({class_difference(model_side, data_side)}): evaluate on data "
+                                 f"with the same categories")
     run_coco_evaluation(model, dataset, nms_score_threshold=args.nms_score_threshold, nms=args.nms,
                         nms_mode=args.nms_mode, nms_topk=args.nms_topk, batch_size=args.batch_size,
                         nms_iou_or_sigma=args.nms_iou_or_sigma, nms_max_output_size=args.nms_max_output_size,

@@ -309,8 +309,10 @@ def resolve_config(args):
         fail(str(e))
     if not 0 <= cfg["ema_decay"] < 1:
         fail(f"--ema_decay {cfg['ema_decay']}: give a decay in [0, 1) like 0.9998, or 0 for no EMA")
-    if os.path.exists(cfg["out"]) and not os.path.isdir(cfg["out"]):
-        fail(f"--out {cfg['out']} is a file: give a folder for the run (it is made if missing)")
+    try:  # a file given as the folder, or in its path, or no permission: before any work
+        evaluation.check_output_folder("--out", cfg["out"], "the run")
+    except evaluation.EvalInputError as e:
+        fail(str(e))
     cfg["optimizer"] = cfg["optimizer"].lower()  # -p AdamW as torch spells it
     if cfg["optimizer"] not in ("sgd", "adam", "adamw"):
         fail(f"--optimizer {cfg['optimizer']!r} is unknown: choose sgd, adam or adamw")
@@ -1098,8 +1100,9 @@ def load_resume(cfg, model, ema, optimizer, scaler, train_set, world, log):
     # Labels are positions in the class list: other classes, or another order, would go on
     # training each output as some other class without any error.
     if saved.get("class_names", train_set.class_names) != train_set.class_names:
-        fail(f"--resume {path} was trained on the classes {saved['class_names'][:5]}... and --data {cfg['data']} "
-             f"has {train_set.class_names[:5]}...: resume with the data it was trained on")
+        fail(f"--resume {path} was trained on other classes than --data {cfg['data']} has ("
+             f"{evaluation.class_difference(saved['class_names'], train_set.class_names)}): resume with the data "
+             f"it was trained on")
     try:
         model.load_state_dict(ckpt["model"])
     except RuntimeError:

@@ -558,8 +558,10 @@ def test_cli_paths_and_results_entries_are_checked(tmp_path, capsys):
     os.makedirs(tmp_path / "other")
     shutil.copy(image, tmp_path / "other" / "1.jpg")
     (tmp_path / "afile").write_text("x")
-    cases = [(["-o", str(tmp_path / "afile"), image], "is a file: give a folder"),
-             (["-o", str(tmp_path / "p"), image, str(tmp_path / "nope.jpg")], "1 of the images do not exist"),
+    cases = [(["-o", str(tmp_path / "afile"), image], "is a file: give a folder for the pictures"),
+             (["-o", str(tmp_path / "afile" / "x"), image], f"-o {tmp_path / 'afile' / 'x'}: {tmp_path / 'afile'} is "
+                                                            f"a file, so no folder can be made there; give another path"),
+             (["-o", str(tmp_path / "p"), image, str(tmp_path / "nope.jpg")], "1 of the images does not exist"),
              (["-o", str(tmp_path / "p"), image, str(tmp_path / "other" / "1.jpg")], "share a file name")]
     for argv, message in cases:
         assert ev.main(["predict", "-m", ckpt, "--device", "cpu", *argv]) == 2
@@ -743,7 +745,8 @@ def test_categories_match_by_name_and_order_whatever_their_ids(tmp_path, capsys)
     gt["categories"][0]["name"], gt["categories"][1]["name"] = "class1", "class0"
     open(gt_path, "w").write(json.dumps(gt))
     assert ev.main(argv) == 2
-    assert "evaluate on data with the same categories" in capsys.readouterr().err
+    assert "(the same classes in another order: #0 is class0 in the model, class1 in the data): evaluate on data " \
+           "with the same categories" in capsys.readouterr().err
     # The checkpoint's own ids 1..20 with two names swapped (two YOLO sets both number 0..C-1,
     # whatever their classes): the ids agree, the classes do not. This used to run, scoring class0
     # detections as class1.

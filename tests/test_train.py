@@ -337,6 +337,8 @@ def test_clear_errors_that_need_files(tiny_shapes, tmp_path, capsys):
 
     (tmp_path / "afile").write_text("x")
     assert "--out " + str(tmp_path / "afile") + " is a file" in error("--out", str(tmp_path / "afile"), "-e", "1")
+    assert f"--out {tmp_path / 'afile' / 'run'}: {tmp_path / 'afile'} is a file, so no folder can be made there" in \
+        error("--out", str(tmp_path / "afile" / "run"), "-e", "1")
     train.main(base + ["--out", str(tmp_path / "run"), "-e", "1"])  # a finished 1-epoch run
     last = str(tmp_path / "run" / "last.pt")
     assert "already finished epoch 1, and this run has 1: give a larger -e" in error(
@@ -794,7 +796,8 @@ def test_resume_keeps_the_history_straight_and_the_classes_fixed(tiny_shapes, tm
     with pytest.raises(SystemExit):
         train.main(argv[:1] + [str(other)] + argv[2:] + ["-e", "3"])
     err = capsys.readouterr().err
-    assert "was trained on the classes" in err and "resume with the data it was trained on" in err
+    assert "was trained on other classes than --data" in err and "resume with the data it was trained on" in err
+    assert f"(the same classes in another order: #0 is {names[-1]} in the model, {names[0]} in the data)" in err
 
 
 def test_ctrl_c_leaves_a_resumable_checkpoint(tiny_shapes, tmp_path):
@@ -1373,3 +1376,12 @@ def test_pictures_once_a_process_and_never_at_the_cost_of_an_epoch(tiny_shapes, 
         capsys.readouterr().out
     assert history(tmp_path)[1]["AP"] != "" and (tmp_path / "best.pt").exists()
     assert not (tmp_path / "val_predictions.png").exists()
+
+
+def test_class_difference_says_what_differs():
+    assert train.evaluation.class_difference(["person", "cow", "dog"], ["person", "cattle", "dog"]) == \
+        "only the model's: cow; only the data's: cattle"
+    assert train.evaluation.class_difference(list("abcdefg"), list("ab")) == "only the model's: c, d, e, f and 1 more"
+    assert train.evaluation.class_difference([1, 2], [1, 2, 3]) == "only the data's: 3"
+    assert train.evaluation.class_difference(["a", "a", "b"], ["a", "b", "b"]) == \
+        "the same classes in another order: #1 is a in the model, b in the data"
