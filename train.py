@@ -608,7 +608,7 @@ def multiscale_shapes(input_shape, multiscale_range, stride):
     -i's aspect as Megvii rounds them (stride x int(k x W / H)). multiscale_range is either
       n (Megvii's multiscale_range): k = H / stride - n .. H / stride + n, n cut so that the range
         stays centred on -i and the coarsest level stays 2 x 2 or larger (at -i 192, stride 32,
-        5 becomes 4: 64..320); or
+        5 becomes 4: 64..320); n strides of H or more is a ValueError (a height given as n); or
       [lo, hi] (Megvii's random_size, in px: its nano and tiny train at 320..640 around 416):
         every multiple of the stride from lo to hi; a width under 2 strides, or hi above 2 H,
         is a ValueError.
@@ -624,6 +624,10 @@ def multiscale_shapes(input_shape, multiscale_range, stride):
         return [(k * stride, int(k * w / h) * stride) for k in range(lo // stride, hi // stride + 1)]
     k0 = h // stride
     n = multiscale_range
+    if n >= k0:  # -i - n strides would be 0 px or less: a height typed where a count goes (640 for 5)
+        raise ValueError(f"{n} strides of {stride} px is {n * stride} px, not less than -i's height {h}: give a count "
+                         f"like {max(1, min(5, k0 - 2))}, or the smallest and largest heights like "
+                         f"{max(2, k0 // 2) * stride},{k0 * 3 // 2 * stride}")
     while n > 0 and (k0 - n < 2 or int((k0 - n) * w / h) < 2):
         n -= 1
     return [(k * stride, int(k * w / h) * stride) for k in range(k0 - n, k0 + n + 1)]
@@ -784,12 +788,19 @@ def run(argv=None):
     log(f"{cfg['det_header']} ({model.anchors_mode}, {n_params / 1e6:.2f}M params) on {device}, "
         f"{len(train_set)} train / {len(val_set)} val images, input {cfg['input_shape']}, "
         f"batch {cfg['batch_size']} x {world}, lr {lr_max:.3g}, amp {cfg['amp']}")
-    if cfg["multiscale_range"]:  # asked for: said, even where the range was cut to -i alone
+    if cfg["multiscale_range"]:  # asked for: said, even where it came down to one size
+        given = cfg["multiscale_range"]
+        given = ",".join(map(str, given)) if isinstance(given, list) else given
         n = (len(shapes) - 1) // 2
-        cut = f" (--multiscale_range {cfg['multiscale_range']} cut to {n} to stay centred on -i)" \
-            if isinstance(cfg["multiscale_range"], int) and n < cfg["multiscale_range"] else ""
-        log(f"multi-scale: training sizes {shapes[0]}..{shapes[-1]} in steps of {stride}, a new one every 10 steps"
-            f"{cut}; evaluation at {tuple(cfg['input_shape'])}")
+        cut = isinstance(cfg["multiscale_range"], int) and n < cfg["multiscale_range"]
+        centred = f" (cut to {n} to stay centred on -i)" if cut else ""
+        if len(shapes) == 1:
+            log(f"note: --multiscale_range {given}{centred} leaves one training size, {shapes[0]}: no multi-scale "
+                f"training; evaluation at {tuple(cfg['input_shape'])}")
+        else:
+            untrained = "" if tuple(cfg["input_shape"]) in shapes else " (not among the training sizes)"
+            log(f"multi-scale: training sizes {shapes[0]}..{shapes[-1]} in steps of {stride}, a new one every 10 "
+                f"steps (--multiscale_range {given}{centred}); evaluation at {tuple(cfg['input_shape'])}{untrained}")
     if cfg["mixup_prob"] > 0 and cfg["batch_size"] < 3:
         log(f"note: -b {cfg['batch_size']}: MixUp needs 3 or more images per process (its partner is another "
             f"image of the batch, and with 2 the two would mix into one picture): no MixUp in this run")

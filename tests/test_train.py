@@ -1139,6 +1139,10 @@ def test_multiscale_flag_errors(tiny_shapes, tmp_path, capsys):
             (["--multiscale_range", "-1"], "--multiscale_range -1: give 0 (one input size), a number of strides like "
                                            "5 (-i +- 5 x 32 px), or the smallest and largest heights like 320,640"),
             (["--multiscale_range", "five"], "--multiscale_range five: give 0"),
+            # a height where the count goes
+            (["--multiscale_range", "640"], "--multiscale_range 640: 640 strides of 32 px is 20480 px, not less than "
+                                            "-i's height 128: give a count like 2, or the smallest and largest "
+                                            "heights like 64,192"),
             (["--multiscale_range", "300,640"], "--multiscale_range 300,640: heights must be multiples of the largest "
                                                 "stride, 32, like 288,640"),
             (["--multiscale_range", "640,320"], "--multiscale_range 640,320: give the smallest height first, at "
@@ -1353,11 +1357,16 @@ def test_pretrained_plaindet_checkpoint_keeps_the_class_rows_of_classes_it_knows
 
 
 def test_a_range_cut_to_the_input_size_is_said(tiny_shapes, tmp_path, capsys):
-    # At -i 64 (2 strides) nothing smaller fits, so +-2 strides is cut to 0: one size, -i, and a line saying so.
-    run_train(tiny_shapes, tmp_path, "-e", "1", "-b", "4", "--det_header", "yolox_nano", "-i", "64",
-              "--multiscale_range", "2")
-    assert "multi-scale: training sizes (64, 64)..(64, 64) in steps of 32, a new one every 10 steps " \
-           "(--multiscale_range 2 cut to 0 to stay centred on -i)" in capsys.readouterr().out
+    # At -i 64 (2 strides) nothing smaller fits, so +-1 stride is cut to 0: one size, -i, and a line saying so.
+    run_train(tiny_shapes, tmp_path / "a", "-e", "1", "-b", "4", "--det_header", "yolox_nano", "-i", "64",
+              "--multiscale_range", "1")
+    assert "note: --multiscale_range 1 (cut to 0 to stay centred on -i) leaves one training size, (64, 64): no " \
+           "multi-scale training; evaluation at (64, 64)" in capsys.readouterr().out
+    # Heights that leave -i out: said, since the evaluation runs at a size never trained on.
+    run_train(tiny_shapes, tmp_path / "b", "-e", "1", "-b", "4", "--det_header", "yolox_nano", "-i", "64",
+              "--multiscale_range", "96,128")
+    assert "multi-scale: training sizes (96, 96)..(128, 128) in steps of 32, a new one every 10 steps " \
+           "(--multiscale_range 96,128); evaluation at (64, 64) (not among the training sizes)" in capsys.readouterr().out
 
 
 def test_pictures_once_a_process_and_never_at_the_cost_of_an_epoch(tiny_shapes, tmp_path, capsys, monkeypatch):
