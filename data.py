@@ -779,6 +779,11 @@ def open_dataset(path, split, images_dir=None):
         # Neither layout, but a json right here: most likely a COCO file without annotations/.
         raise FileNotFoundError(f"{path} is not a COCO folder (no annotations/) nor a YOLO one (no labels/); "
                                 f"it holds {', '.join(jsons)}: point to the annotation json itself")
+    voc = os.path.join(path, "Annotations") if os.path.isdir(os.path.join(path, "Annotations")) else path
+    if "labels" not in top and any(f.endswith(".xml") for f in os.listdir(voc)):
+        # Pascal VOC's layout (Annotations/*.xml beside JPEGImages/): a third format, not read here.
+        raise FileNotFoundError(f"{path} looks like Pascal VOC (xml annotations in {voc}), which is not read here: "
+                                f"convert it to a COCO json or YOLO txt labels first (most labelling tools export both)")
     return read_yolo(path, split, images_dir)
 
 
@@ -1623,15 +1628,36 @@ def picture_format(path):
 
 SHEET_PALETTE = [(230, 25, 75), (60, 180, 75), (0, 130, 200), (245, 130, 48), (145, 30, 180), (70, 240, 240),
                  (240, 50, 230), (210, 245, 60), (0, 128, 128), (170, 110, 40)]  # a colour per label, cycled
-TRUTH_COLOUR = (128, 128, 128)  # crowd regions, and the ground truth under a sheet of detections
+CROWD_COLOUR = (128, 128, 128)
+# The ground truth under a sheet of detections: a white line with a black one inside it, which
+# shows on any picture (a grey one vanished on the grey letterbox padding).
+TRUTH_LINE, TRUTH_SHADOW = (255, 255, 255), (0, 0, 0)
 
 
-def show_batch_sample(batch, path, class_names=None, max_images=16, columns=4, truth=None):
+def draw_label(draw, box, text, colour, font=None, fallback=None):
+    """A box's label as text on a filled tag of the box's colour (bare text in the box's colour
+    is lost on a bright or busy picture): above the box's top-left corner where there is room,
+    else just inside it. Black or white text, whichever reads on the colour. fallback: drawn
+    instead where the font cannot (PIL's bitmap font, without FreeType, knows Latin-1 only)."""
+    try:
+        left, top, right, bottom = draw.textbbox((0, 0), text, font=font)
+    except UnicodeEncodeError:
+        text = fallback
+        left, top, right, bottom = draw.textbbox((0, 0), text, font=font)
+    tw, th = right - left + 2, bottom - top + 2  # 1 px of tag around the letters
+    x, y = box[0], box[1] - th if box[1] - th >= 0 else box[1]
+    draw.rectangle((x, y, x + tw - 1, y + th - 1), fill=colour)
+    ink = (0, 0, 0) if 0.299 * colour[0] + 0.587 * colour[1] + 0.114 * colour[2] > 140 else (255, 255, 255)
+    draw.text((x + 1 - left, y + 1 - top), text, fill=ink, font=font)
+
+
+def show_batch_sample(batch, path, class_names=None, max_images=16, columns=4, truth=None, captions=None):
     """Grid picture (PNG, or JPEG for .jpg / .jpeg) of a batch (augment's output, or a loader batch)
     with boxes and class names. Crowd / ignore regions are drawn grey. With batch["scores"] [B, M]
     the boxes are detections and each name gets its score; truth = (boxes [B, M', 4] xyxy px, valid
-    [B, M']) is then drawn underneath in thin grey lines, so missed objects show. The folder is
-    made if missing; the file is written to a temp name, then renamed."""
+    [B, M']) is then drawn underneath in thin white-and-black lines, so missed objects show.
+    captions: a line of text per image, written at its bottom-left. The folder is made if missing;
+    the file is written to a temp name, then renamed."""
     fmt = picture_format(path)
     images = batch["images"][:max_images].detach().cpu()
     if images.dtype == torch.uint8:
@@ -1646,20 +1672,22 @@ def show_batch_sample(batch, path, class_names=None, max_images=16, columns=4, t
         pic = Image.fromarray((images[i].permute(1, 2, 0).clamp(0, 1) * 255).round().byte().numpy())
         draw = ImageDraw.Draw(pic)
         if truth is not None:
-            for box in truth[0][i][truth[1][i]].tolist():
-                draw.rectangle(box, outline=TRUTH_COLOUR, width=1)
+            for x0, y0, x1, y1 in truth[0][i][truth[1][i]].tolist():
+                draw.rectangle((x0, y0, x1, y1), outline=TRUTH_LINE, width=1)
+                draw.rectangle((x0 + 1, y0 + 1, x1 - 1, y1 - 1), outline=TRUTH_SHADOW, width=1)
         kept = valid[i].nonzero().flatten().tolist()
+        for k in kept:  # all outlines first, then the tags, so that no line crosses a label
+            colour = CROWD_COLOUR if labels[i, k] < 0 else SHEET_PALETTE[int(labels[i, k]) % len(SHEET_PALETTE)]
+            draw.rectangle(boxes[i, k].tolist(), outline=colour, width=2)
         for k in kept:
             box, label = boxes[i, k].tolist(), int(labels[i, k])
-            colour = TRUTH_COLOUR if label < 0 else SHEET_PALETTE[label % len(SHEET_PALETTE)]
+            colour = CROWD_COLOUR if label < 0 else SHEET_PALETTE[label % len(SHEET_PALETTE)]
             name = "crowd" if label < 0 else (class_names[label] if class_names and label < len(class_names)
                                               else str(label))
             score = f" {float(scores[i, k]):.2f}" if scores is not None else ""
-            draw.rectangle(box, outline=colour, width=2)
-            try:
-                draw.text((box[0] + 2, box[1] + 1), name + score, fill=colour)
-            except UnicodeEncodeError:  # PIL's bitmap font (no FreeType) has Latin-1 only: "ネコ" -> its label
-                draw.text((box[0] + 2, box[1] + 1), str(label) + score, fill=colour)
+            draw_label(draw, box, name + score, colour, fallback=str(label) + score)  # "ネコ" -> its label
+        if captions is not None:
+            draw_label(draw, (0, h), captions[i], (40, 40, 40))  # no room under the picture: just above it
         sheet.paste(pic, ((i % cols) * (w + 4) + 2, (i // cols) * (h + 4) + 2))
     tmp = f"{path}.tmp-{os.getpid()}"
     try:

@@ -61,7 +61,8 @@ from pycocotools.coco import COCO
 from pycocotools.cocoeval import COCOeval
 
 from data import (IMAGE_EXTENSIONS, PAD_VALUE, DataLoadError, batches, check_coco_json, decode_image,
-                  default_workers, is_key, letterbox, make_loader, open_dataset, plain_warnings, show_batch_sample)
+                  default_workers, draw_label, is_key, letterbox, make_loader, open_dataset, plain_warnings,
+                  show_batch_sample)
 from models import (COCO_CLASSES, PRESETS, PUBLISHED, build_model, check_input_shape, coco_category_ids, decode_boxes,
                     flatten_outputs, named_settings, parse_input_shape, published_kind, published_preset,
                     read_checkpoint, unwrap_state_dict)
@@ -970,6 +971,7 @@ def predict(model, image_paths, out_dir, class_names=None, score_threshold=0.3, 
     priors = model.priors(input_shape, device=device)
     os.makedirs(out_dir, exist_ok=True)
     all_predictions, skipped = {}, []
+    best = 0.0  # the best score seen before NMS: what to say when nothing reaches score_threshold
     model.eval()
     t0 = last_line = time.time()
     for done, path in enumerate(image_paths, 1):
@@ -989,6 +991,7 @@ def predict(model, image_paths, out_dir, class_names=None, score_threshold=0.3, 
         with torch.inference_mode():
             letterboxed = eval_letterbox(batch, tuple(input_shape), resize_method, letterbox_pad)
             boxes, scores = decode_predictions(model(letterboxed["images"]), priors, model.anchors_mode)
+            best = max(best, float(scores.nan_to_num(0.0).max()))
             boxes, scores, labels, counts = batched_nms(
                 boxes, scores, method=nms, mode=nms_mode, iou_or_sigma=nms_iou_or_sigma,
                 score_threshold=score_threshold, topk=nms_topk, max_output_size=max_output_size)
@@ -1013,7 +1016,7 @@ def predict(model, image_paths, out_dir, class_names=None, score_threshold=0.3, 
             # A colour per class from its label, so the same class keeps its colour across images.
             colour = tuple(int(v) for v in (np.array([37, 91, 173]) * (label + 1)) % 255)
             draw.rectangle(box, outline=colour, width=thick)
-            draw.text((box[0] + thick, box[1] + 1), f"{name} {score:.2f}", fill=colour, font=font)
+            draw_label(draw, box, f"{name} {score:.2f}", colour, font=font, fallback=f"{label} {score:.2f}")
         name = picture_name(path)
         tmp = os.path.join(out_dir, f".tmp.{name}")  # the extension tells PIL the format
         image.save(tmp, quality=90)  # quality is read by JPEG only; PNG is lossless
@@ -1024,6 +1027,9 @@ def predict(model, image_paths, out_dir, class_names=None, score_threshold=0.3, 
         raise EvalInputError(skipped[0] if len(skipped) == 1 else f"none of the {len(skipped)} images can be "
                              f"decoded, e.g. {skipped[0]}")
     write_json_atomic(all_predictions, os.path.join(out_dir, "predictions.json"))
+    if not any(all_predictions.values()):  # pictures without a box: say why, or they look broken
+        print(f"note: no detection scored {score_threshold:g} or more (the best score was {best:.3f}): give a lower "
+              f"--score_threshold to see the model's best guesses", file=sys.stderr)
     if skipped:
         print(f"warning: skipped {len(skipped)} of {len(image_paths)} images that cannot be decoded, e.g. "
               f"{skipped[0]}", file=sys.stderr)
@@ -1034,7 +1040,8 @@ def prediction_sheet(model, dataset, path, count=8, score_threshold=0.3, input_s
     """One picture (PNG) of the model's detections on the first `count` images of `dataset`, each
     letterboxed as the evaluation sees it: detections scoring at least score_threshold after hard
     NMS at IoU 0.45 (as predict draws them), coloured by class with their scores, over the ground
-    truth in thin grey. train.py draws one after each evaluation, always of the same images, so
+    truth in thin white-and-black lines, with a caption of how many there are (or, for none, the
+    best score before NMS). train.py draws one after each evaluation, always of the same images, so
     a run can be watched learning (and a class that is never found, or boxes that sit off their
     objects, are seen at a glance). batch_size: images per forward pass (the evaluation's).
     Returns the path, or None when dataset has no image."""
@@ -1056,6 +1063,7 @@ def prediction_sheet(model, dataset, path, count=8, score_threshold=0.3, input_s
                 batch["images"] = batch["images"].to(device)
                 letterboxed = letterbox(batch, input_shape)  # also moves the ground truth into its pixels
                 boxes, scores = decode_predictions(model(letterboxed["images"]), priors, model.anchors_mode)
+                decoded_best = scores.nan_to_num(0.0).flatten(1).amax(1).cpu()  # [b] best score before NMS
                 boxes, scores, labels, counts = batched_nms(
                     boxes, scores, method="hard", mode="per_class", iou_or_sigma=0.45,
                     score_threshold=score_threshold, topk=5000, max_output_size=100)
@@ -1064,6 +1072,7 @@ def prediction_sheet(model, dataset, path, count=8, score_threshold=0.3, input_s
                 # epoch) is left off the picture, as it is out of the evaluation, and the rest are
                 # held near the frame.
                 kept = (torch.arange(boxes.shape[1])[None] < counts.cpu()[:, None]) & torch.isfinite(boxes).all(-1)
+                pictures["best"].append(decoded_best)
                 pictures["images"].append(letterboxed["images"].cpu())
                 pictures["boxes"].append(boxes.nan_to_num(0.0).clamp(-4 * max(input_shape), 4 * max(input_shape)))
                 pictures["labels"].append(labels.cpu())
@@ -1081,8 +1090,14 @@ def prediction_sheet(model, dataset, path, count=8, score_threshold=0.3, input_s
     for t, v in zip(pictures.pop("truth_boxes"), pictures.pop("truth_valid")):
         truth[0][row:row + len(t), :t.shape[1]], truth[1][row:row + len(t), :t.shape[1]] = t, v
         row += len(t)
+    best = torch.cat(pictures.pop("best")).tolist()
     detections = {k: torch.cat(v) for k, v in pictures.items()}
-    return show_batch_sample(detections, path, dataset.class_names, max_images=n, truth=truth)
+    # A line per picture, so that an empty one reads as a model not yet sure of anything (and by
+    # how much), not as a drawing that failed.
+    counts = detections["valid"].sum(1).tolist()
+    captions = [f"{c} detection{'s' if c != 1 else ''} >= {score_threshold:g}" if c else
+                f"none >= {score_threshold:g} (best {b:.2f})" for c, b in zip(counts, best)]
+    return show_batch_sample(detections, path, dataset.class_names, max_images=n, truth=truth, captions=captions)
 
 
 def picture_name(path):

@@ -12,7 +12,7 @@ import warnings
 import numpy as np
 import pytest
 import torch
-from PIL import Image, ImageDraw, ImageOps
+from PIL import Image, ImageDraw, ImageFont, ImageOps
 
 import data
 from conftest import shapes_with_a_bad_box, shared_path
@@ -1529,21 +1529,26 @@ def test_yolo_full_width_box_is_framed_and_clipped(tmp_path):
 
 
 def test_show_batch_sample_draws_detections_over_the_ground_truth(tmp_path):
-    # One black 40 x 40 picture. Truth [5, 5, 30, 30]: a 1-px grey outline. Detection [10, 10, 20, 20]
-    # of label 1: a 2-px outline in label 1's colour; the second detection slot is not valid and
-    # must not be drawn. The sheet puts the picture 2 px in from its corner.
-    batch = dict(images=torch.zeros(1, 3, 40, 40), boxes=torch.tensor([[[10.0, 10, 20, 20], [24, 24, 36, 36]]]),
+    # One grey (128) 60 x 60 picture. Truth [5, 5, 50, 50]: a white line with a black one inside it.
+    # Detection [20, 30, 40, 45] of label 1: a 2-px outline in label 1's colour, its tag filled with
+    # that colour above the box's top-left corner; the second detection slot is not valid and must
+    # not be drawn. A caption: a dark tag at the bottom-left. The sheet puts the picture 2 px in.
+    batch = dict(images=torch.full((1, 3, 60, 60), 128 / 255), boxes=torch.tensor([[[20.0, 30, 40, 45], [44, 5, 56, 15]]]),
                  labels=torch.tensor([[1, 2]]), valid=torch.tensor([[True, False]]), scores=torch.tensor([[0.87, 0.5]]))
-    truth = (torch.tensor([[[5.0, 5, 30, 30]]]), torch.tensor([[True]]))
-    path = data.show_batch_sample(batch, str(tmp_path / "d.png"), class_names=["a", "b", "c"], truth=truth)
+    truth = (torch.tensor([[[5.0, 5, 50, 50]]]), torch.tensor([[True]]))
+    path = data.show_batch_sample(batch, str(tmp_path / "d.png"), class_names=["a", "b", "c"], truth=truth,
+                                  captions=["1 detection"])
+    grey = (128, 128, 128)
     with Image.open(path) as im:
-        assert im.size == (44, 44)
+        assert im.size == (64, 64)
         px = lambda x, y: im.getpixel((x + 2, y + 2))
-        assert px(5, 17) == px(30, 17) == data.TRUTH_COLOUR  # truth's left and right edges
-        assert px(6, 17) == (0, 0, 0)  # one pixel wide
-        assert px(10, 18) == px(11, 18) == px(20, 18) == data.SHEET_PALETTE[1]  # the detection, 2 px wide
-        assert px(12, 18) == (0, 0, 0)
-        assert px(36, 33) == px(33, 36) == (0, 0, 0)  # the invalid slot: nothing
+        assert px(5, 40) == px(50, 40) == data.TRUTH_LINE and px(6, 40) == px(49, 40) == data.TRUTH_SHADOW
+        assert px(7, 40) == grey  # two lines wide
+        assert px(20, 40) == px(21, 40) == px(40, 40) == data.SHEET_PALETTE[1]  # the detection, 2 px wide
+        assert px(22, 40) == grey
+        assert px(20, 29) == data.SHEET_PALETTE[1] and px(20, 31) == data.SHEET_PALETTE[1]  # tag above, then the line
+        assert px(53, 10) == px(44, 10) == grey  # the invalid slot: nothing
+        assert px(0, 59) == (40, 40, 40)  # the caption's tag
         with_scores = np.asarray(im)
     # Without scores the same boxes are drawn with the bare class name: the text differs.
     del batch["scores"]
@@ -1556,15 +1561,32 @@ def test_show_batch_sample_draws_detections_over_the_ground_truth(tmp_path):
 
 
 def test_show_batch_sample_without_freetype_draws_a_label_number_for_a_non_latin_name(tmp_path, monkeypatch):
-    # PIL's bitmap font (a Pillow without FreeType) cannot encode "ネコ": the label's number is drawn instead.
-    real = ImageDraw.ImageDraw.text
-
-    def bitmap_text(self, xy, text, *args, **kwargs):
-        text.encode("latin-1")  # raises UnicodeEncodeError as the bitmap font does
-        return real(self, xy, text, *args, **kwargs)
-    monkeypatch.setattr(ImageDraw.ImageDraw, "text", bitmap_text)
-    batch = dict(images=torch.zeros(1, 3, 40, 40), boxes=torch.tensor([[[10.0, 10, 30, 30]]]),
+    # PIL's bitmap font (the default of a Pillow without FreeType) cannot encode "ネコ" and raises
+    # UnicodeEncodeError: the label's number is drawn instead.
+    monkeypatch.setattr(ImageDraw.ImageDraw, "getfont", lambda self: ImageFont.load_default_imagefont())
+    batch = dict(images=torch.zeros(1, 3, 40, 40), boxes=torch.tensor([[[10.0, 20, 30, 30]]]),
                  labels=torch.tensor([[0]]), valid=torch.tensor([[True]]))
     with Image.open(data.show_batch_sample(batch, str(tmp_path / "k.png"), ["ネコ"])) as cat, \
-            Image.open(data.show_batch_sample(batch, str(tmp_path / "n.png"), None)) as numbered:
+            Image.open(data.show_batch_sample(batch, str(tmp_path / "n.png"), None)) as numbered, \
+            Image.open(data.show_batch_sample(batch, str(tmp_path / "c.png"), ["cat"])) as latin:
         assert np.array_equal(np.asarray(cat), np.asarray(numbered))
+        assert not np.array_equal(np.asarray(latin), np.asarray(numbered))  # the font does draw Latin-1 names
+
+
+def test_a_pascal_voc_folder_is_named_as_such(tmp_path):
+    # VOCdevkit/VOC2007's layout: Annotations/*.xml beside JPEGImages/. Not read here: one line
+    # saying what it is and what to do, rather than "no YOLO label files".
+    voc = tmp_path / "VOC2007"
+    os.makedirs(voc / "Annotations")
+    os.makedirs(voc / "JPEGImages")
+    (voc / "Annotations" / "000001.xml").write_text("<annotation></annotation>")
+    Image.new("RGB", (8, 8)).save(voc / "JPEGImages" / "000001.jpg")
+    with pytest.raises(FileNotFoundError, match=r"VOC2007 looks like Pascal VOC \(xml annotations in .*Annotations\), "
+                                                r"which is not read here: convert it to a COCO json or YOLO txt"):
+        data.open_dataset(str(voc), "train")
+    # xml files beside the images, no labels/: the same
+    flat = tmp_path / "flat"
+    os.makedirs(flat)
+    (flat / "a.xml").write_text("<annotation></annotation>")
+    with pytest.raises(FileNotFoundError, match="flat looks like Pascal VOC"):
+        data.open_dataset(str(flat), "train")

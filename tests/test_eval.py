@@ -1069,11 +1069,12 @@ def test_prediction_sheet_draws_the_kept_detections_over_the_truth(tmp_path, mon
         assert im.size == (2 * 132, 132)  # count 8, two images
         for left in (2, 134):  # each picture 2 px in from its cell's corner
             px = lambda x, y: im.getpixel((left + x, 2 + y))
-            assert px(8, 24) == px(48, 24) == px(20, 8) == px(20, 40) == data.TRUTH_COLOUR  # scaled truth
-            assert px(9, 24) == (90, 90, 90)
+            assert px(8, 24) == px(48, 24) == px(20, 8) == px(20, 40) == data.TRUTH_LINE  # scaled truth
+            assert px(9, 24) == px(47, 24) == data.TRUTH_SHADOW and px(10, 24) == (90, 90, 90)
             assert px(60, 80) == px(100, 80) == data.SHEET_PALETTE[2]  # the 0.9 detection
             assert px(80, 104) == px(80, 103) == (114, 114, 114)  # the suppressed one's bottom edge: pad
             assert px(0, 110) == px(10, 100) == (114, 114, 114)  # the 0.2 one: not drawn
+            assert px(0, 127) == (40, 40, 40)  # the caption's tag ("1 detection >= 0.3")
         whole = np.asarray(im)
     # One image per forward pass: the same picture.
     with Image.open(ev.prediction_sheet(model, dataset, str(tmp_path / "b1.png"), batch_size=1)) as im:
@@ -1081,3 +1082,23 @@ def test_prediction_sheet_draws_the_kept_detections_over_the_truth(tmp_path, mon
     # An empty split draws nothing.
     empty = data.Dataset([], dataset.class_names, dataset.cat_ids, "empty")
     assert ev.prediction_sheet(model, empty, str(tmp_path / "e.png")) is None and not (tmp_path / "e.png").exists()
+
+
+def test_predict_says_why_its_pictures_are_empty(tmp_path, capsys, monkeypatch):
+    # A random model: every score is near the prior 0.01, far under 0.3. The pictures have no
+    # box, and one line says so, with the best score there was.
+    path = str(tmp_path / "nano.pt")
+    write_checkpoint(path)
+    image = shared_path("voc2007_100", "images", sorted(os.listdir(shared_path("voc2007_100", "images")))[0])
+    seen = []
+    real = ev.decode_predictions
+    monkeypatch.setattr(ev, "decode_predictions", lambda *a: seen.append(real(*a)) or seen[-1])
+    assert ev.main(["predict", "-m", path, image, "-o", str(tmp_path / "p"), "--device", "cpu"]) == 0
+    best = float(seen[0][1].max())
+    assert best < 0.3
+    assert f"note: no detection scored 0.3 or more (the best score was {best:.3f}): give a lower --score_threshold" \
+        in capsys.readouterr().err
+    # with one above the threshold, nothing to say
+    assert ev.main(["predict", "-m", path, image, "-o", str(tmp_path / "q"), "--device", "cpu",
+                    "--score_threshold", f"{best / 2:.6f}"]) == 0
+    assert "note: no detection" not in capsys.readouterr().err
