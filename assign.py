@@ -77,7 +77,7 @@ def box_iou(a, b, aligned=False, kind="iou", eps=1e-7):
     aligned=True a: [..., 4], b: [..., 4] -> [...] (box i of a against box i of b).
     kind: "iou"; "giou" (IoU minus the share of the enclosing box covered by neither box, so
     it still has a gradient when the boxes do not overlap); "ciou" (IoU minus the squared centre
-    distance over the enclosing diagonal, minus an aspect-ratio term).
+    distance over the squared enclosing diagonal, minus an aspect-ratio term).
     """
     if kind not in ("iou", "giou", "ciou"):
         raise ValueError(f"assign.box_iou: kind={kind!r} is unknown; use 'iou', 'giou' or 'ciou'")
@@ -130,8 +130,9 @@ class Assignment(NamedTuple):
               (never True where positive is).
     gt_index: [B, N] int64 index into the M padded boxes, -1 where not positive.
     iou:      [B, N] float32 IoU behind the decision: for max-IoU the anchor's IoU with its
-              assigned box (its best IoU over the image's boxes where not positive); for
-              SimOTA the predicted box vs its box, 0 where not positive.
+              assigned box (where not positive, its best IoU over the image's real, non-crowd
+              boxes, 0 if it has none); for SimOTA the predicted box vs its box, 0 where not
+              positive.
     """
     positive: torch.Tensor
     ignored: torch.Tensor
@@ -161,8 +162,9 @@ def _check_targets(gt_boxes, gt_labels, gt_valid):
 # images is needed: a reduction "over the boxes of each image" is a scatter keyed by image.
 
 def _host_to(t, device):
-    """A CPU tensor onto `device` without waiting for the GPU's queue: the same as data.to_device,
-    which explains why (assign.py keeps to its own imports)."""
+    """A CPU tensor onto `device` without waiting for the GPU: a plain .to("cuda") from pageable
+    memory first waits for every queued kernel; from pinned memory with non_blocking=True the
+    copy just joins the queue. (A copy of data.to_device: assign.py imports only torch and models.)"""
     if t.device.type != "cpu" or device.type == "cpu":
         return t.to(device)
     if device.type == "cuda":
@@ -282,7 +284,7 @@ def simota_assign(pred_boxes, cls_logits, obj_logits, centers, strides, gt_boxes
     [G, N] temporaries out of autograd's memory.
 
     This follows the YOLOX paper and its first code release (centre region 2.5 strides, inside
-    box or centre region, 1e5 for a pair outside both); later YOLOX code changed to a centre-only
+    box or centre region, 1e5 for a pair not inside both); later YOLOX code changed to a centre-only
     region of 1.5 strides, so its numbers differ from these.
 
     Steps, on a [G, N] grid of (box, prior) pairs, G = all valid boxes of the batch:
@@ -446,8 +448,9 @@ def _num_positives(positive):
 def _matched_boxes(gt_boxes, assignment, fill):
     """[B, N, 4] the box each prior is assigned, `fill` ([N, 4] prior boxes) where not positive.
 
-    Filling with the prior's own box keeps encode_boxes finite everywhere (a zero-size padding
-    box would give log(0)), so masked-out entries cannot turn into NaN gradients.
+    Filling with the prior's own box gives tame values where the loss is masked out: it encodes
+    to 0 (anchor_loss) and its IoU with itself is 1 (anchor_free_loss), rather than whatever a
+    padding slot holds.
     """
     idx = assignment.gt_index.clamp(min=0).unsqueeze(-1).expand(-1, -1, 4)
     boxes = gt_boxes.float().gather(1, idx)
@@ -498,7 +501,7 @@ def sigmoid_focal_loss(logits, targets, alpha=0.25, gamma=1.5, label_smoothing=0
     anchors do not drown the rest. alpha weighs the two sides: alpha for positives, 1 - alpha
     for negatives; with alpha = 0.25 the positives get the *smaller* weight, which the focal
     loss paper found best once gamma has already quietened the easy negatives. gamma = 1.5
-    (RetinaNet used 2.0), alpha = 0.25, Huber delta = 0.1 and box weight 50 are EfficientDet's.
+    (RetinaNet used 2.0) and alpha = 0.25 are EfficientDet's.
     Label smoothing pulls the BCE target towards 0.5 (the modulating factor keeps the hard 0/1).
     """
     p = logits.sigmoid()
@@ -521,7 +524,7 @@ def anchor_loss(outputs, priors, targets, alpha=0.25, gamma=1.5, delta=0.1, box_
     cls: focal loss summed over classes and non-ignored anchors / number of positives.
     box: Huber(delta) between raw offsets and encode_boxes(assigned box) at positives, summed /
     (4 x number of positives), i.e. a mean per coordinate as EfficientDet does; its box_weight
-    of 50 is tuned for that scale.
+    of 50 is tuned for that scale (delta = 0.1 and box_weight = 50 are EfficientDet's).
     """
     raw_box, cls, _ = _split_outputs(outputs, extra=0)
     _check_priors(raw_box, priors)

@@ -14,9 +14,10 @@ models.py); everything that turns them into detections lives here, in reading or
    (score threshold 0.001, gaussian soft-NMS, per_class mode, top-k 5000 before NMS).
    On CUDA tensors the greedy part runs as the hand-written kernel in nms_kernels.cu (through
    cupy, imported only then); on the CPU the same algorithm runs in plain vectorized torch.
-3. boxes_to_original: the `matrices` that data.letterbox returns map output pixels back to the
-   original image, so boxes are scored in the pixels the ground truth is written in; then
-   clip_boxes puts them inside the image (the last of the 0.343 knobs, on by default).
+3. eval_letterbox (data.letterbox, optionally centred) and boxes_to_original: its `matrices` map
+   output pixels back to the original image, so boxes are scored in the pixels the ground truth
+   is written in; then clip_boxes puts them inside the image (the last of the 0.343 knobs, on by
+   default), and detections_to_coco writes them as COCO [x, y, w, h] with category ids.
 4. evaluate_coco_results: pycocotools over EVERY image of the split: an image without any
    detection still counts (dropping those, as keras_cv_attention_models did, inflates AP).
 5. run_coco_evaluation: the whole loop over a dataset, the call train.py makes every epoch.
@@ -229,8 +230,8 @@ def _select_candidates(scores, score_threshold, topk):
     score descending (ties: lower prior, then lower class).
     """
     b, n, c = scores.shape
-    # A NaN score (overflowed outputs) never enters NMS. Left in, topk ranks it above every
-    # number and the k-th best score below becomes NaN, so the image would lose all its pairs.
+    # A NaN score (overflowed outputs) never enters NMS. Left in, topk ranks NaN above every
+    # number, so `kth` (below) is NaN and `flat >= kth` drops every pair of that image.
     scores = scores.nan_to_num(nan=-1.0)
     if topk == 0:  # one class per prior: its best
         flat, best_label = scores.max(dim=2)            # [B, N]
@@ -273,8 +274,8 @@ def batched_nms(boxes, scores, method="gaussian", mode="per_class", iou_or_sigma
     topk: pairs kept per image before NMS (-1 all, 0 the best class of each prior);
     use_kernel: None = the CUDA kernel on CUDA tensors, the torch twin otherwise; False forces
         the twin (for benchmarks and tests on a GPU); True requires CUDA tensors.
-    Returns boxes [B, K, 4], scores [B, K], labels [B, K] int64 (-1 = empty slot) and
-        counts [B] int64, K = max_output_size; each image's detections come first, best first.
+    Returns boxes [B, max_output_size, 4], scores [B, max_output_size], labels [B, max_output_size]
+        int64 (-1 = empty slot) and counts [B] int64; each image's detections come first, best first.
     """
     if method not in NMS_METHODS:
         raise ValueError(f"NMS method {method!r}: choose one of {', '.join(NMS_METHODS)}")
@@ -309,7 +310,7 @@ def batched_nms(boxes, scores, method="gaussian", mode="per_class", iou_or_sigma
     slot = torch.arange(len(order), device=device) - starts[group]  # position in the group
     num_groups, k = len(sizes), int(sizes.max())
 
-    # Pad every group to K slots: a [G, K] layout lets one tensor op (or one kernel block per
+    # Pad every group to K = the largest group's size: a [G, K] layout lets one tensor op (or one kernel block per
     # group) treat all groups at once. Padding has score -inf, which never gets picked.
     candidate = torch.full((num_groups, k), -1, dtype=torch.long, device=device)
     candidate[group, slot] = order
@@ -349,8 +350,9 @@ def eval_letterbox(batch, input_shape, resize_method="bilinear", letterbox_pad=-
     batch: make_loader's dict; input_shape (H, W); resize_method: bilinear | bicubic | nearest.
     letterbox_pad -1: the aspect-preserving resize sits at the top-left (data.letterbox as is);
     letterbox_pad >= 0: resize into (H - pad, W - pad), then centre that picture in (H, W).
-    Returns dict(images float32 [B, 3, H, W] 0..1, matrices float32 [B, 2, 3] output px ->
-    original px); the matrices account for the centring, so boxes_to_original needs nothing else.
+    Returns a dict whose images float32 [B, 3, H, W] 0..1 and matrices float32 [B, 2, 3] (output
+    px -> original px) are the only keys to rely on (with letterbox_pad -1 it is data.letterbox's
+    whole dict); the matrices account for the centring, so boxes_to_original needs nothing else.
     """
     h, w = int(input_shape[0]), int(input_shape[1])
     if letterbox_pad < 0:
@@ -398,6 +400,9 @@ def clip_boxes(boxes, heights, widths):
     return torch.minimum(boxes.clamp(min=0), limit)
 
 
+# ---------------------------------------------------------------------------------------------
+# 3b. The COCO results json, and the file helpers that sections 4-6 share
+# ---------------------------------------------------------------------------------------------
 def detections_to_coco(boxes, scores, labels, count, image_id, cat_ids):
     """One image's detections -> COCO results dicts (bbox as [x, y, w, h] pixels).
 
@@ -501,7 +506,8 @@ def _quiet_coco(dataset):
 
 
 def check_results(results, coco_gt, source="results"):
-    """Raise EvalInputError unless every detection names a known image and category."""
+    """Raise EvalInputError unless results is a list of {image_id, category_id, bbox [x, y, w, h]
+    (finite, w and h >= 0), score (finite)} naming images and categories of coco_gt."""
     if not isinstance(results, list):
         raise EvalInputError(f"{source}: a COCO results file is a json list of detections "
                              f"(image_id, category_id, bbox, score), got {type(results).__name__}")

@@ -16,7 +16,7 @@ The flow of one step, each line of which is a file of this project:
 
 Around the loop: the recipe (optimizer, learning-rate schedule, weight decay only on weights),
 AMP, EMA, backbone freezing, checkpoints that resume exactly, a CSV + PNG history, and DDP via
-torchrun. Defaults follow keras_cv_attention_models' COCO script (EfficientDet-D0 at 256,
+torchrun. Defaults follow keras_cv_attention_models' (kecam's) COCO script (EfficientDet-D0 at 256,
 batch 64, mosaic 0.5, RandAugment magnitude 6, a --pretrained backbone frozen for the first 32
 of 105 epochs),
 except that a `yolox_*` header switches to the YOLOX recipe (SGD, mosaic always, L1 loss and no
@@ -47,15 +47,16 @@ import models
 # chosen detector family; a flag that is given always wins. Unless -e is given, a run lasts the
 # decay plus the cooldown, as in the seed's script: 100 + 5 = 105 epochs, 285 + 15 = 300.
 # One exception: freezing applies to a --pretrained backbone only (see resolve_config).
-# The *_steps flags count epochs (fractions allowed), as in keras_cv_attention_models' script.
+# The lr_*_steps flags count epochs, not optimizer steps, as in keras_cv_attention_models' (kecam's)
+# script (fractions allowed, except in --lr_cooldown_steps).
 # Where YOLOX_RECIPE differs from Megvii's exps:
 #   "mosaic" is kecam's per-batch quadrant mix (data.mosaic_plan), not Megvii's 4-image canvas;
 #   MixUp blends two outputs of one batch (data.mixup_images), with or without a mosaic (Megvii
 #   mixes mosaics only; with the recipe's mosaic 1.0 that is every image either way);
 #   multi-scale training is off unless asked for: --multiscale_range 5 is Megvii's for yolox_s
 #   and up, --multiscale_range 320,640 for nano / tiny (heights 320..640 around their 416);
-# so expect a lower AP than Megvii's table for the same epochs. The two small sizes change what
-# Megvii's exps change for them otherwise (YOLOX_SMALL_SIZES).
+# so expect a lower AP than Megvii's table for the same epochs. yolox_nano / yolox_tiny also take
+# Megvii's per-size changes (YOLOX_SMALL_SIZES, below).
 EFFICIENTDET_RECIPE = dict(
     input_shape="256", batch_size=64, optimizer="adamw", lr_base_512=8e-3,
     weight_decay=0.02, lr_decay_steps="100", lr_warmup_steps=3.0, lr_warmup_power=1.0, lr_cooldown_steps=5,
@@ -370,21 +371,21 @@ def build_optimizer(model, name, lr, weight_decay):
     return torch.optim.AdamW(groups, lr=lr, fused=True)
 
 
-def learning_rate(epoch_float, cfg, lr_max):
+def learning_rate(epoch_float, cfg, lr_peak):
     """The learning rate at a (fractional) epoch: warm-up from 0 as (epoch / warm-up) ** power
     (1 linear; 2 quadratic, as Megvii YOLOX, which starts slower: 4% of the peak after a fifth
-    of the warm-up instead of 20%), then cosine to lr_floor (the resolved --lr_min) over
-    lr_decay_steps epochs, then lr_floor for the cooldown epochs; or, for a list of epochs, x0.1
-    at each of them (no floor: the cooldown stays at the last step's rate)."""
+    of the warm-up instead of 20%), then cosine from the end of the warm-up down to lr_floor (the
+    resolved --lr_min), reached at epoch lr_decay_steps[0], then lr_floor through the cooldown; or,
+    for a list of epochs, x0.1 at each of them (no floor: the cooldown stays at the last step's rate)."""
     warmup = cfg["lr_warmup_steps"]
     if epoch_float < warmup:
-        return lr_max * (epoch_float / warmup) ** cfg["lr_warmup_power"]
+        return lr_peak * (epoch_float / warmup) ** cfg["lr_warmup_power"]
     steps = cfg["lr_decay_steps"]
     if len(steps) > 1:  # step decay at the listed epochs
-        return lr_max * 0.1 ** sum(epoch_float >= s for s in steps)
+        return lr_peak * 0.1 ** sum(epoch_float >= s for s in steps)
     span = max(steps[0] - warmup, 1e-8)
     progress = min((epoch_float - warmup) / span, 1.0)  # past the decay: the cooldown at lr_min
-    return cfg["lr_floor"] + 0.5 * (lr_max - cfg["lr_floor"]) * (1 + math.cos(math.pi * progress))
+    return cfg["lr_floor"] + 0.5 * (lr_peak - cfg["lr_floor"]) * (1 + math.cos(math.pi * progress))
 
 
 class ModelEMA:
@@ -460,12 +461,12 @@ def plot_history(rows, path):
             continue
         lo, hi = min(points + [0.0]), max(points)
         hi = hi if hi > lo else lo + 1.0
-        n = max(len(rows), 2)
+        n = max(max(int(r["epoch"]) for r in rows), 2)  # the last epoch: the x axis runs over 1..n
         draw.text((x0 + 2, pad - 4), f"{hi:.3g}", fill="black")
         draw.text((x0 + 2, h - pad - 8), f"{lo:.3g}", fill="black")
         draw.text((x0 + w // 2, h - pad + 8), "epoch", fill="black")
         draw.text((x0 + pad, h - pad + 4), "1", fill="black")  # the first and last epoch under the axis ends
-        if len(rows) > 1:
+        if n > 1:
             draw.text((x0 + w - 10 - draw.textlength(str(n)), h - pad + 4), str(n), fill="black")
         legend_x = x0 + pad  # the legend runs in one line above the box, where no curve can cover it
         for j, (k, s) in enumerate(series.items()):
@@ -536,6 +537,9 @@ def setup_distributed():
     return 0, 1, torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
+# ----------------------------------------------------------------------------------------------
+# Speed and freezing: CUDA graphs, a frozen backbone
+# ----------------------------------------------------------------------------------------------
 def graph_model(model, batch_size, input_shape, amp_dtype):
     """--cuda_graphs: record the model's forward and its backward once as two CUDA graphs; from
     then on model(images) in training mode replays them. Why: eager PyTorch makes the CPU launch
@@ -738,8 +742,10 @@ def run(argv=None):
     priors_of = {shape: model.priors(shape, device=device) for shape in shapes}
 
     total_batch = cfg["batch_size"] * world
-    lr_max = cfg["lr_base_512"] * total_batch / 512
-    optimizer = build_optimizer(model, cfg["optimizer"], lr_max, cfg["weight_decay"])
+    # Linear scaling: --lr_base_512 is the rate for 512 images a step (resolve_config scaled a
+    # --lr_min given in % the same way, into cfg["lr_floor"]).
+    lr_peak = cfg["lr_base_512"] * total_batch / 512
+    optimizer = build_optimizer(model, cfg["optimizer"], lr_peak, cfg["weight_decay"])
     ema = ModelEMA(model, cfg["ema_decay"]) if cfg["ema_decay"] > 0 else None
     # fp16 needs loss scaling (its exponent range is small); bf16 has fp32's range and does not.
     scaler = torch.amp.GradScaler(device.type, enabled=cfg["amp"] == "fp16")
@@ -778,8 +784,8 @@ def run(argv=None):
     compiled = model
     if cfg["compile"]:
         # dynamic=False: with one input size one static graph is enough. Multi-scale sizes would
-        # each compile a graph of their own, past dynamo's limit of 8 (after which it runs eager,
-        # silently); dynamic=None compiles once more, for any size, at the first new one.
+        # each compile a graph of their own, up to dynamo's recompile limit of 8 (after that it
+        # warns and runs eager); dynamic=None compiles once more, for any size, at the first new one.
         compiled = torch.compile(model, dynamic=None if shapes != [tuple(cfg["input_shape"])] else False)
     train_model, wrapped_frozen = compiled, None  # under DDP: wrapped in the epoch loop
     graphed_frozen = None  # with --cuda_graphs: the freezing the graphs were recorded with
@@ -787,7 +793,7 @@ def run(argv=None):
     n_params = sum(p.numel() for p in model.parameters())
     log(f"{cfg['det_header']} ({model.anchors_mode}, {n_params / 1e6:.2f}M params) on {device}, "
         f"{len(train_set)} train / {len(val_set)} val images, input {cfg['input_shape']}, "
-        f"batch {cfg['batch_size']} x {world}, lr {lr_max:.3g}, amp {cfg['amp']}")
+        f"batch {cfg['batch_size']} x {world}, lr {lr_peak:.3g}, amp {cfg['amp']}")
     if cfg["multiscale_range"]:  # asked for: said, even where it came down to one size
         given = cfg["multiscale_range"]
         given = ",".join(map(str, given)) if isinstance(given, list) else given
@@ -843,7 +849,8 @@ def run(argv=None):
     epoch = start_epoch
     try:
         for epoch in range(start_epoch, epochs):
-            # The schedule of this epoch: backbone frozen first; no mosaic (and L1) at the end.
+            # This epoch's schedule: backbone frozen in the first epochs; in the last ones no mosaic
+            # or MixUp, and the L1 box loss on (anchor-free).
             frozen = epoch < cfg["freeze_backbone_epochs"]
             closing = epoch >= epochs - cfg["close_mosaic_epochs"]
             mosaic = 0.0 if closing else cfg["mosaic_mix_prob"]
@@ -881,22 +888,23 @@ def run(argv=None):
             gen = torch.Generator().manual_seed(augment_seed(cfg["seed"], epoch, rank, world))
             if skip:
                 gen.set_state(start_gen)
-            steps = skip + len(loader)  # the whole epoch's steps, which the schedule counts in
+            epoch_steps = skip + len(loader)  # the whole epoch's steps (batches), which the schedule counts in
             # The steps that end each quarter of the epoch: 32, 63, 94, 125 for 125 steps.
-            quarter_ends = {math.ceil(steps * q / 4) for q in (1, 2, 3, 4)}
+            quarter_ends = {math.ceil(epoch_steps * q / 4) for q in (1, 2, 3, 4)}
             # The loss parts are summed on the device and read (a GPU -> CPU sync) only when a
             # progress line is printed: a read every step would stall the GPU's queue every step.
-            sums, nonfinite, seen, ran, t0, wait = {}, None, 0, 0, time.time(), 0.0
-            # sums holds the loss parts of `counted` steps: those run here, plus, in an epoch resumed
-            # after a Ctrl-C, the ones run before it, so the epoch's means still cover all its steps.
-            counted = 0
+            sums, counted = {}, 0  # loss parts summed over `counted` steps
+            ran, seen = 0, 0  # steps run by this process (for the ETA); images, all processes (for img/s)
+            nonfinite, wait, t0 = None, 0.0, time.time()  # any non-finite loss yet; seconds waiting for data
             if skip and start_sums is not None:
+                # An epoch resumed after a Ctrl-C: its sums go on from the steps run before it, so
+                # the epoch's means still cover all its steps.
                 sums, counted = {k: torch.tensor(v, device=device) for k, v in start_sums.items()}, skip
             last_line = t0
             t_data = time.time()
             for i, batch in enumerate(data.batches(loader), start=skip):  # an unreadable image: one line, below
                 wait += time.time() - t_data
-                lr = learning_rate(epoch + i / steps, cfg, lr_max)
+                lr = learning_rate(epoch + i / epoch_steps, cfg, lr_peak)
                 for group in optimizer.param_groups:
                     group["lr"] = lr
                 # Only the pixels go to the device (pinned, so the copy runs async). Everything else
@@ -926,7 +934,7 @@ def run(argv=None):
                                                use_l1=closing and model.anchors_mode == "anchor_free")
                 optimizer.zero_grad(set_to_none=True)  # to None, not zeros: see graph_model
                 scaler.scale(losses["total"]).backward()
-                scaler.step(optimizer)  # with fp16 this reads an inf flag back: a wait for the GPU bf16 avoids
+                scaler.step(optimizer)  # fp16: reads the inf check back to the CPU (a wait); bf16 has no scaler
                 scaler.update()
                 if ema is not None:
                     ema.update()
@@ -936,8 +944,8 @@ def run(argv=None):
                     sums[k] = sums.get(k, 0.0) + v.detach()
                 step_bad = ~torch.isfinite(losses["total"].detach())
                 nonfinite = step_bad if nonfinite is None else nonfinite | step_bad
-                # Reading a GPU value makes the CPU wait for the GPU, so the loss is looked at only at
-                # fixed steps, the same on every process: each quarter of the epoch and every 50 steps.
+                # Looked at only at fixed steps (each quarter of the epoch, every 50), the same on
+                # every process, so that their all_reduce below lines up.
                 quarter = i + 1 in quarter_ends
                 if quarter or (i + 1) % 50 == 0:
                     bad = nonfinite.float()
@@ -951,21 +959,21 @@ def run(argv=None):
                              f"far: {means}); stopped. {last_good or 'No checkpoint was written yet'} is the last "
                              f"good one: lower --lr_base_512 (now {cfg['lr_base_512']}) or try --amp off, then "
                              f"--resume it")
-                # A progress line four times an epoch in a log file; on a terminal, twice a second.
+                # A progress line at each quarter of the epoch in a log file; on a terminal, redrawn
+                # in place twice a second.
                 if is_main and (quarter or (sys.stdout.isatty() and time.time() - last_line > 0.5)):
                     last_line = time.time()
                     elapsed = last_line - t0
                     ips = seen / max(elapsed, 1e-9)
-                    eta = (steps - i - 1) * elapsed / ran
+                    eta = (epoch_steps - i - 1) * elapsed / ran
                     parts = " ".join(f"{k} {float(sums[k]) / counted:.4f}" for k in losses)
-                    line = (f"epoch {epoch + 1}/{epochs} {i + 1}/{steps} {parts} lr {lr:.2e} "
+                    line = (f"epoch {epoch + 1}/{epochs} {i + 1}/{epoch_steps} {parts} lr {lr:.2e} "
                             f"{ips:.1f} img/s eta {eta:.0f}s{' [frozen backbone]' if frozen else ''}")
-                    # On a terminal the line updates in place; in a log file it is written a few times an epoch.
                     if sys.stdout.isatty():
                         print("\r" + line, end="", flush=True)
                     else:
                         print(line, flush=True)
-                if stop["asked"] and i + 1 < steps:  # Ctrl-C in this step: save it (unless NaN), stop
+                if stop["asked"] and i + 1 < epoch_steps:  # Ctrl-C in this step: save it (unless NaN), stop
                     if bool(nonfinite):
                         print(f"stopped: the loss became non-finite by step {i + 1}; {last_good or 'no checkpoint'} "
                               f"was left as it was: resume it with a lower --lr_base_512 or --amp off")
@@ -1046,6 +1054,9 @@ def run(argv=None):
     return best_ap
 
 
+# ----------------------------------------------------------------------------------------------
+# Checkpoints: saving, resuming, starting from other weights (called from run, above)
+# ----------------------------------------------------------------------------------------------
 def checkpoint_state(model, ema, optimizer, scaler, epoch, best_ap, run_config, step=0, generator=None, world=1,
                      epoch_sums=None):
     """Everything needed to continue exactly: the weights, the EMA, the optimizer's moments, the
@@ -1143,9 +1154,9 @@ def load_resume(cfg, model, ema, optimizer, scaler, train_set, world, log):
     # one) but said, since it changes the run (unset flags took the run's values: resolve_config).
     # (det_header, backbone and mode are the model's, checked by loading its weights above.)
     skip = ("resume", "out", "pretrained", "workers", "eval_batch_size", "eval_start_epoch", "compile",
-            "cuda_graphs", "det_header", "backbone", "anchors_mode", "lr_floor")  # lr_floor: from flags
+            "cuda_graphs", "det_header", "backbone", "anchors_mode", "lr_floor")  # lr_floor: from --lr_min and the batch, compared themselves
     if saved.get("data") not in (None, "shapes"):
-        saved = dict(saved, data=os.path.abspath(saved["data"]))  # recorded relative before c60fc07
+        saved = dict(saved, data=os.path.abspath(saved["data"]))  # older checkpoints recorded it relative
     changed = [f"{k} {cfg[k]} (was {saved[k]})" for k in cfg if k in saved and k not in skip and saved[k] != cfg[k]]
     if saved.get("world", world) != world:  # no flag says it, but the total batch, and with it the lr, follows it
         changed.append(f"processes {world} (was {saved['world']}: the total batch and the learning rate "
@@ -1245,13 +1256,13 @@ def load_pretrained(model, path, log, cat_ids=None, class_names=None):
         spec = models.PUBLISHED[kind]
         name, coco_slots = ("an " if kind == "effdet" else "a ") + spec["name"], spec["slots"]
         mode = "efficientdet" if kind == "effdet" else "anchor_free"
-        def it_is():  # for an error: the preset the file fits (a few model builds on the meta device)
+        def preset_hint():  # for an error: the preset the file fits (a few model builds on the meta device)
             fits = models.published_preset(state, kind)
             return f" (it is {fits}'s: give --det_header {fits})" if fits else ""
         if model.config["det_header"] not in spec["presets"] or model.anchors_mode != mode or \
                 (kind == "megvii" and model.config["backbone"] != "cspdarknet"):
             megvii = kind == "megvii"
-            fail(f"--pretrained {path} is {name}{it_is()}, made with {MODE_FLAGS[mode]}" +
+            fail(f"--pretrained {path} is {name}{preset_hint()}, made with {MODE_FLAGS[mode]}" +
                  (" and its own backbone" if megvii else "") + f"; now --det_header {model.config['det_header']} "
                  f"{MODE_FLAGS[model.anchors_mode]}" + (f" --backbone {model.config['backbone']}" if megvii else ""))
         # Its class predictor has a slot per COCO category: it keeps the slots of the data's
@@ -1261,12 +1272,14 @@ def load_pretrained(model, path, log, cat_ids=None, class_names=None):
             coco_ids = models.coco_category_ids(cat_ids, class_names) if slots == coco_slots and cat_ids else None
         except ValueError as e:  # two classes of the data are one COCO category
             fail(f"--pretrained {path} with --data: {e}")
-        with torch.device("meta"):  # converted as is when the class slots are not kept: for a model of its size
+        # A meta-device twin (shapes only) with the file's class count, or the kept COCO classes':
+        # the converter renames into it.
+        with torch.device("meta"):
             shaped = models.build_model(**dict(model.config, num_classes=len(coco_ids) if coco_ids else slots))
         try:
             state = spec["convert"](state, shaped, coco_ids)
         except ValueError as e:
-            fail(f"--pretrained {path}: {e}{it_is()}")
+            fail(f"--pretrained {path}: {e}{preset_hint()}")
         log(f"--pretrained: {path} is {name}, renamed to ours (models.{spec['convert'].__name__})" +
             (", its class slots kept for the data's classes, COCO's" if coco_ids else ""))
         if coco_ids is None and cat_ids:
