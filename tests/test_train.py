@@ -1014,6 +1014,16 @@ def test_history_picture_has_three_panels(tmp_path):
         def inked(x0, x1, y0, y1):
             return any(img.getpixel((x, y)) != (255, 255, 255) for x in range(x0, x1) for y in range(y0, y1))
         assert inked(40, 80, 24, 36) and inked(40, 48, 264, 276) and inked(395, 410, 264, 276)
+    # A history that starts past epoch 1 (a run resumed into a new --out): the x axis still runs
+    # over epochs 1..last, so epoch 4, the last, sits on the frame's right edge (x = 410), and
+    # epoch 3 two thirds of the way along (40 + 2/3 x 370 = 286.7), inside the frame.
+    rows = [dict(r, epoch=str(int(r["epoch"]) + 2)) for r in rows]
+    train.plot_history(rows, path)
+    with Image.open(path) as img:
+        lr_colour = (31, 119, 180)
+        xs = [x for x in range(420, 840) for y in range(40, 261) if img.getpixel((x, y)) == lr_colour]
+        # the dots' 2-px radius either side, to PIL's rounding (the old code put epoch 4 at x = 780)
+        assert 283 <= min(xs) - 420 <= 286 and 410 <= max(xs) - 420 <= 413, (min(xs) - 420, max(xs) - 420)
 
 
 def test_yolox_s_recipe_runs_as_is_on_a_coco_2017_folder_of_real_photos(tmp_path, capsys):
