@@ -126,7 +126,8 @@ def decode_predictions(outputs, priors, anchors_mode):
 # Ties anywhere go to the lower index, so the kernel and the twin pick the same boxes.
 # sigma is the paper's (Bodla et al. 2017) and effdet's: exp(-IoU^2 / sigma). TensorFlow's
 # soft_nms_sigma is another parameterisation, exp(-0.5 IoU^2 / sigma_tf), so sigma here is
-# 2 x sigma_tf: automl's sigma_tf = 0.5 is sigma 1.0 here.
+# 2 x sigma_tf: automl's sigma_tf = 0.5 is sigma 1.0 here. keras_cv_attention_models' eval hands
+# TensorFlow its iou_or_sigma / 2, so its sigma means ours, and the seed's 0.5 is the default here.
 
 
 def _box_iou_one_to_many(box, boxes, areas):
