@@ -783,7 +783,8 @@ def open_dataset(path, split, images_dir=None):
     if "labels" not in top and any(f.endswith(".xml") for f in os.listdir(voc)):
         # Pascal VOC's layout (Annotations/*.xml beside JPEGImages/): a third format, not read here.
         raise FileNotFoundError(f"{path} looks like Pascal VOC (xml annotations in {voc}), which is not read here: "
-                                f"convert it to a COCO json or YOLO txt labels first (most labelling tools export both)")
+                                f"convert it to a COCO json or YOLO txt labels first (most labelling tools export "
+                                f"both)")
     return read_yolo(path, split, images_dir)
 
 
@@ -965,8 +966,8 @@ class _Decoded(torch.utils.data.Dataset):
 
 
 class _Collate:
-    """Pads a list of decoded items into one batch: images top-left in a grey (114) canvas,
-    targets padded to max_boxes with a validity mask (a class, so workers can pickle it). A batch
+    """Pads a list of decoded items into one batch (a class rather than a closure, so workers can
+    pickle it): images top-left in a grey (114) canvas, targets padded to max_boxes with a validity mask. A batch
     with an image of more boxes pads to that image's count instead: a box dropped for want of
     room would leave its object in the pixels, to be learned as background."""
 
@@ -1017,7 +1018,8 @@ def make_loader(dataset, batch_size, shuffle, workers, seed, max_boxes=100, drop
                 max_side=None, pin_memory=False, skip_batches=0):
     """DataLoader whose batches are dicts of CPU tensors:
     images uint8 [B, 3, Hc, Wc] (each image top-left in a canvas filled with 114), sizes int64 [B, 2]
-    (h, w), boxes float32 [B, M, 4] xyxy canvas px, labels int64 [B, M] (-1 ignore), valid bool
+    (h, w), boxes float32 [B, M, 4] xyxy canvas px, labels int64 [B, M] (-1: crowd / ignore, and
+    also in padding slots; valid tells them apart), valid bool
     [B, M], image_ids int64 [B], scales float32 [B, 2] ((x, y) canvas px per original px; != 1 only
     when a worker shrank an image whose longer side was above max_side). M = max_boxes, or the
     batch's most boxes in one image where that is more (none is dropped).
@@ -1082,7 +1084,7 @@ def to_device(t, device):
 # ----------------------------------------------------------------------------------------------
 # Augmentation: geometry as one 3x3 matrix per image (source px -> output px)
 # ----------------------------------------------------------------------------------------------
-def _where(generator):
+def _device_of(generator):
     """Random draws happen on the generator's device (a CUDA generator draws on the GPU) and the
     small results come back to the CPU, where the matrices are built in float64."""
     return generator.device if generator is not None else None
@@ -1101,13 +1103,14 @@ def crop_matrices(sizes, input_shape, random_crop_mode, generator, scale_min=0.1
       (0, 1)  random resized crop: area fraction in (mode, 1), aspect ratio in (3/4, 4/3) x the
               target's W / H, stretched to fit (a crop too wide or tall for the image shrinks,
               keeping its aspect: the area may then be below mode)
-      1       random largest crop: short side covers the target, random position
+      1       random largest crop: the smallest scale at which the image covers the whole output
+              (no padding), at a random position
       > 1     random scale: factor in [scale_min, mode] of the letterbox size, random crop or pad."""
     hh, ww = float(input_shape[0]), float(input_shape[1])
     h, w = sizes[:, 0].double().cpu(), sizes[:, 1].double().cpu()
     b = len(sizes)
     m = _eye(b)
-    u = torch.rand(b, 4, generator=generator, dtype=torch.float64, device=_where(generator)).cpu()
+    u = torch.rand(b, 4, generator=generator, dtype=torch.float64, device=_device_of(generator)).cpu()
     if random_crop_mode == 0:
         s = torch.minimum(hh / h, ww / w)
         sx = sy = s
@@ -1186,7 +1189,8 @@ def transform_boxes(boxes, valid, matrices, input_shape, min_size=2.0, max_aspec
     boxes: [B, M, 4] xyxy; matrices: [B, 3, 3] (or [B, 2, 3]) source px -> output px;
     clip_to: optional [B, M, 4] xyxy region per box (default the whole output).
     Drops boxes under min_size px a side, thinner than 1:max_aspect, or with less than
-    min_area_kept of their transformed area left inside. Returns (boxes [B, M, 4], valid [B, M])."""
+    min_area_kept of their moved, unclipped enclosing box left inside. Returns (boxes [B, M, 4],
+    zeros where dropped; valid [B, M])."""
     mat = matrices[:, :2].to(boxes.dtype)
     x0, y0, x1, y1 = boxes.unbind(-1)
     corners = torch.stack([torch.stack([x0, y0], -1), torch.stack([x1, y0], -1), torch.stack([x0, y1], -1),
@@ -1236,8 +1240,9 @@ def warp(images, theta, input_shape, mode="bilinear"):
 
 def warp_region(images, inverse, region, rows, mode="bilinear"):
     """Output pixels region = (y0, y1, x0, x1) of images[rows]: the canvas rectangle those pixels can
-    read (their corners through `inverse`, +2 px for the interpolation taps) is cropped first, so
-    only it is converted to float. images uint8 [B, 3, Hc, Wc]; inverse [B, 3, 3] float64 output
+    read (their corners through `inverse`, +2 px for the interpolation taps) is cropped first (one
+    rectangle, the union over all rows, so the crop stays one slice), so only it is converted to
+    float. images uint8 [B, 3, Hc, Wc]; inverse [B, 3, 3] float64 output
     px -> canvas px; rows: a slice or index tensor. Returns float32 [n, 3, y1 - y0, x1 - x0], minus 114."""
     y0, y1, x0, x1 = region
     hc, wc = images.shape[-2:]
@@ -1261,19 +1266,19 @@ def warp_region(images, inverse, region, rows, mode="bilinear"):
 # This is keras_cv_attention_models' batch mosaic: with probability mosaic_mix_prob the whole batch
 # is mixed, each quadrant showing the same region of another image at the same place and scale.
 # It is not YOLOX's Mosaic (per image, four whole images rescaled around a random centre of a 2x
-# canvas, then a random affine): objects keep their size here, and each output shows a quarter
-# of each of its four sources.
+# canvas, then a random affine): objects keep their size here, and each output shows one
+# quadrant-shaped region from each of four sources (not always different ones).
 # ----------------------------------------------------------------------------------------------
 def mosaic_plan(b, h, w, generator, split_range=(0.25, 0.75)):
     """One random split point (cy, cx) for the batch, returned as (regions, src): regions are the 4
     quadrants (y0, y1, x0, x1) in output px, TL, TR, BL, BR; src [B, 4] int64. Output i shows, in
-    quadrant q, the same region of image src[i, q], at the same place and scale. Each image is
-    repeated 4 times and the copies shuffled, one permutation per quadrant, so every region of
-    every image appears exactly once in the mosaicked batch."""
-    u = torch.rand(2, generator=generator, device=_where(generator)).cpu()
+    quadrant q, the same region of image src[i, q], at the same place and scale. One permutation
+    of the batch per quadrant (src[:, q]), so each image's region q appears exactly once; an
+    output may show itself, or one source twice."""
+    u = torch.rand(2, generator=generator, device=_device_of(generator)).cpu()
     cy = int(round(h * (split_range[0] + (split_range[1] - split_range[0]) * float(u[0]))))
     cx = int(round(w * (split_range[0] + (split_range[1] - split_range[0]) * float(u[1]))))
-    src = torch.stack([torch.randperm(b, generator=generator, device=_where(generator)).cpu() for _ in range(4)], 1)
+    src = torch.stack([torch.randperm(b, generator=generator, device=_device_of(generator)).cpu() for _ in range(4)], 1)
     regions = [(0, cy, 0, cx), (0, cy, cx, w), (cy, h, 0, cx), (cy, h, cx, w)]  # (y0, y1, x0, x1)
     return regions, src
 
@@ -1310,7 +1315,9 @@ def mosaic_images(images, plan, rows=slice(None)):
 
 def mosaic(images, boxes, labels, valid, generator, split_range=(0.25, 0.75), min_area_kept=0.15):
     """2x2 mosaic of a whole batch: images [B, C, H, W], boxes [B, M, 4] -> images of the same shape,
-    boxes [B, M', 4] with M' >= M (see mosaic_boxes)."""
+    boxes [B, M', 4] with M' >= M (see mosaic_boxes). augment does not call this (its step 4
+    samples each quadrant straight from its source); it is the same mosaic on already-warped
+    images, kept as the plain version the tests check augment against."""
     plan = mosaic_plan(len(images), images.shape[2], images.shape[3], generator, split_range)
     return (mosaic_images(images, plan),) + mosaic_boxes(boxes, labels, valid, plan, min_area_kept)
 
@@ -1331,7 +1338,7 @@ def hsv_matrices(gains, generator, b):
     """Random HSV jitter as [B, 3, 3] RGB matrices: hue = rotation of the chroma plane in YIQ,
     saturation = chroma scale, value = overall scale (a linear stand-in for HSV that costs one
     matmul). gains: (hue fraction of a full turn, saturation, value), each drawn in +-gain."""
-    u = torch.rand(b, 3, generator=generator, dtype=torch.float64, device=_where(generator)).cpu() * 2 - 1
+    u = torch.rand(b, 3, generator=generator, dtype=torch.float64, device=_device_of(generator)).cpu() * 2 - 1
     theta = u[:, 0] * gains[0] * 2 * math.pi
     sat, val = 1 + u[:, 1] * gains[1], 1 + u[:, 2] * gains[2]
     mid = _eye(b)
@@ -1349,7 +1356,8 @@ def _blend_matrices(sel, factor):
 def colour_affine(ops, factors, hsv, generator):
     """Compose the linear colour ops of each image into (A [B, 3, 3], c [B, 3], D [B, 3, 3]),
     the map v -> A v + c + D m on 0..1 RGB, m = the warped image's mean RGB. Contrast blends towards
-    the current image's mean grey g.(A m + c + D m), which is why D exists. Clamping between ops is
+    the current image's mean grey g.(A m + c + D m), which is why D exists. c stays 0 for these
+    ops (none adds a constant); it keeps the map a general affine one. Clamping between ops is
     skipped (one pass instead of one per op)."""
     b, n_layers = ops.shape
     a, c, d = _eye(b), torch.zeros(b, 3, dtype=torch.float64), torch.zeros(b, 3, 3, dtype=torch.float64)
@@ -1400,14 +1408,16 @@ def _solarize(x, threshold):
 
 
 def _equalize(x):
-    """Per-image, per-channel histogram equalization on [n, 3, H, W] in 0..1, batched."""
+    """Per-image, per-channel histogram equalization on [n, 3, H, W] in 0..1, batched. A channel of
+    one value stays as it is, as with PIL (the stretch below would send it to 0)."""
     n, c, h, w = x.shape
     q = (x * 255).round_().long().reshape(n * c, h * w)
     hist = torch.zeros(n * c, 256, device=x.device).scatter_add_(1, q, torch.ones_like(q, dtype=torch.float32))
     cdf = hist.cumsum(1)
     cdf_min = torch.where(hist > 0, cdf, torch.full_like(cdf, float(h * w))).min(1, keepdim=True).values
     lut = ((cdf - cdf_min) / (h * w - cdf_min).clamp(min=1)).clamp_(0, 1)
-    return lut.gather(1, q).reshape(n, c, h, w)
+    flat = (cdf_min >= h * w).reshape(n, c, 1, 1)  # every pixel in one bin
+    return torch.where(flat, x, lut.gather(1, q).reshape(n, c, h, w))
 
 
 def _autocontrast(x):
@@ -1439,8 +1449,8 @@ def _colour_chunk(out, warped, affine, ops, factors, magnitude):
     for layer in range(ops.shape[1]):
         op, f = ops[:, layer], factors[:, layer]
         _apply_on(x, op == RANDAUGMENT_OPS.index("sharpness"), lambda t, i: _sharpness(t, f[i]))
-        # posterize rounds to the 8-bit grid first, as PIL works on uint8: in float32, 64 / 255 * 255 / 64
-        # is just under 1 and would floor to 0
+        # posterize rounds to the 8-bit grid first, as PIL works on uint8: the colour map's
+        # (v - 114) / 255 + 114 / 255 leaves pixel 64 as 63.999996 after * 255, which would floor a bucket low
         _apply_on(x, op == RANDAUGMENT_OPS.index("posterize"),
                   lambda t, i: torch.floor(torch.round(t * 255) / step_q) * (step_q / 255))
         _apply_on(x, op == RANDAUGMENT_OPS.index("solarize"), lambda t, i: _solarize(t, threshold))
@@ -1472,8 +1482,9 @@ def check_augment_args(random_crop_mode, magnitude, num_layers, mosaic_mix_prob,
     if random_crop_mode > 1 and scale_min > random_crop_mode:
         raise ValueError(f"--random_scale_min {scale_min} is above --random_crop_mode {random_crop_mode}, the "
                          f"largest factor: give a smaller floor or a larger mode")
-    # RandAugment's scale ends at 10: beyond it the enhance factors 1 +- 0.09 m turn negative (a
-    # black image), solarize inverts every pixel and at 20 the scale op shrinks the image to a point.
+    # RandAugment's scale ends at 10, its strongest. Past ~11 the enhance factors 1 - 0.09 m turn
+    # negative (a black image) and solarize inverts every pixel; at 20 the scale op shrinks the image
+    # to a point.
     if not (math.isfinite(magnitude) and 0 <= magnitude <= 10):
         raise ValueError(f"--magnitude {magnitude}: give 0 to 10 (RandAugment's scale, 10 the strongest)")
     if num_layers < 0:
@@ -1493,8 +1504,9 @@ def augment(batch, input_shape, random_crop_mode=1.0, magnitude=0, num_layers=2,
 
     batch: make_loader's dict (images uint8 [B, 3, Hc, Wc] with canvas padding 114, sizes, boxes
     [B, M, 4] xyxy, labels, valid, image_ids, scales). input_shape: (H, W) or an int.
-    random_crop_mode, magnitude, num_layers, mosaic_mix_prob: see crop_matrices, randaugment_matrices,
-    mosaic_plan. generator: a torch.Generator, CPU or the batch's device (every random draw);
+    random_crop_mode, magnitude, num_layers: see crop_matrices, randaugment_matrices;
+    mosaic_mix_prob: the chance that the whole batch is mosaicked (see the Mosaic section).
+    generator: a torch.Generator, CPU or the batch's device (every random draw);
     None draws from torch's global generator (torch.manual_seed sets it), so each call differs.
     hsv: (hue, saturation, value) gains, or None for off. min_area_kept: drop boxes with less than
     this fraction of their area left after a crop. scale_min: the floor of random_crop_mode > 1.
@@ -1516,10 +1528,10 @@ def augment(batch, input_shape, random_crop_mode=1.0, magnitude=0, num_layers=2,
 
     # 1. geometry: crop mode, then flip, then RandAugment, composed into one matrix per image
     fwd = crop_matrices(batch["sizes"], (hh, ww), random_crop_mode, generator, scale_min)
-    flip = torch.rand(b, generator=generator, device=_where(generator)).cpu() < flip_prob
+    flip = torch.rand(b, generator=generator, device=_device_of(generator)).cpu() < flip_prob
     fwd = flip_matrices(flip, ww) @ fwd
-    ops = torch.randint(0, len(RANDAUGMENT_OPS), (b, num_layers), generator=generator, device=_where(generator)).cpu()
-    signs = torch.randint(0, 2, (b, num_layers), generator=generator, device=_where(generator)).cpu() * 2 - 1
+    ops = torch.randint(0, len(RANDAUGMENT_OPS), (b, num_layers), generator=generator, device=_device_of(generator)).cpu()
+    signs = torch.randint(0, 2, (b, num_layers), generator=generator, device=_device_of(generator)).cpu() * 2 - 1
     if magnitude == 0:
         ops = torch.zeros_like(ops)  # all "identity": magnitude 0 changes nothing
     fwd = randaugment_matrices(ops, signs, magnitude, (hh, ww)) @ fwd
@@ -1531,7 +1543,7 @@ def augment(batch, input_shape, random_crop_mode=1.0, magnitude=0, num_layers=2,
 
     # 2. mosaic, decided per batch: its boxes now, with the geometry's, its pixels in step 4
     plan = None
-    if mosaic_mix_prob > 0 and float(torch.rand(1, generator=generator, device=_where(generator))) < mosaic_mix_prob:
+    if mosaic_mix_prob > 0 and float(torch.rand(1, generator=generator, device=_device_of(generator))) < mosaic_mix_prob:
         plan = mosaic_plan(b, hh, ww, generator)
     boxes, labels, valid = batch["boxes"].float(), batch["labels"], batch["valid"]
     fwd_boxes = to_device(fwd.float(), boxes.device)
@@ -1590,8 +1602,8 @@ def mixup_images(images, boxes, labels, valid, prob, generator):
     shifts = [k for k in range(1, b) if 2 * k != b]
     if not shifts:
         return images, boxes, labels, valid
-    k = shifts[int(torch.randint(0, len(shifts), (1,), generator=generator, device=_where(generator)))]
-    mixed = torch.rand(b, generator=generator, device=_where(generator)).cpu() < prob
+    k = shifts[int(torch.randint(0, len(shifts), (1,), generator=generator, device=_device_of(generator)))]
+    mixed = torch.rand(b, generator=generator, device=_device_of(generator)).cpu() < prob
     if not mixed.any():
         return images, boxes, labels, valid
     partner = (torch.arange(b) + k) % b

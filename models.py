@@ -10,7 +10,7 @@ A detector here is three pieces glued in a line, so each can be swapped:
     images [B, 3, H, W] 0..1
       -> backbone: a list of feature maps at strides 8, 16, 32 (and a `channels` list)
       -> neck:     mixes the levels (BiFPN for EfficientDet, PAFPN for YOLOX); the BiFPN
-                   also adds coarser levels P6, P7 made from the last map
+                   also adds coarser levels P6, P7 (and P8 for D7x) made from the last map
       -> head:     per level, a map of predictions: [B, A, 4 + C + O, H_l, W_l]
                    A anchors per location, 4 raw box offsets, C class logits, O = 1 objectness
                    logit for anchor-free priors (YOLOX) and O = 0 for anchors (EfficientDet).
@@ -99,7 +99,8 @@ class Conv2dSame(nn.Conv2d):
 
 
 class ConvBnAct(nn.Sequential):
-    """conv (no bias: the BN's shift does that job) -> BN -> activation (SiLU by default).
+    """conv (no bias: the BN's shift does that job) -> BN -> activation: act True SiLU, "relu"
+    ReLU (ResNet), False none.
 
     Symmetric padding k // 2: a stride-2 conv maps H to ceil(H / 2), the same rule every
     stride-2 step in this file follows, so level sizes are ceil(H / stride). tf_same: a stride-2
@@ -263,7 +264,8 @@ class CSPDarknet(nn.Module):
         super().__init__()
         c = int(width * 64)               # YOLOX's base_channels
         n = max(round(depth * 3), 1)      # YOLOX's base_depth
-        # Focus: move each 2x2 pixel block into channels (H/2, W/2, 12 channels), then a conv.
+        # Focus: halve H and W without dropping a pixel (space-to-depth: each 2x2 block becomes 12
+        # channels); with the 3x3 conv after it, this is one 6x6 stride-2 conv in disguise.
         self.stem = ConvBnAct(12, c, 3)
         self.dark2 = nn.Sequential(yolox_conv(c, 2 * c, 3, 2, depthwise),
                                    CSPLayer(2 * c, 2 * c, n, True, depthwise))
@@ -295,8 +297,8 @@ def round_channels(channels, multiplier, divisor=8):
 
 
 # EfficientNet-B0 stages: (expand, kernel, stride, out channels, repeats). After the stride-2
-# stem the 7 stages end at strides 2, 4, 8, 16, 16, 32, 32: the maps after stages 3, 5 and 7 are
-# the stride 8, 16, 32 features.
+# stem the 7 stages end at strides 2, 4, 8, 16, 16, 32, 32: the maps after stages[2], [4] and [6]
+# (the 3rd, 5th and 7th) are the stride 8, 16, 32 features.
 EFFICIENTNET_B0_STAGES = [(1, 3, 1, 16, 1), (6, 3, 2, 24, 2), (6, 5, 2, 40, 2), (6, 3, 2, 80, 3),
                           (6, 5, 1, 112, 3), (6, 5, 2, 192, 4), (6, 3, 1, 320, 1)]
 # (width multiplier, depth multiplier) of B0..B7.
@@ -541,6 +543,7 @@ class BiFPN(nn.Module):
     def __init__(self, in_channels, channels, repeats, num_levels=5, weighted=True, tf_same=False):
         super().__init__()
         self.tf_same = tf_same
+        # P5 -> BiFPN width (1x1 conv + BN): the map P6 is pooled from; P7 on are pooled without a conv
         self.extra = ChannelMatch(in_channels[-1], channels) if in_channels[-1] != channels else nn.Identity()
         self.num_extra = num_levels - len(in_channels)
         level_channels = list(in_channels) + [channels] * self.num_extra
@@ -564,12 +567,13 @@ class BiFPN(nn.Module):
 
 class PAFPN(nn.Module):
     """YOLOX neck: a top-down path (coarse -> fine, upsample + concat + CSP) then a bottom-up
-    path (fine -> coarse, stride-2 conv + concat + CSP). Keeps the input widths and strides."""
+    path (fine -> coarse, stride-2 conv, concat with the top-down path's 1x1-reduced map lat4 /
+    lat5, as Megvii's YOLOX does, then CSP). Keeps the input widths and strides."""
 
     def __init__(self, in_channels, depth=0.33, depthwise=False):
         super().__init__()
         c3, c4, c5 = in_channels
-        n = round(3 * depth)
+        n = round(3 * depth)  # as Megvii's PAFPN (no floor of 1: every preset's depth >= 0.33 gives n >= 1)
         self.lateral = ConvBnAct(c5, c4, 1)
         self.td4 = CSPLayer(c4 + c4, c4, n, False, depthwise)
         self.reduce = ConvBnAct(c4, c3, 1)
@@ -598,7 +602,8 @@ class PAFPN(nn.Module):
 
 def anchors_last(x, num_anchors):
     """A head's map [B, A*k, H, W] -> view [B, H, W, A, k]: channel a * k + j is anchor a's j-th
-    number. With channels-last maps (the Detector's layout) this is free: no copy."""
+    number. Always a view; with channels-last maps (the Detector's layout) it is also contiguous,
+    so join_level's cat reads memory in order."""
     return x.permute(0, 2, 3, 1).unflatten(-1, (num_anchors, -1))
 
 
@@ -705,10 +710,11 @@ class Detector(nn.Module):
         self.strides = tuple(neck.strides)
         self.anchors_mode = anchors_mode
         self.num_classes = num_classes
-        self.num_anchors = 9 if anchors_mode == "efficientdet" else 1
+        self.num_anchors = 9 if anchors_mode == "efficientdet" else 1  # ANCHOR_OCTAVES x ANCHOR_RATIOS
         self.has_objectness = anchors_mode == "anchor_free"
         self.config = config
-        self.anchor_scale = config.get("anchor_scale", ANCHOR_SCALE)  # make_priors' anchor size
+        # make_priors' anchor size: ANCHOR_SCALE (4 strides; D7's preset 5), defined with the priors below
+        self.anchor_scale = config.get("anchor_scale", ANCHOR_SCALE)
         mean, std = PIXEL_NORMS[config.get("pixel_norm", "imagenet")]  # older checkpoints: ImageNet's
         self.register_buffer("mean", torch.tensor(mean).view(1, 3, 1, 1), persistent=False)
         self.register_buffer("std", torch.tensor(std).view(1, 3, 1, 1), persistent=False)
@@ -792,7 +798,7 @@ def largest_stride(det_header):
 
 def check_input_shape(input_shape, det_header):
     """Training and evaluation want each side divisible by the largest stride (32 for YOLOX,
-    128 for EfficientDet's P7). The network itself runs at any multiple of 32 (a level is
+    128 for EfficientDet's P7, 256 for D7x's P8). The network itself runs at any multiple of 32 (a level is
     ceil(H / stride) cells, and the neck resizes a map to its neighbour's exact size), but only
     with sides divisible by the largest stride is every level exactly half the one before, so
     that a coarse cell and the 2 x 2 finer cells it is upsampled to or pooled from share their
@@ -847,7 +853,7 @@ def build_model(det_header, backbone=None, anchors_mode=None, num_classes=80, in
     if input_shape is None:
         input_shape = preset_input_shape(det_header)
     input_shape = tuple(int(v) for v in input_shape)
-    num_anchors = 9 if anchors_mode == "efficientdet" else 1
+    num_anchors = 9 if anchors_mode == "efficientdet" else 1  # 3 scales x 3 ratios (make_priors)
     objectness = anchors_mode == "anchor_free"
 
     if is_effdet:
@@ -867,6 +873,7 @@ def build_model(det_header, backbone=None, anchors_mode=None, num_classes=80, in
         head = EfficientDetHead(width, num_levels, head_repeats, num_anchors, num_classes, objectness)
     else:
         neck = PAFPN(body.channels, depth, depthwise)
+        # YOLOX's head width: 256 channels times the width multiplier (128 for yolox_s), at every level
         head = YOLOXHead(neck.channels, int(256 * yolox_width), num_anchors, num_classes, objectness, depthwise)
     config = dict(det_header=det_header, backbone=backbone, anchors_mode=anchors_mode,
                   num_classes=num_classes, input_shape=input_shape,
@@ -942,7 +949,8 @@ def make_priors(input_shape, strides, anchors_mode, device=None, anchor_scale=AN
 # at most 1000 / 16 (62.5) times the anchor (Detectron's bbox_xform_clip, log(1000/16) ~ 4.14).
 # Anchor-free sizes are relative to the stride, which is 4x smaller than the anchors' base
 # size (4 * stride), so their clamp is log(4 * 1000 / 16): both cap a box at 250 strides (for
-# the base anchor, octave 0 and 1:1; the largest of the 9 anchors caps at about 555).
+# the base anchor, octave 0 and 1:1, with anchor_scale 4; D7's 5 caps its base anchor at 312.5
+# strides; the largest of the 9 anchors caps at about 555).
 MAX_LOG_SIZE = {"efficientdet": math.log(1000.0 / 16), "anchor_free": math.log(4 * 1000.0 / 16)}
 MIN_SIZE = 1e-3   # px; keeps log() finite when encoding degenerate boxes
 

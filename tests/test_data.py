@@ -1590,3 +1590,13 @@ def test_a_pascal_voc_folder_is_named_as_such(tmp_path):
     (flat / "a.xml").write_text("<annotation></annotation>")
     with pytest.raises(FileNotFoundError, match="flat looks like Pascal VOC"):
         data.open_dataset(str(flat), "train")
+
+
+def test_equalize_leaves_a_flat_channel_as_it_is():
+    # PIL's equalize leaves a one-value channel unchanged; the stretch would send it to 0. A
+    # channel with two values goes to 0 and 1 (the lower value's bin starts the cdf).
+    x = torch.full((1, 3, 4, 4), 0.5)
+    x[0, 2, :2] = 0.2
+    out = data._equalize(x.clone())
+    assert torch.equal(out[0, :2], x[0, :2])
+    assert set(out[0, 2].unique().tolist()) == {0.0, 1.0}
