@@ -1115,6 +1115,49 @@ def picture_name(path):
     return base if ext.lower() in (".jpg", ".jpeg") else stem + ".png"
 
 
+# Flags of the tools people come from (effdet's train.py / validate.py, keras_cv_attention_models'
+# COCO scripts, Megvii's tools/train.py), with what to give here instead. argparse alone would say
+# "unrecognized arguments", or, for --lr, list the six flags it could be short for.
+FOREIGN_FLAGS = {
+    "--model": "give --det_header (a preset) to train.py, -m (a checkpoint) to eval.py",
+    "--img-size": "give -i/--input_shape", "--img_size": "give -i/--input_shape",
+    "--batch-size": "give -b/--batch_size",
+    "--initial-checkpoint": "give --pretrained (weights) or --resume (a whole training state)",
+    "--checkpoint": "give -m to eval.py; --pretrained (weights) or --resume (a training state) to train.py",
+    "--dataset": "give -d/--data (a COCO json or folder, a YOLO folder, or 'shapes')",
+    "--output": "give --out", "-j": "give --workers",
+    "--num-classes": "none is needed: the classes are read from the data",
+    "--num_classes": "none is needed: the classes are read from the data",
+    "--model-ema": "give --ema_decay (0.9998 by default; 0 turns the EMA off)",
+    "--use-ema": "none is needed: a checkpoint's EMA weights are the ones evaluated when it has them",
+    "--warmup-epochs": "give --lr_warmup_steps (epochs)",
+    "--sched": "give --lr_decay_steps: one number for a cosine ending at that epoch, a list for step decay",
+    "--lr": "give --lr_base_512, the rate for a total batch of 512 (your lr x 512 / your total batch)",
+    "--fp16": "give --amp fp16", "-n": "give --det_header (yolox_s for Megvii's -n yolox-s)",
+    "-f": "give flags: the YOLOX recipe is YOLOX_RECIPE at the top of train.py",
+    "--exp_file": "give flags: the YOLOX recipe is YOLOX_RECIPE at the top of train.py",
+    "--amp": "none is needed: eval.py runs in float32 (train.py takes --amp)",
+    "--use_bgr_input": "none is needed: the channel order follows the weights (a Megvii file's BGR stem is "
+                       "flipped as it loads)",
+    "--use_anchor_free_mode": "none is needed: eval.py reads the prior mode from the checkpoint (train.py takes it)",
+    "--anchors_mode": "give --use_anchor_free_mode or --use_anchors_mode to train.py; eval.py reads it from the "
+                      "checkpoint",
+    "--use_yolor_anchors_mode": "YOLOR's anchors are not built here: anchors are EfficientDet's, or anchor-free",
+}
+
+
+def check_foreign_flags(parser, argv):
+    """Before parser.parse_args(argv): a flag of FOREIGN_FLAGS that this parser does not have
+    is one argparse error naming what to give instead (exit 2, as argparse's own)."""
+    own = {name for action in parser._actions for name in action.option_strings}
+    for token in argv:
+        if token == "--":
+            break
+        name = token.split("=", 1)[0]
+        if name in FOREIGN_FLAGS and name not in own:
+            parser.error(f"{name} is not a flag here: {FOREIGN_FLAGS[name]}")
+
+
 def _add_common_flags(parser):
     """Flags shared by evaluation and predict: model, preprocessing and NMS."""
     parser.add_argument("-m", "--model", default=None,
@@ -1122,17 +1165,19 @@ def _add_common_flags(parser):
                              f"a preset name (random weights); default {DEFAULT_CHECKPOINT}, the best.pt of train.py's "
                              f"default --out")
     parser.add_argument("--det_header", default=None, help="build this preset instead of the checkpoint's")
-    parser.add_argument("-i", "--input_shape", nargs="+", default=None,
-                        help="H [W] (or H,W) of the letterbox (default: the model's)")
+    # One value, as train.py's -i: a second one would swallow predict's first image path.
+    parser.add_argument("-i", "--input_shape", default=None,
+                        help="S, or H,W, of the letterbox (default: the model's)")
     parser.add_argument("--resize_method", default="bilinear", choices=("bilinear", "bicubic", "nearest"),
                         help="sampling of the letterbox resize")
     parser.add_argument("--disable_antialias", action="store_true",
-                        help="accepted so keras_cv_attention_models' eval command lines run as written; changes "
+                        help="accepted, as keras_cv_attention_models' eval command lines give it (its "
+                             "--nms_method is --nms here; its other flags get a pointer to ours); changes "
                              "nothing: the letterbox resamples with grid_sample, which never antialiases")
     parser.add_argument("--letterbox_pad", type=int, default=-1,
                         help="-1: image at the top-left of the input; >= 0: resize into input - pad and "
                              "centre it (pad / 2 grey pixels or more on each side)")
-    parser.add_argument("--nms", default="gaussian", choices=NMS_METHODS,
+    parser.add_argument("--nms", "--nms_method", default="gaussian", choices=NMS_METHODS,  # kecam: --nms_method
                         help="hard NMS, or soft-NMS decaying overlapping scores (gaussian / linear)")
     parser.add_argument("--nms_mode", default="per_class", choices=NMS_MODES,
                         help="per_class: boxes only suppress boxes of their class; global: any box")
@@ -1189,11 +1234,11 @@ def class_difference(model_side, data_side, n=4):
 
 
 def _input_shape(values):
-    """-i as given: "H", "H W", "H,W" or "HxW" (as train.py takes it) -> (H, W), or None."""
+    """-i as given: "S", "H,W" or "HxW" (as train.py takes it) -> (H, W), or None."""
     if values is None:
         return None
     try:
-        return parse_input_shape(",".join(values))
+        return parse_input_shape(values)
     except ValueError as e:
         raise EvalInputError(f"-i/--input_shape {e}") from None
 
@@ -1246,6 +1291,7 @@ def _predict_main(argv):
                              "(JPEGs stay JPEG, others become .png), and predictions.json")
     parser.add_argument("--score_threshold", type=float, default=0.3,
                         help="draw (and list in predictions.json) detections scoring this or more")
+    check_foreign_flags(parser, argv)
     args = parser.parse_args(argv)
     if args.nms_iou_or_sigma is None:
         args.nms_iou_or_sigma = 0.45 if args.nms == "hard" else 0.5
@@ -1325,13 +1371,15 @@ def _evaluate_main(argv):
     parser.add_argument("-b", "--batch_size", type=int, default=8, help="images per forward pass")
     parser.add_argument("--nms_score_threshold", type=float, default=0.001,
                         help="drop (prior, class) scores below this before NMS (0.001 for COCO AP)")
-    parser.add_argument("--clip_bbox", action="store_true", default=True,
-                        help="clip boxes to the original image (the default, as in the 0.343 recipe)")
-    parser.add_argument("--no_clip_bbox", dest="clip_bbox", action="store_false",
-                        help="leave boxes unclipped: they may reach past the image's edges")
+    clip = parser.add_mutually_exclusive_group()  # both at once would leave the last one silently
+    clip.add_argument("--clip_bbox", action="store_true", default=True,
+                      help="clip boxes to the original image (the default, as in the 0.343 recipe)")
+    clip.add_argument("--no_clip_bbox", dest="clip_bbox", action="store_false",
+                      help="leave boxes unclipped: they may reach past the image's edges")
     parser.add_argument("--workers", type=int, default=None,
                         help="decode workers (default: 2 on CPU; on a GPU this machine's cores, at most 8)")
     _add_common_flags(parser)
+    check_foreign_flags(parser, argv)
     args = parser.parse_args(argv)
     _check_common_flags(args)
     _check_score_threshold("--nms_score_threshold", args.nms_score_threshold)

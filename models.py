@@ -1145,6 +1145,15 @@ def load_backbone_weights(backbone, state):
     for them (see named_settings), and the features come out equal.
     Returns the number of tensors copied; raises ValueError naming the first one that does not fit.
     """
+    copied = _backbone_tensors(backbone, state)
+    missing, _ = backbone.load_state_dict(copied, strict=False)
+    assert all(k.endswith("num_batches_tracked") for k in missing), missing  # the counters alone
+    return len(copied)
+
+
+def _backbone_tensors(backbone, state):
+    """load_backbone_weights' match, without loading: {our name: the file's tensor} for every
+    tensor of `backbone`, or a ValueError naming the first that does not fit."""
     own, theirs = _paired(backbone.state_dict().items()), _paired(state.items())
     if len(theirs) < len(own):
         raise ValueError(f"it has {len(theirs)} tensors, fewer than the backbone's {len(own)}: it is another "
@@ -1162,9 +1171,22 @@ def load_backbone_weights(backbone, state):
     if len(rest) > 8 or any(not str(k).startswith(("conv_head.", "bn2.", "classifier.", "fc.")) for k in rest):
         raise ValueError(f"after the backbone's {len(own)} tensors it has {len(rest)} more ({rest[0]}, ...), not "
                          f"just a classifier head: it is not an ImageNet classifier of this backbone")
-    missing, _ = backbone.load_state_dict(copied, strict=False)
-    assert all(k.endswith("num_batches_tracked") for k in missing), missing  # the counters alone
-    return len(copied)
+    return copied
+
+
+def fitting_backbone(state):
+    """The first of BACKBONES (after cspdarknet, which has no ImageNet file) whose tensors an
+    ImageNet classifier's state dict fits, or None: for an error that says which one a file is.
+    Built on the "meta" device (shapes only)."""
+    for name in BACKBONES[1:]:
+        with torch.device("meta"):
+            candidate = build_backbone(name)
+        try:
+            _backbone_tensors(candidate, state)
+        except ValueError:
+            continue
+        return name
+    return None
 
 
 def effdet_state_dict(state, model, cat_ids=None):

@@ -171,6 +171,8 @@ def parse_args(argv=None):
       ".bin you downloaded")
     a("--out", default=None, help="run folder: checkpoints, history.csv, history.png, config.json, "
       "train_batch.png, val_predictions.png (default runs/train; with --resume, the checkpoint's folder)")
+    argv = list(sys.argv[1:] if argv is None else argv)
+    evaluation.check_foreign_flags(p, argv)  # effdet's --img-size, Megvii's -n, ...: what to give here
     return p.parse_args(argv)
 
 
@@ -1292,8 +1294,12 @@ def load_pretrained(model, path, log, cat_ids=None, class_names=None):
         try:
             n = models.load_backbone_weights(model.backbone, state)
         except ValueError as e:
+            fits = models.fitting_backbone(state)  # which one it is, for the fix
+            presets = [p for p, spec in models.EFFICIENTDET_PRESETS.items() if spec[0] == fits]
+            fix = (f"; it is {fits}'s: give --backbone {fits}" + (f" (or --det_header {presets[0]}, whose backbone "
+                   f"it is)" if presets else "")) if fits else ""
             fail(f"--pretrained {path} is neither a plaindet checkpoint nor an ImageNet classifier that fits "
-                 f"--backbone {model.config['backbone']}: {e}")
+                 f"this model's backbone, {model.config['backbone']}: {e}{fix}")
         log(f"--pretrained: {n} backbone tensors from {path}, an ImageNet classifier (its classifier head left "
             f"out); the neck and head start fresh")
         return

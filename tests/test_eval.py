@@ -1102,3 +1102,35 @@ def test_predict_says_why_its_pictures_are_empty(tmp_path, capsys, monkeypatch):
     assert ev.main(["predict", "-m", path, image, "-o", str(tmp_path / "q"), "--device", "cpu",
                     "--score_threshold", f"{best / 2:.6f}"]) == 0
     assert "note: no detection" not in capsys.readouterr().err
+
+
+def test_predict_takes_its_images_after_a_one_value_i(tmp_path):
+    # -i takes one value (S or H,W), as train.py's: with two allowed it swallowed the image path and
+    # argparse said the images were missing.
+    path = str(tmp_path / "nano.pt")
+    write_checkpoint(path)
+    image = shared_path("voc2007_100", "images", sorted(os.listdir(shared_path("voc2007_100", "images")))[0])
+    assert ev.main(["predict", "-m", path, "--device", "cpu", "-i", "64", image, "-o", str(tmp_path / "p")]) == 0
+    assert os.path.exists(tmp_path / "p" / os.path.basename(image))
+
+
+@pytest.mark.parametrize("argv,hint", [
+    (["--use_bgr_input"], "--use_bgr_input is not a flag here: none is needed: the channel order follows the weights"),
+    (["--checkpoint", "x.pth"], "--checkpoint is not a flag here: give -m to eval.py"),
+    (["--use-ema"], "--use-ema is not a flag here: none is needed: a checkpoint's EMA weights are the ones evaluated"),
+    (["predict", "--img-size", "64", "a.jpg", "-o", "o"], "--img-size is not a flag here: give -i/--input_shape"),
+    (["--clip_bbox", "--no_clip_bbox"], "argument --no_clip_bbox: not allowed with argument --clip_bbox"),
+])
+def test_flags_of_other_tools_name_ours(argv, hint, capsys):
+    with pytest.raises(SystemExit) as exc:
+        ev.main(argv)
+    assert exc.value.code == 2 and hint in capsys.readouterr().err
+
+
+def test_kecams_nms_method_is_nms(tmp_path, monkeypatch):
+    # keras_cv_attention_models' eval command lines say --nms_method: the same flag here.
+    calls = []
+    monkeypatch.setattr(ev, "run_coco_evaluation", lambda *a, **k: calls.append(k) or {})
+    small = write_small_coco(str(tmp_path / "small"))
+    assert ev.main(["-m", "yolox_nano", "-d", small, "-i", "64", "--device", "cpu", "--nms_method", "linear"]) == 0
+    assert calls[0]["nms"] == "linear"

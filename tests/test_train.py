@@ -1199,13 +1199,21 @@ def test_pretrained_imagenet_classifier_goes_into_the_backbone(tiny_shapes, tmp_
     torch.save({name: torch.rand(shape) for name, shape in keys["torchvision:resnet50"]}, tmp_path / "resnet50.pth")
     (tmp_path / "m.safetensors").write_bytes(b"x")
     for path, message in ((tmp_path / "resnet50.pth", "is neither a plaindet checkpoint nor an ImageNet classifier "
-                           "that fits --backbone efficientnet_b0: it has 267 tensors, fewer than the backbone's 304"),
+                           "that fits this model's backbone, efficientnet_b0: it has 267 tensors, fewer than the "
+                           "backbone's 304: it is another architecture (or only part of one); it is resnet50's: give "
+                           "--backbone resnet50\n"),
                           (tmp_path / "m.safetensors", "torch cannot read safetensors files")):
         with pytest.raises(SystemExit) as exc:
             run_train(tiny_shapes, tmp_path / "bad", "--det_header", "yolox_nano", "--backbone", "efficientnet_b0",
                       "-i", "64", "-e", "1", "--pretrained", str(path))
         err = capsys.readouterr().err
         assert exc.value.code == 2 and message in err, err
+    # The B0 file on efficientdet_d1 (a B1 backbone): it names the backbone it fits, and the preset.
+    with pytest.raises(SystemExit):
+        run_train(tiny_shapes, tmp_path / "bad", "--det_header", "efficientdet_d1", "-i", "128", "-e", "1",
+                  "--pretrained", str(tmp_path / "efficientnet_b0.pth"))
+    assert "it is efficientnet_b0's: give --backbone efficientnet_b0 (or --det_header efficientdet_d0, whose backbone " \
+        "it is)" in capsys.readouterr().err
 
 
 def test_pretrained_effdet_checkpoint_is_renamed_and_loaded(tiny_shapes, tmp_path, capsys):
@@ -1404,3 +1412,18 @@ def test_class_difference_says_what_differs():
     assert train.evaluation.class_difference([1, 2], [1, 2, 3]) == "only the data's: 3"
     assert train.evaluation.class_difference(["a", "a", "b"], ["a", "b", "b"]) == \
         "the same classes in another order: #1 is a in the model, b in the data"
+
+
+@pytest.mark.parametrize("argv,hint", [
+    (["--img-size", "256"], "--img-size is not a flag here: give -i/--input_shape"),
+    (["--lr=0.01"], "--lr is not a flag here: give --lr_base_512, the rate for a total batch of 512"),
+    (["-n", "yolox-s"], "-n is not a flag here: give --det_header (yolox_s for Megvii's -n yolox-s)"),
+    (["--initial-checkpoint", "w.pth"], "--initial-checkpoint is not a flag here: give --pretrained (weights) or "
+                                        "--resume"),
+])
+def test_flags_of_other_tools_name_ours(argv, hint, capsys):
+    # effdet's, kecam's and Megvii's names: argparse alone says "unrecognized arguments" (or, for
+    # --lr, lists six flags it could be short for).
+    with pytest.raises(SystemExit) as exc:
+        train.main(argv)
+    assert exc.value.code == 2 and "error: " + hint in capsys.readouterr().err
