@@ -331,7 +331,8 @@ def read_coco(json_path, images_dir=None, split=None):
     missing = [im["file_name"] for im in coco["images"]
                if not os.path.exists(os.path.join(images_dir, im["file_name"]))]
     if missing:
-        raise FileNotFoundError(f"{json_path}: {len(missing)} of its {len(coco['images'])} images are missing from "
+        raise FileNotFoundError(f"{json_path}: {len(missing)} of its {len(coco['images'])} images "
+                                f"{'is' if len(missing) == 1 else 'are'} missing from "
                                 f"{images_dir}, e.g. {', '.join(missing[:3])}: restore them, or remove them (and "
                                 f"their annotations) from the json")
 
@@ -557,7 +558,8 @@ def _yaml_split(folder, split):
         missing = [line for line, file in zip(lines, files) if not os.path.isfile(file)]
         files = list(dict.fromkeys(files))  # an image listed twice is read once
         if missing or not files:
-            raise FileNotFoundError(f"{listing}: " + (f"{len(missing)} of its {len(lines)} images are missing, e.g. "
+            raise FileNotFoundError(f"{listing}: " + (f"{len(missing)} of its {len(lines)} images "
+                                    f"{'is' if len(missing) == 1 else 'are'} missing, e.g. "
                                     f"{missing[0]} (read relative to {base}): restore them or remove their lines"
                                     if missing else "lists no image: add the split's image paths, one per line"))
         return "files", files

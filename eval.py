@@ -601,13 +601,17 @@ def per_class_ap(evaluator):
 
 
 def format_per_class_table(evaluator, class_names=None):
-    """The per-class AP table as text: one row per category id."""
+    """The per-class AP table as text: one row per category id; "n/a" for a class with no ground
+    truth in these images (pycocotools' -1, which would read as a score)."""
     names = {c["id"]: c["name"] for c in evaluator.cocoGt.dataset["categories"]}
     if class_names is not None:  # {category id: name} from the dataset
         names.update(class_names)
+
+    def shown(value):
+        return f"{value:>9.4f}" if value >= 0 else f"{'n/a':>9}"
     lines = [f"{'category':<24}{'id':>6}{'AP':>9}{'AP50':>9}"]
     for cat_id, (ap, ap50) in per_class_ap(evaluator).items():
-        lines.append(f"{str(names.get(cat_id, cat_id))[:23]:<24}{cat_id:>6}{ap:>9.4f}{ap50:>9.4f}")
+        lines.append(f"{str(names.get(cat_id, cat_id))[:23]:<24}{cat_id:>6}{shown(ap)}{shown(ap50)}")
     return "\n".join(lines)
 
 
@@ -962,13 +966,14 @@ def load_model(path_or_preset, det_header=None, num_classes=None, input_shape=No
 
 def predict(model, image_paths, out_dir, class_names=None, score_threshold=0.3, nms="hard",
             nms_mode="per_class", nms_iou_or_sigma=0.45, nms_topk=5000, max_output_size=100,
-            input_shape=None, resize_method="bilinear", letterbox_pad=-1):
+            input_shape=None, resize_method="bilinear", letterbox_pad=-1, cat_ids=None):
     """Detect objects in image files; draw each in OUT (see picture_name) and write OUT/predictions.json.
 
     An image that cannot be decoded is skipped with a warning, as YOLOX's demo does: one bad
     file in a folder of photos should not cost the pictures of all the others.
     Returns {file name: [{"box": [x1, y1, x2, y2] px, "score", "label", "name"}, ...]}, the
-    skipped images left out.
+    skipped images left out; with cat_ids (the data's COCO category id of each label), each
+    detection also has its "category_id" (label is the model's contiguous 0..C-1).
     """
     from PIL import Image, ImageDraw, ImageFont
 
@@ -1018,8 +1023,10 @@ def predict(model, image_paths, out_dir, class_names=None, score_threshold=0.3, 
             if box[2] <= box[0] or box[3] <= box[1]:  # a box in the letterbox padding, clipped to a line
                 continue
             name = class_names[label] if class_names and label < len(class_names) else str(label)
-            detections.append({"box": [round(v, 2) for v in box], "score": round(score, 4),
-                               "label": label, "name": name})
+            detection = {"box": [round(v, 2) for v in box], "score": round(score, 4), "label": label, "name": name}
+            if cat_ids:
+                detection["category_id"] = int(cat_ids[label])
+            detections.append(detection)
             # A colour per class from its label, so the same class keeps its colour across images.
             colour = tuple(int(v) for v in (np.array([37, 91, 173]) * (label + 1)) % 255)
             draw.rectangle(box, outline=colour, width=thick)
@@ -1337,7 +1344,7 @@ def _predict_main(argv):
             score_threshold=args.score_threshold, nms=args.nms, nms_mode=args.nms_mode,
             nms_iou_or_sigma=args.nms_iou_or_sigma, nms_topk=args.nms_topk,
             max_output_size=args.nms_max_output_size, resize_method=args.resize_method,
-            letterbox_pad=args.letterbox_pad)
+            letterbox_pad=args.letterbox_pad, cat_ids=info.get("cat_ids"))
     print(f"wrote {len(drawn)} picture{'s' if len(drawn) != 1 else ''} and predictions.json to {args.out}")
 
 

@@ -806,8 +806,10 @@ def check_input_shape(input_shape, det_header):
     stride = largest_stride(det_header)
     h, w = input_shape
     if h % stride or w % stride:
-        raise ValueError(f"each side must be divisible by {stride}, the largest stride of "
-                         f"{det_header} (e.g. {stride * max(1, round(h / stride))})")
+        side = h if h % stride else w  # the side that does not fit: its two nearest sizes that do
+        below = stride * max(1, side // stride)
+        near = f"{below} or {below + stride}" if side > stride else f"{stride}"
+        raise ValueError(f"each side must be divisible by {stride}, the largest stride of {det_header} (e.g. {near})")
 
 
 def preset_input_shape(det_header):

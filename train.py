@@ -796,6 +796,10 @@ def run(argv=None):
     log(f"{cfg['det_header']} ({model.anchors_mode}, {n_params / 1e6:.2f}M params) on {device}, "
         f"{len(train_set)} train / {len(val_set)} val images, input {cfg['input_shape']}, "
         f"batch {cfg['batch_size']} x {world}, lr {lr_peak:.3g}, amp {cfg['amp']}")
+    # The progress line's total is a weighted sum of the parts beside it: said once, as the weights
+    # are assign.py's defaults and not shown there (effdet's box weight of 50 surprises).
+    log("loss: total = " + ("cls + 50 x box (EfficientDet's weights)" if model.anchors_mode == "efficientdet" else
+                            "5 x box + obj + cls, + l1 in the closing epochs (YOLOX's weights)"))
     if cfg["multiscale_range"]:  # asked for: said, even where it came down to one size
         given = cfg["multiscale_range"]
         given = ",".join(map(str, given)) if isinstance(given, list) else given

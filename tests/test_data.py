@@ -677,11 +677,11 @@ def test_coco_every_image_must_be_on_disk(tmp_path):
     Image.new("RGB", (40, 30)).save(tmp_path / "images" / "b.jpg")
     Image.new("RGB", (40, 30)).save(tmp_path / "images" / "c.jpg")
     os.remove(tmp_path / "images" / "a.jpg")
-    with pytest.raises(FileNotFoundError, match=r"1 of its 3 images are missing from .*images, e\.g\. a\.jpg: restore"):
+    with pytest.raises(FileNotFoundError, match=r"1 of its 3 images is missing from .*images, e\.g\. a\.jpg: restore"):
         data.read_coco(path)
     # No width / height in the json and no file either: the same clear message, not a bare errno.
     path = write_coco(tmp_path, [], images=[dict(id=1, file_name="a.jpg"), dict(id=2, file_name="gone.jpg")])
-    with pytest.raises(FileNotFoundError, match=r"1 of its 2 images are missing from .*images, e\.g\. gone\.jpg"):
+    with pytest.raises(FileNotFoundError, match=r"1 of its 2 images is missing from .*images, e\.g\. gone\.jpg"):
         data.read_coco(path)
     # No image found in any candidate folder: the fix is to move the images, there is no flag for it.
     shutil.rmtree(tmp_path / "images")
@@ -1292,7 +1292,7 @@ def test_data_yaml_file_lists_name_the_split_images(tmp_path):
     assert len(train_set[1]["boxes"]) == 0  # c.txt is empty: a background image
     # A listed image that is missing, and a list that is not there: errors naming them.
     (root / "autosplit_val.txt").write_text("./images/nope.jpg\n")
-    with pytest.raises(FileNotFoundError, match=r"autosplit_val\.txt: 1 of its 1 images are missing, e\.g\. "
+    with pytest.raises(FileNotFoundError, match=r"autosplit_val\.txt: 1 of its 1 images is missing, e\.g\. "
                                                 r"\./images/nope\.jpg"):
         data.open_dataset(str(root), "val")
     os.remove(root / "autosplit_val.txt")

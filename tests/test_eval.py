@@ -63,6 +63,12 @@ def test_per_class_ap_equals_pycocotools_one_class_at_a_time():
             one.summarize()
         assert table[names[name]] == pytest.approx((one.stats[0], one.stats[1]), abs=1e-12), name
     assert table[names["person"]][0] > 0.1  # a class with real detections, not a -1 placeholder
+    # The printed table: a class with no ground truth in these 100 images reads n/a, not -1.0000.
+    empty = [c for c, (ap, _) in table.items() if ap < 0]
+    assert empty
+    rows = {int(line[24:30]): line for line in ev.format_per_class_table(both).splitlines()[1:]}
+    assert rows[empty[0]].endswith(f"{'n/a':>9}{'n/a':>9}") and "-1.0000" not in ev.format_per_class_table(both)
+    assert rows[names["person"]].endswith(f"{table[names['person']][0]:>9.4f}{table[names['person']][1]:>9.4f}")
 
 
 def remapped_voc_results():
@@ -521,7 +527,7 @@ def test_clip_bbox_with_a_json_that_has_no_image_sizes(tmp_path):
     (["--nms_topk", "-5"], "--nms_topk -5"),
     (["--nms_score_threshold", "2"], "--nms_score_threshold 2.0: scores are in 0..1"),
     (["-b", "0"], "-b/--batch_size 0: give 1 or more"),
-    (["-i", "100"], "-i/--input_shape 100 100: each side must be divisible by 32, the largest stride of yolox_nano (e.g. 96)"),
+    (["-i", "100"], "-i/--input_shape 100 100: each side must be divisible by 32, the largest stride of yolox_nano (e.g. 96 or 128)"),
     (["-i", "abc"], "-i/--input_shape 'abc': give one size like 512, or H,W like 512,640"),
 ])
 def test_cli_flag_errors_name_the_flag(tmp_path, capsys, flags, message):
@@ -605,6 +611,8 @@ def test_cli_paths_and_results_entries_are_checked(tmp_path, capsys):
     predictions = json.loads((tmp_path / "f" / "predictions.json").read_text())
     assert sorted(predictions) == ["1.jpg", "2.jpg", "wide.jpg"] and 0 < len(predictions["wide.jpg"]) < 100
     assert all(d["box"][2] > d["box"][0] and d["box"][3] > d["box"][1] for d in predictions["wide.jpg"])
+    # label is the model's 0..19; category_id the data's id (write_checkpoint's are 1..20)
+    assert all(d["category_id"] == d["label"] + 1 for d in predictions["wide.jpg"])
     # -i as train.py writes it (H,W) works too.
     assert ev.main(["predict", "-m", ckpt, "--device", "cpu", "-i", "64,96", "-o", str(tmp_path / "p"), image]) == 0
     assert (tmp_path / "p" / "1.jpg").exists()

@@ -1427,3 +1427,17 @@ def test_flags_of_other_tools_name_ours(argv, hint, capsys):
     with pytest.raises(SystemExit) as exc:
         train.main(argv)
     assert exc.value.code == 2 and "error: " + hint in capsys.readouterr().err
+
+
+def test_the_loss_formula_line_has_assigns_weights(tiny_shapes, tmp_path, capsys):
+    # The startup line that says how the progress line's total is made: the same weights as
+    # assign.py's defaults, which compute it.
+    import inspect
+    anchors = inspect.signature(train.assign.anchor_loss).parameters
+    free = inspect.signature(train.assign.anchor_free_loss).parameters
+    assert anchors["box_weight"].default == 50.0
+    assert [free[k].default for k in ("box_weight", "obj_weight", "cls_weight", "l1_weight")] == [5.0, 1.0, 1.0, 1.0]
+    for mode, line in (("--use_anchors_mode", "loss: total = cls + 50 x box (EfficientDet's weights)"),
+                       ("--use_anchor_free_mode", "loss: total = 5 x box + obj + cls, + l1 in the closing epochs")):
+        run_train(tiny_shapes, tmp_path / mode, "--det_header", "yolox_nano", mode, "-i", "64", "-e", "1")
+        assert line in capsys.readouterr().out
