@@ -781,13 +781,18 @@ def open_dataset(path, split, images_dir=None):
         # Neither layout, but a json right here: most likely a COCO file without annotations/.
         raise FileNotFoundError(f"{path} is not a COCO folder (no annotations/) nor a YOLO one (no labels/); "
                                 f"it holds {', '.join(jsons)}: point to the annotation json itself")
-    voc = os.path.join(path, "Annotations") if os.path.isdir(os.path.join(path, "Annotations")) else path
-    if "labels" not in top and any(f.endswith(".xml") for f in os.listdir(voc)):
-        # Pascal VOC's layout (Annotations/*.xml beside JPEGImages/): a third format, not read here.
-        raise FileNotFoundError(f"{path} looks like Pascal VOC (xml annotations in {voc}), which is not read here: "
-                                f"convert it to a COCO json or YOLO txt labels first (most labelling tools export "
-                                f"both)")
-    return read_yolo(path, split, images_dir)
+    try:
+        return read_yolo(path, split, images_dir)
+    except ValueError as e:
+        # No YOLO labels anywhere, but xml files: Pascal VOC's layout (Annotations/*.xml beside
+        # JPEGImages/), a third format, not read here. (Asked only now: a YOLO set converted in
+        # place may keep its xml files, and it reads as YOLO.)
+        voc = os.path.join(path, "Annotations") if os.path.isdir(os.path.join(path, "Annotations")) else path
+        if "no YOLO label files" in str(e) and any(f.endswith(".xml") for f in os.listdir(voc)):
+            raise FileNotFoundError(f"{path} looks like Pascal VOC (xml annotations in {voc}), which is not read "
+                                    f"here: convert it to a COCO json or YOLO txt labels first (most labelling tools "
+                                    f"export both)") from None
+        raise
 
 
 # ----------------------------------------------------------------------------------------------

@@ -1150,6 +1150,12 @@ FOREIGN_FLAGS = {
     "--anchors_mode": "give --use_anchor_free_mode or --use_anchors_mode to train.py; eval.py reads it from the "
                       "checkpoint",
     "--use_yolor_anchors_mode": "YOLOR's anchors are not built here: anchors are EfficientDet's, or anchor-free",
+    "--model_path": "give -m/--model", "--data_name": "give -d/--data",
+    "--save_json": "give --save_results", "-s": "give --save_results (a COCO results json)",
+    "--rescale_mode": "none is needed: the pixel scaling follows the weights (their pixel_norm)",
+    "--anchor_scale": "none is needed: the checkpoint's config has its anchors",
+    "--aspect_ratios": "none is needed: the checkpoint's config has its anchors",
+    "--num_scales": "none is needed: the checkpoint's config has its anchors",
 }
 
 
@@ -1163,6 +1169,14 @@ def check_foreign_flags(parser, argv):
         name = token.split("=", 1)[0]
         if name in FOREIGN_FLAGS and name not in own:
             parser.error(f"{name} is not a flag here: {FOREIGN_FLAGS[name]}")
+
+
+def _check_one_input_shape(parser, argv):
+    """-i takes one value since predict's image paths follow it; "-i 64 64" (this file's old
+    form) would otherwise read the second 64 as an image, or as an unknown argument."""
+    for i, token in enumerate(argv[:-2]):
+        if token in ("-i", "--input_shape") and argv[i + 2].isdigit():
+            parser.error(f"{token} takes one value: give H,W like {argv[i + 1]},{argv[i + 2]}")
 
 
 def _add_common_flags(parser):
@@ -1179,7 +1193,7 @@ def _add_common_flags(parser):
                         help="sampling of the letterbox resize")
     parser.add_argument("--disable_antialias", action="store_true",
                         help="accepted, as keras_cv_attention_models' eval command lines give it (its "
-                             "--nms_method is --nms here; its other flags get a pointer to ours); changes "
+                             "--nms_method is --nms here; its other usual flags get a pointer to ours); changes "
                              "nothing: the letterbox resamples with grid_sample, which never antialiases")
     parser.add_argument("--letterbox_pad", type=int, default=-1,
                         help="-1: image at the top-left of the input; >= 0: resize into input - pad and "
@@ -1299,6 +1313,7 @@ def _predict_main(argv):
     parser.add_argument("--score_threshold", type=float, default=0.3,
                         help="draw (and list in predictions.json) detections scoring this or more")
     check_foreign_flags(parser, argv)
+    _check_one_input_shape(parser, argv)
     args = parser.parse_args(argv)
     if args.nms_iou_or_sigma is None:
         args.nms_iou_or_sigma = 0.45 if args.nms == "hard" else 0.5
@@ -1335,7 +1350,7 @@ def _predict_main(argv):
         coco = sorted(COCO_CLASSES)
         model = published_model(kind, published, model_path, coco, [COCO_CLASSES[c] for c in coco], args.det_header,
                                 _input_shape(args.input_shape), args.device)
-        info = {"class_names": [COCO_CLASSES[c] for c in coco]}
+        info = {"class_names": [COCO_CLASSES[c] for c in coco], "cat_ids": coco}
     else:
         model, info = load_model(model_path, det_header=args.det_header, input_shape=_input_shape(args.input_shape),
                                  device=args.device)
@@ -1387,6 +1402,7 @@ def _evaluate_main(argv):
                         help="decode workers (default: 2 on CPU; on a GPU this machine's cores, at most 8)")
     _add_common_flags(parser)
     check_foreign_flags(parser, argv)
+    _check_one_input_shape(parser, argv)
     args = parser.parse_args(argv)
     _check_common_flags(args)
     _check_score_threshold("--nms_score_threshold", args.nms_score_threshold)

@@ -144,9 +144,9 @@ def parse_args(argv=None):
     a("--mixup_prob", type=float, default=None, help="probability that an image is blended 50/50 with another "
       "of its batch, keeping both images' boxes (YOLOX's MixUp)")
     a("--multiscale_range", default=None, metavar="N|LO,HI", help="multi-scale training as Megvii's YOLOX: every 10 steps a new input "
-      "height, -i's +- N times the largest stride (N = 5 for yolox_s and up; cut where the smallest would go "
-      "under 2 strides), or every multiple of the stride from LO to HI px when given as LO,HI (320,640 for "
-      "nano / tiny); the width keeps -i's aspect; the evaluation stays at -i (default 0: off, so "
+      "height, -i's +- N times the largest stride (N = 5 for yolox_s and up, at most -i / stride; cut where the "
+      "smallest would go under 2 strides), or every multiple of the stride from LO to HI px when given as LO,HI "
+      "(320,640 for nano / tiny; HI at most 2 x -i); the width keeps -i's aspect; the evaluation stays at -i (default 0: off, so "
       "--cuda_graphs / --compile run one graph)")
     a("--close_mosaic_epochs", type=int, default=None, help="last epochs without mosaic or MixUp (and with L1 loss "
       "when anchor-free)")
@@ -602,11 +602,13 @@ def augment_seed(seed, epoch, rank, world):
 def draw_picture(name, log, draw):
     """Run draw(), which writes the run folder's picture `name`. Pictures are for looking at, not
     part of the run: one that cannot be drawn (a full disk, the GPU out of memory on large val
-    images) is a warning, never a stopped run or a lost epoch."""
+    images) is a warning, never a stopped run or a lost epoch. Returns whether it was drawn."""
     try:
         draw()
     except (RuntimeError, ValueError, OSError) as e:
         log(f"warning: {name} was not drawn: {e}")
+        return False
+    return True
 
 
 def multiscale_shapes(input_shape, multiscale_range, stride):
@@ -614,7 +616,7 @@ def multiscale_shapes(input_shape, multiscale_range, stride):
     -i's aspect as Megvii rounds them (stride x int(k x W / H)). multiscale_range is either
       n (Megvii's multiscale_range): k = H / stride - n .. H / stride + n, n cut so that the range
         stays centred on -i and the coarsest level stays 2 x 2 or larger (at -i 192, stride 32,
-        5 becomes 4: 64..320); n strides of H or more is a ValueError (a height given as n); or
+        5 becomes 4: 64..320); n strides of more than H is a ValueError (a height given as n); or
       [lo, hi] (Megvii's random_size, in px: its nano and tiny train at 320..640 around 416):
         every multiple of the stride from lo to hi; a width under 2 strides, or hi above 2 H,
         is a ValueError.
@@ -630,8 +632,8 @@ def multiscale_shapes(input_shape, multiscale_range, stride):
         return [(k * stride, int(k * w / h) * stride) for k in range(lo // stride, hi // stride + 1)]
     k0 = h // stride
     n = multiscale_range
-    if n >= k0:  # -i - n strides would be 0 px or less: a height typed where a count goes (640 for 5)
-        raise ValueError(f"{n} strides of {stride} px is {n * stride} px, not less than -i's height {h}: give a count "
+    if n > k0:  # more strides than -i has: most likely a height typed where a count goes (640 for 5)
+        raise ValueError(f"{n} strides of {stride} px is {n * stride} px, more than -i's height {h}: give a count "
                          f"like {max(1, min(5, k0 - 2))}, or the smallest and largest heights like "
                          f"{max(2, k0 // 2) * stride},{k0 * 3 // 2 * stride}")
     while n > 0 and (k0 - n < 2 or int((k0 - n) * w / h) < 2):
@@ -833,6 +835,7 @@ def run(argv=None):
             f"the backbone does not train in this run")
     # The checkpoint to go back to if the run stops: the one resumed from, then each epoch's last.pt.
     last_good, evaluated = cfg["resume"], False
+    pictures = set()  # the run folder's pictures drawn by this process, for the last line
     # Ctrl-C: the step running ends, its state is saved as last.pt and the run stops; --resume then
     # continues with the next step exactly. A second Ctrl-C stops at once, keeping last.pt as it
     # was (the last finished epoch). Under torchrun the first one stops at once: the processes
@@ -929,8 +932,9 @@ def run(argv=None):
                     # What the model is about to learn from, once a run: boxes that sit off their
                     # objects or a wrong class list are seen here before hours are spent on them.
                     # (One read of the pixels back from the GPU, at the first step only.)
-                    draw_picture("train_batch.png", log, lambda: data.show_batch_sample(
-                        batch, os.path.join(cfg["out"], "train_batch.png"), train_set.class_names))
+                    if draw_picture("train_batch.png", log, lambda: data.show_batch_sample(
+                            batch, os.path.join(cfg["out"], "train_batch.png"), train_set.class_names)):
+                        pictures.add("train_batch.png")
 
                 with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
                     outputs = train_model(batch["images"])
@@ -1029,9 +1033,10 @@ def run(argv=None):
                 append_history(history, row)
                 plot_history(read_history(history), os.path.join(cfg["out"], "history.png"))
                 if stats is not None:  # drawn last: the epoch's files are all written by now
-                    draw_picture("val_predictions.png", log, lambda: evaluation.prediction_sheet(
-                        eval_model, val_set, os.path.join(cfg["out"], "val_predictions.png"),
-                        input_shape=tuple(cfg["input_shape"]), batch_size=cfg["eval_batch_size"]))
+                    if draw_picture("val_predictions.png", log, lambda: evaluation.prediction_sheet(
+                            eval_model, val_set, os.path.join(cfg["out"], "val_predictions.png"),
+                            input_shape=tuple(cfg["input_shape"]), batch_size=cfg["eval_batch_size"])):
+                        pictures.add("val_predictions.png")
             if world > 1:
                 dist.barrier()  # the others wait while rank 0 evaluates and writes
             stop["saving"], last_good = False, last_path  # written: on every rank, any may name it
@@ -1053,8 +1058,8 @@ def run(argv=None):
         best = (f"best.pt (AP {best_ap:.4f})" if best_ap >= 0 else
                 "no best.pt (the val split has no boxes to score)" if evaluated else
                 "no best.pt (never evaluated: see --eval_start_epoch)")
-        log(f"done: {cfg['out']}/last.pt, {best}, history.csv, history.png, train_batch.png" +
-            (", val_predictions.png" if evaluated else ""))
+        log(f"done: {cfg['out']}/last.pt, {best}, history.csv, history.png" +
+            "".join(f", {name}" for name in sorted(pictures)))
     if world > 1:
         dist.destroy_process_group()
     return best_ap

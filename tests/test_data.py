@@ -364,7 +364,8 @@ def test_randaugment_strength_on_a_uniform_grey_batch():
     # 64 uniform images of the pad grey g = 114 / 255, one RandAugment op each at magnitude 6: the
     # geometric ops and contrast, colour, sharpness, solarize (threshold 1 - 0.54 > g) and
     # autocontrast leave g; brightness scales it by 1 +- 0.09 x 6; posterize keeps 8 - 2 bits
-    # (steps of 4 / 255: 112 / 255); equalize maps a one-value image to 0. Nothing else may appear.
+    # (steps of 4 / 255: 112 / 255); equalize leaves a one-value image as it is, as PIL's does.
+    # Nothing else may appear.
     b, g = 64, 114 / 255
     batch = dict(images=torch.full((b, 3, 40, 40), 114, dtype=torch.uint8), sizes=torch.tensor([[40, 40]] * b),
                  boxes=torch.zeros(b, 1, 4), labels=torch.zeros(b, 1, dtype=torch.long),
@@ -373,7 +374,7 @@ def test_randaugment_strength_on_a_uniform_grey_batch():
                        generator=torch.Generator().manual_seed(0), hsv=None)["images"]
     values = out.amin((1, 2, 3))
     assert torch.allclose(values, out.amax((1, 2, 3)), atol=1e-6)  # each image stays uniform
-    allowed = torch.tensor([g, g * 1.54, g * 0.46, 112 / 255, 0.0])
+    allowed = torch.tensor([g, g * 1.54, g * 0.46, 112 / 255])
     nearest = (values[:, None] - allowed[None]).abs().min(1)
     assert (nearest.values < 1e-5).all(), values[nearest.values >= 1e-5]
     assert {1, 2} <= set(nearest.indices.tolist())  # brightness was drawn both ways
@@ -1600,3 +1601,17 @@ def test_equalize_leaves_a_flat_channel_as_it_is():
     out = data._equalize(x.clone())
     assert torch.equal(out[0, :2], x[0, :2])
     assert set(out[0, 2].unique().tolist()) == {0.0, 1.0}
+
+
+def test_a_yolo_set_that_kept_its_voc_xml_reads_as_yolo(tmp_path):
+    # Converted to YOLO in place (Roboflow's train/labels layout: no labels/ at the top), the xml
+    # files still there: the labels decide, not the xml.
+    root = tmp_path / "converted"
+    for d in ("Annotations", "train/images", "train/labels"):
+        os.makedirs(root / d)
+    (root / "Annotations" / "a.xml").write_text("<annotation></annotation>")
+    Image.new("RGB", (20, 10)).save(root / "train" / "images" / "a.jpg")
+    (root / "train" / "labels" / "a.txt").write_text("0 0.5 0.5 0.5 0.4\n")
+    (root / "classes.txt").write_text("cat\n")
+    ds = data.open_dataset(str(root), "train")
+    assert ds.records[0]["boxes"].tolist() == [[5.0, 3.0, 15.0, 7.0]]

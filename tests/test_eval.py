@@ -1032,6 +1032,7 @@ def test_a_megvii_yolox_checkpoint_is_evaluated_and_drawn_with_coco_s_ids(tmp_pa
     drawn = json.loads((tmp_path / "drawn" / "predictions.json").read_text())
     coco = sorted(models.COCO_CLASSES)  # label k is COCO's k-th category: 36 is id 41, "skateboard"
     assert drawn["1.jpg"] and all(d["name"] == models.COCO_CLASSES[coco[d["label"]]] for d in drawn["1.jpg"])
+    assert all(d["category_id"] == coco[d["label"]] for d in drawn["1.jpg"])  # COCO's own id
     # Megvii's model trained on other data (20 slots), and a file of another size than --det_header.
     twenty = {k: v[:20] if k.startswith("head.cls_preds.") else v for k, v in state.items()}
     with pytest.raises(ev.EvalInputError, match=r"Megvii YOLOX weights with 20 class slots, not COCO's 80"):
@@ -1128,6 +1129,10 @@ def test_predict_takes_its_images_after_a_one_value_i(tmp_path):
     (["--use-ema"], "--use-ema is not a flag here: none is needed: a checkpoint's EMA weights are the ones evaluated"),
     (["predict", "--img-size", "64", "a.jpg", "-o", "o"], "--img-size is not a flag here: give -i/--input_shape"),
     (["--clip_bbox", "--no_clip_bbox"], "argument --no_clip_bbox: not allowed with argument --clip_bbox"),
+    (["--model_path", "m.h5", "--data_name", "coco"], "--model_path is not a flag here: give -m/--model"),
+    (["-m", "yolox_nano", "-i", "64", "64"], "-i takes one value: give H,W like 64,64"),
+    (["predict", "-m", "yolox_nano", "--input_shape", "64", "96", "a.jpg", "-o", "o"],
+     "--input_shape takes one value: give H,W like 64,96"),
 ])
 def test_flags_of_other_tools_name_ours(argv, hint, capsys):
     with pytest.raises(SystemExit) as exc:

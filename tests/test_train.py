@@ -1150,7 +1150,7 @@ def test_multiscale_flag_errors(tiny_shapes, tmp_path, capsys):
                                            "5 (-i +- 5 x 32 px), or the smallest and largest heights like 320,640"),
             (["--multiscale_range", "five"], "--multiscale_range five: give 0"),
             # a height where the count goes
-            (["--multiscale_range", "640"], "--multiscale_range 640: 640 strides of 32 px is 20480 px, not less than "
+            (["--multiscale_range", "640"], "--multiscale_range 640: 640 strides of 32 px is 20480 px, more than "
                                             "-i's height 128: give a count like 2, or the smallest and largest "
                                             "heights like 64,192"),
             (["--multiscale_range", "300,640"], "--multiscale_range 300,640: heights must be multiples of the largest "
@@ -1399,8 +1399,9 @@ def test_pictures_once_a_process_and_never_at_the_cost_of_an_epoch(tiny_shapes, 
     monkeypatch.setattr(train.evaluation, "prediction_sheet", out_of_memory)
     run_train(tiny_shapes, tmp_path, "--det_header", "yolox_nano", "-i", "64", "-e", "2", "--eval_start_epoch", "2")
     assert drawn == [os.path.join(str(tmp_path), "train_batch.png")]
-    assert "warning: val_predictions.png was not drawn: CUDA out of memory. Tried to allocate 2.00 GiB" in \
-        capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert "warning: val_predictions.png was not drawn: CUDA out of memory. Tried to allocate 2.00 GiB" in out
+    assert out.rstrip().endswith("history.csv, history.png, train_batch.png")  # the last line lists what was drawn
     assert history(tmp_path)[1]["AP"] != "" and (tmp_path / "best.pt").exists()
     assert not (tmp_path / "val_predictions.png").exists()
 
