@@ -438,13 +438,7 @@ def check_output_path(flag, path):
     if os.path.isdir(path):
         raise EvalInputError(f"{flag} {path} is a folder: give a file name like "
                              f"{os.path.join(path, flag.lstrip('-') + '.json')}")
-    parent = os.path.dirname(os.path.abspath(path))
-    while not os.path.exists(parent):  # the folders write_json_atomic would make
-        parent = os.path.dirname(parent)
-    if not os.path.isdir(parent):
-        raise EvalInputError(f"{flag} {path}: {parent} is a file, so no folder can be made there; give another path")
-    if not os.access(parent, os.W_OK):
-        raise EvalInputError(f"{flag} {path}: {parent} is not writable; give another path")
+    _check_can_make(flag, path, os.path.dirname(os.path.abspath(path)))  # the folders write_json_atomic makes
 
 
 def check_output_folder(flag, path, what):
@@ -453,13 +447,18 @@ def check_output_folder(flag, path, what):
     what: what the folder is for, for the message ("the run", "the pictures")."""
     if os.path.exists(path) and not os.path.isdir(path):
         raise EvalInputError(f"{flag} {path} is a file: give a folder for {what} (it is made if missing)")
-    parent = os.path.abspath(path)
-    while not os.path.exists(parent):  # the folders os.makedirs would make
-        parent = os.path.dirname(parent)
-    if not os.path.isdir(parent):
-        raise EvalInputError(f"{flag} {path}: {parent} is a file, so no folder can be made there; give another path")
-    if not os.access(parent, os.W_OK):
-        raise EvalInputError(f"{flag} {path}: {parent} is not writable; give another path")
+    _check_can_make(flag, path, os.path.abspath(path))  # the folders os.makedirs makes
+
+
+def _check_can_make(flag, path, folder):
+    """`folder` (for the output `path` of `flag`) can be made and written: its nearest existing
+    ancestor is a folder, not a file, and this user may write in it."""
+    while not os.path.exists(folder):
+        folder = os.path.dirname(folder)
+    if not os.path.isdir(folder):
+        raise EvalInputError(f"{flag} {path}: {folder} is a file, so no folder can be made there; give another path")
+    if not os.access(folder, os.W_OK):
+        raise EvalInputError(f"{flag} {path}: {folder} is not writable; give another path")
 
 
 def read_json(path, flag):

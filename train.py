@@ -143,11 +143,11 @@ def parse_args(argv=None):
     a("--num_layers", type=int, default=None, help="RandAugment ops per image (default 2)")
     a("--mixup_prob", type=float, default=None, help="probability that an image is blended 50/50 with another "
       "of its batch, keeping both images' boxes (YOLOX's MixUp)")
-    a("--multiscale_range", default=None, metavar="N|LO,HI", help="multi-scale training as Megvii's YOLOX: every 10 steps a new input "
-      "height, -i's +- N times the largest stride (N = 5 for yolox_s and up, at most -i / stride; cut where the "
-      "smallest would go under 2 strides), or every multiple of the stride from LO to HI px when given as LO,HI "
-      "(320,640 for nano / tiny; HI at most 2 x -i); the width keeps -i's aspect; the evaluation stays at -i (default 0: off, so "
-      "--cuda_graphs / --compile run one graph)")
+    a("--multiscale_range", default=None, metavar="N|LO,HI", help="multi-scale training as Megvii's YOLOX: every "
+      "10 steps a new input height, -i's +- N times the largest stride (N = 5 for yolox_s and up, at most -i / "
+      "stride; cut where the smallest would go under 2 strides), or every multiple of the stride from LO to HI px "
+      "when given as LO,HI (320,640 for nano / tiny; HI at most 2 x -i); the width keeps -i's aspect; the "
+      "evaluation stays at -i (default 0: off, so --cuda_graphs / --compile run one graph)")
     a("--close_mosaic_epochs", type=int, default=None, help="last epochs without mosaic or MixUp (and with L1 loss "
       "when anchor-free)")
     a("--ema_decay", type=float, default=None, help="EMA of the weights (0 = off); ramped up over the first steps")
