@@ -841,8 +841,10 @@ def published_model(kind, state, path, cat_ids, class_names=None, det_header=Non
     its AdvProp ones -1..1 pixels, as their names say (models.named_settings)."""
     spec = PUBLISHED[kind]
     if det_header and det_header not in spec["presets"]:
-        raise EvalInputError(f"-m {path} holds {spec['name']} weights: --det_header must be one of "
-                             f"{', '.join(spec['presets'])}")
+        fits = published_preset(state, kind)  # the one it is, for the fix (a few builds on the meta device)
+        raise EvalInputError(f"-m {path} holds {spec['name']} weights, not {det_header}'s: " +
+                             (f"give --det_header {fits}, or leave it out" if fits else
+                              f"--det_header must be one of {', '.join(spec['presets'])}"))
     pixel_norm, tf_padding = (spec["pixel_norm"], False) if kind == "megvii" else named_settings(path)
     if spec["slots_key"] not in state:
         raise EvalInputError(f"-m {path}: {spec['name']} weights without {spec['slots_key']} (" +

@@ -1274,8 +1274,8 @@ def load_pretrained(model, path, log, cat_ids=None, class_names=None):
                 (kind == "megvii" and model.config["backbone"] != "cspdarknet"):
             megvii = kind == "megvii"
             fail(f"--pretrained {path} is {name}{preset_hint()}, made with {MODE_FLAGS[mode]}" +
-                 (" and its own backbone" if megvii else "") + f"; now --det_header {model.config['det_header']} "
-                 f"{MODE_FLAGS[model.anchors_mode]}" + (f" --backbone {model.config['backbone']}" if megvii else ""))
+                 (" and its own backbone" if megvii else "") + f"; this run builds {model.config['det_header']} with "
+                 f"{model.anchors_mode} priors" + (f" on {model.config['backbone']}" if megvii else ""))
         # Its class predictor has a slot per COCO category: it keeps the slots of the data's
         # classes where they are all COCO's (models.coco_category_ids) and starts fresh otherwise.
         slots = state[spec["slots_key"]].numel() // spec["anchors"]

@@ -976,8 +976,8 @@ def test_an_effdet_checkpoint_is_evaluated_on_the_data_s_coco_ids(tmp_path, caps
     assert tf_model.config["tf_padding"] and "with TensorFlow's padding (tf_padding) by its name" in capsys.readouterr().out
     advprop = ev.published_model("effdet", state, "tf_efficientdet_d0_ap-d0cdbd0a.pth", [3, 1])
     assert advprop.config["pixel_norm"] == "inception" and advprop.config["tf_padding"]
-    with pytest.raises(ev.EvalInputError, match=r"holds effdet EfficientDet weights: --det_header must be one of "
-                                                r"efficientdet_d0, "):
+    with pytest.raises(ev.EvalInputError, match=r"holds effdet EfficientDet weights, not yolox_s's: give --det_header "
+                                                r"efficientdet_d0, or leave it out$"):
         ev.published_model("effdet", state, "tf_efficientdet_d0.pth", [1], det_header="yolox_s")
     # Data that is not COCO's (VOC's "cat" is id 2, COCO's "bicycle"; an id past 90) and a file
     # that fits no preset: one clear error each.

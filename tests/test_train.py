@@ -1265,7 +1265,7 @@ def test_pretrained_effdet_checkpoint_is_renamed_and_loaded(tiny_shapes, tmp_pat
                   "--pretrained", str(tmp_path / "effdet_d0.pth"))
     assert exc.value.code == 2
     assert "is an effdet EfficientDet (it is efficientdet_d0's: give --det_header efficientdet_d0), made with " \
-           "--use_anchors_mode; now --det_header yolox_nano --use_anchor_free_mode\n" in capsys.readouterr().err
+           "--use_anchors_mode; this run builds yolox_nano with anchor_free priors\n" in capsys.readouterr().err
 
 
 def megvii_nano_file(path):
@@ -1317,8 +1317,8 @@ def test_pretrained_megvii_checkpoint_is_renamed_and_loaded(tiny_shapes, tmp_pat
                             "--pretrained"),
                            (["--det_header", "efficientdet_d0", "-i", "128", "--pretrained", str(tmp_path / "yolox_nano.pth")],
                             "is a Megvii YOLOX (it is yolox_nano's: give --det_header yolox_nano), made with "
-                            "--use_anchor_free_mode and its own backbone; now --det_header efficientdet_d0 "
-                            "--use_anchors_mode --backbone efficientnet_b0"),
+                            "--use_anchor_free_mode and its own backbone; this run builds efficientdet_d0 with "
+                            "efficientdet priors on efficientnet_b0"),
                            (["--det_header", "yolox_s", "--pretrained", str(tmp_path / "yolox_nano.pth")],
                             "the file's backbone.backbone.dark2.0.dconv.conv.weight is no tensor of this YOLOX (ours "
                             "would be backbone.dark2.0.dconv.conv.weight): it is another YOLOX size, or not a Megvii "
