@@ -607,6 +607,10 @@ def _read_yolo_txt(path):
     return np.array(rows, np.float64).reshape(-1, 5), line_numbers
 
 
+class NoLabelFiles(ValueError):
+    """read_yolo found no label file for the split (open_dataset then checks for Pascal VOC's xml)."""
+
+
 def read_yolo(folder, split="train", images_dir=None):
     """YOLO txt layout -> Dataset. Labels are `class cx cy w h` normalized, one file per image, in
     labels/<split>/ (Ultralytics), <split>/labels/ (Roboflow, whose val split is named "valid"),
@@ -636,7 +640,7 @@ def read_yolo(folder, split="train", images_dir=None):
                                                                     for f in os.listdir(d))), None)
     if label_dir is None:
         shown = ", ".join(os.path.relpath(d, folder) + "/" for d in dict.fromkeys(looked))
-        raise ValueError(f"{folder}: no YOLO label files, an empty split '{split}' (looked in {shown}): put one "
+        raise NoLabelFiles(f"{folder}: no YOLO label files, an empty split '{split}' (looked in {shown}): put one "
                          f"`class cx cy w h` txt per image there")
     # A val split read from labels that are not the val split's own (labels/, obj_train_data/) is
     # the training images again: said, as a COCO folder with a train split alone says it.
@@ -783,12 +787,12 @@ def open_dataset(path, split, images_dir=None):
                                 f"it holds {', '.join(jsons)}: point to the annotation json itself")
     try:
         return read_yolo(path, split, images_dir)
-    except ValueError as e:
+    except NoLabelFiles:
         # No YOLO labels anywhere, but xml files: Pascal VOC's layout (Annotations/*.xml beside
         # JPEGImages/), a third format, not read here. (Asked only now: a YOLO set converted in
         # place may keep its xml files, and it reads as YOLO.)
         voc = os.path.join(path, "Annotations") if os.path.isdir(os.path.join(path, "Annotations")) else path
-        if "no YOLO label files" in str(e) and any(f.endswith(".xml") for f in os.listdir(voc)):
+        if any(f.endswith(".xml") for f in os.listdir(voc)):
             raise FileNotFoundError(f"{path} looks like Pascal VOC (xml annotations in {voc}), which is not read "
                                     f"here: convert it to a COCO json or YOLO txt labels first (most labelling tools "
                                     f"export both)") from None
