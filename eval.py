@@ -1207,7 +1207,9 @@ def _add_common_flags(parser):
                         help="IoU threshold for hard / linear NMS, sigma for gaussian")
     parser.add_argument("--nms_topk", type=int, default=5000,
                         help="(prior, class) pairs kept per image before NMS; -1 all, 0 one class per prior, "
-                             "its best (the meanings keras_cv_attention_models' eval gives them)")
+                             "its best (the meanings keras_cv_attention_models' eval gives them). -1 is slow "
+                             "on the CPU: every pair over the score threshold (up to tens of thousands at 0.001) goes "
+                             "through NMS")
     parser.add_argument("--nms_max_output_size", type=int, default=100, help="detections kept per image")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
                         help="cuda (the NMS kernel) or cpu (its torch twin); default cuda when there is one")
