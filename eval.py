@@ -703,6 +703,14 @@ def score_results_file(results_path, data, split="val", stats_json=None, verbose
         results = remap_by_names(results, coco_gt, results_path)
         print(f"--results {results_path}: {len(results)} detections matched to the ground truth by image file "
               f"name and category name")
+    # pycocotools scores every image of the ground truth, so a file made on part of the split
+    # scores low without a word: say how many images it covers.
+    check_results(results, coco_gt, results_path)  # before reading image ids out of it
+    covered, total = len({r["image_id"] for r in results}), len(coco_gt["images"])
+    if covered < total:
+        print(f"--results {results_path}: detections for {covered} of the ground truth's {total} images; the "
+              f"other {total - covered} are scored as images where nothing was found (each object a miss). If the "
+              f"file was made on part of the split, give -d a ground truth of that part")
     stats = evaluate_coco_results(results, coco_gt, verbose=verbose, source=results_path)
     if stats_json:
         write_json_atomic(stats, stats_json)
