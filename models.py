@@ -1077,22 +1077,32 @@ def class_key(name):
 
 
 def same_classes(old_names, new_names):
-    """For each of new_names, the position of the same class in old_names (class_key), or None
-    when one of them is not there or two are the same class: which class slots of a trained
-    model serve new data."""
+    """For each of new_names, the position of the same class in old_names (class_key), None
+    where it has none: which class slots of a trained model serve new data. None as a whole
+    when two of new_names are one class (both would start from the same row, and which of
+    them the trained model meant cannot be told)."""
     where = {}
     for i, name in enumerate(old_names):
         where.setdefault(class_key(name), i)
     slots = [where.get(class_key(name)) for name in new_names]
-    return None if None in slots or len(set(slots)) < len(slots) else slots
+    found = [s for s in slots if s is not None]
+    return None if len(set(found)) < len(found) else slots
 
 
-def keep_class_slots(tensor, num_anchors, slots):
+def keep_class_slots(tensor, num_anchors, slots, fresh=None):
     """A class predictor's weight or bias [A * C, ...] (anchor-major: row a * C + c is anchor a's
     class c, as every head here and effdet's write them) -> [A * len(slots), ...]: each anchor's
-    rows of these class slots, in this order."""
+    rows of these class slots, in this order. A slot None takes its rows from fresh, the new
+    model's own tensor [A * len(slots), ...] (a class the trained model never saw starts as a
+    new model's does)."""
     per_anchor = tensor.reshape(num_anchors, -1, *tensor.shape[1:])
-    return per_anchor[:, list(slots)].reshape(-1, *tensor.shape[1:])
+    if fresh is None:
+        return per_anchor[:, list(slots)].reshape(-1, *tensor.shape[1:])
+    out = fresh.detach().clone().reshape(num_anchors, len(slots), *tensor.shape[1:])
+    for c, slot in enumerate(slots):
+        if slot is not None:
+            out[:, c] = per_anchor[:, slot]
+    return out.reshape(-1, *tensor.shape[1:])
 
 
 def coco_category_ids(cat_ids, class_names=None):

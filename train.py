@@ -1249,7 +1249,7 @@ def drop_class_predictor(state):
 def load_pretrained(model, path, log, cat_ids=None, class_names=None):
     """Copy every tensor whose name and shape match (EMA weights when present): a detector
     trained on other classes still gives its backbone and neck, and the head starts fresh, all
-    but the class predictor's rows of the data's classes when it knows them all by name.
+    but the class predictor's rows of the data's classes it knows by name.
     An effdet EfficientDet checkpoint is renamed to ours first (models.effdet_state_dict), and so
     is a Megvii YOLOX one (models.megvii_yolox_state_dict; the model was built to take its input as
     their weights want: weights_settings). A file
@@ -1313,27 +1313,29 @@ def load_pretrained(model, path, log, cat_ids=None, class_names=None):
             f"out); the neck and head start fresh")
         return
     own = model.state_dict()
-    # A plaindet model trained on other classes: where every class of the data is one of its
-    # classes (by name, VOC's as COCO's: models.same_classes), its class predictor keeps their rows.
-    # (Rows are per anchor, and the anchor count comes with the prior mode: only a checkpoint of
-    # this model's mode lines up.)
+    # A plaindet model trained on other classes: the data's classes that are among its classes
+    # (by name, VOC's as COCO's: models.same_classes) keep their rows of its class predictor,
+    # and the others start as in a new model. (Rows are per anchor, and the anchor count comes
+    # with the prior mode: only a checkpoint of this model's mode lines up.)
     saved = ckpt.get("config") or {}
     saved_names = saved.get("class_names") if saved.get("anchors_mode") == model.anchors_mode else None
     if saved_names and class_names and list(saved_names) != list(class_names):
         rows_of = models.same_classes(saved_names, class_names)
+        known = [n for n, r in zip(class_names, rows_of or []) if r is not None]
         remapped = 0
         for k in [k for k in state if k.endswith(CLASS_PREDICTOR)]:
-            if rows_of is not None and state[k].shape[0] == model.num_anchors * len(saved_names):
-                state[k] = models.keep_class_slots(state[k], model.num_anchors, rows_of)
+            if known and k in own and state[k].shape[0] == model.num_anchors * len(saved_names):
+                state[k] = models.keep_class_slots(state[k], model.num_anchors, rows_of, fresh=own[k])
                 remapped += 1
+        unknown = [n for n, r in zip(class_names, rows_of or []) if r is None]
         if remapped:
-            log(f"--pretrained: its class predictor keeps the rows of the data's {len(rows_of)} classes, found by "
-                f"name among its {len(saved_names)}")
-        elif rows_of is None:  # its rows are other classes: even where the shapes match, not theirs to take
+            log(f"--pretrained: its class predictor keeps the rows of {len(known)} of the data's {len(class_names)} "
+                f"classes, found by name among its {len(saved_names)}" +
+                (f"; {unknown[:3]}{' ...' if len(unknown) > 3 else ''} start fresh" if unknown else ""))
+        elif not known:  # its rows are other classes: even where the shapes match, not theirs to take
             state = drop_class_predictor(state)
-            unknown = [n for n in class_names if models.same_classes(saved_names, [n]) is None]
-            log("--pretrained: the class predictor starts fresh: " + (f"{unknown[:3]} are not among its "
-                f"{len(saved_names)} classes" if unknown else "the data names one class twice"))
+            log("--pretrained: the class predictor starts fresh: " + (f"none of the data's classes is among its "
+                f"{len(saved_names)} classes" if rows_of else "the data names one class twice"))
     matched = {k: v for k, v in state.items() if k in own and own[k].shape == v.shape}
     # Most of the backbone must come from the checkpoint: another architecture can share a layer
     # or two by chance (a 32-channel stem BatchNorm, say), and the recipe would then freeze a

@@ -713,3 +713,4 @@ def test_voc_and_coco_classes_get_coco_s_ids_by_name():
     with pytest.raises(ValueError, match=r"2 category ids and 1 class names"):
         models.coco_category_ids([1, 2], ["person"])
     assert models.same_classes(["a", "b"], ["b", "a"]) == [1, 0] and models.same_classes(["a", "b"], ["b", "b"]) is None
+    assert models.same_classes(["a", "b"], ["c", "a"]) == [None, 0]

@@ -1347,25 +1347,37 @@ def test_pretrained_plaindet_checkpoint_keeps_the_class_rows_of_classes_it_knows
     key = "head.levels.2.cls_pred.bias" if header == "yolox_nano" else "head.cls_pred.pointwise.bias"
     assert torch.equal(model.state_dict()[key], source.state_dict()[key][rows])
     total = len(model.state_dict())
-    assert "keeps the rows of the data's 6 classes, found by name among its 7" in lines[0]
+    assert "keeps the rows of 6 of the data's 6 classes, found by name among its 7" in lines[0]
     assert f"{total}/{total} tensors loaded" in lines[-1]
-    # A class it never saw ("hexagon"): the class predictor starts fresh.
+    # A class it never saw ("hexagon", the data's last): the 5 others keep their rows, and
+    # hexagon's rows stay those of the new model, anchor by anchor.
     fresh, lines = models.build_model(header, num_classes=6, input_shape=(128, 128)), []
     before = fresh.state_dict()[key].clone()
     train.load_pretrained(fresh, str(tmp_path / "seven.pt"), lines.append, list(range(6)),
                           data.SHAPE_NAMES[:5] + ["hexagon"])
+    got = fresh.state_dict()[key].reshape(model.num_anchors, 6)
+    want = source.state_dict()[key].reshape(model.num_anchors, 7)[:, slots[:5]]
+    assert torch.equal(got[:, :5], want) and torch.equal(got[:, 5], before.reshape(model.num_anchors, 6)[:, 5])
+    assert "keeps the rows of 5 of the data's 6 classes, found by name among its 7; ['hexagon'] start fresh" in lines[0]
+    # None of its classes: the class predictor starts fresh as a whole, though its shape fits.
+    fresh, lines = models.build_model(header, num_classes=6, input_shape=(128, 128)), []
+    before = fresh.state_dict()[key].clone()
+    train.load_pretrained(fresh, str(tmp_path / "seven.pt"), lines.append, list(range(6)), list("uvwxyz"))
     assert torch.equal(fresh.state_dict()[key], before) and "found by name" not in " ".join(lines)
-    assert "the class predictor starts fresh: ['hexagon'] are not among its 7 classes" in lines[0]
-    # The same number of classes, but another class among them: its rows are not theirs, though they fit.
+    assert "the class predictor starts fresh: none of the data's classes is among its 7 classes" in lines[0]
+    # The same number of classes, one of them another ("hexagon" for "ring"): ring's rows are not
+    # hexagon's, though they fit; the other five are taken from their own slots.
     six = models.build_model(header, num_classes=6, input_shape=(128, 128))
     for p in six.parameters():
         p.data.normal_()
     torch.save({"config": dict(six.config, class_names=data.SHAPE_NAMES[:5] + ["hexagon"], cat_ids=list(range(6))),
                 "model": six.state_dict()}, tmp_path / "six.pt")
     fresh, lines = models.build_model(header, num_classes=6, input_shape=(128, 128)), []
-    before = fresh.state_dict()[key].clone()
+    before = fresh.state_dict()[key].clone().reshape(model.num_anchors, 6)
     train.load_pretrained(fresh, str(tmp_path / "six.pt"), lines.append, list(range(6)), data.SHAPE_NAMES)
-    assert torch.equal(fresh.state_dict()[key], before) and "['ring'] are not among its 6 classes" in lines[0]
+    got, theirs = fresh.state_dict()[key].reshape(model.num_anchors, 6), six.state_dict()[key].reshape(model.num_anchors, 6)
+    assert data.SHAPE_NAMES[5] == "ring" and torch.equal(got[:, 5], before[:, 5]) and torch.equal(got[:, :5], theirs[:, :5])
+    assert "keeps the rows of 5 of the data's 6 classes, found by name among its 6; ['ring'] start fresh" in lines[0]
     assert torch.equal(fresh.state_dict()["backbone.stem.conv.weight"], six.state_dict()["backbone.stem.conv.weight"])
     # A run of the other prior mode has another number of rows per class: not remapped.
     other = "efficientdet" if header == "yolox_nano" else "anchor_free"
