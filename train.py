@@ -1322,20 +1322,24 @@ def load_pretrained(model, path, log, cat_ids=None, class_names=None):
     if saved_names and class_names and list(saved_names) != list(class_names):
         rows_of = models.same_classes(saved_names, class_names)
         known = [n for n, r in zip(class_names, rows_of or []) if r is not None]
-        remapped = 0
-        for k in [k for k in state if k.endswith(CLASS_PREDICTOR)]:
-            if known and k in own and state[k].shape[0] == model.num_anchors * len(saved_names):
-                state[k] = models.keep_class_slots(state[k], model.num_anchors, rows_of, fresh=own[k])
-                remapped += 1
         unknown = [n for n, r in zip(class_names, rows_of or []) if r is None]
-        if remapped:
+        keys = [k for k in state if k.endswith(CLASS_PREDICTOR)]
+        # Its rows line up with ours only where each tensor has a row per (anchor, class of its)
+        # shaped as ours: a head of another width has rows of other shapes.
+        lines_up = keys and all(k in own and state[k].shape[0] == model.num_anchors * len(saved_names) and
+                                state[k].shape[1:] == own[k].shape[1:] for k in keys)
+        if known and lines_up:
+            for k in keys:
+                state[k] = models.keep_class_slots(state[k], model.num_anchors, rows_of, fresh=own[k])
             log(f"--pretrained: its class predictor keeps the rows of {len(known)} of the data's {len(class_names)} "
                 f"classes, found by name among its {len(saved_names)}" +
                 (f"; {unknown[:3]}{' ...' if len(unknown) > 3 else ''} start fresh" if unknown else ""))
-        elif not known:  # its rows are other classes: even where the shapes match, not theirs to take
+        elif keys:  # rows of other classes or shapes: not to be taken, even where a tensor fits
             state = drop_class_predictor(state)
-            log("--pretrained: the class predictor starts fresh: " + (f"none of the data's classes is among its "
-                f"{len(saved_names)} classes" if rows_of else "the data names one class twice"))
+            log("--pretrained: the class predictor starts fresh: " + (
+                "its rows are shaped for another head" if known else
+                f"none of the data's classes is among its {len(saved_names)} classes" if rows_of else
+                "the data names one class twice"))
     matched = {k: v for k, v in state.items() if k in own and own[k].shape == v.shape}
     # Most of the backbone must come from the checkpoint: another architecture can share a layer
     # or two by chance (a 32-channel stem BatchNorm, say), and the recipe would then freeze a

@@ -1352,12 +1352,17 @@ def test_pretrained_plaindet_checkpoint_keeps_the_class_rows_of_classes_it_knows
     # A class it never saw ("hexagon", the data's last): the 5 others keep their rows, and
     # hexagon's rows stay those of the new model, anchor by anchor.
     fresh, lines = models.build_model(header, num_classes=6, input_shape=(128, 128)), []
-    before = fresh.state_dict()[key].clone()
+    before, before_w = fresh.state_dict()[key].clone(), fresh.state_dict()[key.replace(".bias", ".weight")].clone()
     train.load_pretrained(fresh, str(tmp_path / "seven.pt"), lines.append, list(range(6)),
                           data.SHAPE_NAMES[:5] + ["hexagon"])
     got = fresh.state_dict()[key].reshape(model.num_anchors, 6)
     want = source.state_dict()[key].reshape(model.num_anchors, 7)[:, slots[:5]]
     assert torch.equal(got[:, :5], want) and torch.equal(got[:, 5], before.reshape(model.num_anchors, 6)[:, 5])
+    # The bias starts as a constant in every new model, so the weights tell whose rows these are.
+    wkey = key.replace(".bias", ".weight")
+    got_w = fresh.state_dict()[wkey].reshape(model.num_anchors, 6, -1)
+    assert torch.equal(got_w[:, :5], source.state_dict()[wkey].reshape(model.num_anchors, 7, -1)[:, slots[:5]])
+    assert torch.equal(got_w[:, 5], before_w.reshape(model.num_anchors, 6, -1)[:, 5])
     assert "keeps the rows of 5 of the data's 6 classes, found by name among its 7; ['hexagon'] start fresh" in lines[0]
     # None of its classes: the class predictor starts fresh as a whole, though its shape fits.
     fresh, lines = models.build_model(header, num_classes=6, input_shape=(128, 128)), []
@@ -1379,6 +1384,14 @@ def test_pretrained_plaindet_checkpoint_keeps_the_class_rows_of_classes_it_knows
     assert data.SHAPE_NAMES[5] == "ring" and torch.equal(got[:, 5], before[:, 5]) and torch.equal(got[:, :5], theirs[:, :5])
     assert "keeps the rows of 5 of the data's 6 classes, found by name among its 6; ['ring'] start fresh" in lines[0]
     assert torch.equal(fresh.state_dict()["backbone.stem.conv.weight"], six.state_dict()["backbone.stem.conv.weight"])
+    if header == "efficientdet_d0":  # a head of another width (D1's 88 channels on D0's backbone): rows of
+        # other shapes, so nothing of its class predictor is taken (not even the bias, which fits)
+        wide, lines = models.build_model("efficientdet_d1", backbone="efficientnet_b0", num_classes=6,
+                                         input_shape=(128, 128)), []
+        before = {k: wide.state_dict()[k].clone() for k in (key, key.replace(".bias", ".weight"))}
+        train.load_pretrained(wide, str(tmp_path / "seven.pt"), lines.append, list(range(6)), data.SHAPE_NAMES)
+        assert all(torch.equal(wide.state_dict()[k], v) for k, v in before.items())
+        assert "the class predictor starts fresh: its rows are shaped for another head" in lines[0]
     # A run of the other prior mode has another number of rows per class: not remapped.
     other = "efficientdet" if header == "yolox_nano" else "anchor_free"
     fresh, lines = models.build_model(header, anchors_mode=other, num_classes=6, input_shape=(128, 128)), []
