@@ -1323,18 +1323,18 @@ def load_pretrained(model, path, log, cat_ids=None, class_names=None):
         rows_of = models.same_classes(saved_names, class_names)
         known = [n for n, r in zip(class_names, rows_of or []) if r is not None]
         unknown = [n for n, r in zip(class_names, rows_of or []) if r is None]
-        keys = [k for k in state if k.endswith(CLASS_PREDICTOR)]
+        predictor_keys = [k for k in state if k.endswith(CLASS_PREDICTOR)]
         # Its rows line up with ours only where each tensor has a row per (anchor, class of its)
         # shaped as ours: a head of another width has rows of other shapes.
-        lines_up = keys and all(k in own and state[k].shape[0] == model.num_anchors * len(saved_names) and
-                                state[k].shape[1:] == own[k].shape[1:] for k in keys)
+        lines_up = predictor_keys and all(k in own and state[k].shape[0] == model.num_anchors * len(saved_names) and
+                                state[k].shape[1:] == own[k].shape[1:] for k in predictor_keys)
         if known and lines_up:
-            for k in keys:
+            for k in predictor_keys:
                 state[k] = models.keep_class_slots(state[k], model.num_anchors, rows_of, fresh=own[k])
             log(f"--pretrained: its class predictor keeps the rows of {len(known)} of the data's {len(class_names)} "
                 f"classes, found by name among its {len(saved_names)}" +
                 (f"; {unknown[:3]}{' ...' if len(unknown) > 3 else ''} start fresh" if unknown else ""))
-        elif keys:  # rows of other classes or shapes: not to be taken, even where a tensor fits
+        elif predictor_keys:  # rows of other classes or shapes: not to be taken, even where a tensor fits
             state = drop_class_predictor(state)
             log("--pretrained: the class predictor starts fresh: " + (
                 "its rows are shaped for another head" if known else
