@@ -1105,14 +1105,18 @@ def keep_class_slots(tensor, num_anchors, slots, fresh=None):
     return out.reshape(-1, *tensor.shape[1:])
 
 
-def coco_category_ids(cat_ids, class_names=None):
+def coco_category_ids(cat_ids, class_names=None, partial=False):
     """The COCO category id of each of a dataset's classes, or None when one is not among COCO's
     80, so that a COCO-trained model's class slots can be picked for the data.
     Classes are matched by name (class_key): COCO's names, or VOC's for the same category
     (VOC_TO_COCO_NAMES); so COCO's own json, a YOLO-format COCO subset (coco128: ids from 0) and
     VOC all match, whatever their ids. Only data that names no class (class_names None, or each
     name its id written out, as a json without names reads) is matched by id. ValueError when two
-    classes are the same COCO category (each detection would be written twice)."""
+    classes are the same COCO category (each detection would be written twice).
+    partial=True (fine-tuning, where a class COCO lacks can start fresh): a class named but not
+    among COCO's gets None in its place, and None as a whole means none is COCO's. Data matched
+    by id stays all or nothing: an id that is not COCO's says the data numbers its classes its
+    own way, and then its other ids are not COCO's categories either."""
     cat_ids = list(cat_ids)
     names = [str(c) for c in cat_ids] if class_names is None else [str(n) for n in class_names]
     if len(names) != len(cat_ids):
@@ -1121,9 +1125,9 @@ def coco_category_ids(cat_ids, class_names=None):
         return cat_ids if all(c in COCO_CLASSES for c in cat_ids) else None
     by_name = {name: c for c, name in COCO_CLASSES.items()}
     out = [by_name.get(class_key(n)) for n in names]
-    if None in out:
+    if (None in out and not partial) or all(c is None for c in out):
         return None
-    twins = [n for n, c in zip(names, out) if out.count(c) > 1]
+    twins = [n for n, c in zip(names, out) if c is not None and out.count(c) > 1]
     if twins:
         raise ValueError(f"the classes {twins[:2]} are both COCO's {COCO_CLASSES[out[names.index(twins[0])]]!r}: "
                          f"give the data one class per COCO category")

@@ -1276,24 +1276,36 @@ def load_pretrained(model, path, log, cat_ids=None, class_names=None):
             fail(f"--pretrained {path} is {name}{preset_hint()}, made with {MODE_FLAGS[mode]}" +
                  (" and its own backbone" if megvii else "") + f"; this run builds {model.config['det_header']} with "
                  f"{model.anchors_mode} priors" + (f" on {model.config['backbone']}" if megvii else ""))
-        # Its class predictor has a slot per COCO category: it keeps the slots of the data's
-        # classes where they are all COCO's (models.coco_category_ids) and starts fresh otherwise.
+        # Its class predictor has a slot per COCO category: each of the data's classes that is a
+        # COCO category (by name: models.coco_category_ids) keeps its slot; the others start as
+        # in a new model. So VOC keeps all 20 of its classes' slots, and a set of people, cars and
+        # forklifts keeps the first two.
         slots = state[spec["slots_key"]].numel() // spec["anchors"]
         try:
-            coco_ids = models.coco_category_ids(cat_ids, class_names) if slots == coco_slots and cat_ids else None
+            coco_ids = (models.coco_category_ids(cat_ids, class_names, partial=True)
+                        if slots == coco_slots and cat_ids else None)
         except ValueError as e:  # two classes of the data are one COCO category
             fail(f"--pretrained {path} with --data: {e}")
+        kept = [c for c in coco_ids if c is not None] if coco_ids else []
         # A meta-device twin (shapes only) with the file's class count, or the kept COCO classes':
         # the converter renames into it.
         with torch.device("meta"):
-            shaped = models.build_model(**dict(model.config, num_classes=len(coco_ids) if coco_ids else slots))
+            shaped = models.build_model(**dict(model.config, num_classes=len(kept) if kept else slots))
         try:
-            state = spec["convert"](state, shaped, coco_ids)
+            state = spec["convert"](state, shaped, kept or None)
         except ValueError as e:
             fail(f"--pretrained {path}: {e}{preset_hint()}")
+        fresh = [n for n, c in zip(class_names or cat_ids or [], coco_ids or []) if c is None]
+        if fresh:  # the kept slots go to their classes' rows; the rest are the new model's own
+            own = model.state_dict()
+            rows_of = [kept.index(c) if c is not None else None for c in coco_ids]
+            for k in [k for k in state if k.endswith(CLASS_PREDICTOR)]:
+                state[k] = models.keep_class_slots(state[k], model.num_anchors, rows_of, fresh=own[k])
         log(f"--pretrained: {path} is {name}, renamed to ours (models.{spec['convert'].__name__})" +
-            (", its class slots kept for the data's classes, COCO's" if coco_ids else ""))
-        if coco_ids is None and cat_ids:
+            (f", its class slots kept for {len(kept)} of the data's {len(coco_ids)} classes, COCO's; "
+             f"{fresh[:3]}{' ...' if len(fresh) > 3 else ''} start fresh" if fresh else
+             ", its class slots kept for the data's classes, COCO's" if kept else ""))
+        if not kept and cat_ids:
             odd = [n for c, n in zip(cat_ids, class_names or cat_ids) if models.coco_category_ids([c], [n]) is None]
             state = drop_class_predictor(state)
             log("--pretrained: the class predictor starts fresh: " +

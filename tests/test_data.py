@@ -1421,7 +1421,7 @@ def test_an_image_of_another_size_than_its_json_says(tmp_path):
 
 def test_huge_image_is_a_clear_error(tmp_path, monkeypatch):
     # PIL refuses images over ~179 megapixels with its own exception class, not an OSError.
-    path = write_coco(tmp_path, [])
+    write_coco(tmp_path, [])  # images/a.jpg, 40 x 30
     monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 100)  # 40 x 30 is over twice that: PIL raises
     with pytest.raises(data.DataLoadError, match=r"a\.jpg is too large to decode .*cut it into tiles"):
         data.decode_image(str(tmp_path / "images" / "a.jpg"))

@@ -712,5 +712,13 @@ def test_voc_and_coco_classes_get_coco_s_ids_by_name():
         models.coco_category_ids([1, 2], ["sofa", "couch"])
     with pytest.raises(ValueError, match=r"2 category ids and 1 class names"):
         models.coco_category_ids([1, 2], ["person"])
+    # partial (fine-tuning from a COCO model): a class COCO lacks is None in its place, None as a
+    # whole only when none is COCO's; twins are still refused; data matched by id stays all or
+    # nothing (ids 1 and 12: 12 is no COCO id, so 1 need not be COCO's person either).
+    assert models.coco_category_ids([0, 1, 2], ["person", "unicorn", "tvmonitor"], partial=True) == [1, None, 72]
+    assert models.coco_category_ids([0, 1], ["unicorn", "dragon"], partial=True) is None
+    assert models.coco_category_ids([1, 12], None, partial=True) is None
+    with pytest.raises(ValueError, match=r"the classes \['sofa', 'couch'\] are both COCO's 'couch'"):
+        models.coco_category_ids([1, 2, 3], ["sofa", "couch", "unicorn"], partial=True)
     assert models.same_classes(["a", "b"], ["b", "a"]) == [1, 0] and models.same_classes(["a", "b"], ["b", "b"]) is None
     assert models.same_classes(["a", "b"], ["c", "a"]) == [None, 0]

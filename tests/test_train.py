@@ -1251,6 +1251,19 @@ def test_pretrained_effdet_checkpoint_is_renamed_and_loaded(tiny_shapes, tmp_pat
     assert "its class slots kept for the data's classes, COCO's" in lines[0] and "784/784 tensors" in lines[1]
     bias = state["class_net.predict.conv_pw.bias"]
     assert model.head.cls_pred.pointwise.bias[-1] == bias[8 * 90 + 89] and model.head.cls_pred.pointwise.bias[11] == bias[12]
+    # Data of which two classes are COCO's: those two keep their slots, anchor by anchor (person:
+    # id 1, slot 0; VOC's tvmonitor, COCO's tv: id 72, slot 71), and unicorn's rows stay the new
+    # model's. The weights tell whose rows these are (the bias is a constant in a new model).
+    model, lines = models.build_model("efficientdet_d0", num_classes=3), []
+    before = model.head.cls_pred.pointwise.weight.detach().clone().reshape(9, 3, -1)
+    train.load_pretrained(model, str(tmp_path / "effdet_d0.pth"), lines.append, [0, 1, 2],
+                          ["person", "unicorn", "tvmonitor"])
+    got = model.head.cls_pred.pointwise.weight.detach().reshape(9, 3, -1)
+    theirs = state["class_net.predict.conv_pw.weight"].reshape(9, 90, -1)
+    assert torch.equal(got[:, 0], theirs[:, 0]) and torch.equal(got[:, 2], theirs[:, 71])
+    assert torch.equal(got[:, 1], before[:, 1]) and not torch.equal(before[:, 0], theirs[:, 0])
+    assert "its class slots kept for 2 of the data's 3 classes, COCO's; ['unicorn'] start fresh" in lines[0]
+    assert "784/784 tensors" in lines[-1]
     # effdet's own training checkpoint: its flags as an argparse Namespace, the weights under
     # state_dict / state_dict_ema with its wrapper's "model." prefix and anchors: the EMA loads.
     ema = {k: v + 1 if v.is_floating_point() else v for k, v in state.items()}
@@ -1311,6 +1324,17 @@ def test_pretrained_megvii_checkpoint_is_renamed_and_loaded(tiny_shapes, tmp_pat
     assert model.head.levels[2].cls_pred.bias.tolist() == [state["head.cls_preds.2.bias"][i].item() for i in (79, 0)]
     assert torch.equal(model.backbone.stem.conv.weight[:, 0], state["backbone.backbone.stem.conv.conv.weight"][:, 2])
     assert model.head.levels[0].reg_pred.bias[0] == state["head.reg_preds.0.bias"][0] - 0.5
+    # Some of the data's classes COCO's, one not: toothbrush (id 90, slot 79) and person (slot 0)
+    # keep theirs at every level; dragon's rows stay the new model's.
+    model, lines = models.build_model("yolox_nano", num_classes=3, pixel_norm="0-255"), []
+    before = [level.cls_pred.weight.detach().clone() for level in model.head.levels]
+    train.load_pretrained(model, str(tmp_path / "yolox_nano.pth"), lines.append, [5, 6, 7],
+                          ["dragon", "toothbrush", "person"])
+    for level in range(3):
+        got, theirs = model.head.levels[level].cls_pred.weight, state[f"head.cls_preds.{level}.weight"]
+        assert torch.equal(got[1], theirs[79]) and torch.equal(got[2], theirs[0]) and torch.equal(got[0], before[level][0])
+    assert "its class slots kept for 2 of the data's 3 classes, COCO's; ['dragon'] start fresh" in lines[0]
+    assert f"{total}/{total} tensors" in lines[-1]
     # Megvii's file is no plaindet training state, and fits no EfficientDet: clear errors.
     for extra, message in ((["--det_header", "yolox_nano", "--resume", str(tmp_path / "yolox_nano.pth")],
                             "is not a plaindet training state (train.py's last.pt): start from its weights with "
