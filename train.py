@@ -80,7 +80,7 @@ YOLOX_SMALL_SIZES = {
 
 # What a resumed run takes from the run it resumes when the flag is left unset (see resolve_config).
 RESUMED_SETTINGS = ("data", "det_header", "backbone", "anchors_mode", "epochs", "num_layers", "seed",
-                    "eval_start_epoch", "multiscale_range", *EFFICIENTDET_RECIPE)
+                    "eval_start_epoch", "eval_input_shape", "multiscale_range", *EFFICIENTDET_RECIPE)
 
 
 def parse_args(argv=None):
@@ -106,6 +106,8 @@ def parse_args(argv=None):
       "folder (annotations/instances_{train,val}.json or the download's instances_{train,val}2017.json, + images), "
       "a COCO json, or a YOLO folder")
     a("-i", "--input_shape", default=None, help="model input 'S' or 'H,W'; divisible by the largest stride")
+    a("--eval_input_shape", default=None, help="input 'S' or 'H,W' of the per-epoch evaluation, and the size "
+      "the checkpoints give eval.py and predict (default: -i); train small and fast, evaluate at the images' own size")
     a("-b", "--batch_size", type=int, default=None, help="images per step on each process")
     a("-e", "--epochs", type=int, default=None,
       help="total epochs (default: the last --lr_decay_steps + --lr_cooldown_steps)")
@@ -147,7 +149,7 @@ def parse_args(argv=None):
       "10 steps a new input height, -i's +- N times the largest stride (N = 5 for yolox_s and up, at most -i / "
       "stride; cut where the smallest would go under 2 strides), or every multiple of the stride from LO to HI px "
       "when given as LO,HI (320,640 for nano / tiny; HI at most 2 x -i); the width keeps -i's aspect; the "
-      "evaluation stays at -i (default 0: off, so --cuda_graphs / --compile run one graph)")
+      "evaluation stays at --eval_input_shape (default 0: off, so --cuda_graphs / --compile run one graph)")
     a("--close_mosaic_epochs", type=int, default=None, help="last epochs without mosaic or MixUp (and with L1 loss "
       "when anchor-free)")
     a("--ema_decay", type=float, default=None, help="EMA of the weights (0 = off); ramped up over the first steps")
@@ -211,7 +213,7 @@ def resolve_config(args):
         for k, before in (("random_scale_min", 0.1), ("mixup_prob", 0.0)):
             if cfg[k] is None and saved and k not in saved:
                 cfg[k] = before
-        for k in ("input_shape", "lr_decay_steps"):  # recorded as lists of numbers: back to the flag's text
+        for k in ("input_shape", "eval_input_shape", "lr_decay_steps"):  # recorded as lists: back to the flag's text
             if isinstance(cfg[k], list):
                 cfg[k] = ",".join(f"{v:g}" for v in cfg[k])
     for k, default in (("data", "shapes"), ("det_header", "efficientdet_d0"), ("num_layers", 2), ("seed", 0),
@@ -247,11 +249,15 @@ def resolve_config(args):
             cfg[k] = v
     if cfg["input_shape"] == "preset":  # the size the preset was published at, as Megvii trains it
         cfg["input_shape"] = "x".join(map(str, models.preset_input_shape(cfg["det_header"])))
-    try:
-        cfg["input_shape"] = list(models.parse_input_shape(cfg["input_shape"]))
-        models.check_input_shape(cfg["input_shape"], cfg["det_header"])
-    except ValueError as e:
-        fail(f"--input_shape {e}")
+    for flag in ("input_shape", "eval_input_shape"):
+        try:
+            if cfg[flag] is not None:
+                cfg[flag] = list(models.parse_input_shape(cfg[flag]))
+                models.check_input_shape(cfg[flag], cfg["det_header"])
+        except ValueError as e:
+            fail(f"--{flag} {e}")
+    if cfg["eval_input_shape"] is None:  # evaluated at the size it trains at, unless told
+        cfg["eval_input_shape"] = list(cfg["input_shape"])
     # BatchNorm in training needs 2+ values per channel: a batch of 1 at an input whose
     # coarsest level is 1 x 1 cell has one (an error deep inside torch otherwise).
     stride = models.largest_stride(cfg["det_header"])
@@ -730,7 +736,9 @@ def run(argv=None):
     pixel_norm, tf_padding = weights_settings(cfg, log)
     try:
         model = models.build_model(cfg["det_header"], backbone=cfg["backbone"], anchors_mode=cfg["anchors_mode"],
-                                   num_classes=len(train_set.class_names), input_shape=tuple(cfg["input_shape"]),
+                                   num_classes=len(train_set.class_names),
+                                   # the size it is evaluated at, which its checkpoints give eval.py
+                                   input_shape=tuple(cfg["eval_input_shape"]),
                                    pixel_norm=pixel_norm, tf_padding=tf_padding)
     except ValueError as e:
         fail(str(e))
@@ -796,7 +804,8 @@ def run(argv=None):
 
     n_params = sum(p.numel() for p in model.parameters())
     log(f"{cfg['det_header']} ({model.anchors_mode}, {n_params / 1e6:.2f}M params) on {device}, "
-        f"{len(train_set)} train / {len(val_set)} val images, input {cfg['input_shape']}, "
+        f"{len(train_set)} train / {len(val_set)} val images, input {cfg['input_shape']}" +
+        (f" (evaluated at {cfg['eval_input_shape']})" if cfg["eval_input_shape"] != cfg["input_shape"] else "") + ", "
         f"batch {cfg['batch_size']} x {world}, lr {lr_peak:.3g}, amp {cfg['amp']}")
     # The progress line's total is a weighted sum of the parts beside it: said once, as the weights
     # are assign.py's defaults and not shown there (effdet's box weight of 50 surprises).
@@ -810,11 +819,11 @@ def run(argv=None):
         centred = f" (cut to {n} to stay centred on -i)" if cut else ""
         if len(shapes) == 1:
             log(f"note: --multiscale_range {given}{centred} leaves one training size, {shapes[0]}: no multi-scale "
-                f"training; evaluation at {tuple(cfg['input_shape'])}")
+                f"training; evaluation at {tuple(cfg['eval_input_shape'])}")
         else:
-            untrained = "" if tuple(cfg["input_shape"]) in shapes else " (not among the training sizes)"
+            untrained = "" if tuple(cfg["eval_input_shape"]) in shapes else " (not among the training sizes)"
             log(f"multi-scale: training sizes {shapes[0]}..{shapes[-1]} in steps of {stride}, a new one every 10 "
-                f"steps (--multiscale_range {given}{centred}); evaluation at {tuple(cfg['input_shape'])}{untrained}")
+                f"steps (--multiscale_range {given}{centred}); evaluation at {tuple(cfg['eval_input_shape'])}{untrained}")
     if cfg["mixup_prob"] > 0 and cfg["batch_size"] < 3:
         log(f"note: -b {cfg['batch_size']}: MixUp needs 3 or more images per process (its partner is another "
             f"image of the batch, and with 2 the two would mix into one picture): no MixUp in this run")
@@ -1014,7 +1023,7 @@ def run(argv=None):
             if is_main and epoch + 1 >= cfg["eval_start_epoch"]:
                 eval_model = ema.module if ema is not None else model
                 t_eval = time.time()
-                stats = evaluation.run_coco_evaluation(eval_model, val_set, input_shape=tuple(cfg["input_shape"]),
+                stats = evaluation.run_coco_evaluation(eval_model, val_set, input_shape=tuple(cfg["eval_input_shape"]),
                                                        batch_size=cfg["eval_batch_size"], workers=cfg["workers"],
                                                        verbose=epoch + 1 == epochs)
                 evaluated = True
@@ -1035,7 +1044,7 @@ def run(argv=None):
                 if stats is not None:  # drawn last: the epoch's files are all written by now
                     if draw_picture("val_predictions.png", log, lambda: evaluation.prediction_sheet(
                             eval_model, val_set, os.path.join(cfg["out"], "val_predictions.png"),
-                            input_shape=tuple(cfg["input_shape"]), batch_size=cfg["eval_batch_size"])):
+                            input_shape=tuple(cfg["eval_input_shape"]), batch_size=cfg["eval_batch_size"])):
                         pictures.add("val_predictions.png")
             if world > 1:
                 dist.barrier()  # the others wait while rank 0 evaluates and writes

@@ -190,6 +190,8 @@ def test_ddp_two_processes_on_gloo(tiny_shapes, tmp_path, capsys):
     (["--lr_decay_steps", "ten"], "--lr_decay_steps 'ten'"),
     (["--lr_decay_steps", "60,30"], "increasing epochs like 30,60,90"),
     (["-i", "abc"], "--input_shape 'abc'"),
+    (["--eval_input_shape", "100"], "--eval_input_shape each side must be divisible by 32"),
+    (["--eval_input_shape", "64,y"], "--eval_input_shape '64,y': give one size like 512, or H,W like 512,640"),
     (["-b", "0"], "-b/--batch_size 0: give 1 or more"),
     (["-e", "0"], "-e/--epochs 0: give 1 or more"),
     (["--eval_batch_size", "0"], "--eval_batch_size 0: give 1 or more"),
@@ -1142,6 +1144,31 @@ def test_multiscale_training_draws_the_step_sizes(tiny_shapes, tmp_path, monkeyp
     # 4 steps an epoch (8 images, batch 2), each epoch inside one 10-step block.
     shapes = [(64, 64), (96, 96), (128, 128)]
     assert seen == [train.step_input_shape(shapes, 3, e, 0) for e in range(3) for _ in range(4)]
+
+
+def test_eval_input_shape_is_the_size_evaluated_and_recorded(tiny_shapes, tmp_path, monkeypatch):
+    # Trained at 64 x 64, evaluated at 96 x 128 (the AP, the prediction picture), and the
+    # checkpoints give eval.py that size: `python eval.py -m last.pt` scores as the run did.
+    sizes, real = [], train.evaluation.run_coco_evaluation
+    monkeypatch.setattr(train.evaluation, "run_coco_evaluation",
+                        lambda model, data, **k: sizes.append(k["input_shape"]) or real(model, data, **k))
+    trained, real_augment = [], data.augment
+    monkeypatch.setattr(data, "augment", lambda batch, shape, *a, **k: trained.append(shape) or
+                        real_augment(batch, shape, *a, **k))
+    run_train(tiny_shapes, tmp_path, "-e", "1", "--det_header", "yolox_nano", "-i", "64",
+              "--eval_input_shape", "96,128", "--eval_start_epoch", "1")
+    # (the evaluation letterboxes through augment too: its calls come after the 2 training steps)
+    assert sizes == [(96, 128)] and trained[:2] == [(64, 64)] * 2 and set(trained[2:]) == {(96, 128)}
+    ckpt = torch.load(tmp_path / "last.pt", weights_only=False)
+    assert tuple(ckpt["config"]["input_shape"]) == (96, 128)
+    assert ckpt["train_config"]["input_shape"] == [64, 64] and ckpt["train_config"]["eval_input_shape"] == [96, 128]
+    model, _ = train.evaluation.load_model(str(tmp_path / "last.pt"))
+    assert tuple(model.config["input_shape"]) == (96, 128)
+    # Resumed without the flag, the run keeps its own; unset on a new run, it is -i's.
+    cfg = train.resolve_config(train.parse_args(["--resume", str(tmp_path / "last.pt"), "-e", "2"]))
+    assert cfg["eval_input_shape"] == [96, 128] and cfg["input_shape"] == [64, 64]
+    fresh = ["--det_header", "yolox_nano", "-i", "160,192", "--out", str(tmp_path / "b")]
+    assert train.resolve_config(train.parse_args(fresh))["eval_input_shape"] == [160, 192]
 
 
 def test_multiscale_flag_errors(tiny_shapes, tmp_path, capsys):
