@@ -1304,15 +1304,15 @@ def load_pretrained(model, path, log, cat_ids=None, class_names=None):
             state = spec["convert"](state, shaped, kept or None)
         except ValueError as e:
             fail(f"--pretrained {path}: {e}{preset_hint()}")
-        fresh = [n for n, c in zip(class_names or cat_ids or [], coco_ids or []) if c is None]
-        if fresh:  # the kept slots go to their classes' rows; the rest are the new model's own
+        unknown = [n for n, c in zip(class_names or cat_ids or [], coco_ids or []) if c is None]
+        if unknown:  # the kept slots go to their classes' rows; the rest are the new model's own
             own = model.state_dict()
             rows_of = [kept.index(c) if c is not None else None for c in coco_ids]
             for k in [k for k in state if k.endswith(CLASS_PREDICTOR)]:
                 state[k] = models.keep_class_slots(state[k], model.num_anchors, rows_of, fresh=own[k])
         log(f"--pretrained: {path} is {name}, renamed to ours (models.{spec['convert'].__name__})" +
             (f", its class slots kept for {len(kept)} of the data's {len(coco_ids)} classes, COCO's; "
-             f"{fresh[:3]}{' ...' if len(fresh) > 3 else ''} start fresh" if fresh else
+             f"{unknown[:3]}{' ...' if len(unknown) > 3 else ''} start fresh" if unknown else
              ", its class slots kept for the data's classes, COCO's" if kept else ""))
         if not kept and cat_ids:
             odd = [n for c, n in zip(cat_ids, class_names or cat_ids) if models.coco_category_ids([c], [n]) is None]
