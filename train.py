@@ -1265,7 +1265,8 @@ def load_pretrained(model, path, log, cat_ids=None, class_names=None):
     with no backbone.* names is taken as an ImageNet classifier from timm or torchvision and goes
     into the backbone alone (models.load_backbone_weights): the usual start for a detector, and
     what the EfficientDet recipe's 32 frozen epochs are for.
-    cat_ids, class_names: the training data's, for an effdet or Megvii file's class slots."""
+    cat_ids, class_names: the training data's, to pick the class predictor's rows (by name; an
+    effdet or Megvii file's by COCO category, models.coco_category_ids)."""
     ckpt = load_checkpoint_file(path, flag="--pretrained")
     state = models.unwrap_state_dict(ckpt.get("ema") or ckpt.get("model") or ckpt)
     kind = models.published_kind(state)
@@ -1304,7 +1305,8 @@ def load_pretrained(model, path, log, cat_ids=None, class_names=None):
             state = spec["convert"](state, shaped, kept or None)
         except ValueError as e:
             fail(f"--pretrained {path}: {e}{preset_hint()}")
-        unknown = [n for n, c in zip(class_names or cat_ids or [], coco_ids or []) if c is None]
+        # (a None in coco_ids comes only from a name: data matched by id is all or nothing)
+        unknown = [n for n, c in zip(class_names or [], coco_ids or []) if c is None]
         if unknown:  # the kept slots go to their classes' rows; the rest are the new model's own
             own = model.state_dict()
             rows_of = [kept.index(c) if c is not None else None for c in coco_ids]
