@@ -819,21 +819,22 @@ def train_effdet_gpu(size, batch, num_classes, warmup, steps, device="cuda"):
 
 
 def train_ours_gpu(name, size, batch, dataset, workers, variant, warmup, steps, device="cuda", phase_steps=10,
-                   profile=False):
+                   profile=False, fused_bn_silu=False):
     """Our training step on the GPU exactly as train.py runs it, data included: the loader decodes
     JPEGs in `workers` processes; on the GPU augment (crop mode 1, flip, RandAugment 6, mosaic 0.5,
     HSV), bf16 forward, float32 assignment + loss, backward, SGD, EMA. variant: one of
     GPU_VARIANTS: "eager", "compile" (torch.compile, as train.py --compile), "reduce-overhead" (compile
     with CUDA graphs) or "graphs" (train.py --cuda_graphs: train.graph_model). The
-    model is channels-last (NHWC) in all, as build_model makes it.
+    model is channels-last (NHWC) in all, as build_model makes it. fused_bn_silu: BatchNorm + SiLU
+    through bn_silu_kernels.cu, as train.py --cuda_graphs --fused_bn_silu (graphs rows only).
     After the timed steps, phase_steps more steps run with a sync after each phase, to say where
     the time goes (the syncs make those steps slower than the timed ones; read the shares).
     profile: also record the phase steps with torch.profiler and print the 15 kernels that take the
     most GPU time (the syncs do not change what a kernel costs).
-    On CUDA a last step runs under torch.cuda.set_sync_debug_mode("warn"): every point where the
+    On CUDA two last steps run under torch.cuda.set_sync_debug_mode("warn"): every point where the
     CPU waits for the GPU is listed as file:line (the goal is none but the ones a step needs).
     Returns (images/s, fraction of the timed wall time spent waiting for the loader,
-    {phase: ms per step}, [file:line of each host sync in one step])."""
+    {phase: ms per step}, [file:line of each host sync in the two audited steps])."""
     import assign
     import data
     import models
@@ -841,6 +842,8 @@ def train_ours_gpu(name, size, batch, dataset, workers, variant, warmup, steps, 
     sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
     model = models.build_model(name, num_classes=len(dataset.class_names), input_shape=(size, size)).to(device).train()
     priors = model.priors((size, size), device=device)
+    if fused_bn_silu and variant == "graphs":
+        models.use_fused_bn_silu(model)
     optimizer = train.build_optimizer(model, "sgd", 1e-3, 4e-5)
     ema = train.ModelEMA(model, 0.9998)
     forward = model
@@ -850,13 +853,26 @@ def train_ours_gpu(name, size, batch, dataset, workers, variant, warmup, steps, 
         forward = torch.compile(model, dynamic=False, mode="reduce-overhead")
     elif variant == "graphs":  # as train.py --cuda_graphs
         forward = train.graph_model(model, batch, (size, size), torch.bfloat16)
-    n = batch * (warmup + steps + phase_steps + 1)
+    audit = 2 if device == "cuda" else 0  # steps under CUDA's sync debug mode, to list the host syncs
+    n = batch * (warmup + steps + phase_steps + audit)
     items = torch.utils.data.Subset(dataset, [i % len(dataset) for i in range(n)])
     loader = data.make_loader(items, batch, shuffle=True, workers=workers, seed=0, drop_last=True,
                               pin_memory=device == "cuda")
     gen = torch.Generator().manual_seed(0)
-    it, wait = iter(loader), 0.0
+    it, wait = iter(loader), [0.0]
     phases = dict.fromkeys(("data", "augment", "forward", "assign + loss", "backward", "optimizer + EMA"), 0.0)
+
+    def loaded(count):  # the loader's next `count` batches, its waits counted
+        for _ in range(count):
+            t = time.perf_counter()
+            raw = next(it)
+            wait[0] += time.perf_counter() - t
+            yield raw
+
+    def augmented(raw):  # as train.py: the pixels to the GPU, the targets stay on the CPU
+        raw["images"] = raw["images"].to(device, non_blocking=True)
+        return data.augment(raw, (size, size), random_crop_mode=1.0, magnitude=6, num_layers=2,
+                            mosaic_mix_prob=0.5, generator=gen)
 
     def mark(phase, since):
         """In the phase steps: sync, book the time since `since` to `phase`, return now."""
@@ -865,54 +881,53 @@ def train_ours_gpu(name, size, batch, dataset, workers, variant, warmup, steps, 
         phases[phase] += now - since
         return now
 
-    audit = device == "cuda"  # one last step under CUDA's sync debug mode, to list the host syncs
-    syncs = []
-    for i in range(warmup + steps + phase_steps + audit):
+    def train_step(b, timing=False):
+        t = time.perf_counter()
+        if variant == "reduce-overhead":
+            torch.compiler.cudagraph_mark_step_begin()  # last step's graph outputs are no longer read
+        with torch.autocast(device, dtype=torch.bfloat16):
+            outputs = forward(b["images"])  # bf16; detection_loss upcasts, as in train.py
+        t = mark("forward", t) if timing else t
+        losses = assign.detection_loss(outputs, priors, {k: b[k] for k in ("boxes", "labels", "valid")},
+                                       model.anchors_mode)
+        t = mark("assign + loss", t) if timing else t
+        optimizer.zero_grad(set_to_none=True)
+        losses["total"].backward()
+        t = mark("backward", t) if timing else t
+        optimizer.step()
+        ema.update()
+        if timing:
+            mark("optimizer + EMA", t)
+
+    # 1. warm-up and timed steps, exactly as train.py runs them: on a GPU the next batch is
+    # augmented in a second thread while this one trains (data.augment_ahead)
+    for i, b in enumerate(data.augment_ahead(loaded(warmup + steps), augmented, device)):
         if i == warmup:  # workers started, kernels chosen, graphs compiled
             sync()
-            t0, wait = time.perf_counter(), 0.0
-        if i == warmup + steps:
-            sync()
-            total = time.perf_counter() - t0
-            if profile:
-                prof = torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA])  # kernels only
-                prof.start()
-        if profile and i == warmup + steps + phase_steps:
-            profile_report(prof)
-        timing = warmup + steps <= i < warmup + steps + phase_steps
-        auditing = i == warmup + steps + phase_steps
+            t0, wait[0] = time.perf_counter(), 0.0
+        train_step(b)
+    sync()
+    total = time.perf_counter() - t0
+    data_wait = wait[0] / total
+    # 2. phase steps: one thread, a sync after each phase, to say where the time goes (the syncs
+    # make these steps slower than the timed ones; read the shares); the kernels profiled here
+    if profile:
+        prof = torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA])  # kernels only
+        prof.start()
+    for raw in loaded(phase_steps):
         t = time.perf_counter()
-        raw = next(it)
-        if timing:
-            t = mark("data", t)
-        elif not auditing:
-            wait += time.perf_counter() - t
-        with train_sync_audit(syncs) if auditing else contextlib.nullcontext():
-            raw["images"] = raw["images"].to(device, non_blocking=True)  # the targets stay on the CPU, as in train.py
-            b = data.augment(raw, (size, size), random_crop_mode=1.0, magnitude=6, num_layers=2,
-                             mosaic_mix_prob=0.5, generator=gen)
-            t = mark("augment", t) if timing else t
-            if variant == "reduce-overhead":
-                torch.compiler.cudagraph_mark_step_begin()  # last step's graph outputs are no longer read
-            with torch.autocast(device, dtype=torch.bfloat16):
-                outputs = forward(b["images"])  # bf16; detection_loss upcasts, as in train.py
-            t = mark("forward", t) if timing else t
-            losses = assign.detection_loss(outputs, priors, {k: b[k] for k in ("boxes", "labels", "valid")},
-                                           model.anchors_mode)
-            t = mark("assign + loss", t) if timing else t
-            optimizer.zero_grad(set_to_none=True)
-            losses["total"].backward()
-            t = mark("backward", t) if timing else t
-            optimizer.step()
-            ema.update()
-            if timing:
-                mark("optimizer + EMA", t)
-    if phase_steps + audit == 0:
-        sync()
-        total = time.perf_counter() - t0
-    if profile and not audit:
+        b = augmented(raw)
+        mark("augment", t)
+        train_step(b, timing=True)
+    if profile:
         profile_report(prof)
-    return batch * steps / total, wait / total, {k: v * 1000 / max(phase_steps, 1) for k, v in phases.items()}, syncs
+    # 3. audit: two steps as in 1., under CUDA's sync debug mode: every point where the CPU waits
+    # for the GPU is listed as file:line (the augment thread's too)
+    syncs = []
+    with train_sync_audit(syncs) if audit else contextlib.nullcontext():
+        for b in data.augment_ahead(loaded(audit), augmented, device):
+            train_step(b)
+    return batch * steps / total, data_wait, {k: v * 1000 / max(phase_steps, 1) for k, v in phases.items()}, syncs
 
 
 @contextlib.contextmanager
@@ -957,10 +972,12 @@ def train_gpu(args):
         if row == "effdet":
             continue
         parts = row.split(":")
-        if len(parts) != 3 or not parts[1].isdigit() or parts[2] not in GPU_VARIANTS:
+        if (len(parts) not in (3, 4) or not parts[1].isdigit() or parts[2] not in GPU_VARIANTS
+                or parts[3:] not in ([], ["fused"])):
             sys.exit(f"bench.py train: --gpu_rows entry {row!r}: write NAME:SIZE:VARIANT, e.g. "
-                     f"yolox_s:640:eager (VARIANT one of {', '.join(GPU_VARIANTS)}), or effdet")
-        rows.append(parts)
+                     f"yolox_s:640:eager (VARIANT one of {', '.join(GPU_VARIANTS)}), NAME:SIZE:graphs:fused "
+                     f"for BatchNorm + SiLU through the fused kernel (train.py --fused_bn_silu), or effdet")
+        rows.append((parts[0], parts[1], parts[2], parts[3:] == ["fused"]))
     voc = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "shared", "data", "voc2007_100",
                        "instances_coco.json")
     dataset = data.open_dataset(voc if os.path.exists(voc) else args.data, "train")
@@ -974,17 +991,19 @@ def train_gpu(args):
         effdet_ips = train_effdet_gpu(512, args.gpu_batch, len(dataset.class_names), args.gpu_warmup, args.gpu_steps)
         print(f"  effdet DetBenchTrain tf_efficientdet_d0 512, model + loss only : {effdet_ips:8.1f} img/s", flush=True)
     ours_d0 = None
-    for name, size, variant in rows:
+    for name, size, variant, fused in rows:
         t = time.perf_counter()
         ips, wait, phases, syncs = train_ours_gpu(name, int(size), args.gpu_batch, dataset, workers, variant,
-                                                  args.gpu_warmup, args.gpu_steps, profile=args.gpu_profile)
+                                                  args.gpu_warmup, args.gpu_steps, profile=args.gpu_profile,
+                                                  fused_bn_silu=fused)
         if name == "efficientdet_d0" and variant == "eager":
             ours_d0 = ips
+        variant += ":fused" if fused else ""
         print(f"  plaindet {name} {size} {variant:15s}, data + aug + model + loss: {ips:8.1f} img/s, "
               f"data wait {wait * 100:.1f}% (row took {time.perf_counter() - t:.0f}s)", flush=True)
         print("    ms per step, synced after each phase: "
               + ", ".join(f"{k} {v:.1f}" for k, v in phases.items()), flush=True)
-        print(f"    host syncs in one step: {len(syncs)}" + (f" ({', '.join(syncs)})" if syncs else ""), flush=True)
+        print(f"    host syncs in two steps: {len(syncs)}" + (f" ({', '.join(syncs)})" if syncs else ""), flush=True)
     if effdet_ips and ours_d0:
         print(f"  cuda efficientdet_d0 512: plaindet over effdet {ours_d0 / effdet_ips:.2f}x")
         return ours_d0 / effdet_ips

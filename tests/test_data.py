@@ -7,6 +7,8 @@ import json
 import math
 import os
 import shutil
+import threading
+import time
 import warnings
 
 import numpy as np
@@ -899,6 +901,56 @@ def test_augment_never_waits_for_the_device(shapes_dir):
             assert out["images"].device.type == "meta" and out["images"].shape == (8, 3, 96, 96)
             assert out["boxes"].device.type == "cpu" and out["valid"].any()
     assert len(spy.non_blocking) > 50 and all(spy.non_blocking)
+
+
+def test_augment_ahead_on_a_cpu_is_the_plain_loop():
+    # No thread and nothing ahead on a CPU: item k + 1's work starts only after item k was used,
+    # so a run there stays one thread, step after step (what resume equality relies on).
+    log = []
+
+    def work(k):
+        log.append(f"work {k}")
+        return k * 10
+
+    for out in data.augment_ahead(iter(range(3)), work, "cpu"):
+        log.append(f"use {out}")
+    assert log == ["work 0", "use 0", "work 1", "use 10", "work 2", "use 20"]
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU: the second stream and thread are for one")
+def test_augment_ahead_on_a_gpu_gives_the_plain_loop_s_batches_without_waiting(shapes_dir):
+    # The same generator draws, in the same order, from the second thread: the same pixels and
+    # boxes as the plain loop, batch by batch, with the next batch augmented (in another thread)
+    # before this one is used, and no wait for the GPU anywhere (sync debug mode "error"; the
+    # consumer's arithmetic on each batch reads the pixels on the training stream).
+    ds = data.open_dataset(shapes_dir, "train")
+    raws = list(data.make_loader(ds, 4, shuffle=False, workers=0, seed=0, pin_memory=True))[:4]
+    threads, log = set(), []
+
+    def work(raw, gen):
+        threads.add(threading.get_ident())
+        log.append("work")
+        raw = dict(raw, images=raw["images"].to("cuda", non_blocking=True))
+        return data.augment(raw, (96, 96), random_crop_mode=1.0, magnitude=9, mosaic_mix_prob=0.5, generator=gen)
+
+    gen = torch.Generator().manual_seed(0)
+    plain = [work(r, gen) for r in raws]
+    gen, log[:], threads = torch.Generator().manual_seed(0), [], set()
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        ahead = []
+        for out in data.augment_ahead(iter(raws), lambda r: work(r, gen), "cuda"):
+            time.sleep(0.2 if not ahead else 0)  # time for batch 2's work to start, if it runs ahead
+            log.append("use")
+            ahead.append(dict(out, images=out["images"] * 2))  # a kernel on the training stream
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    assert threads and threading.get_ident() not in threads
+    assert log[:3] == ["work", "work", "use"]  # batch 2 augmented before batch 1 is used
+    for p, a in zip(plain, ahead):
+        assert torch.equal(p["images"] * 2, a["images"])
+        assert torch.equal(p["boxes"], a["boxes"]) and torch.equal(p["valid"], a["valid"])
 
 
 def test_augmented_pixels_and_boxes_agree():

@@ -722,3 +722,143 @@ def test_voc_and_coco_classes_get_coco_s_ids_by_name():
         models.coco_category_ids([1, 2, 3], ["sofa", "couch", "unicorn"], partial=True)
     assert models.same_classes(["a", "b"], ["b", "a"]) == [1, 0] and models.same_classes(["a", "b"], ["b", "b"]) is None
     assert models.same_classes(["a", "b"], ["c", "a"]) == [None, 0]
+
+
+# ---- BatchNorm + SiLU fused (bn_silu_kernels.cu) ----
+
+def test_bn_silu_kernels_compile_with_nvcc(tmp_path):
+    import shutil
+    import subprocess
+    nvcc = shutil.which("nvcc")
+    if nvcc is None:
+        pytest.skip("nvcc is not on PATH: cannot check that bn_silu_kernels.cu compiles")
+    subprocess.run([nvcc, "-c", models.BN_SILU_KERNEL_PATH, "-o", str(tmp_path / "bn.o")],
+                   check=True, capture_output=True, timeout=120)
+    assert (tmp_path / "bn.o").stat().st_size > 0
+
+
+def test_bn_silu_grid_and_row_stride_by_hand():
+    # C = 32 bf16: 4 vectors of 8 channels -> 4 threads across, 64 rows a block, one block across;
+    # 132 multiprocessors x 8 blocks, or fewer when the rows run out (1000 rows / 64 -> 16).
+    assert models._bn_silu_grid(10**6, 32, 8, 132) == ((1, 1056), (4, 64))
+    assert models._bn_silu_grid(1000, 32, 8, 132) == ((1, 16), (4, 64))
+    # C = 520 float32: 130 vectors -> 32 across, 5 blocks across (the last one 2 vectors full)
+    assert models._bn_silu_grid(10**6, 520, 4, 132) == ((5, 212), (32, 8))
+    # C = 48 fp16: 6 vectors -> 8 threads across (2 idle), 32 rows a block
+    assert models._bn_silu_grid(40, 48, 8, 132) == ((1, 2), (8, 32))
+    a = torch.zeros(2, 24, 3, 5).to(memory_format=torch.channels_last)
+    b = torch.zeros(2, 16, 3, 5).to(memory_format=torch.channels_last)
+    assert models._rows_stride(a) == 24
+    both = torch.cat([a, b], dim=1)  # channels-last: a pixel's 40 channels side by side
+    assert models._rows_stride(both[:, :24]) == 40 and models._rows_stride(both[:, 24:]) == 40
+    assert models._rows_stride(torch.zeros(2, 24, 3, 5)) is None  # NCHW: a pixel's channels are apart
+    assert models._rows_stride(a[:, :, :, 1:]) is None            # a column cut: rows at two strides
+
+
+def test_fused_bn_silu_changes_nothing_off_cuda():
+    """On the CPU the switch is a no-op (the kernels are CUDA's): the same outputs, and eval mode
+    is BatchNorm2d's everywhere."""
+    torch.manual_seed(0)
+    plain = models.build_model("yolox_nano", num_classes=3, input_shape=(64, 64)).train()
+    fused = models.use_fused_bn_silu(models.build_model("yolox_nano", num_classes=3, input_shape=(64, 64)))
+    fused.load_state_dict(plain.state_dict())
+    fused.train()
+    assert sum(m.fused_bn_silu for m in fused.modules() if isinstance(m, models.ConvBnAct)) > 50
+    x = torch.rand(2, 3, 64, 64)
+    for a, b in zip(plain(x), fused(x)):
+        assert torch.equal(a, b)
+    bn = torch.nn.BatchNorm2d(8)
+    assert not models.bn_silu_fits(torch.rand(2, 8, 4, 4).to(memory_format=torch.channels_last), bn, torch.nn.SiLU())
+
+
+def _bn_silu_reference(x, w, b, gy, eps):
+    """SiLU(BatchNorm2d(x)) in training mode and its gradients, in float64 on the CPU."""
+    x, w, b, gy = (t.detach().double().cpu().requires_grad_(i < 3) for i, t in enumerate((x, w, b, gy)))
+    mean = x.mean(dim=(0, 2, 3), keepdim=True)
+    var = x.var(dim=(0, 2, 3), unbiased=False, keepdim=True)
+    z = (x - mean) / torch.sqrt(var + eps) * w.view(1, -1, 1, 1) + b.view(1, -1, 1, 1)
+    y = z * torch.sigmoid(z)
+    y.backward(gy)
+    m = x.numel() // x.shape[1]
+    return y.detach(), x.grad, w.grad, b.grad, mean.flatten().detach(), var.flatten().detach() * m / (m - 1)
+
+
+def _rel(a, ref):
+    return ((a.double().cpu() - ref).norm() / ref.norm()).item()
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU: the fused kernel is CUDA's")
+@pytest.mark.parametrize("shape,dtype,offset,tol", [
+    ((4, 32, 20, 24), torch.bfloat16, 0.0, 1e-2),     # yolox_s-like, one block across
+    ((64, 64, 40, 40), torch.bfloat16, 30.0, 1e-2),   # many rows a thread, a large mean
+    ((2, 48, 7, 5), torch.float16, 0.0, 2e-3),        # idle threads across (6 vectors in 8)
+    ((3, 520, 3, 3), torch.float32, 5.0, 1e-5),       # 5 blocks across, the last partly idle
+    ((4, 64, 2, 2), torch.float32, 0.0, 1e-5),        # 16 rows: yolox_nano's last level at 64 px
+    ((4, 16, 32, 32), torch.bfloat16, 0.0, 1e-2),     # 2 vectors across: yolox_nano's stem
+])
+def test_fused_bn_silu_matches_float64_and_batchnorm(shape, dtype, offset, tol):
+    """Outputs, the three gradients and the running statistics against float64 by hand, and the
+    running statistics and batch count against BatchNorm2d's own update; the incoming gradient is
+    a channel slice of a concatenation (rows at a stride wider than C), as in the CSP blocks."""
+    torch.manual_seed(0)
+    n, c, h, w = shape
+    dev = "cuda"
+    x = (torch.randn(shape, device=dev) * 3 + offset).to(dtype).to(memory_format=torch.channels_last)
+    bn = torch.nn.BatchNorm2d(c, eps=1e-3, momentum=0.03).to(dev)
+    with torch.no_grad():
+        bn.weight.uniform_(0.5, 1.5)
+        bn.bias.uniform_(-0.5, 0.5)
+        bn.running_mean.uniform_(-1, 1)
+        bn.running_var.uniform_(0.5, 2)
+    native = torch.nn.BatchNorm2d(c, eps=1e-3, momentum=0.03).to(dev)
+    native.load_state_dict(bn.state_dict())
+    start_mean, start_var = bn.running_mean.clone(), bn.running_var.clone()
+    assert models.bn_silu_fits(x, bn, torch.nn.SiLU())
+    xg = x.detach().requires_grad_()
+    y = models.bn_silu_cuda(xg, bn)
+    assert y.dtype == dtype and y.shape == x.shape and y.is_contiguous(memory_format=torch.channels_last)
+    other = torch.zeros(n, 16, h, w, device=dev, dtype=dtype).to(memory_format=torch.channels_last)
+    g = torch.randn(n, c + 16, h, w, device=dev).to(dtype).to(memory_format=torch.channels_last)
+    (torch.cat([y, other], dim=1).float() * g.float()).sum().backward()
+    ref_y, ref_gx, ref_gw, ref_gb, ref_mean, ref_var = _bn_silu_reference(x, bn.weight, bn.bias, g[:, :c], 1e-3)
+    assert _rel(y, ref_y) < tol
+    assert _rel(xg.grad, ref_gx) < tol * 3  # the gradient adds one more rounding of gz
+    assert _rel(bn.weight.grad, ref_gw) < tol * 3 and _rel(bn.bias.grad, ref_gb) < tol * 3
+    native(x.float())  # BatchNorm2d's own running update from the same values
+    torch.testing.assert_close(bn.running_mean, native.running_mean, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(bn.running_var, native.running_var, rtol=1e-5, atol=1e-5)
+    # by hand: running += 0.03 * (batch value - running), the variance unbiased
+    torch.testing.assert_close(bn.running_mean.cpu().double(), 0.97 * start_mean.cpu().double() + 0.03 * ref_mean,
+                               rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(bn.running_var.cpu().double(), 0.97 * start_var.cpu().double() + 0.03 * ref_var,
+                               rtol=1e-4, atol=1e-5)
+    assert bn.num_batches_tracked.item() == 1
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU: the fused BN + SiLU kernel is CUDA's")
+def test_fused_bn_silu_model_gives_batchnorm_s_outputs_and_gradients():
+    """A whole yolox_nano in training mode, float32, fused against BatchNorm2d + SiLU: the same
+    outputs, gradients (all parameters as one vector) and running statistics, to float32
+    rounding. TF32 is off: the convolutions' default TF32 keeps 10 bits of mantissa, and a
+    rounding flip anywhere grows through 60 layers to differences of a few 1e-3 even between two
+    correct implementations (seen on an H200)."""
+    import copy
+    tf32 = torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = False
+    try:
+        torch.manual_seed(0)
+        native = models.build_model("yolox_nano", num_classes=3, input_shape=(64, 64)).cuda().train()
+        fused = models.use_fused_bn_silu(copy.deepcopy(native))
+        x = torch.rand(4, 3, 64, 64, device="cuda")
+        outputs = []
+        for model in (native, fused):
+            out = model(x)
+            sum((o.sin() * (o + 1)).mean() for o in out).backward()  # smooth, every output counts
+            outputs.append(torch.cat([o.flatten() for o in out]))
+    finally:
+        torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = tf32
+    assert _rel(outputs[1], outputs[0].double().cpu()) < 1e-4
+    grads = [torch.cat([p.grad.flatten() for p in m.parameters()]) for m in (native, fused)]
+    assert _rel(grads[1], grads[0].double().cpu()) < 1e-4
+    for (name, a), b in zip(native.named_buffers(), fused.buffers()):
+        assert torch.allclose(a.float(), b.float(), rtol=1e-4, atol=1e-5), name

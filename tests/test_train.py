@@ -208,6 +208,7 @@ def test_ddp_two_processes_on_gloo(tiny_shapes, tmp_path, capsys):
     (["--mosaic_mix_prob", "2"], "--mosaic_mix_prob 2.0: a probability"),
     (["--flip_prob", "1.5"], "--flip_prob 1.5: a probability"),
     (["--cuda_graphs", "--compile"], "--cuda_graphs with --compile: choose one"),
+    (["--fused_bn_silu"], "--fused_bn_silu works inside --cuda_graphs only"),
     (["--lr_min", "-1"], "--lr_min -1.0: give 0 or more"),  # the number it means
     (["--lr_min", "abc"], "--lr_min 'abc': give a learning rate like 1e-5, or a share of the peak like 5%"),
     (["--lr_min", "0.5"], "--lr_min 0.5 is above the peak learning rate 0.01 of this run (--lr_base_512 0.08 x "
@@ -827,23 +828,26 @@ def test_ctrl_c_leaves_a_resumable_checkpoint(tiny_shapes, tmp_path):
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU: it counts the CPU's waits for one")
-@pytest.mark.parametrize("mode, extra, steps", [
-    ("--use_anchor_free_mode", ["-b", "1"], 8), ("--use_anchors_mode", ["-b", "1"], 8),
+@pytest.mark.parametrize("mode, extra, first, steps", [
+    ("--use_anchor_free_mode", ["-b", "1", "-e", "2"], 9, 16), ("--use_anchors_mode", ["-b", "1", "-e", "2"], 9, 16),
     # MixUp (3+ images) and multi-scale (3 sizes at -i 96): batch 4, 2 steps an epoch, 3 epochs.
-    ("--use_anchors_mode", ["-b", "4", "-e", "3", "-i", "96", "--mixup_prob", "1", "--multiscale_range", "1"], 6)])
-def test_a_training_step_never_waits_for_the_gpu(tiny_shapes, tmp_path, monkeypatch, mode, extra, steps):
-    # train.main itself, batch 1 (8 steps an epoch; the loss is looked at after steps 2, 4, 6, 8).
-    # Step 3 runs under CUDA's sync debug mode set to "error", from its augment to its EMA update
-    # (pixels to the GPU, augment with mosaic and RandAugment, bf16 forward, assignment + loss,
-    # backward, SGD, EMA): each synchronize PyTorch itself calls there (a value read back to the
-    # CPU, a blocking copy) raises. Copies the driver alone may block on (from pageable memory)
-    # are what tests/test_data.py's non-blocking spy looks for.
+    ("--use_anchors_mode", ["-b", "4", "-e", "3", "-i", "96", "--mixup_prob", "1", "--multiscale_range", "1"], 3, 6)])
+def test_a_training_step_never_waits_for_the_gpu(tiny_shapes, tmp_path, monkeypatch, mode, extra, first, steps):
+    # train.main itself. One step runs under CUDA's sync debug mode set to "error", from its
+    # augment to its EMA update (pixels to the GPU, augment with mosaic and RandAugment, bf16
+    # forward, assignment + loss, backward, SGD, EMA): each synchronize PyTorch itself calls there
+    # (a value read back to the CPU, a blocking copy) raises. Copies the driver alone may block on
+    # (from pageable memory) are what tests/test_data.py's non-blocking spy looks for.
+    # The step is the first of an epoch (augment call `first`): on a GPU the next step's augment
+    # runs in a second thread during a step (data.augment_ahead), so the window covers that one
+    # too, and the first step of an epoch is the one whose window holds no loss check (those
+    # come after the EMA update, at each quarter of the epoch, and read the loss on purpose).
     calls = {"augment": 0, "ema": 0}
     real_augment = train.data.augment
 
     def augment(*args, **kwargs):
         calls["augment"] += 1
-        if calls["augment"] == 3:
+        if calls["augment"] == first:
             torch.cuda.synchronize()
             torch.cuda.set_sync_debug_mode("error")
         return real_augment(*args, **kwargs)
@@ -852,13 +856,14 @@ def test_a_training_step_never_waits_for_the_gpu(tiny_shapes, tmp_path, monkeypa
         def update(self):
             super().update()
             calls["ema"] += 1
-            if calls["ema"] == 3:
+            if calls["ema"] == first:
                 torch.cuda.set_sync_debug_mode("default")
     monkeypatch.setattr(train.data, "augment", augment)
     monkeypatch.setattr(train, "ModelEMA", EMA)
     try:
         run_train(tiny_shapes, tmp_path, "--det_header", "yolox_nano", mode, "-i", "64", "-e", "1",
-                  "--mosaic_mix_prob", "1", "--magnitude", "6", "--ema_decay", "0.999", *extra)
+                  "--mosaic_mix_prob", "1", "--magnitude", "6", "--ema_decay", "0.999", "--close_mosaic_epochs", "0",
+                  *extra)
     finally:
         torch.cuda.set_sync_debug_mode("default")
     assert calls["ema"] == steps and float(history(tmp_path)[0]["loss_total"]) > 0
@@ -897,6 +902,24 @@ def test_cuda_graphs_train_as_eager_does(tiny_shapes, tmp_path, monkeypatch, amp
     for k, v in eager.items():
         if v.dtype.is_floating_point:
             assert torch.allclose(graphs[k], v, atol=tolerance, rtol=tolerance * 10), f"{k}: graphs and eager differ"
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU: the fused BN + SiLU kernel is CUDA's")
+def test_fused_bn_silu_flag_records_the_kernel_into_the_graphs(tiny_shapes, tmp_path, monkeypatch):
+    # --cuda_graphs --fused_bn_silu: every ConvBnAct that trains goes through the kernel while the
+    # graphs are recorded (frozen backbone: the neck's and head's; then all of them), and the run
+    # trains (the loss falls is test_loss_falls' job; here: finite). Whether the kernel computes
+    # what BatchNorm2d + SiLU do is tests/test_models.py's.
+    calls, fused = [], models.bn_silu_cuda
+    monkeypatch.setattr(models, "bn_silu_cuda", lambda x, bn: calls.append(x.shape[1]) or fused(x, bn))
+    run_train(tiny_shapes, tmp_path, "--det_header", "yolox_nano", "-i", "64", "--amp", "bf16",
+              "--freeze_backbone_epochs", "1", "-e", "2", "--cuda_graphs", "--fused_bn_silu")
+    model = models.build_model("yolox_nano", num_classes=3)
+    every = sum(isinstance(m, models.ConvBnAct) for m in model.modules())
+    unfrozen = sum(isinstance(m, models.ConvBnAct) for m in model.modules()) - \
+        sum(isinstance(m, models.ConvBnAct) for m in model.backbone.modules())
+    assert every > unfrozen > 20 and len(calls) >= unfrozen + every
+    assert all(math.isfinite(float(r["loss_total"])) for r in history(tmp_path))
 
 
 def test_graph_model_puts_back_bn_statistics_and_records_afresh(monkeypatch):
