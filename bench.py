@@ -901,7 +901,8 @@ def train_ours_gpu(name, size, batch, dataset, workers, variant, warmup, steps, 
 
     # 1. warm-up and timed steps, exactly as train.py runs them: on a GPU the next batch is
     # augmented in a second thread while this one trains (data.augment_ahead)
-    for i, b in enumerate(data.augment_ahead(loaded(warmup + steps), augmented, device)):
+    side = torch.cuda.Stream(device) if device == "cuda" else None
+    for i, b in enumerate(data.augment_ahead(loaded(warmup + steps), augmented, device, side)):
         if i == warmup:  # workers started, kernels chosen, graphs compiled
             sync()
             t0, wait[0] = time.perf_counter(), 0.0
@@ -914,8 +915,10 @@ def train_ours_gpu(name, size, batch, dataset, workers, variant, warmup, steps, 
     if profile:
         prof = torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA])  # kernels only
         prof.start()
-    for raw in loaded(phase_steps):
+    for _ in range(phase_steps):
         t = time.perf_counter()
+        raw = next(it)
+        t = mark("data", t)
         b = augmented(raw)
         mark("augment", t)
         train_step(b, timing=True)
@@ -925,7 +928,7 @@ def train_ours_gpu(name, size, batch, dataset, workers, variant, warmup, steps, 
     # for the GPU is listed as file:line (the augment thread's too)
     syncs = []
     with train_sync_audit(syncs) if audit else contextlib.nullcontext():
-        for b in data.augment_ahead(loaded(audit), augmented, device):
+        for b in data.augment_ahead(loaded(audit), augmented, device, side):
             train_step(b)
     return batch * steps / total, data_wait, {k: v * 1000 / max(phase_steps, 1) for k, v in phases.items()}, syncs
 
@@ -973,7 +976,7 @@ def train_gpu(args):
             continue
         parts = row.split(":")
         if (len(parts) not in (3, 4) or not parts[1].isdigit() or parts[2] not in GPU_VARIANTS
-                or parts[3:] not in ([], ["fused"])):
+                or parts[3:] not in ([], ["fused"]) or (parts[3:] and parts[2] != "graphs")):
             sys.exit(f"bench.py train: --gpu_rows entry {row!r}: write NAME:SIZE:VARIANT, e.g. "
                      f"yolox_s:640:eager (VARIANT one of {', '.join(GPU_VARIANTS)}), NAME:SIZE:graphs:fused "
                      f"for BatchNorm + SiLU through the fused kernel (train.py --fused_bn_silu), or effdet")

@@ -1628,7 +1628,7 @@ def mixup_images(images, boxes, labels, valid, prob, generator):
     return images, boxes, labels, valid
 
 
-def augment_ahead(items, work, device):
+def augment_ahead(items, work, device, stream=None):
     """work(item) for each of items, in order, with the next item's work done ahead while the
     caller uses this one's: on a CUDA device, in a second thread and on a second CUDA stream.
 
@@ -1647,12 +1647,18 @@ def augment_ahead(items, work, device):
     same draws as in a plain loop; but while the caller handles item k, item k + 1's work may be
     drawing from it already, so work returns whatever state the caller needs (train.py: the
     generator's state for a Ctrl-C checkpoint). The items themselves are drawn in the caller's
-    thread. On any other device (the CPU) this is the plain loop: work(item), then yield it."""
+    thread, before item k is handed over (so a caller's timing of them counts loader waits only;
+    a wait for the thread itself shows in the steps' time, not there).
+    stream: the second CUDA stream; make it once (torch.cuda.Stream) and pass it on every call,
+    since the memory PyTorch caches for one stream serves that stream alone, so a new stream each
+    epoch would strand the last one's cached blocks. None: a new one.
+    On any other device (the CPU) this is the plain loop: work(item), then yield it."""
     if torch.device(device).type != "cuda":
         for item in items:
             yield work(item)
         return
-    stream, training = torch.cuda.Stream(device), torch.cuda.current_stream(device)
+    stream = stream if stream is not None else torch.cuda.Stream(device)
+    training = torch.cuda.current_stream(device)
 
     def run(item):  # in the second thread
         with torch.cuda.device(device), torch.cuda.stream(stream):

@@ -105,14 +105,16 @@ class Conv2dSame(nn.Conv2d):
 # ---------------------------------------------------------------------------------------
 # Why: BN and SiLU only move memory, and as two PyTorch operations they write the tensor between
 # them, keep it for the backward pass and read it several times; bn_silu_kernels.cu's header
-# counts the passes (13 per element down to 8). The numbers are the same as BatchNorm2d then
-# SiLU, up to float32 rounding. Used by ConvBnAct in training mode when use_fused_bn_silu turned
+# counts the passes (13 per element down to 8). The numbers are BatchNorm2d's then SiLU's, up
+# to rounding: in float32 to its last bits; in bf16 / fp16 PyTorch also rounds the tensor between
+# the two (and its gradient) to 16 bits, where the fused path keeps float32. Used by ConvBnAct in training mode when use_fused_bn_silu turned
 # it on (train.py --cuda_graphs --fused_bn_silu) and the tensor is one the kernels take
 # (bn_silu_fits); every other case runs the two PyTorch modules.
 # Measured on an H200 (yolox_s 640, batch 32, bf16, 10 steps profiled): BN + SiLU kernels 9.7 ms
-# a step instead of 13.5, all kernels 28.6 ms instead of 33.2. The step itself stayed at about
-# 33 ms (968 against 974 img/s): with the GPU's work shortened, the CPU's side of the step
-# (assignment and loss launches, the optimizer) became the limit. Hence off by default.
+# a step instead of 13.5, all kernels 28.6 ms instead of 33.2. The step itself did not get
+# shorter (968 and 860 img/s against 974 and 974 without it, same run): something other than the
+# GPU's kernels, most likely the CPU's side of the step, holds it at about 33 ms. Hence off by
+# default.
 BN_SILU_KERNEL_PATH = os.path.join(os.path.dirname(os.path.abspath(__file__)), "bn_silu_kernels.cu")
 BN_SILU_DTYPES = {torch.float32: "float32", torch.bfloat16: "bfloat16", torch.float16: "float16"}
 BN_SILU_FINISH_LANES = 32  # the kernel file's FINISH_LANES: a finish block is 32 channels x this
@@ -153,14 +155,15 @@ def bn_silu_fits(x, bn, act):
     """Whether SiLU(bn(x)) can run as bn_silu_cuda: a training-mode BatchNorm2d (not SyncBatchNorm,
     whose statistics span processes) with affine weights and momentum-updated float32 running
     statistics, an nn.SiLU, and x a CUDA float32 / bfloat16 / float16 tensor [N, C, H, W],
-    contiguous channels-last, with C a multiple of the kernels' vector width (16 bytes of
-    channels) and at least 2 values per channel (BatchNorm2d's error below that stays its own)."""
+    contiguous channels-last and 16-byte aligned, with C a multiple of the kernels' vector width
+    (16 bytes of channels) and at least 2 values per channel (BatchNorm2d's error below that stays
+    its own)."""
     return (isinstance(act, nn.SiLU) and type(bn) is nn.BatchNorm2d and bn.training and bn.affine
             and bn.track_running_stats and bn.momentum is not None and bn.weight.dtype == torch.float32
             and bn.running_mean.dtype == torch.float32 and x.is_cuda and x.dtype in BN_SILU_DTYPES
             and x.dim() == 4 and x.shape[1] % (16 // x.element_size()) == 0
             and x.numel() // max(x.shape[1], 1) >= 2 and x.is_contiguous(memory_format=torch.channels_last)
-            and not torch.compiler.is_compiling())
+            and x.data_ptr() % 16 == 0 and not torch.compiler.is_compiling())
 
 
 def _bn_silu_grid(m, c, vec, sms):
@@ -219,7 +222,7 @@ class _BnSiluFunction(torch.autograd.Function):
         vec = 16 // x.element_size()
         ld = _rows_stride(gy)
         if ld is None or ld % vec or gy.data_ptr() % 16:  # a layout the 16-byte loads cannot read
-            gy = gy.contiguous(memory_format=torch.channels_last)
+            gy = gy.clone(memory_format=torch.channels_last)  # a fresh (aligned) copy, even of a contiguous gy
             ld = c
         kernels, sms = _bn_silu_kernels(x.device.index)
         dtype = BN_SILU_DTYPES[x.dtype]

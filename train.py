@@ -161,7 +161,7 @@ def parse_args(argv=None):
            "the CPU launches 2 graphs instead of every kernel (one GPU; not with --compile)")
     a("--fused_bn_silu", action="store_true",
       help="with --cuda_graphs: BatchNorm + SiLU as one CUDA operation (bn_silu_kernels.cu, through cupy): "
-           "less GPU time per step, the same arithmetic; off by default (see the README's GPU section)")
+           "less GPU time per step, the same arithmetic up to rounding; off by default (README, Use it)")
     a("--sync_bn", action="store_true", help="SyncBatchNorm under DDP")
     a("--workers", type=int, default=None,
       help="DataLoader decode workers per process (default: 2 on CPU; on a GPU the cores of this "
@@ -760,7 +760,8 @@ def run(argv=None):
         model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
     if cfg["fused_bn_silu"]:
         # BatchNorm + SiLU as one CUDA operation in training (models.bn_silu_cuda: the same
-        # arithmetic, fewer passes over memory; yolox_s's kernels 4.6 ms a step shorter on an H200).
+        # arithmetic up to rounding, fewer passes over memory; yolox_s's kernels 4.6 ms a step
+        # shorter on an H200).
         # Only inside recorded graphs: launched from Python each step, its three kernels cost the
         # CPU more than the two PyTorch operations they replace, and an eager step is CPU-bound.
         models.use_fused_bn_silu(model)
@@ -881,6 +882,7 @@ def run(argv=None):
 
     previous_handler = signal.signal(signal.SIGINT, on_ctrl_c)
     last_path = os.path.join(cfg["out"], "last.pt")
+    side_stream = torch.cuda.Stream(device) if device.type == "cuda" else None  # augment_ahead's, one a run
     epoch = start_epoch
     try:
         for epoch in range(start_epoch, epochs):
@@ -961,7 +963,7 @@ def run(argv=None):
 
             # On a GPU the next step's batch is augmented in a second thread while this step trains
             # (data.augment_ahead says why); on a CPU this is the plain loop.
-            for i, shape, batch, gen_state in data.augment_ahead(loaded(), augmented, device):
+            for i, shape, batch, gen_state in data.augment_ahead(loaded(), augmented, device, side_stream):
                 lr = learning_rate(epoch + i / epoch_steps, cfg, lr_peak)
                 for group in optimizer.param_groups:
                     group["lr"] = lr
@@ -1204,7 +1206,7 @@ def load_resume(cfg, model, ema, optimizer, scaler, train_set, world, log):
     # one) but said, since it changes the run (unset flags took the run's values: resolve_config).
     # (det_header, backbone and mode are the model's, checked by loading its weights above.)
     skip = ("resume", "out", "pretrained", "workers", "eval_batch_size", "eval_start_epoch", "compile",
-            "cuda_graphs", "det_header", "backbone", "anchors_mode", "lr_floor")  # lr_floor: from --lr_min and the batch, compared themselves
+            "cuda_graphs", "fused_bn_silu", "det_header", "backbone", "anchors_mode", "lr_floor")  # lr_floor: from --lr_min and the batch, compared themselves
     if saved.get("data") not in (None, "shapes"):
         saved = dict(saved, data=os.path.abspath(saved["data"]))  # older checkpoints recorded it relative
     changed = [f"{k} {cfg[k]} (was {saved[k]})" for k in cfg if k in saved and k not in skip and saved[k] != cfg[k]]

@@ -788,6 +788,7 @@ def _rel(a, ref):
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU: the fused kernel is CUDA's")
+@pytest.mark.parametrize("before", [0, 4])
 @pytest.mark.parametrize("shape,dtype,offset,tol", [
     ((4, 32, 20, 24), torch.bfloat16, 0.0, 1e-2),     # yolox_s-like, one block across
     ((64, 64, 40, 40), torch.bfloat16, 30.0, 1e-2),   # many rows a thread, a large mean
@@ -796,10 +797,12 @@ def _rel(a, ref):
     ((4, 64, 2, 2), torch.float32, 0.0, 1e-5),        # 16 rows: yolox_nano's last level at 64 px
     ((4, 16, 32, 32), torch.bfloat16, 0.0, 1e-2),     # 2 vectors across: yolox_nano's stem
 ])
-def test_fused_bn_silu_matches_float64_and_batchnorm(shape, dtype, offset, tol):
+def test_fused_bn_silu_matches_float64_and_batchnorm(shape, dtype, offset, tol, before):
     """Outputs, the three gradients and the running statistics against float64 by hand, and the
     running statistics and batch count against BatchNorm2d's own update; the incoming gradient is
-    a channel slice of a concatenation (rows at a stride wider than C), as in the CSP blocks."""
+    a channel slice of a concatenation (rows at a stride wider than C), as in the CSP blocks:
+    after `before` channels of another tensor, which moves its start by 4 values (16 bytes of
+    float32: read in place; 8 bytes of bf16 / fp16, a row stride no 16-byte load fits: copied)."""
     torch.manual_seed(0)
     n, c, h, w = shape
     dev = "cuda"
@@ -817,10 +820,12 @@ def test_fused_bn_silu_matches_float64_and_batchnorm(shape, dtype, offset, tol):
     xg = x.detach().requires_grad_()
     y = models.bn_silu_cuda(xg, bn)
     assert y.dtype == dtype and y.shape == x.shape and y.is_contiguous(memory_format=torch.channels_last)
+    ahead = torch.zeros(n, before, h, w, device=dev, dtype=dtype).to(memory_format=torch.channels_last)
     other = torch.zeros(n, 16, h, w, device=dev, dtype=dtype).to(memory_format=torch.channels_last)
-    g = torch.randn(n, c + 16, h, w, device=dev).to(dtype).to(memory_format=torch.channels_last)
-    (torch.cat([y, other], dim=1).float() * g.float()).sum().backward()
-    ref_y, ref_gx, ref_gw, ref_gb, ref_mean, ref_var = _bn_silu_reference(x, bn.weight, bn.bias, g[:, :c], 1e-3)
+    g = torch.randn(n, before + c + 16, h, w, device=dev).to(dtype).to(memory_format=torch.channels_last)
+    (torch.cat([ahead, y, other], dim=1).float() * g.float()).sum().backward()
+    ref_y, ref_gx, ref_gw, ref_gb, ref_mean, ref_var = _bn_silu_reference(x, bn.weight, bn.bias,
+                                                                          g[:, before:before + c], 1e-3)
     assert _rel(y, ref_y) < tol
     assert _rel(xg.grad, ref_gx) < tol * 3  # the gradient adds one more rounding of gz
     assert _rel(bn.weight.grad, ref_gw) < tol * 3 and _rel(bn.bias.grad, ref_gb) < tol * 3
@@ -836,13 +841,15 @@ def test_fused_bn_silu_matches_float64_and_batchnorm(shape, dtype, offset, tol):
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU: the fused BN + SiLU kernel is CUDA's")
-def test_fused_bn_silu_model_gives_batchnorm_s_outputs_and_gradients():
+def test_fused_bn_silu_model_gives_batchnorm_s_outputs_and_gradients(monkeypatch):
     """A whole yolox_nano in training mode, float32, fused against BatchNorm2d + SiLU: the same
     outputs, gradients (all parameters as one vector) and running statistics, to float32
     rounding. TF32 is off: the convolutions' default TF32 keeps 10 bits of mantissa, and a
     rounding flip anywhere grows through 60 layers to differences of a few 1e-3 even between two
     correct implementations (seen on an H200)."""
     import copy
+    calls, real = [], models.bn_silu_cuda
+    monkeypatch.setattr(models, "bn_silu_cuda", lambda x, bn: calls.append(bn) or real(x, bn))
     tf32 = torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32
     torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = False
     try:
@@ -857,6 +864,9 @@ def test_fused_bn_silu_model_gives_batchnorm_s_outputs_and_gradients():
             outputs.append(torch.cat([o.flatten() for o in out]))
     finally:
         torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = tf32
+    # every ConvBnAct of the fused copy went through the kernel (all are BN + SiLU in YOLOX), once
+    fused_layers = [m.bn for m in fused.modules() if isinstance(m, models.ConvBnAct)]
+    assert len(fused_layers) > 50 and sorted(map(id, calls)) == sorted(map(id, fused_layers))
     assert _rel(outputs[1], outputs[0].double().cpu()) < 1e-4
     grads = [torch.cat([p.grad.flatten() for p in m.parameters()]) for m in (native, fused)]
     assert _rel(grads[1], grads[0].double().cpu()) < 1e-4

@@ -839,9 +839,10 @@ def test_a_training_step_never_waits_for_the_gpu(tiny_shapes, tmp_path, monkeypa
     # (a value read back to the CPU, a blocking copy) raises. Copies the driver alone may block on
     # (from pageable memory) are what tests/test_data.py's non-blocking spy looks for.
     # The step is the first of an epoch (augment call `first`): on a GPU the next step's augment
-    # runs in a second thread during a step (data.augment_ahead), so the window covers that one
-    # too, and the first step of an epoch is the one whose window holds no loss check (those
-    # come after the EMA update, at each quarter of the epoch, and read the loss on purpose).
+    # runs in a second thread during a step (data.augment_ahead), so the window may also cover
+    # part of that one, and the first step of an epoch is the one whose window holds no loss
+    # check (those come after the EMA update, at each quarter of the epoch, and read the loss on
+    # purpose).
     calls = {"augment": 0, "ema": 0}
     real_augment = train.data.augment
 
@@ -910,15 +911,26 @@ def test_fused_bn_silu_flag_records_the_kernel_into_the_graphs(tiny_shapes, tmp_
     # graphs are recorded (frozen backbone: the neck's and head's; then all of them), and the run
     # trains (the loss falls is test_loss_falls' job; here: finite). Whether the kernel computes
     # what BatchNorm2d + SiLU do is tests/test_models.py's.
-    calls, fused = [], models.bn_silu_cuda
-    monkeypatch.setattr(models, "bn_silu_cuda", lambda x, bn: calls.append(x.shape[1]) or fused(x, bn))
+    calls, fused = [], models.bn_silu_cuda  # (epoch, layer name) of each call
+    names = {}  # id(bn) -> its ConvBnAct's name, once the run has built its model
+    epoch = {"n": 0}
+    real_graph_model = train.graph_model
+
+    def graph_model(model, *args):  # each recording: a new epoch's layers
+        epoch["n"] += 1
+        names.update({id(m.bn): name for name, m in model.named_modules() if isinstance(m, models.ConvBnAct)})
+        return real_graph_model(model, *args)
+
+    monkeypatch.setattr(train, "graph_model", graph_model)
+    monkeypatch.setattr(models, "bn_silu_cuda", lambda x, bn: calls.append((epoch["n"], names[id(bn)])) or fused(x, bn))
     run_train(tiny_shapes, tmp_path, "--det_header", "yolox_nano", "-i", "64", "--amp", "bf16",
               "--freeze_backbone_epochs", "1", "-e", "2", "--cuda_graphs", "--fused_bn_silu")
     model = models.build_model("yolox_nano", num_classes=3)
-    every = sum(isinstance(m, models.ConvBnAct) for m in model.modules())
-    unfrozen = sum(isinstance(m, models.ConvBnAct) for m in model.modules()) - \
-        sum(isinstance(m, models.ConvBnAct) for m in model.backbone.modules())
-    assert every > unfrozen > 20 and len(calls) >= unfrozen + every
+    every = {name for name, m in model.named_modules() if isinstance(m, models.ConvBnAct)}
+    unfrozen = {name for name in every if not name.startswith("backbone.")}
+    assert len(every) > len(unfrozen) > 20
+    assert {name for e, name in calls if e == 1} == unfrozen  # frozen: the backbone's BN in eval mode, native
+    assert {name for e, name in calls if e == 2} == every
     assert all(math.isfinite(float(r["loss_total"])) for r in history(tmp_path))
 
 
