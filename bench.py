@@ -834,7 +834,8 @@ def train_ours_gpu(name, size, batch, dataset, workers, variant, warmup, steps, 
     On CUDA two last steps run under torch.cuda.set_sync_debug_mode("warn"): every point where the
     CPU waits for the GPU is listed as file:line (the goal is none but the ones a step needs).
     Returns (images/s, fraction of the timed wall time spent waiting for the loader,
-    {phase: ms per step}, [file:line of each host sync in the two audited steps])."""
+    {phase: ms per step}, [file:line of each host sync in the two audited steps],
+    {thread: CPU ms per timed step} for the training and the augmentation thread)."""
     import assign
     import data
     import models
@@ -869,10 +870,15 @@ def train_ours_gpu(name, size, batch, dataset, workers, variant, warmup, steps, 
             wait[0] += time.perf_counter() - t
             yield raw
 
+    cpu = {"augment": 0.0}  # CPU seconds of the augmentation's thread (time.thread_time: this thread's only)
+
     def augmented(raw):  # as train.py: the pixels to the GPU, the targets stay on the CPU
+        c = time.thread_time()
         raw["images"] = raw["images"].to(device, non_blocking=True)
-        return data.augment(raw, (size, size), random_crop_mode=1.0, magnitude=6, num_layers=2,
-                            mosaic_mix_prob=0.5, generator=gen)
+        out = data.augment(raw, (size, size), random_crop_mode=1.0, magnitude=6, num_layers=2,
+                           mosaic_mix_prob=0.5, generator=gen)
+        cpu["augment"] += time.thread_time() - c
+        return out
 
     def mark(phase, since):
         """In the phase steps: sync, book the time since `since` to `phase`, return now."""
@@ -906,10 +912,15 @@ def train_ours_gpu(name, size, batch, dataset, workers, variant, warmup, steps, 
         if i == warmup:  # workers started, kernels chosen, graphs compiled
             sync()
             t0, wait[0] = time.perf_counter(), 0.0
+            c0, cpu["augment"] = time.thread_time(), 0.0
         train_step(b)
     sync()
     total = time.perf_counter() - t0
     data_wait = wait[0] / total
+    # Is the step bound by the CPU? Each thread's own CPU time per timed step, against the step's
+    # wall time: a thread near it is the limit (on a CPU device both are this thread).
+    cpu_ms = {"training thread": (time.thread_time() - c0) * 1000 / steps,
+              "augmentation thread": cpu["augment"] * 1000 / steps}
     # 2. phase steps: one thread, a sync after each phase, to say where the time goes (the syncs
     # make these steps slower than the timed ones; read the shares); the kernels profiled here
     if profile:
@@ -930,7 +941,8 @@ def train_ours_gpu(name, size, batch, dataset, workers, variant, warmup, steps, 
     with train_sync_audit(syncs) if audit else contextlib.nullcontext():
         for b in data.augment_ahead(loaded(audit), augmented, device, side):
             train_step(b)
-    return batch * steps / total, data_wait, {k: v * 1000 / max(phase_steps, 1) for k, v in phases.items()}, syncs
+    return (batch * steps / total, data_wait, {k: v * 1000 / max(phase_steps, 1) for k, v in phases.items()}, syncs,
+            cpu_ms)
 
 
 @contextlib.contextmanager
@@ -996,9 +1008,9 @@ def train_gpu(args):
     ours_d0 = None
     for name, size, variant, fused in rows:
         t = time.perf_counter()
-        ips, wait, phases, syncs = train_ours_gpu(name, int(size), args.gpu_batch, dataset, workers, variant,
-                                                  args.gpu_warmup, args.gpu_steps, profile=args.gpu_profile,
-                                                  fused_bn_silu=fused)
+        ips, wait, phases, syncs, cpu_ms = train_ours_gpu(name, int(size), args.gpu_batch, dataset, workers,
+                                                          variant, args.gpu_warmup, args.gpu_steps,
+                                                          profile=args.gpu_profile, fused_bn_silu=fused)
         if name == "efficientdet_d0" and variant == "eager":
             ours_d0 = ips
         variant += ":fused" if fused else ""
@@ -1006,6 +1018,8 @@ def train_gpu(args):
               f"data wait {wait * 100:.1f}% (row took {time.perf_counter() - t:.0f}s)", flush=True)
         print("    ms per step, synced after each phase: "
               + ", ".join(f"{k} {v:.1f}" for k, v in phases.items()), flush=True)
+        print("    CPU ms per timed step: " + ", ".join(f"{k} {v:.1f}" for k, v in cpu_ms.items())
+              + f" (a step took {args.gpu_batch / ips * 1000:.1f} ms)", flush=True)
         print(f"    host syncs in two steps: {len(syncs)}" + (f" ({', '.join(syncs)})" if syncs else ""), flush=True)
     if effdet_ips and ours_d0:
         print(f"  cuda efficientdet_d0 512: plaindet over effdet {ours_d0 / effdet_ips:.2f}x")
