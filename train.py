@@ -909,7 +909,7 @@ def run(argv=None):
                 # rank 0 keeps, saves and evaluates exactly the running statistics it would have
                 # anyway (it only ever received its own); only the other ranks' unused copies
                 # drift. On 2 CPU processes (gloo, yolox_nano) a step took 336-342 ms instead of
-                # 350-369.
+                # 350-369 (a one-off timing script, not a bench.py row).
                 train_model = torch.nn.parallel.DistributedDataParallel(
                     compiled, device_ids=[device.index] if device.type == "cuda" else None,
                     broadcast_buffers=False)
