@@ -718,7 +718,9 @@ spent waiting for the loader; effdet's DetBenchTrain for tf_efficientdet_d0 at 5
 """
 import argparse
 import contextlib
+import gzip
 import os
+import shutil
 import sys
 import time
 import traceback
@@ -819,7 +821,7 @@ def train_effdet_gpu(size, batch, num_classes, warmup, steps, device="cuda"):
 
 
 def train_ours_gpu(name, size, batch, dataset, workers, variant, warmup, steps, device="cuda", phase_steps=10,
-                   profile=False, fused_bn_silu=False):
+                   profile=False, fused_bn_silu=False, trace=None, trace_steps=6):
     """Our training step on the GPU exactly as train.py runs it, data included: the loader decodes
     JPEGs in `workers` processes; on the GPU augment (crop mode 1, flip, RandAugment 6, mosaic 0.5,
     HSV), bf16 forward, float32 assignment + loss, backward, SGD, EMA. variant: one of
@@ -833,9 +835,13 @@ def train_ours_gpu(name, size, batch, dataset, workers, variant, warmup, steps, 
     most GPU time (the syncs do not change what a kernel costs).
     On CUDA two last steps run under torch.cuda.set_sync_debug_mode("warn"): every point where the
     CPU waits for the GPU is listed as file:line (the goal is none but the ones a step needs).
+    trace: a path; trace_steps more steps as in the timed loop are recorded with torch.profiler
+    (CPU ops and both CUDA streams' kernels) into it as a gzipped Chrome trace, for
+    chrome://tracing or ui.perfetto.dev: where the GPU sits idle, and what the CPU does then.
     Returns (images/s, fraction of the timed wall time spent waiting for the loader,
     {phase: ms per step}, [file:line of each host sync in the two audited steps],
-    {thread: CPU ms per timed step} for the training and the augmentation thread)."""
+    {thread: CPU ms per timed step} for the training and the augmentation thread, plus the
+    training thread's wall ms per step spent waiting for the augmentation thread)."""
     import assign
     import data
     import models
@@ -855,7 +861,7 @@ def train_ours_gpu(name, size, batch, dataset, workers, variant, warmup, steps, 
     elif variant == "graphs":  # as train.py --cuda_graphs
         forward = train.graph_model(model, batch, (size, size), torch.bfloat16)
     audit = 2 if device == "cuda" else 0  # steps under CUDA's sync debug mode, to list the host syncs
-    n = batch * (warmup + steps + phase_steps + audit)
+    n = batch * (warmup + steps + (trace_steps if trace else 0) + phase_steps + audit)
     items = torch.utils.data.Subset(dataset, [i % len(dataset) for i in range(n)])
     loader = data.make_loader(items, batch, shuffle=True, workers=workers, seed=0, drop_last=True,
                               pin_memory=device == "cuda")
@@ -908,19 +914,41 @@ def train_ours_gpu(name, size, batch, dataset, workers, variant, warmup, steps, 
     # 1. warm-up and timed steps, exactly as train.py runs them: on a GPU the next batch is
     # augmented in a second thread while this one trains (data.augment_ahead)
     side = torch.cuda.Stream(device) if device == "cuda" else None
-    for i, b in enumerate(data.augment_ahead(loaded(warmup + steps), augmented, device, side)):
+    batches = data.augment_ahead(loaded(warmup + steps), augmented, device, side)
+    handed = 0.0  # seconds the training thread spent in next(batches): the loader's wait + the augmentation's
+    for i in range(warmup + steps):
         if i == warmup:  # workers started, kernels chosen, graphs compiled
             sync()
-            t0, wait[0] = time.perf_counter(), 0.0
+            t0, wait[0], handed = time.perf_counter(), 0.0, 0.0
             c0, cpu["augment"] = time.thread_time(), 0.0
+        t = time.perf_counter()
+        b = next(batches)
+        handed += time.perf_counter() - t
         train_step(b)
     sync()
     total = time.perf_counter() - t0
     data_wait = wait[0] / total
     # Is the step bound by the CPU? Each thread's own CPU time per timed step, against the step's
-    # wall time: a thread near it is the limit (on a CPU device both are this thread).
+    # wall time: a thread near it is the limit (on a CPU device both are this thread). And the
+    # training thread's wait for the augmentation thread's batch: above zero, augmenting is slower
+    # than training.
     cpu_ms = {"training thread": (time.thread_time() - c0) * 1000 / steps,
-              "augmentation thread": cpu["augment"] * 1000 / steps}
+              "augmentation thread": cpu["augment"] * 1000 / steps,
+              "training thread waiting for the augmentation (wall)": (handed - wait[0]) * 1000 / steps}
+    if trace:  # trace_steps more steps as above, recorded (the profiler slows the CPU's side a little)
+        activities = [torch.profiler.ProfilerActivity.CPU] + \
+            ([torch.profiler.ProfilerActivity.CUDA] if device == "cuda" else [])
+        with torch.profiler.profile(activities=activities) as prof:
+            for b in data.augment_ahead(loaded(trace_steps), augmented, device, side):
+                train_step(b)
+            sync()
+        raw_path = trace + ".tmp.json"
+        prof.export_chrome_trace(raw_path)
+        with open(raw_path, "rb") as f, gzip.open(trace + ".tmp", "wb") as g:
+            shutil.copyfileobj(f, g)
+        os.replace(trace + ".tmp", trace)
+        os.remove(raw_path)
+        print(f"    trace of {trace_steps} steps: {trace}", flush=True)
     # 2. phase steps: one thread, a sync after each phase, to say where the time goes (the syncs
     # make these steps slower than the timed ones; read the shares); the kernels profiled here
     if profile:
@@ -982,6 +1010,8 @@ def train_gpu(args):
     """The CUDA rows; returns ours / effdet for efficientdet_d0 (eager)."""
     import data
     torch.backends.cudnn.benchmark = True  # as train.py sets on CUDA; effdet's row runs with it too
+    if args.gpu_trace:
+        os.makedirs(args.gpu_trace, exist_ok=True)
     rows = []  # (name, size, variant), checked before anything runs
     for row in args.gpu_rows.split(","):
         if row == "effdet":
@@ -1010,7 +1040,10 @@ def train_gpu(args):
         t = time.perf_counter()
         ips, wait, phases, syncs, cpu_ms = train_ours_gpu(name, int(size), args.gpu_batch, dataset, workers,
                                                           variant, args.gpu_warmup, args.gpu_steps,
-                                                          profile=args.gpu_profile, fused_bn_silu=fused)
+                                                          profile=args.gpu_profile, fused_bn_silu=fused,
+                                                          trace=os.path.join(args.gpu_trace, f"trace_{name}_{size}_{variant}"
+                                                                             f"{'_fused' if fused else ''}.json.gz")
+                                                          if args.gpu_trace else None)
         if name == "efficientdet_d0" and variant == "eager":
             ours_d0 = ips
         variant += ":fused" if fused else ""
@@ -1051,6 +1084,9 @@ def train_main(argv=None):
                    "efficientdet_d0:512:compile,yolox_s:640:compile",
                    help="comma list: effdet, and NAME:SIZE:VARIANT with VARIANT eager | compile (as train.py "
                         "--compile) | reduce-overhead (compile with CUDA graphs) | graphs (as train.py --cuda_graphs)")
+    p.add_argument("--gpu_trace", default=None, metavar="DIR",
+                   help="write a torch.profiler trace of 6 more steps of each of our rows to "
+                        "DIR/trace_NAME_SIZE_VARIANT.json.gz (chrome://tracing, ui.perfetto.dev)")
     p.add_argument("--gpu_profile", action="store_true",
                    help="print the 15 costliest GPU kernels of each of our rows (torch.profiler, after the timed steps)")
     args = p.parse_args(argv)

@@ -909,10 +909,15 @@ def run(argv=None):
                 # rank 0 keeps, saves and evaluates exactly the running statistics it would have
                 # anyway (it only ever received its own); only the other ranks' unused copies
                 # drift. On 2 CPU processes (gloo, yolox_nano) a step took 336-342 ms instead of
-                # 350-369 (a one-off timing script, not a bench.py row).
-                train_model = torch.nn.parallel.DistributedDataParallel(
-                    compiled, device_ids=[device.index] if device.type == "cuda" else None,
-                    broadcast_buffers=False)
+                # 350-369 (a one-off timing script, not a bench.py row). Newer torch warns that
+                # broadcast_buffers is deprecated, yet its replacement still syncs the buffers
+                # once at the start, and the warning itself says to keep this flag until an
+                # init_sync_buffers exists: so it is silenced here rather than shown every run.
+                with warnings.catch_warnings():
+                    warnings.filterwarnings("ignore", message=".*broadcast_buffers.*", category=FutureWarning)
+                    train_model = torch.nn.parallel.DistributedDataParallel(
+                        compiled, device_ids=[device.index] if device.type == "cuda" else None,
+                        broadcast_buffers=False)
                 wrapped_frozen = frozen
             if cfg["cuda_graphs"] and frozen != graphed_frozen:  # first epoch, or freezing changed
                 optimizer.zero_grad(set_to_none=True)  # last step's gradients and outputs hold the old graphs

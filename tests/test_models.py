@@ -842,11 +842,13 @@ def test_fused_bn_silu_matches_float64_and_batchnorm(shape, dtype, offset, tol, 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU: the fused BN + SiLU kernel is CUDA's")
 def test_fused_bn_silu_model_gives_batchnorm_s_outputs_and_gradients(monkeypatch):
-    """A whole yolox_nano in training mode, float32, fused against BatchNorm2d + SiLU: the same
-    outputs, gradients (all parameters as one vector) and running statistics, to float32
-    rounding. TF32 is off: the convolutions' default TF32 keeps 10 bits of mantissa, and a
-    rounding flip anywhere grows through 60 layers to differences of a few 1e-3 even between two
-    correct implementations (seen on an H200)."""
+    """A whole yolox_nano in training mode, float32, fused and as BatchNorm2d + SiLU, both against
+    the same network in float64: the fused one's outputs, gradients (all parameters as one
+    vector) and running statistics are as close to float64 as PyTorch's own float32 layers are.
+    Not fused against native directly: a float32 rounding difference anywhere grows through 60
+    BatchNorm backward passes (each subtracts means, which cancels digits) to 5e-4 in the stem's
+    gradient even between two correct implementations (seen on an H200, TF32 off). TF32 is off:
+    its 10-bit mantissa would swamp both float32 errors."""
     import copy
     calls, real = [], models.bn_silu_cuda
     monkeypatch.setattr(models, "bn_silu_cuda", lambda x, bn: calls.append(bn) or real(x, bn))
@@ -856,10 +858,11 @@ def test_fused_bn_silu_model_gives_batchnorm_s_outputs_and_gradients(monkeypatch
         torch.manual_seed(0)
         native = models.build_model("yolox_nano", num_classes=3, input_shape=(64, 64)).cuda().train()
         fused = models.use_fused_bn_silu(copy.deepcopy(native))
+        exact = copy.deepcopy(native).double()  # BatchNorm2d + SiLU in float64: the reference
         x = torch.rand(4, 3, 64, 64, device="cuda")
         outputs = []
-        for model in (native, fused):
-            out = model(x)
+        for model in (exact, native, fused):
+            out = model(x.double() if model is exact else x)
             sum((o.sin() * (o + 1)).mean() for o in out).backward()  # smooth, every output counts
             outputs.append(torch.cat([o.flatten() for o in out]))
     finally:
@@ -867,8 +870,13 @@ def test_fused_bn_silu_model_gives_batchnorm_s_outputs_and_gradients(monkeypatch
     # every ConvBnAct of the fused copy went through the kernel (all are BN + SiLU in YOLOX), once
     fused_layers = [m.bn for m in fused.modules() if isinstance(m, models.ConvBnAct)]
     assert len(fused_layers) > 50 and sorted(map(id, calls)) == sorted(map(id, fused_layers))
-    assert _rel(outputs[1], outputs[0].double().cpu()) < 1e-4
-    grads = [torch.cat([p.grad.flatten() for p in m.parameters()]) for m in (native, fused)]
-    assert _rel(grads[1], grads[0].double().cpu()) < 1e-4
-    for (name, a), b in zip(native.named_buffers(), fused.buffers()):
-        assert torch.allclose(a.float(), b.float(), rtol=1e-4, atol=1e-5), name
+    grads = [torch.cat([p.grad.flatten() for p in m.parameters()]) for m in (exact, native, fused)]
+    for what, (ref, torch32, ours) in (("outputs", outputs), ("gradients", grads)):
+        ref = ref.cpu()
+        assert _rel(ours, ref) <= 2 * _rel(torch32, ref) + 1e-6, what
+        assert _rel(ours, ref) < 2e-3, what  # and small in itself: a wrong channel would be O(1)
+    for (name, ref), a, b in zip(exact.named_buffers(), native.buffers(), fused.buffers()):
+        if ref.dtype.is_floating_point:
+            assert (b.double() - ref).abs().max() <= 2 * (a.double() - ref).abs().max() + 1e-6, name
+        else:
+            assert torch.equal(b, ref), name
