@@ -1011,7 +1011,7 @@ def train_gpu(args):
     import data
     torch.backends.cudnn.benchmark = True  # as train.py sets on CUDA; effdet's row runs with it too
     if args.gpu_trace:
-        os.makedirs(args.gpu_trace, exist_ok=True)
+        os.makedirs(args.gpu_trace, exist_ok=True)  # checked in train_main
     rows = []  # (name, size, variant), checked before anything runs
     for row in args.gpu_rows.split(","):
         if row == "effdet":
@@ -1090,6 +1090,8 @@ def train_main(argv=None):
     p.add_argument("--gpu_profile", action="store_true",
                    help="print the 15 costliest GPU kernels of each of our rows (torch.profiler, after the timed steps)")
     args = p.parse_args(argv)
+    if args.gpu_trace and os.path.exists(args.gpu_trace) and not os.path.isdir(args.gpu_trace):
+        sys.exit(f"bench.py train: --gpu_trace {args.gpu_trace} is a file: give a folder (made if missing)")
     torch.set_num_threads(args.threads)
     try:
         import effdet  # noqa: F401

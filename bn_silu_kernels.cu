@@ -156,6 +156,31 @@ __device__ __forceinline__ void block_sum_rows(float* a, float* b, float* out, i
     }
 }
 
+// One row's vector added into a thread's forward sums: s1 += x - shift, s2 += (x - shift)^2.
+template <typename T>
+__device__ __forceinline__ void add_stats_row(const Pack<T>& p, const float* shift, float* s1, float* s2) {
+#pragma unroll
+    for (int k = 0; k < T::vec; ++k) {
+        const float d = T::load(p.v[k]) - shift[k];
+        s1[k] += d;
+        s2[k] += d * d;
+    }
+}
+
+// One row's vectors (x, gy) added into a thread's backward sums: a += gz, b += gz * xhat.
+template <typename T>
+__device__ __forceinline__ void add_grad_row(const Pack<T>& px, const Pack<T>& pg, const float* mean,
+                                             const float* invstd, const float* scale, const float* shift,
+                                             float* a, float* b) {
+#pragma unroll
+    for (int k = 0; k < T::vec; ++k) {
+        const float xv = T::load(px.v[k]);
+        const float gz = grad_at_bn_output(xv, T::load(pg.v[k]), scale[k], shift[k]);
+        a[k] += gz;
+        b[k] += gz * ((xv - mean[k]) * invstd[k]);
+    }
+}
+
 // ---- forward 1/3: per (row block, channel) sums of (x - shift) and (x - shift)^2 ----
 //   x [M, C]; partial [2, G, C] float32; shift [C] float32 (row 0 of x, written by row block 0)
 template <typename T>
@@ -184,24 +209,9 @@ __device__ void stats(const typename T::raw* __restrict__ x, float* __restrict__
 #pragma unroll
         for (int r = 0; r < ROWS; ++r) p[r] = load_pack<T>(x + (m + r * step) * C + c0);
 #pragma unroll
-        for (int r = 0; r < ROWS; ++r) {
-#pragma unroll
-            for (int k = 0; k < V; ++k) {
-                const float d = T::load(p[r].v[k]) - shift[k];
-                s1[k] += d;
-                s2[k] += d * d;
-            }
-        }
+        for (int r = 0; r < ROWS; ++r) add_stats_row<T>(p[r], shift, s1, s2);
     }
-    for (; active && m < M; m += step) {
-        Pack<T> p = load_pack<T>(x + m * C + c0);
-#pragma unroll
-        for (int k = 0; k < V; ++k) {
-            const float d = T::load(p.v[k]) - shift[k];
-            s1[k] += d;
-            s2[k] += d * d;
-        }
-    }
+    for (; active && m < M; m += step) add_stats_row<T>(load_pack<T>(x + m * C + c0), shift, s1, s2);
     if (active && blockIdx.y == 0 && threadIdx.y == 0) {
 #pragma unroll
         for (int k = 0; k < V; ++k) shift_out[c0 + k] = shift[k];
@@ -265,26 +275,11 @@ __device__ void grad_sums(const typename T::raw* __restrict__ x, const typename 
             pg[r] = load_pack<T>(gy + (m + r * step) * ld + c0);
         }
 #pragma unroll
-        for (int r = 0; r < ROWS; ++r) {
-#pragma unroll
-            for (int k = 0; k < V; ++k) {
-                const float xv = T::load(px[r].v[k]);
-                const float gz = grad_at_bn_output(xv, T::load(pg[r].v[k]), scale[k], shift[k]);
-                a[k] += gz;
-                b[k] += gz * ((xv - mean[k]) * invstd[k]);
-            }
-        }
+        for (int r = 0; r < ROWS; ++r) add_grad_row<T>(px[r], pg[r], mean, invstd, scale, shift, a, b);
     }
     for (; active && m < M; m += step) {
-        Pack<T> px = load_pack<T>(x + m * C + c0);
-        Pack<T> pg = load_pack<T>(gy + m * ld + c0);
-#pragma unroll
-        for (int k = 0; k < V; ++k) {
-            const float xv = T::load(px.v[k]);
-            const float gz = grad_at_bn_output(xv, T::load(pg.v[k]), scale[k], shift[k]);
-            a[k] += gz;
-            b[k] += gz * ((xv - mean[k]) * invstd[k]);
-        }
+        add_grad_row<T>(load_pack<T>(x + m * C + c0), load_pack<T>(gy + m * ld + c0), mean, invstd, scale, shift,
+                        a, b);
     }
     block_sum_rows<V>(a, b, partial, C, c0, active);
 }
