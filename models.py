@@ -107,9 +107,10 @@ class Conv2dSame(nn.Conv2d):
 # them, keep it for the backward pass and read it several times; bn_silu_kernels.cu's header
 # counts the passes (13 per element down to 8). The numbers are BatchNorm2d's then SiLU's, up
 # to rounding: in float32 to its last bits; in bf16 / fp16 PyTorch also rounds the tensor between
-# the two (and its gradient) to 16 bits, where the fused path keeps float32. Used by ConvBnAct in training mode when use_fused_bn_silu turned
-# it on (train.py --cuda_graphs --fused_bn_silu) and the tensor is one the kernels take
-# (bn_silu_fits); every other case runs the two PyTorch modules.
+# the two (and its gradient) to 16 bits, where the fused path keeps float32. Used by ConvBnAct
+# in training mode when use_fused_bn_silu turned it on (train.py --cuda_graphs --fused_bn_silu)
+# and the tensor is one the kernels take (bn_silu_fits); every other case runs the two PyTorch
+# modules.
 # Measured on an H200 (yolox_s 640, batch 32, bf16, bench.py train): the step is the GPU's kernels,
 # and with the reductions loading several rows at a time the fused step trains 7 to 18% more
 # images a second than BatchNorm2d + SiLU in the same run (1,031-1,156 img/s against 962-983;
